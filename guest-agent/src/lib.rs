@@ -1,0 +1,1 @@
+//! The guest agent: runs inside the guest and checkpoints/restores the application.

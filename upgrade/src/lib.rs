@@ -1,0 +1,1 @@
+//! The upgrade orchestrator: the seven steps of a live guest-OS upgrade.

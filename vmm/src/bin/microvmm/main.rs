@@ -1,0 +1,45 @@
+//! `microvmm`: run a VM, and work with copy-on-write disks.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod disk;
+mod run;
+
+/// A KVM hypervisor with live guest-OS upgrade.
+#[derive(Debug, Parser)]
+#[command(name = "microvmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM (with no kernel given, the embedded test guest).
+    Run(run::RunArgs),
+    /// Create, fork, inspect and merge copy-on-write disks.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => run::main(args),
+        Command::Disk(cmd) => disk::main(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("microvmm: error: {err}");
+            let mut source = err.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! KVM virtual machine: memory, vCPUs, boot, lifecycle.
