@@ -1,0 +1,131 @@
+# Shared helpers for the guest image builders (sourced, not run).
+# Everything comes from Debian bookworm packages fetched with apt/debootstrap from the mirror the host's
+# apt already uses; results are cached under $MICROVMM_CACHE (default /var/cache/microvmm).
+set -euo pipefail
+
+CACHE="${MICROVMM_CACHE:-/var/cache/microvmm}"
+GUEST_SUITE=bookworm
+# Kernel modules the guests need: virtio transports/devices, vsock, and what CRIU needs inside the guest.
+VIRTIO_MODULES=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport
+    vsock ext4 af_packet)
+CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag af_packet_diag netlink_diag tun nf_tables nft_compat
+    xt_mark xt_tcpudp nf_conntrack nft_ct ip_tables iptable_filter x_tables nf_reject_ipv4 nft_reject_inet
+    nft_reject)
+
+log() { echo "guest: $*" >&2; }
+
+# The Debian mirror the host apt uses (first deb.debian.org-style http URI), default deb.debian.org.
+debian_mirror() {
+    local m
+    m=$(grep -rhoE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null \
+        | grep -oE 'https?://[^ ]+' | grep -v security | head -n1 || true)
+    echo "${m:-http://deb.debian.org/debian}"
+}
+
+# Installs host tools (Debian packages) the builders need, if missing.
+need_host_pkgs() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        log "installing host packages ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# apt-get/apt-cache ($1) against a private bookworm package list (works whatever release the host runs).
+guest_apt() {
+    local root="$CACHE/apt"
+    mkdir -p "$root/lists/partial" "$root/archives/partial" "$root/etc"
+    if [ ! -s "$root/etc/sources.list" ]; then
+        echo "deb $(debian_mirror) $GUEST_SUITE main" >"$root/etc/sources.list"
+    fi
+    local tool=$1
+    shift
+    "$tool" -q -o Dir::Etc::SourceList="$root/etc/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
+        -o Dir::State::Lists="$root/lists" -o Dir::Cache::Archives="$root/archives" \
+        -o Dir::Cache::pkgcache="$root/pkgcache.bin" -o Dir::Cache::srcpkgcache="$root/srcpkgcache.bin" \
+        -o APT::Architecture=amd64 -o APT::Sandbox::User=root "$@"
+}
+
+# Downloads a bookworm package's .deb into $2 (a directory) and prints its path.
+fetch_deb() {
+    local pkg=$1 dir=$2
+    mkdir -p "$dir"
+    (cd "$dir" && guest_apt apt-get download "$pkg" >/dev/null)
+    ls -t "$dir"/"${pkg}"_*.deb | head -n1
+}
+
+# Unpacks the Debian cloud kernel into $CACHE/kernel/<version>/ (vmlinuz + lib/modules) once;
+# prints that directory.
+fetch_kernel() {
+    local meta ver dir deb
+    find "$CACHE/apt/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 | grep -q . \
+        || guest_apt apt-get update -qq >/dev/null
+    meta=$(guest_apt apt-cache show linux-image-cloud-amd64 2>/dev/null | sed -n 's/^Depends: *//p' | head -n1)
+    ver=$(echo "$meta" | grep -oE 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)
+    [ -n "$ver" ] || { log "cannot resolve linux-image-cloud-amd64"; return 1; }
+    dir="$CACHE/kernel/${ver#linux-image-}"
+    if [ ! -s "$dir/vmlinuz" ]; then
+        log "fetching $ver"
+        rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+        deb=$(fetch_deb "$ver" "$CACHE/debs")
+        dpkg-deb -x "$deb" "$dir.tmp/x"
+        cp "$dir.tmp"/x/boot/vmlinuz-* "$dir.tmp/vmlinuz"
+        mv "$dir.tmp/x/lib" "$dir.tmp/lib"
+        depmod -b "$dir.tmp" "$(ls "$dir.tmp/lib/modules" | head -n1)"
+        rm -rf "$dir.tmp/x" "$dir"
+        mv "$dir.tmp" "$dir"
+    fi
+    echo "$dir"
+}
+
+# Copies modules $3.. (with their dependencies, from modules.dep) of kernel dir $1 into initramfs root $2.
+copy_modules() {
+    local kdir=$1 root=$2
+    shift 2
+    local kver mdir m f dep
+    kver=$(ls "$kdir/lib/modules" | head -n1)
+    mdir="$kdir/lib/modules/$kver"
+    mkdir -p "$root/lib/modules/$kver"
+    : >"$root/lib/modules/$kver/modules.dep"
+    declare -A seen=()
+    local queue=("$@")
+    while ((${#queue[@]})); do
+        m=${queue[0]}
+        queue=("${queue[@]:1}")
+        [ -n "${seen[$m]:-}" ] && continue
+        seen[$m]=1
+        f=$(grep -E "(^|/)${m//_/[_-]}\.ko(\.[a-z]+)?:" "$mdir/modules.dep" | head -n1 || true)
+        [ -n "$f" ] || { log "module $m is built in or absent; skipping"; continue; }
+        grep -E "^${f%%:*}:" "$mdir/modules.dep" >>"$root/lib/modules/$kver/modules.dep"
+        for dep in ${f#*:}; do
+            queue+=("$(basename "$dep" | sed -E 's/\.ko(\.[a-z]+)?$//')")
+        done
+        mkdir -p "$root/lib/modules/$kver/$(dirname "${f%%:*}")"
+        cp "$mdir/${f%%:*}" "$root/lib/modules/$kver/${f%%:*}"
+    done
+    sort -u -o "$root/lib/modules/$kver/modules.dep" "$root/lib/modules/$kver/modules.dep"
+    echo "$kver"
+}
+
+# Installs busybox-static into initramfs root $1 (with applet links).
+install_busybox() {
+    local root=$1 deb
+    deb=$(fetch_deb busybox-static "$CACHE/debs")
+    rm -rf "$CACHE/busybox.x" && dpkg-deb -x "$deb" "$CACHE/busybox.x"
+    mkdir -p "$root/bin" "$root/sbin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/run" "$root/newroot"
+    cp "$CACHE/busybox.x/bin/busybox" "$root/bin/busybox"
+    local a
+    for a in $("$root/bin/busybox" --list); do
+        [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
+    done
+}
+
+# Packs initramfs root $1 into a gzip'd newc cpio at $2 (atomically).
+pack_initramfs() {
+    (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -9n >"$2.tmp"
+    mv "$2.tmp" "$2"
+}
