@@ -1,0 +1,164 @@
+//! CMOS RAM with a read-only real-time clock (the host's UTC time, binary, 24-hour), on ports
+//! 0x70 (index) and 0x71 (data). Linux reads the time from it at boot.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::bus::BusDevice;
+
+const RTC_SECONDS: u8 = 0x00;
+const RTC_MINUTES: u8 = 0x02;
+const RTC_HOURS: u8 = 0x04;
+const RTC_WEEKDAY: u8 = 0x06;
+const RTC_DAY: u8 = 0x07;
+const RTC_MONTH: u8 = 0x08;
+const RTC_YEAR: u8 = 0x09;
+const RTC_REG_A: u8 = 0x0a;
+const RTC_REG_B: u8 = 0x0b;
+const RTC_REG_C: u8 = 0x0c;
+const RTC_REG_D: u8 = 0x0d;
+const RTC_CENTURY: u8 = 0x32;
+/// Register B: 24-hour mode, binary (not BCD) values.
+const REG_B_24H_BINARY: u8 = 0x02 | 0x04;
+/// Register D: valid RAM and time.
+const REG_D_VRT: u8 = 0x80;
+
+/// The CMOS/RTC device.
+#[derive(Debug)]
+pub struct Cmos {
+    index: u8,
+    ram: [u8; 128],
+    now: fn() -> u64,
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn host_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl Cmos {
+    /// A CMOS reading the host clock.
+    pub fn new() -> Self {
+        Self::with_clock(host_now)
+    }
+
+    /// A CMOS reading time from `now` (seconds since the Unix epoch).
+    pub fn with_clock(now: fn() -> u64) -> Self {
+        Self {
+            index: 0,
+            ram: [0; 128],
+            now,
+        }
+    }
+
+    fn read_register(&self, index: u8) -> u8 {
+        let secs = (self.now)();
+        let days = (secs / 86_400) as i64;
+        let tod = secs % 86_400;
+        let (year, month, day) = civil_from_days(days);
+        match index {
+            RTC_SECONDS => (tod % 60) as u8,
+            RTC_MINUTES => ((tod / 60) % 60) as u8,
+            RTC_HOURS => (tod / 3600) as u8,
+            RTC_WEEKDAY => ((days + 4).rem_euclid(7) + 1) as u8,
+            RTC_DAY => day as u8,
+            RTC_MONTH => month as u8,
+            RTC_YEAR => (year % 100) as u8,
+            RTC_CENTURY => (year / 100) as u8,
+            RTC_REG_A => 0x26, // 32.768 kHz base, 1024 Hz rate; update not in progress
+            RTC_REG_B => REG_B_24H_BINARY,
+            RTC_REG_C => 0,
+            RTC_REG_D => REG_D_VRT,
+            i => self.ram[usize::from(i & 0x7f)],
+        }
+    }
+}
+
+impl BusDevice for Cmos {
+    fn name(&self) -> &str {
+        "cmos"
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = match offset {
+            0 => self.index,
+            1 => self.read_register(self.index),
+            _ => 0xff,
+        };
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match offset {
+            // Bit 7 of the index port is the NMI mask on real hardware.
+            0 => self.index = v & 0x7f,
+            1 if self.index > RTC_REG_D && self.index != RTC_CENTURY => {
+                self.ram[usize::from(self.index)] = v;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(c: &mut Cmos, reg: u8) -> u8 {
+        c.write(0, &[reg]);
+        let mut b = [0u8];
+        c.read(1, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn clock_fields() {
+        // 2024-02-29 13:45:56 UTC was a Thursday.
+        let mut c = Cmos::with_clock(|| 1_709_214_356);
+        assert_eq!(read(&mut c, RTC_SECONDS), 56);
+        assert_eq!(read(&mut c, RTC_MINUTES), 45);
+        assert_eq!(read(&mut c, RTC_HOURS), 13);
+        assert_eq!(read(&mut c, RTC_DAY), 29);
+        assert_eq!(read(&mut c, RTC_MONTH), 2);
+        assert_eq!(read(&mut c, RTC_YEAR), 24);
+        assert_eq!(read(&mut c, RTC_CENTURY), 20);
+        assert_eq!(read(&mut c, RTC_WEEKDAY), 5);
+        assert_eq!(read(&mut c, RTC_REG_B), REG_B_24H_BINARY);
+    }
+
+    #[test]
+    fn nvram_is_writable_clock_is_not() {
+        let mut c = Cmos::with_clock(|| 0);
+        c.write(0, &[0x40]);
+        c.write(1, &[0xab]);
+        assert_eq!(read(&mut c, 0x40), 0xab);
+        c.write(0, &[RTC_SECONDS]);
+        c.write(1, &[0x33]);
+        assert_eq!(read(&mut c, RTC_SECONDS), 0);
+    }
+}

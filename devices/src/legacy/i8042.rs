@@ -1,0 +1,116 @@
+//! i8042 keyboard controller: enough for a guest to probe it and to reset the machine through it
+//! (command 0xFE, pulse the reset line), which ends the VM with [`PowerEvent::Reset`].
+
+use std::sync::Arc;
+
+use crate::bus::BusDevice;
+use crate::power::{PowerControl, PowerEvent};
+
+const STATUS_OFFSET: u64 = 4;
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_IFACE_TEST: u8 = 0xab;
+const CMD_RESET_CPU: u8 = 0xfe;
+const SELF_TEST_OK: u8 = 0x55;
+/// Status: output buffer full.
+const SB_OUT_FULL: u8 = 0x01;
+/// Status: system flag (POST passed).
+const SB_SYSTEM: u8 = 0x04;
+/// Status: last write was a command.
+const SB_CMD: u8 = 0x08;
+
+/// The i8042 controller on ports 0x60 and 0x64.
+#[derive(Debug)]
+pub struct I8042 {
+    power: Arc<PowerControl>,
+    ctr: u8,
+    status: u8,
+    out: Option<u8>,
+    expect_ctr: bool,
+}
+
+impl I8042 {
+    /// A controller that reports resets to `power`.
+    pub fn new(power: Arc<PowerControl>) -> Self {
+        Self {
+            power,
+            ctr: 0,
+            status: SB_SYSTEM,
+            out: None,
+            expect_ctr: false,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        self.status | if self.out.is_some() { SB_OUT_FULL } else { 0 }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn name(&self) -> &str {
+        "i8042"
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let v = match offset {
+            0 => self.out.take().unwrap_or(0),
+            STATUS_OFFSET => self.status(),
+            _ => 0xff,
+        };
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match offset {
+            STATUS_OFFSET => {
+                self.status |= SB_CMD;
+                self.expect_ctr = false;
+                match v {
+                    CMD_READ_CTR => self.out = Some(self.ctr),
+                    CMD_WRITE_CTR => self.expect_ctr = true,
+                    CMD_SELF_TEST => self.out = Some(SELF_TEST_OK),
+                    CMD_IFACE_TEST => self.out = Some(0),
+                    CMD_RESET_CPU => self.power.request(PowerEvent::Reset),
+                    _ => {}
+                }
+            }
+            0 => {
+                self.status &= !SB_CMD;
+                if std::mem::take(&mut self.expect_ctr) {
+                    self.ctr = v;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_test_ctr_and_reset() {
+        let power = Arc::new(PowerControl::new());
+        let mut k = I8042::new(Arc::clone(&power));
+        k.write(4, &[CMD_SELF_TEST]);
+        let mut b = [0u8];
+        k.read(4, &mut b);
+        assert_ne!(b[0] & SB_OUT_FULL, 0);
+        k.read(0, &mut b);
+        assert_eq!(b[0], SELF_TEST_OK);
+        k.write(4, &[CMD_WRITE_CTR]);
+        k.write(0, &[0x47]);
+        k.write(4, &[CMD_READ_CTR]);
+        k.read(0, &mut b);
+        assert_eq!(b[0], 0x47);
+        assert_eq!(power.requested(), None);
+        k.write(4, &[CMD_RESET_CPU]);
+        assert_eq!(power.requested(), Some(PowerEvent::Reset));
+    }
+}

@@ -1,0 +1,208 @@
+//! 8250/16550 UART on COM1 (`vm-superio`), writing the guest's output to stdout, a file or a
+//! shared buffer; its interrupt is an eventfd the VMM wires to the irqchip (irqfd).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Errors of the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// Creating or cloning the interrupt eventfd failed.
+    #[error("cannot create serial interrupt eventfd")]
+    EventFd(#[source] io::Error),
+    /// Queueing input bytes failed.
+    #[error("cannot queue serial input: {0}")]
+    Input(String),
+}
+
+/// An interrupt line as an eventfd (registered by the VMM as an irqfd).
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl IrqTrigger {
+    /// A new non-blocking eventfd trigger.
+    pub fn new() -> Result<Self, SerialError> {
+        EventFd::new(libc::EFD_NONBLOCK)
+            .map(Self)
+            .map_err(SerialError::EventFd)
+    }
+}
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Bytes captured from the guest (tests read them).
+pub type SharedBuffer = Arc<Mutex<Vec<u8>>>;
+
+/// Where the guest's serial output goes.
+#[derive(Debug)]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file.
+    File(File),
+    /// An in-memory buffer.
+    Buffer(SharedBuffer),
+    /// Dropped.
+    Sink,
+}
+
+/// Counters of a serial output, shared with whoever wants to watch it.
+#[derive(Debug, Default)]
+pub struct SerialSinkStats {
+    first_byte: OnceLock<Instant>,
+}
+
+impl SerialSinkStats {
+    /// When the guest wrote its first byte, if it has.
+    pub fn first_byte_at(&self) -> Option<Instant> {
+        self.first_byte.get().copied()
+    }
+}
+
+struct Sink {
+    out: SerialOutput,
+    stats: Arc<SerialSinkStats>,
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            let _ = self.stats.first_byte.set(Instant::now());
+        }
+        match &mut self.out {
+            SerialOutput::Stdout => {
+                let mut s = io::stdout().lock();
+                s.write_all(buf)?;
+                s.flush()?;
+            }
+            SerialOutput::File(f) => f.write_all(buf)?,
+            SerialOutput::Buffer(b) => b
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf),
+            SerialOutput::Sink => {}
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            SerialOutput::Stdout => io::stdout().flush(),
+            SerialOutput::File(f) => f.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// COM1: an 8250 UART on the port I/O bus.
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, Sink>,
+    stats: Arc<SerialSinkStats>,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice").finish_non_exhaustive()
+    }
+}
+
+impl SerialDevice {
+    /// A UART writing to `out` and raising `irq` on interrupts.
+    pub fn new(irq: IrqTrigger, out: SerialOutput) -> Self {
+        let stats = Arc::new(SerialSinkStats::default());
+        let sink = Sink {
+            out,
+            stats: Arc::clone(&stats),
+        };
+        Self {
+            serial: Serial::new(irq, sink),
+            stats,
+        }
+    }
+
+    /// The eventfd that signals the UART's interrupt.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.serial.interrupt_evt().0
+    }
+
+    /// Output statistics (first byte time).
+    pub fn stats(&self) -> Arc<SerialSinkStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Queues bytes for the guest to read (console input); returns how many fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> Result<usize, SerialError> {
+        self.serial
+            .enqueue_raw_bytes(bytes)
+            .map_err(|e| SerialError::Input(format!("{e:?}")))
+    }
+
+    /// The UART's register state (for snapshots).
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn name(&self) -> &str {
+        "serial"
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset))
+            && let Err(e) = self.serial.write(off, value)
+        {
+            tracing::warn!("serial write failed: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmits_to_buffer_and_records_first_byte() {
+        let buf = SharedBuffer::default();
+        let mut dev = SerialDevice::new(
+            IrqTrigger::new().unwrap(),
+            SerialOutput::Buffer(buf.clone()),
+        );
+        assert!(dev.stats().first_byte_at().is_none());
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*buf.lock().unwrap(), b"hi\n");
+        assert!(dev.stats().first_byte_at().is_some());
+        // Line status register: transmitter empty.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn input_reaches_receive_register() {
+        let mut dev = SerialDevice::new(IrqTrigger::new().unwrap(), SerialOutput::Sink);
+        assert_eq!(dev.enqueue_input(b"x").unwrap(), 1);
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+    }
+}
