@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Builds the full Linux guest used by the agent handoff harness (issue 6), from Debian bookworm packages:
+#   - the linux-image-cloud-amd64 kernel;
+#   - an initramfs: busybox-static, the virtio + CRIU kernel modules, and the static `guest-agent`;
+#     its /init loads the modules, mounts /dev/vda (ext4) and switches to it with the agent as PID 1;
+#   - an ext4 root: debootstrap minbase + criu, iptables, nftables, iproute2, arping,
+#     openjdk-17-jre-headless and the Java demo service /opt/demo/EchoLog.class.
+# Usage: build-guest-image.sh [AGENT_BINARY]   (default: builds the static agent from this checkout)
+# Cached under $MICROVMM_CACHE (default /var/cache/microvmm): the root image is rebuilt only when this
+# script or the demo changes, the initramfs only when the agent binary changes.
+# The last three output lines are the paths of vmlinuz, the initramfs and the root image.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=guest/common.sh
+. "$here/common.sh"
+
+ROOT_PKGS=criu,iptables,nftables,iproute2,iputils-arping,openjdk-17-jre-headless,kmod,procps
+need_host_pkgs cpio gzip kmod debootstrap e2fsprogs openjdk-17-jdk-headless
+
+agent=${1:-}
+if [ -z "$agent" ]; then
+    log "building the static guest-agent"
+    tdir="$CACHE/agent-target"
+    (cd "$here/.." && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$tdir" \
+        cargo build -q --release -p guest-agent --bin guest-agent --target x86_64-unknown-linux-gnu)
+    agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
+fi
+[ -x "$agent" ] || { log "agent binary $agent missing"; exit 1; }
+
+kdir=$(fetch_kernel)
+
+# --- root file system (slow part: cached) ---
+rstamp=$( (cat "$here/common.sh" "$0" "$here/demo/EchoLog.java" "$here/rootfs-init.sh"; echo "$kdir") | sha256sum | cut -c1-16)
+rootimg="$CACHE/guest-root-$rstamp.ext4"
+if [ ! -s "$rootimg" ]; then
+    start=$(date +%s)
+    rdir="$CACHE/rootfs.tmp"
+    rm -rf "$rdir"
+    log "debootstrap $GUEST_SUITE minbase + $ROOT_PKGS (a few minutes)"
+    mkdir -p "$CACHE/debootstrap-debs"
+    debootstrap --variant=minbase --include="$ROOT_PKGS" --cache-dir="$CACHE/debootstrap-debs" \
+        "$GUEST_SUITE" "$rdir" "$(debian_mirror)" >"$CACHE/debootstrap.log" 2>&1 \
+        || { tail -n 30 "$CACHE/debootstrap.log" >&2; exit 1; }
+    # Demo service.
+    jtmp=$(mktemp -d)
+    javac --release 17 -d "$jtmp" "$here/demo/EchoLog.java"
+    mkdir -p "$rdir/opt/demo" "$rdir/data"
+    cp "$jtmp/EchoLog.class" "$rdir/opt/demo/"
+    rm -rf "$jtmp"
+    install -m 755 "$here/rootfs-init.sh" "$rdir/sbin/microvmm-init"
+    echo microvmm-guest >"$rdir/etc/hostname"
+    # Slim down: package caches, docs, locales.
+    rm -rf "$rdir"/var/cache/apt/archives/*.deb "$rdir"/var/lib/apt/lists/* "$rdir"/usr/share/doc/* \
+        "$rdir"/usr/share/man/* "$rdir"/usr/share/locale/*
+    used=$(du -sm "$rdir" | cut -f1)
+    size=$((used + used / 2 + 200))
+    rm -f "$rootimg.tmp"
+    mkfs.ext4 -q -F -L microvmm-root -d "$rdir" "$rootimg.tmp" "${size}M"
+    mv "$rootimg.tmp" "$rootimg"
+    rm -rf "$rdir"
+    log "root image built in $(($(date +%s) - start)) s (${used} MiB used, ${size} MiB image)"
+fi
+
+# --- initramfs (cheap: rebuilt when the agent changes) ---
+istamp=$( (cat "$here/common.sh" "$0" "$agent"; echo "$kdir") | sha256sum | cut -c1-16)
+initrd="$CACHE/guest-initrd-$istamp.cpio.gz"
+if [ ! -s "$initrd" ]; then
+    log "building initramfs"
+    iroot=$(mktemp -d)
+    trap 'rm -rf "$iroot"' EXIT
+    install_busybox "$iroot"
+    copy_modules "$kdir" "$iroot" "${VIRTIO_MODULES[@]}" "${CRIU_MODULES[@]}" >/dev/null
+    install -m 755 "$agent" "$iroot/guest-agent"
+    {
+        echo '#!/bin/sh'
+        echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
+        echo "for m in ${VIRTIO_MODULES[*]} ${CRIU_MODULES[*]}; do modprobe \$m 2>/dev/null; done"
+        cat <<'INIT'
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if ! mount -t ext4 /dev/vda /newroot; then
+    echo "microvmm-initramfs: cannot mount /dev/vda; shell" >/dev/console
+    exec setsid cttyhack /bin/sh
+fi
+mount -t tmpfs -o mode=755 run /newroot/run
+cp /guest-agent /newroot/run/guest-agent
+umount /proc /sys
+mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+exec switch_root /newroot /sbin/microvmm-init
+INIT
+    } >"$iroot/init"
+    chmod 755 "$iroot/init"
+    pack_initramfs "$iroot" "$initrd"
+fi
+echo "$kdir/vmlinuz"
+echo "$initrd"
+echo "$rootimg"
