@@ -1,0 +1,554 @@
+//! A copy-on-write delta: a directory with `meta` (identity and parent), `data` (a sparse file
+//! holding written blocks at their own offsets) and `journal` (the dirty-extent journal).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::BlockError;
+use crate::extent::{Extent, ExtentKind, ExtentMap};
+use crate::journal::{JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
+use crate::layer::Layer;
+use crate::meta::{self, Identity, LayerKind};
+use crate::{BLOCK_SIZE, check_io};
+
+const DELTA_FORMAT: &str = "microvmm-delta";
+/// File names inside a delta directory.
+pub const META_FILE: &str = "meta";
+/// The sparse data file.
+pub const DATA_FILE: &str = "data";
+/// The journal file.
+pub const JOURNAL_FILE: &str = "journal";
+
+/// Where a delta's parent is and what it must be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Absolute path of the parent (a raw image or a delta directory).
+    pub path: PathBuf,
+    /// The parent's identity when the delta was created.
+    pub identity: Identity,
+}
+
+/// Contents of a delta's `meta` file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaMeta {
+    /// Always `microvmm-delta`.
+    pub format: String,
+    /// Format version (1).
+    pub version: u32,
+    /// This delta's id (hex).
+    pub uuid: String,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// The parent layer.
+    pub parent: ParentRef,
+    /// For a merge output: the merge digest (hex) that produced it.
+    #[serde(default)]
+    pub merged_from: Option<String>,
+}
+
+struct WriteState {
+    journal: Journal,
+    pending: Vec<Record>,
+    next_seq: u64,
+    durable_seq: u64,
+    frozen_seq: Option<u64>,
+}
+
+/// A copy-on-write layer over a read-only parent. `Send + Sync`: share it with `Arc`.
+pub struct Delta {
+    dir: PathBuf,
+    meta: DeltaMeta,
+    parent: Arc<Layer>,
+    data: File,
+    writable: bool,
+    state: Mutex<WriteState>,
+    index: RwLock<ExtentMap>,
+    recovered_discarded: u64,
+}
+
+impl std::fmt::Debug for Delta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delta")
+            .field("dir", &self.dir)
+            .field("uuid", &self.meta.uuid)
+            .finish()
+    }
+}
+
+fn align_down(v: u64) -> u64 {
+    v / BLOCK_SIZE * BLOCK_SIZE
+}
+
+fn align_up(v: u64) -> u64 {
+    v.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
+}
+
+impl Delta {
+    /// Creates an empty delta in the new directory `dir` over `parent` (a base or a frozen delta).
+    pub fn create(dir: &Path, parent: Arc<Layer>) -> Result<Self, BlockError> {
+        let id =
+            crate::sys::random_id().map_err(BlockError::io("read", Path::new("/dev/urandom")))?;
+        Self::create_with_id(dir, parent, id, None)
+    }
+
+    pub(crate) fn create_with_id(
+        dir: &Path,
+        parent: Arc<Layer>,
+        id: [u8; 16],
+        merged_from: Option<String>,
+    ) -> Result<Self, BlockError> {
+        let identity = parent.identity()?;
+        let parent_path = std::fs::canonicalize(parent.path())
+            .map_err(BlockError::io("resolve", parent.path()))?;
+        std::fs::create_dir(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => BlockError::Exists {
+                path: dir.to_path_buf(),
+            },
+            _ => BlockError::Io {
+                op: "create",
+                path: dir.to_path_buf(),
+                source: e,
+            },
+        })?;
+        let meta = DeltaMeta {
+            format: DELTA_FORMAT.into(),
+            version: 1,
+            uuid: meta::hex(&id),
+            size: identity.size,
+            parent: ParentRef {
+                path: parent_path,
+                identity,
+            },
+            merged_from,
+        };
+        Self::init_files(dir, &meta, &[])?;
+        Self::open_with(dir, true, false)
+    }
+
+    /// Writes data/journal/meta files of a delta into an existing directory. `records` (already
+    /// durable data) are journaled after the header and committed with a FLUSH.
+    pub(crate) fn init_files(
+        dir: &Path,
+        meta: &DeltaMeta,
+        records: &[Record],
+    ) -> Result<(), BlockError> {
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(BlockError::io("create", &data_path))?;
+        data.set_len(meta.size)
+            .map_err(BlockError::io("resize", &data_path))?;
+        data.sync_all()
+            .map_err(BlockError::io("sync", &data_path))?;
+        let jpath = dir.join(JOURNAL_FILE);
+        let _ = std::fs::remove_file(&jpath);
+        let mut header = Record::new(RecordKind::Header, 0, meta.size, 0);
+        header.aux = JOURNAL_VERSION;
+        header.tag = meta::unhex(&meta.uuid).unwrap_or_default();
+        let jerr = |source| BlockError::Journal {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut journal = Journal::create(&jpath, &header).map_err(jerr)?;
+        if !records.is_empty() {
+            let mut all = records.to_vec();
+            let seq = records.last().map_or(0, |r| r.seq) + 1;
+            all.push(Record::new(RecordKind::Flush, seq, 0, 0));
+            journal.append(&all).map_err(jerr)?;
+        }
+        meta::write(&dir.join(META_FILE), meta)?;
+        let up = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::sys::sync_dir(up).map_err(BlockError::io("sync", up))
+    }
+
+    /// Opens a delta for reading and writing (recovering its journal).
+    pub fn open(dir: &Path) -> Result<Self, BlockError> {
+        Self::open_with(dir, true, false)
+    }
+
+    /// Opens a delta read-only (its journal is replayed but not repaired).
+    pub fn open_read_only(dir: &Path) -> Result<Self, BlockError> {
+        Self::open_with(dir, false, false)
+    }
+
+    /// Opens a delta. With `repair`, mid-journal corruption truncates the journal at the last
+    /// commit before it instead of failing (records after it are lost).
+    pub fn open_with(dir: &Path, writable: bool, repair: bool) -> Result<Self, BlockError> {
+        let meta_path = dir.join(META_FILE);
+        if !dir.is_dir() || !meta_path.exists() {
+            return Err(BlockError::Io {
+                op: "open",
+                path: meta_path,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        let meta: DeltaMeta = meta::read(&meta_path)?;
+        if meta.format != DELTA_FORMAT || meta.version != 1 || meta::unhex(&meta.uuid).is_none() {
+            return Err(BlockError::BadMeta {
+                path: meta_path,
+                reason: format!("not a {DELTA_FORMAT} v1 meta"),
+            });
+        }
+        crate::check_size(meta.size)?;
+        let jerr = |source| BlockError::Journal {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let (journal, replay) =
+            Journal::open(&dir.join(JOURNAL_FILE), writable, repair).map_err(jerr)?;
+        if !crate::sys::try_lock(journal.file(), writable).map_err(BlockError::io("lock", dir))? {
+            return Err(BlockError::Locked {
+                path: dir.to_path_buf(),
+            });
+        }
+        if Some(replay.header.tag) != meta::unhex(&meta.uuid) || replay.header.offset != meta.size {
+            return Err(BlockError::BadMeta {
+                path: meta_path,
+                reason: "journal header does not match meta".into(),
+            });
+        }
+        let parent = Arc::new(Layer::open(&meta.parent.path)?);
+        let found = parent.identity()?;
+        if found != meta.parent.identity {
+            return Err(BlockError::IdentityMismatch {
+                path: meta.parent.path.clone(),
+                expected: meta.parent.identity.to_string(),
+                found: found.to_string(),
+            });
+        }
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&data_path)
+            .map_err(BlockError::io("open", &data_path))?;
+        let data_len = data
+            .metadata()
+            .map_err(BlockError::io("stat", &data_path))?
+            .len();
+        if data_len != meta.size {
+            return Err(BlockError::BadMeta {
+                path: data_path,
+                reason: format!("data file is {data_len} bytes, disk is {}", meta.size),
+            });
+        }
+        let Replay {
+            committed,
+            discarded_bytes,
+            ..
+        } = replay;
+        let mut index = ExtentMap::new();
+        let mut frozen_seq = None;
+        let mut last = 0;
+        for r in &committed {
+            match r.kind {
+                RecordKind::Write => index.insert(r.offset, r.len, ExtentKind::Data, r.seq),
+                RecordKind::Zero | RecordKind::Discard => {
+                    index.insert(r.offset, r.len, ExtentKind::Zero, r.seq);
+                }
+                RecordKind::Fork => frozen_seq = Some(r.seq),
+                _ => {}
+            }
+            last = r.seq;
+        }
+        if frozen_seq.is_some() && writable {
+            // A frozen delta is never written again: share it with its children's readers.
+            crate::sys::try_lock(journal.file(), false).map_err(BlockError::io("lock", dir))?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            parent,
+            data,
+            writable,
+            state: Mutex::new(WriteState {
+                journal,
+                pending: Vec::new(),
+                next_seq: last + 1,
+                durable_seq: last,
+                frozen_seq,
+            }),
+            index: RwLock::new(index),
+            recovered_discarded: discarded_bytes,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, WriteState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, WriteState>, BlockError> {
+        let st = self.state();
+        if !self.writable || st.frozen_seq.is_some() {
+            return Err(BlockError::ReadOnly {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(st)
+    }
+
+    fn record(&self, st: &mut WriteState, kind: RecordKind, offset: u64, len: u64) {
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.pending.push(Record::new(kind, seq, offset, len));
+        let ek = if kind == RecordKind::Write {
+            ExtentKind::Data
+        } else {
+            ExtentKind::Zero
+        };
+        self.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(offset, len, ek, seq);
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (512-byte aligned), falling through to the parent
+    /// for blocks this delta does not hold.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        let len = buf.len() as u64;
+        check_io(offset, len, self.meta.size)?;
+        let extents = self
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .range(offset, len);
+        let mut pos = offset;
+        for e in extents.iter().copied().chain(std::iter::once(Extent {
+            offset: offset + len,
+            len: 0,
+            kind: ExtentKind::Zero,
+            seq: 0,
+        })) {
+            if e.offset > pos {
+                let b = &mut buf[(pos - offset) as usize..(e.offset - offset) as usize];
+                self.parent.read_at(b, pos)?;
+            }
+            let b = &mut buf[(e.offset - offset) as usize..(e.end() - offset) as usize];
+            match e.kind {
+                ExtentKind::Data => self
+                    .data
+                    .read_exact_at(b, e.offset)
+                    .map_err(BlockError::io("read", &self.dir))?,
+                ExtentKind::Zero => b.fill(0),
+            }
+            pos = e.end();
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` (512-byte aligned; partial 4 KiB blocks are read-modify-written).
+    /// Durable after the next [`Delta::flush`].
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        check_io(offset, buf.len() as u64, self.meta.size)?;
+        let mut st = self.writer()?;
+        self.write_locked(&mut st, buf, offset)
+    }
+
+    fn write_locked(&self, st: &mut WriteState, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let (start, end) = (align_down(offset), align_up(offset + len));
+        let err = BlockError::io("write", &self.dir);
+        if start == offset && end == offset + len {
+            self.data.write_all_at(buf, offset).map_err(err)?;
+        } else {
+            let mut tmp = vec![0u8; (end - start) as usize];
+            let bs = BLOCK_SIZE as usize;
+            self.read_at(&mut tmp[..bs], start)?;
+            if end - start > BLOCK_SIZE {
+                let n = tmp.len();
+                self.read_at(&mut tmp[n - bs..], end - BLOCK_SIZE)?;
+            }
+            let at = (offset - start) as usize;
+            tmp[at..at + buf.len()].copy_from_slice(buf);
+            self.data.write_all_at(&tmp, start).map_err(err)?;
+        }
+        self.record(st, RecordKind::Write, start, end - start);
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros (partial blocks are written as zero data).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.zero_range(offset, len, RecordKind::Zero)
+    }
+
+    /// Discards the whole blocks of `[offset, offset + len)`; they then read as zeros. Partial
+    /// blocks at the edges are left unchanged.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.zero_range(offset, len, RecordKind::Discard)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, kind: RecordKind) -> Result<(), BlockError> {
+        check_io(offset, len, self.meta.size)?;
+        let mut st = self.writer()?;
+        let (start, end) = (align_up(offset), align_down(offset + len));
+        if start >= end {
+            if kind == RecordKind::Zero {
+                self.write_locked(&mut st, &vec![0u8; len as usize], offset)?;
+            }
+            return Ok(());
+        }
+        if kind == RecordKind::Zero {
+            self.write_locked(&mut st, &vec![0u8; (start - offset) as usize], offset)?;
+            self.write_locked(&mut st, &vec![0u8; (offset + len - end) as usize], end)?;
+        }
+        crate::sys::punch_hole(&self.data, start, end - start)
+            .map_err(BlockError::io("punch", &self.dir))?;
+        self.record(&mut st, kind, start, end - start);
+        Ok(())
+    }
+
+    /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
+    /// record, then journal fdatasync. Returns the durable sequence number.
+    pub fn flush(&self) -> Result<u64, BlockError> {
+        let mut st = self.state();
+        self.flush_locked(&mut st)
+    }
+
+    fn flush_locked(&self, st: &mut WriteState) -> Result<u64, BlockError> {
+        if st.pending.is_empty() {
+            return Ok(st.durable_seq);
+        }
+        self.data
+            .sync_data()
+            .map_err(BlockError::io("sync", &self.dir))?;
+        let seq = st.next_seq;
+        let mut recs = std::mem::take(&mut st.pending);
+        recs.push(Record::new(RecordKind::Flush, seq, 0, 0));
+        if let Err(source) = st.journal.append(&recs) {
+            recs.pop();
+            st.pending = recs;
+            return Err(BlockError::Journal {
+                path: self.dir.clone(),
+                source,
+            });
+        }
+        st.next_seq += 1;
+        st.durable_seq = seq;
+        Ok(seq)
+    }
+
+    /// Flushes and freezes the delta at its current sequence number (a FORK record); it is
+    /// read-only from then on and can be a parent. Returns the frozen sequence number.
+    pub fn freeze(&self) -> Result<u64, BlockError> {
+        if let Some(seq) = self.state().frozen_seq {
+            return Ok(seq);
+        }
+        let mut st = self.writer()?;
+        self.flush_locked(&mut st)?;
+        let seq = st.next_seq;
+        st.journal
+            .append(&[Record::new(RecordKind::Fork, seq, 0, 0)])
+            .map_err(|source| BlockError::Journal {
+                path: self.dir.clone(),
+                source,
+            })?;
+        st.next_seq += 1;
+        st.durable_seq = seq;
+        st.frozen_seq = Some(seq);
+        crate::sys::try_lock(st.journal.file(), false)
+            .map_err(BlockError::io("lock", &self.dir))?;
+        Ok(seq)
+    }
+
+    /// The identity children record (only a frozen delta has one).
+    pub fn identity(&self) -> Result<Identity, BlockError> {
+        let seq = self
+            .state()
+            .frozen_seq
+            .ok_or_else(|| BlockError::NotFrozen {
+                path: self.dir.clone(),
+            })?;
+        Ok(Identity {
+            kind: LayerKind::Delta,
+            uuid: self.meta.uuid.clone(),
+            size: self.meta.size,
+            check: seq,
+        })
+    }
+
+    /// Extents changed after sequence number `seq` (pending writes included).
+    pub fn changed_since(&self, seq: u64) -> Vec<Extent> {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .changed_since(seq)
+    }
+
+    /// The last sequence number used and a copy of the extent index at that point.
+    pub fn snapshot(&self) -> (u64, ExtentMap) {
+        let st = self.state();
+        let idx = self
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (st.next_seq - 1, idx)
+    }
+
+    /// The last sequence number used (pending records included).
+    pub fn last_seq(&self) -> u64 {
+        self.state().next_seq - 1
+    }
+
+    /// The sequence number of the last FLUSH or FORK on disk.
+    pub fn durable_seq(&self) -> u64 {
+        self.state().durable_seq
+    }
+
+    /// The sequence number the delta is frozen at, if frozen.
+    pub fn frozen_seq(&self) -> Option<u64> {
+        self.state().frozen_seq
+    }
+
+    /// True if writes are refused (opened read-only or frozen).
+    pub fn is_read_only(&self) -> bool {
+        !self.writable || self.frozen_seq().is_some()
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.meta.size
+    }
+
+    /// The delta directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed `meta` file.
+    pub fn meta(&self) -> &DeltaMeta {
+        &self.meta
+    }
+
+    /// The parent layer.
+    pub fn parent(&self) -> &Arc<Layer> {
+        &self.parent
+    }
+
+    /// Journal bytes dropped by recovery at open (uncommitted records or a torn tail).
+    pub fn recovered_discarded_bytes(&self) -> u64 {
+        self.recovered_discarded
+    }
+
+    /// Journal length in bytes.
+    pub fn journal_len(&self) -> u64 {
+        self.state().journal.len()
+    }
+
+    pub(crate) fn data_file(&self) -> &File {
+        &self.data
+    }
+}

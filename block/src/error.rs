@@ -1,0 +1,116 @@
+//! `BlockError`: failures of layer I/O (base, delta, fork).
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::journal::JournalError;
+
+/// Errors of opening, creating, reading and writing layers.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// A file operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The request reaches past the end of the disk.
+    #[error("I/O at offset {offset} length {len} is outside the disk of {size} bytes")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// The request is not aligned to the sector size.
+    #[error("I/O at offset {offset} length {len} is not aligned to {align} bytes")]
+    Unaligned {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// The disk size is zero or not a multiple of the block size.
+    #[error("disk size {size} is not a positive multiple of {block} bytes")]
+    BadSize {
+        /// Size asked for.
+        size: u64,
+        /// Block size.
+        block: u64,
+    },
+    /// A write to a read-only or frozen layer.
+    #[error("layer {path} is read-only")]
+    ReadOnly {
+        /// The layer.
+        path: PathBuf,
+    },
+    /// The path to create already exists.
+    #[error("{path} already exists")]
+    Exists {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A raw image has no identity sidecar.
+    #[error("raw image {path} has no identity file {sidecar} (create it with `Base::adopt`)")]
+    MissingIdentity {
+        /// The image.
+        path: PathBuf,
+        /// The sidecar expected.
+        sidecar: PathBuf,
+    },
+    /// A metadata file is damaged or malformed.
+    #[error("metadata {path} is invalid: {reason}")]
+    BadMeta {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A layer is not the one a child (or a check) expects.
+    #[error("layer {path} has identity {found}, expected {expected}")]
+    IdentityMismatch {
+        /// The layer.
+        path: PathBuf,
+        /// Expected identity (display form).
+        expected: String,
+        /// Identity found (display form).
+        found: String,
+    },
+    /// A delta used as a parent is not frozen.
+    #[error("delta {path} is not frozen; only frozen deltas can be parents")]
+    NotFrozen {
+        /// The delta.
+        path: PathBuf,
+    },
+    /// Another process holds the layer open for writing (or reading, for a writable open).
+    #[error("layer {path} is locked by another user")]
+    Locked {
+        /// The layer.
+        path: PathBuf,
+    },
+    /// The delta's journal could not be read or written.
+    #[error("journal failure in delta {path}")]
+    Journal {
+        /// The delta.
+        path: PathBuf,
+        /// The journal error.
+        #[source]
+        source: JournalError,
+    },
+}
+
+impl BlockError {
+    pub(crate) fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { op, path, source }
+    }
+}

@@ -1,0 +1,406 @@
+//! The append-only journal: fixed 64-byte records with a sequence number and a CRC32C each.
+//!
+//! A delta's journal starts with a `HEADER` record (the delta's UUID and size); then come
+//! `WRITE`/`ZERO`/`DISCARD` records, each batch closed by a `FLUSH` (or a `FORK`) record that
+//! commits it. Recovery applies only committed batches, stops at the first torn or corrupt
+//! record, and refuses (typed error) a journal whose damage is followed by valid records.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Size of one record.
+pub const RECORD_SIZE: usize = 64;
+/// Magic of every record: "MVJ1".
+pub const RECORD_MAGIC: u32 = 0x4d56_4a31;
+/// Version of the journal format (stored in the header's `aux`).
+pub const JOURNAL_VERSION: u64 = 1;
+
+/// Errors of journal reading and writing.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A read, write or sync failed.
+    #[error("I/O error on journal {path}")]
+    Io {
+        /// The journal file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The first record is missing, damaged or not a header.
+    #[error("journal {path} has no valid header record")]
+    BadHeader {
+        /// The journal file.
+        path: PathBuf,
+    },
+    /// The header names a format version this code does not read.
+    #[error("journal {path} has unsupported version {version}")]
+    Version {
+        /// The journal file.
+        path: PathBuf,
+        /// The version found.
+        version: u64,
+    },
+    /// A damaged record is followed by valid records: not a torn tail.
+    #[error("journal {path} is corrupt at byte {offset} (valid records follow it)")]
+    Corrupt {
+        /// The journal file.
+        path: PathBuf,
+        /// Offset of the first damaged record.
+        offset: u64,
+    },
+    /// A record's fields are inconsistent (checksum right, content wrong).
+    #[error("journal {path} has an invalid record at byte {offset}: {reason}")]
+    InvalidRecord {
+        /// The journal file.
+        path: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// Kinds of records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// First record of a delta journal: `tag` = delta UUID, `offset` = disk size, `aux` = version.
+    Header = 0,
+    /// Data written at `[offset, offset+len)` (data file, same offsets).
+    Write = 1,
+    /// `[offset, offset+len)` reads as zeros.
+    Zero = 2,
+    /// `[offset, offset+len)` discarded (reads as zeros).
+    Discard = 3,
+    /// Commits the records before it.
+    Flush = 4,
+    /// The delta is frozen at this sequence number (commits, like `Flush`).
+    Fork = 5,
+    /// Merge log: the merge's identity (`tag` = digest).
+    MergeIntent = 0x20,
+    /// Merge log: plan steps before `aux` are durable in the output (`offset` = phase).
+    MergeProgress = 0x21,
+    /// Merge log: the output is complete and about to be published.
+    MergeDone = 0x22,
+}
+
+impl RecordKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Header,
+            1 => Self::Write,
+            2 => Self::Zero,
+            3 => Self::Discard,
+            4 => Self::Flush,
+            5 => Self::Fork,
+            0x20 => Self::MergeIntent,
+            0x21 => Self::MergeProgress,
+            0x22 => Self::MergeDone,
+            _ => return None,
+        })
+    }
+}
+
+/// One journal record.
+///
+/// Layout (little endian): magic u32 | kind u8 | 3 reserved | seq u64 | offset u64 | len u64 |
+/// aux u64 | tag [u8; 16] | 4 reserved | crc32c u32 (over bytes 0..60).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Sequence number (strictly increasing through a journal).
+    pub seq: u64,
+    /// Byte offset (kind-specific).
+    pub offset: u64,
+    /// Byte length (kind-specific).
+    pub len: u64,
+    /// Kind-specific value.
+    pub aux: u64,
+    /// Kind-specific 16 bytes (UUID or digest).
+    pub tag: [u8; 16],
+}
+
+impl Record {
+    /// A record with zero `aux` and `tag`.
+    pub fn new(kind: RecordKind, seq: u64, offset: u64, len: u64) -> Self {
+        Self {
+            kind,
+            seq,
+            offset,
+            len,
+            aux: 0,
+            tag: [0; 16],
+        }
+    }
+
+    /// Serializes the record.
+    pub fn encode(&self) -> [u8; RECORD_SIZE] {
+        let mut b = [0u8; RECORD_SIZE];
+        b[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        b[4] = self.kind as u8;
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.aux.to_le_bytes());
+        b[40..56].copy_from_slice(&self.tag);
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses a record; `None` if the magic, checksum or kind is wrong.
+    pub fn decode(b: &[u8; RECORD_SIZE]) -> Option<Self> {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        if u32_at(0) != RECORD_MAGIC || u32_at(60) != crc32c::crc32c(&b[..60]) {
+            return None;
+        }
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&b[40..56]);
+        Some(Self {
+            kind: RecordKind::from_u8(b[4])?,
+            seq: u64_at(8),
+            offset: u64_at(16),
+            len: u64_at(24),
+            aux: u64_at(32),
+            tag,
+        })
+    }
+}
+
+/// What recovery found in a journal.
+#[derive(Debug)]
+pub struct Replay {
+    /// The header record.
+    pub header: Record,
+    /// Committed records after the header, in order (commit records included).
+    pub committed: Vec<Record>,
+    /// Byte length of the committed prefix (header included).
+    pub committed_len: u64,
+    /// Bytes after the committed prefix (uncommitted records or a torn tail).
+    pub discarded_bytes: u64,
+}
+
+/// An append-only journal file.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl Journal {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+        move |source| JournalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Creates a journal holding `header`, durable on return. Fails if `path` exists.
+    pub fn create(path: &Path, header: &Record) -> Result<Self, JournalError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(Self::io(path))?;
+        let mut j = Self {
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+        };
+        j.append(std::slice::from_ref(header))?;
+        Ok(j)
+    }
+
+    /// Opens and replays a delta journal. `repair` accepts mid-journal damage (keeping the
+    /// committed prefix before it) instead of failing with [`JournalError::Corrupt`].
+    pub fn open(path: &Path, writable: bool, repair: bool) -> Result<(Self, Replay), JournalError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(Self::io(path))?;
+        let size = file.metadata().map_err(Self::io(path))?.len();
+        let slots = size / RECORD_SIZE as u64;
+        let read = |i: u64| -> Result<Option<Record>, JournalError> {
+            let mut b = [0u8; RECORD_SIZE];
+            file.read_exact_at(&mut b, i * RECORD_SIZE as u64)
+                .map_err(Self::io(path))?;
+            Ok(Record::decode(&b))
+        };
+        let header = match if slots > 0 { read(0)? } else { None } {
+            Some(h) if h.kind == RecordKind::Header && h.seq == 0 => h,
+            _ => {
+                return Err(JournalError::BadHeader {
+                    path: path.to_path_buf(),
+                });
+            }
+        };
+        if header.aux != JOURNAL_VERSION {
+            return Err(JournalError::Version {
+                path: path.to_path_buf(),
+                version: header.aux,
+            });
+        }
+        let mut committed = Vec::new();
+        let mut pending = Vec::new();
+        let mut committed_slots = 1u64;
+        let mut last_seq = 0u64;
+        let mut i = 1u64;
+        while i < slots {
+            let Some(r) = read(i)? else { break };
+            if r.seq <= last_seq || r.kind == RecordKind::Header || r.kind as u8 >= 0x20 {
+                break;
+            }
+            if matches!(
+                r.kind,
+                RecordKind::Write | RecordKind::Zero | RecordKind::Discard
+            ) {
+                let bad = |reason| JournalError::InvalidRecord {
+                    path: path.to_path_buf(),
+                    offset: i * RECORD_SIZE as u64,
+                    reason,
+                };
+                let end = r
+                    .offset
+                    .checked_add(r.len)
+                    .ok_or_else(|| bad("range overflows"))?;
+                if r.offset % crate::BLOCK_SIZE != 0 || r.len % crate::BLOCK_SIZE != 0 {
+                    return Err(bad("range not block-aligned"));
+                }
+                if end > header.offset {
+                    return Err(bad("range past the end of the disk"));
+                }
+            }
+            last_seq = r.seq;
+            pending.push(r);
+            i += 1;
+            if matches!(r.kind, RecordKind::Flush | RecordKind::Fork) {
+                committed.append(&mut pending);
+                committed_slots = i;
+            }
+        }
+        if i < slots && !repair {
+            // Damage at slot i: a torn tail unless a valid record follows.
+            for k in i + 1..slots {
+                if let Some(r) = read(k)?
+                    && r.seq > last_seq
+                    && r.kind != RecordKind::Header
+                {
+                    return Err(JournalError::Corrupt {
+                        path: path.to_path_buf(),
+                        offset: i * RECORD_SIZE as u64,
+                    });
+                }
+            }
+        }
+        let committed_len = committed_slots * RECORD_SIZE as u64;
+        let replay = Replay {
+            header,
+            committed,
+            committed_len,
+            discarded_bytes: size - committed_len,
+        };
+        let mut j = Self {
+            path: path.to_path_buf(),
+            file,
+            len: committed_len,
+        };
+        if writable && replay.discarded_bytes > 0 {
+            j.file.set_len(committed_len).map_err(Self::io(path))?;
+            j.file.sync_data().map_err(Self::io(path))?;
+            j.len = committed_len;
+        }
+        Ok((j, replay))
+    }
+
+    /// Appends `records` with one write, then fdatasyncs.
+    pub fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
+        let mut buf = Vec::with_capacity(records.len() * RECORD_SIZE);
+        for r in records {
+            buf.extend_from_slice(&r.encode());
+        }
+        self.file
+            .write_all_at(&buf, self.len)
+            .map_err(Self::io(&self.path))?;
+        self.file.sync_data().map_err(Self::io(&self.path))?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes in the journal.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True if the journal holds no record (never, once created).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The underlying file (for locking).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Reads the valid prefix of a log of records that has no commit structure (the merge log).
+pub(crate) fn read_log(path: &Path) -> Result<Vec<Record>, JournalError> {
+    let data = std::fs::read(path).map_err(Journal::io(path))?;
+    let mut out = Vec::new();
+    for chunk in data.chunks_exact(RECORD_SIZE) {
+        let mut b = [0u8; RECORD_SIZE];
+        b.copy_from_slice(chunk);
+        match Record::decode(&b) {
+            Some(r) => out.push(r),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Opens a merge log for appending after its valid prefix (created if missing).
+pub(crate) fn open_log(path: &Path, valid_records: usize) -> Result<Journal, JournalError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(Journal::io(path))?;
+    let len = (valid_records * RECORD_SIZE) as u64;
+    file.set_len(len).map_err(Journal::io(path))?;
+    Ok(Journal {
+        path: path.to_path_buf(),
+        file,
+        len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_bitflips() {
+        let mut r = Record::new(RecordKind::Write, 7, 4096, 8192);
+        r.tag = [3; 16];
+        let b = r.encode();
+        assert_eq!(Record::decode(&b), Some(r));
+        for bit in 0..RECORD_SIZE * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(Record::decode(&c), None, "bit {bit} flip not detected");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Thin wrappers over the Linux file syscalls that `std` does not expose.
+//!
+//! All `unsafe` of the crate lives here, one small function per syscall.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Deallocates `[offset, offset + len)` of `file`; reads of the range then return zeros.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let (off, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: fallocate only takes an fd owned by `file` (valid for the call) and integers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // File system without hole punching: write zeros instead.
+        return write_zeros(file, offset, len as u64);
+    }
+    Err(err)
+}
+
+fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off`, in the kernel when possible.
+pub(crate) fn copy_range(
+    src: &File,
+    mut src_off: u64,
+    dst: &File,
+    mut dst_off: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    while len > 0 {
+        let mut s = to_off(src_off)?;
+        let mut d = to_off(dst_off)?;
+        let chunk = len.min(1 << 30) as usize;
+        // SAFETY: both fds are owned by live `File`s; the offset pointers point to locals that
+        // outlive the call; the kernel writes only through those two pointers.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut s, dst.as_raw_fd(), &mut d, chunk, 0)
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
+                    return copy_by_hand(src, src_off, dst, dst_off, len);
+                }
+                _ => return Err(err),
+            }
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let n = n as u64;
+        src_off += n;
+        dst_off += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+fn copy_by_hand(src: &File, mut so: u64, dst: &File, mut d: u64, mut len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], so)?;
+        dst.write_all_at(&buf[..n], d)?;
+        so += n as u64;
+        d += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// The next offset `>= from` holding data (`SEEK_DATA`), or `None` past the last data.
+pub(crate) fn next_data(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_DATA)
+}
+
+/// The next hole offset `>= from` (`SEEK_HOLE`; the end of file counts as a hole).
+pub(crate) fn next_hole(file: &File, from: u64) -> io::Result<Option<u64>> {
+    seek(file, from, libc::SEEK_HOLE)
+}
+
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = to_off(from)?;
+    // SAFETY: lseek takes an fd owned by `file` and integers. The file position it moves is
+    // not used by this crate (all I/O is positional).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    Ok(Some(r as u64))
+}
+
+/// Takes a non-blocking `flock` on `file` (exclusive or shared); `Ok(false)` if someone
+/// else holds a conflicting lock.
+pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock takes an fd owned by `file` and an integer; the lock is released when the
+    // file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(err)
+}
+
+/// fsyncs a directory so that entries created or renamed in it are durable.
+pub(crate) fn sync_dir(path: &std::path::Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// 16 random bytes from the kernel.
+pub(crate) fn random_id() -> io::Result<[u8; 16]> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
