@@ -177,3 +177,20 @@ impl Base {
         &self.file
     }
 }
+
+/// Writes the identity sidecar `sidecar` for the raw image at `image` with the given UUID.
+pub(crate) fn write_identity(image: &Path, sidecar: &Path, uuid: &str) -> Result<(), BlockError> {
+    let file = File::open(image).map_err(BlockError::io("open", image))?;
+    let size = file
+        .metadata()
+        .map_err(BlockError::io("stat", image))?
+        .len();
+    let id = BaseIdFile {
+        format: BASE_FORMAT.into(),
+        version: 1,
+        uuid: uuid.to_string(),
+        size,
+        fingerprint: fingerprint(&file, size, image)?,
+    };
+    meta::write(sidecar, &id)
+}
