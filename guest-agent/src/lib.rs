@@ -1,1 +1,15 @@
-//! The guest agent: runs inside the guest and checkpoints/restores the application.
+//! The guest agent: runs inside the guest and moves the application with CRIU.
+//!
+//! - [`protocol`]: versioned, length-prefixed frames and the request/response messages.
+//! - [`transport`]: TCP and AF_VSOCK behind one [`transport::Transport`] trait.
+//! - [`agent`]: the in-guest server (exec, freeze/thaw, workload supervision, checkpoint, restore,
+//!   release, rollback).
+//! - [`host`]: the host-side client and the relay that moves the application between two agents.
+
+pub mod agent;
+pub mod criu;
+pub mod host;
+pub mod net;
+pub mod protocol;
+pub mod sys;
+pub mod transport;

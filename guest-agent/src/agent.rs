@@ -1,0 +1,902 @@
+//! The agent side: serves requests on a transport, supervises the application, drives CRIU.
+
+use std::error::Error as StdError;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::criu::{self, CriuError};
+use crate::net::{self, NetError};
+use crate::protocol::{
+    CHUNK, CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileHeader, FileKind, FrameKind,
+    OutputStream, ProtocolError, Request, Response, WorkloadSpec, read_frame, read_message,
+    write_frame, write_message,
+};
+use crate::sys::{self, SysError};
+use crate::transport::{Connection, Transport};
+
+/// Errors handling one request.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The connection failed or the peer broke the protocol.
+    #[error("protocol error")]
+    Protocol(#[from] ProtocolError),
+    /// The request is invalid in the current state.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A system command or call failed.
+    #[error("system operation failed")]
+    Sys(#[from] SysError),
+    /// Changing the network configuration failed.
+    #[error("network change failed")]
+    Net(#[from] NetError),
+    /// The checkpoint failed; the application keeps running.
+    #[error("checkpoint failed")]
+    Dump(#[source] CriuError),
+    /// The restore failed; the target was cleaned up.
+    #[error("restore failed")]
+    Restore(#[source] CriuError),
+    /// Resuming the application on the source failed.
+    #[error("rollback failed")]
+    Rollback(#[source] CriuError),
+    /// A file operation failed.
+    #[error("I/O on {path} failed")]
+    Io {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl AgentError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Protocol(_) => ErrorKind::Protocol,
+            Self::BadRequest(_) => ErrorKind::BadRequest,
+            Self::Sys(_) | Self::Net(_) => ErrorKind::Command,
+            Self::Dump(_) => ErrorKind::Dump,
+            Self::Restore(_) => ErrorKind::Restore,
+            Self::Rollback(_) => ErrorKind::Rollback,
+            Self::Io { .. } => ErrorKind::Io,
+        }
+    }
+}
+
+/// An error and its causes, joined with ": ".
+pub fn error_chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn bad(msg: impl Into<String>) -> AgentError {
+    AgentError::BadRequest(msg.into())
+}
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where checkpoint and restore images are kept (a tmpfs in the guest).
+    pub work_dir: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: PathBuf::from("/run/guest-agent"),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Running {
+        pid: u32,
+    },
+    /// Dumped and stopped here; images kept for a rollback.
+    Dumped {
+        images: PathBuf,
+        rules_before: Vec<String>,
+    },
+}
+
+#[derive(Debug)]
+struct Workload {
+    spec: WorkloadSpec,
+    phase: Phase,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    workload: Option<Workload>,
+    page_server: Option<Child>,
+}
+
+/// The agent: one per guest.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    state: Mutex<State>,
+}
+
+impl Agent {
+    /// Creates an agent.
+    pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Accepts connections forever, one thread per connection.
+    pub fn serve(self: &Arc<Self>, t: &dyn Transport) -> io::Result<()> {
+        loop {
+            match t.accept() {
+                Ok(conn) => {
+                    let me = Arc::clone(self);
+                    thread::spawn(move || me.handle_connection(conn));
+                }
+                Err(e) => {
+                    eprintln!("guest-agent: {}", error_chain(&e));
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Serves requests on one connection until it closes or breaks the protocol.
+    pub fn handle_connection(&self, mut conn: Box<dyn Connection>) {
+        loop {
+            let req: Request = match read_message(&mut *conn) {
+                Ok(r) => r,
+                Err(ProtocolError::Closed) => return,
+                Err(e) => {
+                    let framing_ok = matches!(e, ProtocolError::BadMessage(_));
+                    let resp = Response::Error {
+                        kind: ErrorKind::Protocol,
+                        message: error_chain(&e),
+                    };
+                    if write_message(&mut *conn, &resp).is_err() || !framing_ok {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = self.handle(&mut *conn, req) {
+                eprintln!("guest-agent: {}", error_chain(&e));
+                if matches!(e, AgentError::Protocol(_)) {
+                    return;
+                }
+                let resp = Response::Error {
+                    kind: e.kind(),
+                    message: error_chain(&e),
+                };
+                if write_message(&mut *conn, &resp).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles one request, writing its response(s).
+    pub fn handle(&self, conn: &mut dyn Connection, req: Request) -> Result<(), AgentError> {
+        let resp = match req {
+            Request::Ping => Response::Pong {
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            Request::Exec { argv, timeout_ms } => {
+                return exec(conn, &argv, timeout_ms.map(Duration::from_millis));
+            }
+            Request::Freeze { path } => {
+                sys::freeze(&path)?;
+                Response::Ok
+            }
+            Request::Thaw { path } => {
+                sys::thaw(&path)?;
+                Response::Ok
+            }
+            Request::Start { spec } => Response::Started {
+                pid: self.start(spec)?,
+            },
+            Request::Status => self.status(),
+            Request::Checkpoint { opts } => return self.checkpoint(conn, &opts),
+            Request::Restore { spec, fault } => return self.restore(conn, spec, fault),
+            Request::PageServer { port } => {
+                self.start_page_server(port)?;
+                Response::Ok
+            }
+            Request::Release => {
+                self.release()?;
+                Response::Ok
+            }
+            Request::Rollback => {
+                let mut st = self.lock();
+                Response::RolledBack {
+                    pid: self.rollback_locked(&mut st)?,
+                }
+            }
+            Request::File(_) | Request::EndOfImages => {
+                return Err(bad("file stream outside a restore"));
+            }
+        };
+        write_message(conn, &resp)?;
+        Ok(())
+    }
+
+    fn status(&self) -> Response {
+        let st = self.lock();
+        match &st.workload {
+            None => Response::Status {
+                spec: None,
+                pid: None,
+                tree: vec![],
+            },
+            Some(w) => {
+                let pid = match w.phase {
+                    Phase::Running { pid } if sys::alive(pid) => Some(pid),
+                    _ => None,
+                };
+                Response::Status {
+                    spec: Some(w.spec.clone()),
+                    pid,
+                    tree: pid.map(sys::process_tree).unwrap_or_default(),
+                }
+            }
+        }
+    }
+
+    fn start(&self, spec: WorkloadSpec) -> Result<u32, AgentError> {
+        let mut st = self.lock();
+        if let Some(Workload {
+            phase: Phase::Running { pid },
+            ..
+        }) = &st.workload
+            && sys::alive(*pid)
+        {
+            return Err(bad(format!("already supervising pid {pid}")));
+        }
+        if matches!(
+            &st.workload,
+            Some(Workload {
+                phase: Phase::Dumped { .. },
+                ..
+            })
+        ) {
+            return Err(bad("a checkpointed workload awaits release or rollback"));
+        }
+        let Some(prog) = spec.argv.first() else {
+            return Err(bad("empty argv"));
+        };
+        if let Some(base) = spec.pid_base {
+            sys::set_next_pid(base)?;
+        }
+        let mut cmd = Command::new(prog);
+        cmd.args(&spec.argv[1..])
+            .current_dir(spec.cwd.as_deref().unwrap_or("/"))
+            .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        new_session(&mut cmd);
+        let mut child = cmd.spawn().map_err(io_err(Path::new(prog)))?;
+        let pid = child.id();
+        // Reap it when it exits (e.g. killed by criu dump) so its PID is free for a rollback.
+        thread::spawn(move || child.wait());
+        st.workload = Some(Workload {
+            spec,
+            phase: Phase::Running { pid },
+        });
+        Ok(pid)
+    }
+
+    fn checkpoint(
+        &self,
+        conn: &mut dyn Connection,
+        opts: &CheckpointOpts,
+    ) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        let (spec, pid) = match &st.workload {
+            Some(Workload {
+                spec,
+                phase: Phase::Running { pid },
+            }) if sys::alive(*pid) => (spec.clone(), *pid),
+            _ => return Err(bad("no running workload to checkpoint")),
+        };
+        let page_server = match &opts.page_server {
+            None => None,
+            Some(_) if opts.pre_dump_rounds > 0 => {
+                return Err(bad("page server with pre-dump rounds is not supported"));
+            }
+            Some(a) => {
+                let (ip, port) = a
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad(format!("page server address {a:?}")))?;
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| bad(format!("page server port in {a:?}")))?;
+                Some((ip.to_string(), port))
+            }
+        };
+        write_message(conn, &Response::CheckpointBegin { spec: spec.clone() })?;
+        let root = self.cfg.work_dir.join("checkpoint");
+        let _ = fs::remove_dir_all(&root);
+        let mut stats = CheckpointStats::default();
+        let mut prev: Option<String> = None;
+        for i in 0..opts.pre_dump_rounds {
+            let name = format!("pre{i}");
+            let dir = root.join(&name);
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let took = criu::pre_dump(pid, &dir, prev.as_deref()).map_err(AgentError::Dump)?;
+            stats.pre_dump_ms += took.as_millis() as u64;
+            stream_dir(conn, &dir, &name, &mut stats)?;
+            prev = Some(format!("../{name}"));
+        }
+        let rules_before = if let Some(svc) = &spec.service {
+            let r = net::rules_snapshot()?;
+            net::guard_add(svc)?;
+            r
+        } else {
+            vec![]
+        };
+        let fin = root.join("final");
+        fs::create_dir_all(&fin).map_err(io_err(&fin))?;
+        let ps = page_server.as_ref().map(|(ip, port)| (ip.as_str(), *port));
+        match criu::dump(pid, &fin, prev.as_deref(), ps) {
+            Ok(took) => stats.freeze_ms = took.as_millis() as u64,
+            Err(e) => {
+                // CRIU resumed the tree; drop our guard and whatever CRIU left.
+                if let Some(svc) = &spec.service {
+                    net::guard_remove(svc)?;
+                    net::clear_rules_except(&rules_before)?;
+                }
+                return Err(AgentError::Dump(e));
+            }
+        }
+        if let Some(w) = st.workload.as_mut() {
+            w.phase = Phase::Dumped {
+                images: fin.clone(),
+                rules_before,
+            };
+        }
+        let streamed = (|| {
+            stream_dir(conn, &fin, "final", &mut stats)?;
+            for f in &spec.data_files {
+                let meta = fs::metadata(f).map_err(io_err(Path::new(f)))?;
+                stats.data_bytes += meta.len();
+                stream_file(conn, FileKind::Data, f, Path::new(f), &mut stats)?;
+            }
+            write_message(
+                conn,
+                &Response::CheckpointDone {
+                    stats: stats.clone(),
+                },
+            )?;
+            Ok::<(), AgentError>(())
+        })();
+        if let Err(e) = streamed {
+            // The host is gone or the stream failed after the dump: resume the application here.
+            match self.rollback_locked(&mut st) {
+                Ok(pid) => {
+                    eprintln!("guest-agent: checkpoint stream failed; rolled back (pid {pid})");
+                }
+                Err(r) => eprintln!(
+                    "guest-agent: checkpoint stream failed and rollback failed: {}",
+                    error_chain(&r)
+                ),
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn rollback_locked(&self, st: &mut State) -> Result<u32, AgentError> {
+        let w = st
+            .workload
+            .as_mut()
+            .ok_or_else(|| bad("no workload to roll back"))?;
+        let pid = match &w.phase {
+            Phase::Running { pid } => {
+                // The dump never completed: CRIU already resumed the tree; only our guard may remain.
+                if let Some(svc) = &w.spec.service {
+                    net::guard_remove(svc)?;
+                }
+                *pid
+            }
+            Phase::Dumped {
+                images,
+                rules_before,
+            } => {
+                let (pid, _) = criu::restore(images).map_err(AgentError::Rollback)?;
+                if let Some(svc) = &w.spec.service {
+                    net::guard_remove(svc)?;
+                    net::clear_rules_except(rules_before)?;
+                    net::announce(svc)?;
+                }
+                pid
+            }
+        };
+        w.phase = Phase::Running { pid };
+        Ok(pid)
+    }
+
+    fn release(&self) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        let Some(Workload {
+            spec,
+            phase:
+                Phase::Dumped {
+                    images,
+                    rules_before,
+                },
+        }) = &st.workload
+        else {
+            return Err(bad("nothing to release: no checkpointed workload"));
+        };
+        if let Some(svc) = &spec.service {
+            net::addr_del(svc)?;
+            net::guard_remove(svc)?;
+            net::clear_rules_except(rules_before)?;
+        }
+        if let Some(root) = images.parent() {
+            let _ = fs::remove_dir_all(root);
+        }
+        st.workload = None;
+        Ok(())
+    }
+
+    fn restore_dir(&self) -> PathBuf {
+        self.cfg.work_dir.join("restore")
+    }
+
+    fn start_page_server(&self, port: u16) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        if let Some(mut c) = st.page_server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let root = self.restore_dir();
+        let _ = fs::remove_dir_all(&root);
+        let fin = root.join("final");
+        fs::create_dir_all(&fin).map_err(io_err(&fin))?;
+        st.page_server = Some(criu::page_server(&fin, port).map_err(AgentError::Restore)?);
+        Ok(())
+    }
+
+    fn restore(
+        &self,
+        conn: &mut dyn Connection,
+        spec: WorkloadSpec,
+        fault: Option<Fault>,
+    ) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        if let Some(Workload {
+            phase: Phase::Running { pid },
+            ..
+        }) = &st.workload
+            && sys::alive(*pid)
+        {
+            return Err(bad(format!("a workload already runs here (pid {pid})")));
+        }
+        let root = self.restore_dir();
+        let page_server = st.page_server.take();
+        if page_server.is_none() {
+            let _ = fs::remove_dir_all(&root);
+        }
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let mut incoming: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let received = (|| {
+            loop {
+                match read_message::<_, Request>(conn)? {
+                    Request::File(h) => incoming.extend(receive_file(conn, &root, &h, &spec)?),
+                    Request::EndOfImages => return Ok(()),
+                    other => return Err(bad(format!("unexpected {other:?} in an image stream"))),
+                }
+            }
+        })();
+        if let Err(e) = received {
+            for (tmp, _) in &incoming {
+                let _ = fs::remove_file(tmp);
+            }
+            let _ = fs::remove_dir_all(&root);
+            if let Some(mut c) = page_server {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return Err(e);
+        }
+        if let Some(mut c) = page_server {
+            wait_child(&mut c, Duration::from_secs(60));
+        }
+        let (pid, took) = self.restore_received(&root, &spec, &incoming, fault)?;
+        st.workload = Some(Workload {
+            spec,
+            phase: Phase::Running { pid },
+        });
+        write_message(
+            conn,
+            &Response::Restored {
+                pid,
+                restore_ms: took.as_millis() as u64,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn restore_received(
+        &self,
+        root: &Path,
+        spec: &WorkloadSpec,
+        incoming: &[(PathBuf, PathBuf)],
+        fault: Option<Fault>,
+    ) -> Result<(u32, Duration), AgentError> {
+        let rules_before = match &spec.service {
+            Some(svc) => {
+                let r = net::rules_snapshot()?;
+                // Guard first: no packet for the service address may reach a socket-less stack (RST).
+                net::guard_add(svc)?;
+                net::addr_add(svc)?;
+                r
+            }
+            None => vec![],
+        };
+        let undo_net = || -> Result<(), AgentError> {
+            if let Some(svc) = &spec.service {
+                net::addr_del(svc)?;
+                net::guard_remove(svc)?;
+                net::clear_rules_except(&rules_before)?;
+            }
+            Ok(())
+        };
+        for (tmp, dst) in incoming {
+            if let Err(e) = fs::rename(tmp, dst) {
+                undo_net()?;
+                return Err(io_err(dst)(e));
+            }
+        }
+        if fault == Some(Fault::MissingDataFile)
+            && let Some(f) = spec.data_files.first()
+        {
+            let _ = fs::remove_file(f);
+        }
+        match criu::restore(&root.join("final")) {
+            Ok((pid, took)) => {
+                if let Some(svc) = &spec.service {
+                    net::guard_remove(svc)?;
+                    net::clear_rules_except(&rules_before)?;
+                    net::announce(svc)?;
+                }
+                Ok((pid, took))
+            }
+            Err(e) => {
+                undo_net()?;
+                Err(AgentError::Restore(e))
+            }
+        }
+    }
+}
+
+/// Makes the child a session leader (no controlling terminal), as CRIU needs for a non-shell job.
+fn new_session(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls setsid(2), which is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
+fn wait_child(c: &mut Child, limit: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Streams the regular files and symlinks of image directory `dir` as `prefix/<name>`.
+fn stream_dir(
+    conn: &mut dyn Connection,
+    dir: &Path,
+    prefix: &str,
+    stats: &mut CheckpointStats,
+) -> Result<(), AgentError> {
+    let mut entries: Vec<_> = fs::read_dir(dir).map_err(io_err(dir))?.flatten().collect();
+    entries.sort_by_key(fs::DirEntry::file_name);
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".log") || name == "restore.pid" {
+            continue;
+        }
+        let path = e.path();
+        let ft = e.file_type().map_err(io_err(&path))?;
+        let rel = format!("{prefix}/{name}");
+        if ft.is_symlink() {
+            let link = fs::read_link(&path).map_err(io_err(&path))?;
+            let h = FileHeader {
+                kind: FileKind::Symlink,
+                name: rel,
+                size: 0,
+                mode: 0o777,
+                link: Some(link.to_string_lossy().into_owned()),
+            };
+            write_message(conn, &Response::File(h))?;
+            write_frame(conn, FrameKind::End, &[])?;
+            stats.files += 1;
+        } else if ft.is_file() {
+            let before = stats.image_bytes;
+            stream_file(conn, FileKind::Image, &rel, &path, stats)?;
+            stats.image_bytes = before + fs::metadata(&path).map_err(io_err(&path))?.len();
+        }
+    }
+    Ok(())
+}
+
+/// Streams one file: header, data frames, end frame.
+fn stream_file(
+    conn: &mut dyn Connection,
+    kind: FileKind,
+    name: &str,
+    path: &Path,
+    stats: &mut CheckpointStats,
+) -> Result<(), AgentError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let meta = f.metadata().map_err(io_err(path))?;
+    let h = FileHeader {
+        kind,
+        name: name.into(),
+        size: meta.len(),
+        mode: meta.permissions().mode() & 0o7777,
+        link: None,
+    };
+    write_message(conn, &Response::File(h))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < meta.len() {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        let n = n.min((meta.len() - sent) as usize);
+        write_frame(conn, FrameKind::Data, &buf[..n])?;
+        sent += n as u64;
+    }
+    if sent != meta.len() {
+        return Err(io_err(path)(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shrank while streaming",
+        )));
+    }
+    write_frame(conn, FrameKind::End, &[])?;
+    stats.files += 1;
+    Ok(())
+}
+
+/// A relative image path with only normal components (no `..`, no root).
+fn safe_relative(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    (!name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))))
+        .then(|| p.to_path_buf())
+}
+
+/// Receives one streamed file; data files land next to their destination and are returned as
+/// `(temporary, destination)` to be renamed at restore time.
+fn receive_file(
+    conn: &mut dyn Connection,
+    root: &Path,
+    h: &FileHeader,
+    spec: &WorkloadSpec,
+) -> Result<Option<(PathBuf, PathBuf)>, AgentError> {
+    let (path, pending) = match h.kind {
+        FileKind::Image | FileKind::Symlink => {
+            let rel = safe_relative(&h.name)
+                .ok_or_else(|| bad(format!("unsafe image path {:?}", h.name)))?;
+            (root.join(rel), None)
+        }
+        FileKind::Data => {
+            if !spec.data_files.contains(&h.name) {
+                return Err(bad(format!(
+                    "{:?} is not a data file of the workload",
+                    h.name
+                )));
+            }
+            let dst = PathBuf::from(&h.name);
+            let tmp = PathBuf::from(format!("{}.mvga-incoming", h.name));
+            (tmp.clone(), Some((tmp, dst)))
+        }
+    };
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    let _ = fs::remove_file(&path);
+    if h.kind == FileKind::Symlink {
+        let link = h
+            .link
+            .as_deref()
+            .ok_or_else(|| bad("symlink without target"))?;
+        symlink(link, &path).map_err(io_err(&path))?;
+        expect_end(conn)?;
+        return Ok(None);
+    }
+    let written = receive_contents(conn, &path, h);
+    if written.is_err() {
+        let _ = fs::remove_file(&path);
+    }
+    written.map(|()| pending)
+}
+
+/// Writes the data frames of one streamed file to `path`, checking the announced size.
+fn receive_contents(
+    conn: &mut dyn Connection,
+    path: &Path,
+    h: &FileHeader,
+) -> Result<(), AgentError> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    let mut got = 0u64;
+    loop {
+        let fr = read_frame(conn)?;
+        match fr.kind {
+            FrameKind::Data => {
+                got += fr.payload.len() as u64;
+                if got > h.size {
+                    return Err(bad(format!(
+                        "{}: more than the announced {} bytes",
+                        h.name, h.size
+                    )));
+                }
+                f.write_all(&fr.payload).map_err(io_err(path))?;
+            }
+            FrameKind::End => break,
+            FrameKind::Message => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "data or end",
+                    got: fr.kind,
+                }
+                .into());
+            }
+        }
+    }
+    if got != h.size {
+        return Err(bad(format!("{}: got {got} of {} bytes", h.name, h.size)));
+    }
+    f.set_permissions(fs::Permissions::from_mode(h.mode))
+        .map_err(io_err(path))?;
+    Ok(())
+}
+
+fn expect_end(conn: &mut dyn Connection) -> Result<(), AgentError> {
+    let fr = read_frame(conn)?;
+    if fr.kind != FrameKind::End {
+        return Err(ProtocolError::Unexpected {
+            expected: "end",
+            got: fr.kind,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Runs a command, streaming its output as [`Response::Output`] and ending with [`Response::Exited`].
+fn exec(
+    conn: &mut dyn Connection,
+    argv: &[String],
+    timeout: Option<Duration>,
+) -> Result<(), AgentError> {
+    let Some(prog) = argv.first() else {
+        return Err(bad("empty argv"));
+    };
+    let mut child = Command::new(prog)
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| SysError::Spawn {
+            cmd: argv.join(" "),
+            source,
+        })?;
+    let (tx, rx) = mpsc::channel::<(OutputStream, Vec<u8>)>();
+    let pipes: [(OutputStream, Option<Box<dyn Read + Send>>); 2] = [
+        (
+            OutputStream::Stdout,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+        (
+            OutputStream::Stderr,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+    ];
+    for (stream, pipe) in pipes {
+        let Some(mut pipe) = pipe else { continue };
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 || tx.send((stream, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut deadline = timeout.map(|t| Instant::now() + t);
+    let mut timed_out = false;
+    loop {
+        let next = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok((stream, data)) => {
+                let msg = Response::Output {
+                    stream,
+                    data: String::from_utf8_lossy(&data).into_owned(),
+                };
+                if let Err(e) = write_message(conn, &msg) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e.into());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
+                let _ = child.kill();
+                timed_out = true;
+                // Give the pipes a moment to drain; a grandchild holding them must not hang us.
+                deadline = Some(Instant::now() + Duration::from_secs(2));
+            }
+            Err(_) => break,
+        }
+    }
+    let status = child.wait().map_err(|source| SysError::Spawn {
+        cmd: argv.join(" "),
+        source,
+    })?;
+    write_message(
+        conn,
+        &Response::Exited {
+            code: status.code(),
+            timed_out,
+        },
+    )?;
+    Ok(())
+}

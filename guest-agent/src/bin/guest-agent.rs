@@ -1,0 +1,98 @@
+//! `guest-agent serve --listen tcp:ADDR:PORT|vsock:PORT [--work-dir DIR]`
+//! `guest-agent init -- CMD ARGS...`  (PID 1: runs CMD, restarts it if it exits, reaps orphans)
+
+use std::process::{Command, ExitCode};
+use std::thread;
+use std::time::Duration;
+
+use guest_agent::agent::{Agent, AgentConfig, error_chain};
+use guest_agent::transport::{self, Endpoint};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: guest-agent serve --listen tcp:HOST:PORT|vsock:PORT [--work-dir DIR]");
+    eprintln!("       guest-agent init -- CMD [ARGS...]");
+    ExitCode::from(2)
+}
+
+fn serve(args: &[String]) -> ExitCode {
+    let mut listen = None;
+    let mut cfg = AgentConfig::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--listen", Some(v)) => listen = Some(v.clone()),
+            ("--work-dir", Some(v)) => cfg.work_dir = v.into(),
+            _ => return usage(),
+        }
+    }
+    let Some(listen) = listen else { return usage() };
+    let ep: Endpoint = match listen.parse() {
+        Ok(ep) => ep,
+        Err(e) => {
+            eprintln!("guest-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let t = match transport::listen(&ep) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("guest-agent: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("guest-agent: listening on {}", t.endpoint());
+    let agent = Agent::new(cfg);
+    match agent.serve(t.as_ref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guest-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reaps every child that has exited; returns whether `pid` was among them.
+fn reap_all(pid: u32) -> bool {
+    let mut hit = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer to a local int.
+        let r = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
+        if r <= 0 {
+            return hit;
+        }
+        hit |= r as u32 == pid;
+    }
+}
+
+fn init(cmd: &[String]) -> ExitCode {
+    let Some(prog) = cmd.first() else {
+        return usage();
+    };
+    loop {
+        let child = match Command::new(prog).args(&cmd[1..]).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("guest-agent init: cannot start {prog}: {e}");
+                thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let pid = child.id();
+        // Reap orphans (e.g. restored application trees whose criu parent exited) until the child exits.
+        while !reap_all(pid) {
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("guest-agent init: {prog} exited; restarting");
+        thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("init") if args.get(1).map(String::as_str) == Some("--") => init(&args[2..]),
+        _ => usage(),
+    }
+}

@@ -1,0 +1,148 @@
+//! Thin wrappers over the `criu` command line (Debian's criu 3.17).
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sys::tail;
+
+/// Errors running CRIU.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    /// The criu binary could not be started.
+    #[error("cannot run criu {action}")]
+    Spawn {
+        /// The CRIU action.
+        action: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// CRIU exited unsuccessfully.
+    #[error("criu {action} failed ({status}); log: {log}")]
+    Failed {
+        /// The CRIU action.
+        action: &'static str,
+        /// Exit status text.
+        status: String,
+        /// The error lines (or the tail) of CRIU's log.
+        log: String,
+    },
+    /// The restored root PID could not be read back.
+    #[error("criu restore wrote no usable pidfile {0}")]
+    Pidfile(String),
+}
+
+/// Error lines of a CRIU log (or its tail when none are marked).
+fn log_summary(dir: &Path, log: &str) -> String {
+    let text = fs::read_to_string(dir.join(log)).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("rror ("))
+        .collect();
+    if errors.is_empty() {
+        tail(&text, 1500)
+    } else {
+        tail(&errors.join("\n"), 1500)
+    }
+}
+
+fn criu(action: &'static str, dir: &Path, args: &[String]) -> Result<Duration, CriuError> {
+    let log = format!("{action}.log");
+    let t0 = Instant::now();
+    let status = Command::new("criu")
+        .arg(action)
+        .arg("-D")
+        .arg(dir)
+        .args(["-o", &log, "-v4"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|source| CriuError::Spawn { action, source })?;
+    let took = t0.elapsed();
+    if !status.success() {
+        return Err(CriuError::Failed {
+            action,
+            status: status.to_string(),
+            log: log_summary(dir, &log),
+        });
+    }
+    Ok(took)
+}
+
+/// `criu pre-dump --track-mem` of the tree at `pid` into `dir`, with `prev` (relative to `dir`) as parent.
+pub fn pre_dump(pid: u32, dir: &Path, prev: Option<&str>) -> Result<Duration, CriuError> {
+    let mut args = vec!["-t".into(), pid.to_string(), "--track-mem".into()];
+    if let Some(p) = prev {
+        args.extend(["--prev-images-dir".into(), p.into()]);
+    }
+    criu("pre-dump", dir, &args)
+}
+
+/// Final `criu dump --tcp-established` of the tree at `pid` (killed afterwards); `prev` is the last
+/// pre-dump (relative to `dir`); `page_server` sends pages to a CRIU page server at `(ip, port)`.
+pub fn dump(
+    pid: u32,
+    dir: &Path,
+    prev: Option<&str>,
+    page_server: Option<(&str, u16)>,
+) -> Result<Duration, CriuError> {
+    let mut args = vec![
+        "-t".into(),
+        pid.to_string(),
+        "--tcp-established".into(),
+        "--skip-in-flight".into(),
+    ];
+    if let Some(p) = prev {
+        args.extend(["--track-mem".into(), "--prev-images-dir".into(), p.into()]);
+    }
+    if let Some((ip, port)) = page_server {
+        args.extend([
+            "--page-server".into(),
+            "--address".into(),
+            ip.into(),
+            "--port".into(),
+            port.to_string(),
+        ]);
+    }
+    criu("dump", dir, &args)
+}
+
+/// `criu restore -d --tcp-established` from `dir`; returns the restored root PID and the wall time.
+pub fn restore(dir: &Path) -> Result<(u32, Duration), CriuError> {
+    let pidfile = dir.join("restore.pid");
+    let _ = fs::remove_file(&pidfile);
+    let args = vec![
+        "-d".into(),
+        "--tcp-established".into(),
+        "--pidfile".into(),
+        pidfile.to_string_lossy().into_owned(),
+    ];
+    let took = criu("restore", dir, &args)?;
+    let pid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| CriuError::Pidfile(pidfile.display().to_string()))?;
+    Ok((pid, took))
+}
+
+/// Starts `criu page-server` writing pages into `dir`, listening on `port`; it exits when the dump ends.
+pub fn page_server(dir: &Path, port: u16) -> Result<Child, CriuError> {
+    Command::new("criu")
+        .arg("page-server")
+        .arg("-D")
+        .arg(dir)
+        .args(["-o", "page-server.log", "-v4", "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| CriuError::Spawn {
+            action: "page-server",
+            source,
+        })
+}

@@ -1,0 +1,379 @@
+//! Host side: a client for one agent, and the relay that moves the application between two agents
+//! (checkpoint on the source, images relayed frame by frame, restore on the target, then release or
+//! rollback). The VMM and the `upgrade` orchestrator use this; the QEMU harness does too.
+
+use std::time::{Duration, Instant};
+
+use crate::agent::error_chain;
+use crate::protocol::{
+    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FrameKind, OutputStream, ProtocolError,
+    Request, Response, WorkloadSpec, read_frame, read_message, write_frame, write_message,
+};
+use crate::transport::{self, Connection, Endpoint, TransportError};
+
+/// Errors talking to one agent.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Connecting failed.
+    #[error("cannot reach the agent")]
+    Transport(#[from] TransportError),
+    /// The connection failed or the agent broke the protocol.
+    #[error("agent protocol error")]
+    Protocol(#[from] ProtocolError),
+    /// The agent reported a failure.
+    #[error("agent error ({kind:?}): {message}")]
+    Agent {
+        /// Class of failure.
+        kind: ErrorKind,
+        /// Agent's description.
+        message: String,
+    },
+    /// The agent answered with a response that does not fit the request.
+    #[error("unexpected agent response {0}")]
+    Unexpected(String),
+    /// The relay dropped the target connection on purpose (fault injection).
+    #[error("target connection dropped after {0} relayed bytes (injected)")]
+    InjectedDrop(u64),
+}
+
+/// Output of a command run with [`AgentClient::exec`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code (None: killed by a signal).
+    pub code: Option<i32>,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// A connection to one agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    conn: Box<dyn Connection>,
+    endpoint: Option<Endpoint>,
+}
+
+fn unexpected(r: &Response) -> HostError {
+    match r {
+        Response::Error { kind, message } => HostError::Agent {
+            kind: *kind,
+            message: message.clone(),
+        },
+        other => HostError::Unexpected(format!("{other:?}")),
+    }
+}
+
+impl AgentClient {
+    /// Connects to the agent at `ep`.
+    pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Self, HostError> {
+        Ok(Self {
+            conn: transport::connect(ep, timeout)?,
+            endpoint: Some(ep.clone()),
+        })
+    }
+
+    /// Connects, retrying until `limit` passes (for an agent that is still booting).
+    pub fn connect_retry(ep: &Endpoint, limit: Duration) -> Result<Self, HostError> {
+        let t0 = Instant::now();
+        loop {
+            match Self::connect(ep, Duration::from_secs(2)).and_then(|mut c| c.ping().map(|_| c)) {
+                Ok(c) => return Ok(c),
+                Err(e) if t0.elapsed() >= limit => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Wraps an established connection (e.g. a vsock stream the VMM opened).
+    pub fn from_connection(conn: Box<dyn Connection>) -> Self {
+        Self {
+            conn,
+            endpoint: None,
+        }
+    }
+
+    /// Replaces the connection with a fresh one to the same endpoint.
+    pub fn reconnect(&mut self, timeout: Duration) -> Result<(), HostError> {
+        let ep = self
+            .endpoint
+            .clone()
+            .ok_or_else(|| HostError::Unexpected("no endpoint to reconnect to".into()))?;
+        self.conn = transport::connect(&ep, timeout)?;
+        Ok(())
+    }
+
+    /// Sends a request.
+    pub fn send(&mut self, req: &Request) -> Result<(), HostError> {
+        Ok(write_message(&mut *self.conn, req)?)
+    }
+
+    /// Reads the next response.
+    pub fn recv(&mut self) -> Result<Response, HostError> {
+        Ok(read_message(&mut *self.conn)?)
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Response, HostError> {
+        self.send(req)?;
+        match self.recv()? {
+            Response::Error { kind, message } => Err(HostError::Agent { kind, message }),
+            r => Ok(r),
+        }
+    }
+
+    fn call_ok(&mut self, req: &Request) -> Result<(), HostError> {
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Sets a read timeout on the connection.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), HostError> {
+        self.conn
+            .set_read_timeout(t)
+            .map_err(|e| HostError::Protocol(ProtocolError::Io(e)))
+    }
+
+    /// Pings; returns the agent version.
+    pub fn ping(&mut self) -> Result<String, HostError> {
+        match self.call(&Request::Ping)? {
+            Response::Pong { version } => Ok(version),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Runs a command in the guest and collects its output.
+    pub fn exec(
+        &mut self,
+        argv: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput, HostError> {
+        self.send(&Request::Exec {
+            argv: argv.iter().map(|s| (*s).to_string()).collect(),
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        })?;
+        let mut out = ExecOutput::default();
+        loop {
+            match self.recv()? {
+                Response::Output {
+                    stream: OutputStream::Stdout,
+                    data,
+                } => out.stdout.push_str(&data),
+                Response::Output {
+                    stream: OutputStream::Stderr,
+                    data,
+                } => out.stderr.push_str(&data),
+                Response::Exited { code, timed_out } => {
+                    out.code = code;
+                    out.timed_out = timed_out;
+                    return Ok(out);
+                }
+                r => return Err(unexpected(&r)),
+            }
+        }
+    }
+
+    /// Freezes the file system at `path`.
+    pub fn freeze(&mut self, path: &str) -> Result<(), HostError> {
+        self.call_ok(&Request::Freeze { path: path.into() })
+    }
+
+    /// Thaws the file system at `path`.
+    pub fn thaw(&mut self, path: &str) -> Result<(), HostError> {
+        self.call_ok(&Request::Thaw { path: path.into() })
+    }
+
+    /// Starts the application; returns its PID.
+    pub fn start(&mut self, spec: &WorkloadSpec) -> Result<u32, HostError> {
+        match self.call(&Request::Start { spec: spec.clone() })? {
+            Response::Started { pid } => Ok(pid),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// The supervised application's root PID (if running) and its process tree.
+    pub fn status(&mut self) -> Result<(Option<u32>, Vec<u32>), HostError> {
+        match self.call(&Request::Status)? {
+            Response::Status { pid, tree, .. } => Ok((pid, tree)),
+            r => Err(unexpected(&r)),
+        }
+    }
+
+    /// Starts a CRIU page server in the guest for the next restore.
+    pub fn page_server(&mut self, port: u16) -> Result<(), HostError> {
+        self.call_ok(&Request::PageServer { port })
+    }
+
+    /// Gives up the service address and images after a successful handoff.
+    pub fn release(&mut self) -> Result<(), HostError> {
+        self.call_ok(&Request::Release)
+    }
+
+    /// Resumes the application here after a failed handoff; returns its PID.
+    pub fn rollback(&mut self) -> Result<u32, HostError> {
+        match self.call(&Request::Rollback)? {
+            Response::RolledBack { pid } => Ok(pid),
+            r => Err(unexpected(&r)),
+        }
+    }
+}
+
+/// Options of one handoff.
+#[derive(Debug, Clone, Default)]
+pub struct HandoffOpts {
+    /// Checkpoint options (pre-dump rounds, page server).
+    pub checkpoint: CheckpointOpts,
+    /// Fault the target injects (tests).
+    pub fault: Option<Fault>,
+    /// Drop the target connection after relaying this many bytes of file data (tests).
+    pub drop_target_after: Option<u64>,
+}
+
+/// What one successful handoff measured.
+#[derive(Debug, Clone, Default)]
+pub struct HandoffReport {
+    /// Source-side checkpoint statistics.
+    pub stats: CheckpointStats,
+    /// PID of the application on the target.
+    pub pid: u32,
+    /// Wall time of `criu restore` on the target, ms.
+    pub restore_ms: u64,
+    /// Bytes of file data relayed.
+    pub relayed_bytes: u64,
+    /// Wall time of the whole handoff (checkpoint request to restored), ms.
+    pub total_ms: u64,
+}
+
+/// Errors of a handoff.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The handoff failed and the application runs on the source again.
+    #[error("handoff failed; the application runs on the source (pid {pid})")]
+    RolledBack {
+        /// PID on the source after the rollback.
+        pid: u32,
+        /// Why the handoff failed.
+        #[source]
+        cause: HostError,
+    },
+    /// The handoff failed and so did the rollback.
+    #[error("handoff failed ({cause}) and the rollback failed")]
+    RollbackFailed {
+        /// Why the handoff failed (flattened).
+        cause: String,
+        /// Why the rollback failed.
+        #[source]
+        rollback: HostError,
+    },
+    /// The application moved, but the source did not release the service address.
+    #[error("handoff done but releasing the source failed")]
+    Release(#[source] HostError),
+}
+
+/// Relays the checkpoint stream from `src` to `dst` (the restore request is sent once the source
+/// names the workload); returns the checkpoint statistics and the bytes relayed.
+fn relay(
+    src: &mut AgentClient,
+    dst: &mut AgentClient,
+    opts: &HandoffOpts,
+) -> Result<(CheckpointStats, u64), HostError> {
+    src.send(&Request::Checkpoint {
+        opts: opts.checkpoint.clone(),
+    })?;
+    let spec = match src.recv()? {
+        Response::CheckpointBegin { spec } => spec,
+        r => return Err(unexpected(&r)),
+    };
+    dst.send(&Request::Restore {
+        spec,
+        fault: opts.fault,
+    })?;
+    let mut relayed = 0u64;
+    loop {
+        match src.recv()? {
+            Response::File(h) => {
+                dst.send(&Request::File(h))?;
+                loop {
+                    let fr = read_frame(&mut *src.conn)?;
+                    match fr.kind {
+                        FrameKind::Data => {
+                            relayed += fr.payload.len() as u64;
+                            if opts.drop_target_after.is_some_and(|n| relayed >= n) {
+                                let _ = dst.conn.shutdown();
+                                return Err(HostError::InjectedDrop(relayed));
+                            }
+                            write_frame(&mut *dst.conn, FrameKind::Data, &fr.payload)?;
+                        }
+                        FrameKind::End => {
+                            write_frame(&mut *dst.conn, FrameKind::End, &[])?;
+                            break;
+                        }
+                        FrameKind::Message => {
+                            return Err(ProtocolError::Unexpected {
+                                expected: "data or end",
+                                got: fr.kind,
+                            }
+                            .into());
+                        }
+                    }
+                }
+            }
+            Response::CheckpointDone { stats } => {
+                dst.send(&Request::EndOfImages)?;
+                return Ok((stats, relayed));
+            }
+            r => return Err(unexpected(&r)),
+        }
+    }
+}
+
+/// Moves the application from the agent `src` to the agent `dst`: checkpoint on the source, images
+/// relayed through this process, restore on the target, then release on the source. On any failure
+/// the target connection is dropped (the target agent cleans up) and the source rolls back.
+pub fn handoff(
+    src: &mut AgentClient,
+    dst: &mut AgentClient,
+    opts: &HandoffOpts,
+) -> Result<HandoffReport, HandoffError> {
+    let t0 = Instant::now();
+    let result = relay(src, dst, opts).and_then(|(stats, relayed)| match dst.recv()? {
+        Response::Restored { pid, restore_ms } => Ok(HandoffReport {
+            stats,
+            pid,
+            restore_ms,
+            relayed_bytes: relayed,
+            total_ms: 0,
+        }),
+        r => Err(unexpected(&r)),
+    });
+    match result {
+        Ok(mut report) => {
+            src.release().map_err(HandoffError::Release)?;
+            report.total_ms = t0.elapsed().as_millis() as u64;
+            Ok(report)
+        }
+        Err(cause) => {
+            let _ = dst.conn.shutdown();
+            // The source connection may be mid-stream (or gone): use a fresh one when we can.
+            let fresh = src.endpoint.is_some() && src.reconnect(Duration::from_secs(10)).is_ok();
+            if !fresh && matches!(cause, HostError::Protocol(_)) {
+                return Err(HandoffError::RollbackFailed {
+                    cause: error_chain(&cause),
+                    rollback: HostError::Unexpected(
+                        "source connection unusable and no endpoint to reconnect".into(),
+                    ),
+                });
+            }
+            match src.rollback() {
+                Ok(pid) => Err(HandoffError::RolledBack { pid, cause }),
+                Err(rollback) => Err(HandoffError::RollbackFailed {
+                    cause: error_chain(&cause),
+                    rollback,
+                }),
+            }
+        }
+    }
+}

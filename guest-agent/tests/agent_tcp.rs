@@ -1,0 +1,258 @@
+//! The agent served in-process over TCP on localhost, driven by the host client (no CRIU needed).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use guest_agent::agent::{Agent, AgentConfig};
+use guest_agent::host::{AgentClient, HostError};
+use guest_agent::protocol::{
+    ErrorKind, FileHeader, FileKind, FrameKind, Request, Response, VERSION, WorkloadSpec,
+    read_message, write_frame, write_message,
+};
+use guest_agent::transport::{self, Endpoint};
+
+fn start_agent() -> (Endpoint, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = transport::listen(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = t.endpoint();
+    let agent = Agent::new(AgentConfig {
+        work_dir: dir.path().to_path_buf(),
+    });
+    thread::spawn(move || {
+        let _ = Arc::clone(&agent).serve(t.as_ref());
+    });
+    (ep, dir)
+}
+
+#[test]
+fn ping_and_exec_stream_output_and_status() {
+    let (ep, _d) = start_agent();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    let out = c
+        .exec(&["sh", "-c", "echo out; echo err >&2; exit 7"], None)
+        .unwrap();
+    assert_eq!(
+        (
+            out.code,
+            out.timed_out,
+            out.stdout.as_str(),
+            out.stderr.as_str()
+        ),
+        (Some(7), false, "out\n", "err\n")
+    );
+    // Large output arrives complete, in order.
+    let out = c.exec(&["seq", "1", "100000"], None).unwrap();
+    let expect: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out.stdout, expect);
+    let out = c
+        .exec(&["sleep", "10"], Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(out.timed_out && out.code.is_none(), "{out:?}");
+    let e = c.exec(&["/nonexistent/cmd"], None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HostError::Agent {
+                kind: ErrorKind::Command,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The connection stays usable after an error.
+    c.ping().unwrap();
+}
+
+#[test]
+fn workload_start_status_and_bad_state_requests() {
+    let (ep, _d) = start_agent();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    let spec = WorkloadSpec {
+        argv: vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30; wait".into()],
+        cwd: None,
+        env: vec![],
+        data_files: vec![],
+        pid_base: None,
+        service: None,
+    };
+    let pid = c.start(&spec).unwrap();
+    // Own session: the workload is a session leader.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[3], pid.to_string(), "session id of {pid}: {stat}");
+    let mut tree = vec![];
+    for _ in 0..50 {
+        tree = c.status().unwrap().1;
+        if tree.len() >= 3 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(tree.len() >= 3 && tree.contains(&pid), "{tree:?}");
+    let e = c.start(&spec).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HostError::Agent {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.release().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HostError::Agent {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for p in tree {
+        // SAFETY: kill(2) on PIDs of the tree this test started.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn restore_rejects_unsafe_paths_and_foreign_data_files() {
+    let (ep, d) = start_agent();
+    let spec = WorkloadSpec {
+        argv: vec!["true".into()],
+        cwd: None,
+        env: vec![],
+        data_files: vec![d.path().join("data").display().to_string()],
+        pid_base: None,
+        service: None,
+    };
+    for (kind, name) in [
+        (FileKind::Image, "../escape"),
+        (FileKind::Image, "/abs"),
+        (FileKind::Data, "/etc/passwd"),
+    ] {
+        let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+        c.send(&Request::Restore {
+            spec: spec.clone(),
+            fault: None,
+        })
+        .unwrap();
+        c.send(&Request::File(FileHeader {
+            kind,
+            name: name.into(),
+            size: 1,
+            mode: 0o644,
+            link: None,
+        }))
+        .unwrap();
+        match c.recv().unwrap() {
+            Response::Error {
+                kind: ErrorKind::BadRequest,
+                message,
+            } => assert!(message.contains(name), "{message}"),
+            r => panic!("{name}: {r:?}"),
+        }
+    }
+    assert!(!std::path::Path::new("/escape").exists());
+    // A stream that ends early (connection dropped mid-file) leaves no partial data file behind.
+    let mut c = TcpStream::connect(match ep {
+        Endpoint::Tcp(a) => a,
+        Endpoint::Vsock { .. } => unreachable!(),
+    })
+    .unwrap();
+    write_message(
+        &mut c,
+        &Request::Restore {
+            spec: spec.clone(),
+            fault: None,
+        },
+    )
+    .unwrap();
+    let h = FileHeader {
+        kind: FileKind::Data,
+        name: spec.data_files[0].clone(),
+        size: 10,
+        mode: 0o644,
+        link: None,
+    };
+    write_message(&mut c, &Request::File(h)).unwrap();
+    write_frame(&mut c, FrameKind::Data, b"abc").unwrap();
+    drop(c);
+    thread::sleep(Duration::from_millis(300));
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        !leftovers
+            .iter()
+            .any(|n| n.to_string_lossy().contains("data")),
+        "{leftovers:?}"
+    );
+}
+
+#[test]
+fn malformed_input_gets_typed_protocol_errors() {
+    let (ep, _d) = start_agent();
+    let addr = match ep {
+        Endpoint::Tcp(a) => a,
+        Endpoint::Vsock { .. } => unreachable!(),
+    };
+    // Valid frame, bad JSON: error response, connection stays usable.
+    let mut s = TcpStream::connect(addr).unwrap();
+    write_frame(&mut s, FrameKind::Message, b"{\"op\":\"launch_missiles\"}").unwrap();
+    let r: Response = read_message(&mut s).unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::Protocol,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    write_message(&mut s, &Request::Ping).unwrap();
+    assert!(matches!(
+        read_message::<_, Response>(&mut s).unwrap(),
+        Response::Pong { .. }
+    ));
+    // Unknown protocol version: error response, then the agent closes the connection.
+    let mut hdr = [0u8; 12];
+    hdr[..4].copy_from_slice(b"MVGA");
+    hdr[4] = VERSION + 1;
+    hdr[5] = 1;
+    s.write_all(&hdr).unwrap();
+    match read_message::<_, Response>(&mut s).unwrap() {
+        Response::Error {
+            kind: ErrorKind::Protocol,
+            message,
+        } => assert!(message.contains("version"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+    assert!(read_message::<_, Response>(&mut s).is_err());
+    // Oversized frame announced: rejected without reading the payload.
+    let mut s = TcpStream::connect(addr).unwrap();
+    hdr[4] = VERSION;
+    hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.write_all(&hdr).unwrap();
+    match read_message::<_, Response>(&mut s).unwrap() {
+        Response::Error {
+            kind: ErrorKind::Protocol,
+            message,
+        } => assert!(message.contains("exceeds"), "{message}"),
+        r => panic!("{r:?}"),
+    }
+}
