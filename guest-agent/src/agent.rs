@@ -103,7 +103,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            work_dir: PathBuf::from("/run/guest-agent"),
+            work_dir: PathBuf::from("/run/microvmm-agent"),
         }
     }
 }

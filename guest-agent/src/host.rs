@@ -302,7 +302,12 @@ fn relay(
                         FrameKind::Data => {
                             relayed += fr.payload.len() as u64;
                             if opts.drop_target_after.is_some_and(|n| relayed >= n) {
+                                // The target connection may be mid-stream: drop it (the target agent cleans up on the
+                                // broken stream) and open a fresh one for the caller when we can.
                                 let _ = dst.conn.shutdown();
+                                if dst.endpoint.is_some() {
+                                    let _ = dst.reconnect(Duration::from_secs(10));
+                                }
                                 return Err(HostError::InjectedDrop(relayed));
                             }
                             write_frame(&mut *dst.conn, FrameKind::Data, &fr.payload)?;
@@ -356,7 +361,12 @@ pub fn handoff(
             Ok(report)
         }
         Err(cause) => {
+            // The target connection may be mid-stream: drop it (the target agent cleans up on the
+            // broken stream) and open a fresh one for the caller when we can.
             let _ = dst.conn.shutdown();
+            if dst.endpoint.is_some() {
+                let _ = dst.reconnect(Duration::from_secs(10));
+            }
             // The source connection may be mid-stream (or gone): use a fresh one when we can.
             let fresh = src.endpoint.is_some() && src.reconnect(Duration::from_secs(10)).is_ok();
             if !fresh && matches!(cause, HostError::Protocol(_)) {

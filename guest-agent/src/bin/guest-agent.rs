@@ -1,16 +1,19 @@
 //! `guest-agent serve --listen tcp:ADDR:PORT|vsock:PORT [--work-dir DIR]`
 //! `guest-agent init -- CMD ARGS...`  (PID 1: runs CMD, restarts it if it exits, reaps orphans)
+//! `guest-agent exec --connect ENDPOINT -- CMD ARGS...`  (host side: run a command through an agent)
 
 use std::process::{Command, ExitCode};
 use std::thread;
 use std::time::Duration;
 
 use guest_agent::agent::{Agent, AgentConfig, error_chain};
+use guest_agent::host::AgentClient;
 use guest_agent::transport::{self, Endpoint};
 
 fn usage() -> ExitCode {
     eprintln!("usage: guest-agent serve --listen tcp:HOST:PORT|vsock:PORT [--work-dir DIR]");
     eprintln!("       guest-agent init -- CMD [ARGS...]");
+    eprintln!("       guest-agent exec --connect ENDPOINT -- CMD [ARGS...]");
     ExitCode::from(2)
 }
 
@@ -88,11 +91,34 @@ fn init(cmd: &[String]) -> ExitCode {
     }
 }
 
+fn exec(ep: &str, cmd: &[String]) -> ExitCode {
+    let run = || -> Result<_, Box<dyn std::error::Error>> {
+        let ep: Endpoint = ep.parse()?;
+        let mut c = AgentClient::connect(&ep, Duration::from_secs(5))?;
+        let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        Ok(c.exec(&argv, None)?)
+    };
+    match run() {
+        Ok(out) => {
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            ExitCode::from(out.code.map_or(255, |c| c as u8))
+        }
+        Err(e) => {
+            eprintln!("guest-agent: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("init") if args.get(1).map(String::as_str) == Some("--") => init(&args[2..]),
+        Some("exec") if args.len() > 4 && args[1] == "--connect" && args[3] == "--" => {
+            exec(&args[2], &args[4..])
+        }
         _ => usage(),
     }
 }

@@ -1,0 +1,555 @@
+//! The handoff harness: two real Linux guests (Debian cloud kernel under QEMU's TCG emulator, built by
+//! guest/build-guest-image.sh) on a bridge inside a network namespace this test creates, the agent in
+//! both (TCP transport), the Java demo service in guest A with a client connected from the namespace.
+//! The application is moved through `guest_agent::host::handoff` (the relay the VMM uses), and the
+//! client checks that the SAME connection keeps being answered, by the right guest, with the data file
+//! continuing without gap or duplicate. Fault cases: an injected restore failure on the target and a
+//! target connection dropped mid-stream must both leave the service running on the source.
+//!
+//! Needs root (network namespace, tap devices). Costs about 2-4 minutes on 2 cores.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use guest_agent::host::{AgentClient, HandoffError, HandoffOpts, HostError, handoff};
+use guest_agent::protocol::{CheckpointOpts, ErrorKind, Fault, ServiceAddr, WorkloadSpec};
+use guest_agent::transport::Endpoint;
+
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const SERVICE_PORT: u16 = 8080;
+const DATA_FILE: &str = "/data/echo.log";
+
+fn sh(argv: &[&str]) {
+    let st = Command::new(argv[0])
+        .args(&argv[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(st.success(), "{argv:?} failed: {st}");
+}
+
+/// A network namespace that is deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A QEMU guest that is killed on drop.
+struct Guest {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Guest {
+    fn console_tail(&self) -> String {
+        let s = fs::read_to_string(&self.log).unwrap_or_default();
+        let start = s.len().saturating_sub(3000);
+        String::from_utf8_lossy(&s.as_bytes()[start..]).into_owned()
+    }
+}
+
+struct Images {
+    kernel: String,
+    initrd: String,
+    root: String,
+}
+
+fn build_images() -> Images {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/build-guest-image.sh");
+    let t0 = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run build-guest-image.sh");
+    assert!(out.status.success(), "build-guest-image.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "unexpected build output {text:?}");
+    let n = lines.len();
+    println!("guest images ready in {:.1} s", t0.elapsed().as_secs_f64());
+    Images {
+        kernel: lines[n - 3].into(),
+        initrd: lines[n - 2].into(),
+        root: lines[n - 1].into(),
+    }
+}
+
+fn boot(img: &Images, name: &'static str, tap: &str, ip: &str, mac: &str, dir: &Path) -> Guest {
+    let log = dir.join(format!("{name}.console"));
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 quiet microvmm.hostname={name} microvmm.ip={ip}/24 microvmm.agent=tcp:0.0.0.0:7000"
+    );
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "768",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", &format!("file:{}", log.display())])
+        .args([
+            "-kernel",
+            &img.kernel,
+            "-initrd",
+            &img.initrd,
+            "-append",
+            &cmdline,
+        ])
+        .args([
+            "-drive",
+            &format!("file={},format=raw,if=virtio,snapshot=on", img.root),
+        ])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    Guest { name, child, log }
+}
+
+fn agent(g: &Guest, ip: &str) -> AgentClient {
+    let ep: Endpoint = format!("tcp:{ip}:7000").parse().unwrap();
+    match AgentClient::connect_retry(&ep, Duration::from_secs(120)) {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "agent in {} unreachable: {e}\nconsole:\n{}",
+            g.name,
+            g.console_tail()
+        ),
+    }
+}
+
+fn exec(c: &mut AgentClient, cmd: &str) -> String {
+    let out = c
+        .exec(&["sh", "-c", cmd], Some(Duration::from_secs(60)))
+        .expect("exec");
+    assert_eq!(out.code, Some(0), "{cmd}: {out:?}");
+    out.stdout
+}
+
+/// One client reply: request number, serving host, data file offset after the append, latency.
+#[derive(Debug, Clone)]
+struct Reply {
+    n: u64,
+    host: String,
+    offset: u64,
+    latency: Duration,
+}
+
+/// A client that keeps one connection and sends a numbered line every 100 ms.
+struct Client {
+    replies: Arc<Mutex<Vec<Reply>>>,
+    failure: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Client {
+    fn start(next: u64) -> Self {
+        let addr = SocketAddr::from((SERVICE_IP, SERVICE_PORT));
+        let t0 = Instant::now();
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() > Duration::from_secs(120) => {
+                    panic!("service never came up: {e}")
+                }
+                Err(_) => thread::sleep(Duration::from_millis(300)),
+            }
+        };
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let failure = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, f, s) = (
+            Arc::clone(&replies),
+            Arc::clone(&failure),
+            Arc::clone(&stop),
+        );
+        let thread = thread::spawn(move || {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(90)))
+                .unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut rd = BufReader::new(stream);
+            let mut n = next;
+            while !s.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                let mut line = String::new();
+                let res = writeln!(w, "{n}").and_then(|()| rd.read_line(&mut line));
+                match res {
+                    Ok(0) => {
+                        *f.lock().unwrap() =
+                            Some(format!("request {n}: connection closed by peer"));
+                        return;
+                    }
+                    Err(e) => {
+                        *f.lock().unwrap() = Some(format!("request {n}: {e} ({:?})", e.kind()));
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                let ok = parts.len() == 3 && parts[0] == n.to_string();
+                let Some(offset) = parts.get(2).and_then(|o| o.parse().ok()).filter(|_| ok) else {
+                    *f.lock().unwrap() = Some(format!("request {n}: bad reply {line:?}"));
+                    return;
+                };
+                r.lock().unwrap().push(Reply {
+                    n,
+                    host: parts[1].to_string(),
+                    offset,
+                    latency: sent.elapsed(),
+                });
+                n += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self {
+            replies,
+            failure,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn check(&self) {
+        if let Some(f) = self.failure.lock().unwrap().as_ref() {
+            panic!("client failed: {f}");
+        }
+    }
+
+    /// Waits until `count` more replies from `host` arrived after the current ones.
+    fn wait_replies_from(&self, host: &str, count: usize) {
+        let seen = self.replies.lock().unwrap().len();
+        let t0 = Instant::now();
+        loop {
+            self.check();
+            let from_host = self.replies.lock().unwrap()[seen..]
+                .iter()
+                .filter(|r| r.host == host)
+                .count();
+            if from_host >= count {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "no {count} replies from {host} within 120 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Reply> {
+        self.replies.lock().unwrap().clone()
+    }
+
+    fn stop(mut self) -> Vec<Reply> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.check();
+        self.snapshot()
+    }
+}
+
+/// Replies numbered consecutively from `first` with offsets matching the exact data file contents.
+fn check_continuity(replies: &[Reply], first: u64) {
+    let mut off = 0u64;
+    for i in 1..first {
+        off += format!("{i}\n").len() as u64;
+    }
+    for (k, r) in replies.iter().enumerate() {
+        assert_eq!(r.n, first + k as u64, "replies out of order: {replies:?}");
+        off += format!("{}\n", r.n).len() as u64;
+        assert_eq!(
+            r.offset, off,
+            "data file offset after request {} (gap or duplicate)",
+            r.n
+        );
+    }
+}
+
+fn expected_file(last: u64) -> String {
+    (1..=last).map(|i| format!("{i}\n")).collect()
+}
+
+/// Largest client latency among replies from `since` on: the client-observed gap of a handoff.
+fn max_gap(replies: &[Reply], since: usize) -> Duration {
+    replies[since..]
+        .iter()
+        .map(|r| r.latency)
+        .max()
+        .unwrap_or_default()
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (network namespace, tap devices)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing (no tap devices on this host)".into());
+    }
+    None
+}
+
+fn enter_netns(name: &str) {
+    let f = File::open(format!("/run/netns/{name}")).expect("open netns");
+    // SAFETY: setns(2) on a valid namespace fd for this thread only; the fd outlives the call.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn qemu_two_guest_handoff() {
+    if let Some(why) = skip_reason() {
+        println!("SKIP: {why}");
+        return;
+    }
+    let images = build_images();
+    let ns = Netns(format!("mvga-{}", std::process::id()));
+    sh(&["ip", "netns", "add", &ns.0]);
+    let name = ns.0.clone();
+    // All networking (taps, QEMU, sockets) happens in a thread that entered the namespace.
+    let body = thread::spawn(move || {
+        enter_netns(&name);
+        run_suite(&images);
+    });
+    let r = body.join();
+    drop(ns);
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+fn run_suite(img: &Images) {
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&["ip", "link", "add", "br0", "type", "bridge"]);
+    sh(&["ip", "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+    sh(&["ip", "link", "set", "br0", "up"]);
+    for tap in ["tapa", "tapb"] {
+        sh(&["ip", "tuntap", "add", tap, "mode", "tap"]);
+        sh(&["ip", "link", "set", tap, "master", "br0"]);
+        sh(&["ip", "link", "set", tap, "up"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t_boot = Instant::now();
+    let ga = boot(
+        img,
+        "guest-a",
+        "tapa",
+        "10.77.0.2",
+        "52:54:00:77:00:02",
+        dir.path(),
+    );
+    let gb = boot(
+        img,
+        "guest-b",
+        "tapb",
+        "10.77.0.3",
+        "52:54:00:77:00:03",
+        dir.path(),
+    );
+    let mut a = agent(&ga, "10.77.0.2");
+    let mut b = agent(&gb, "10.77.0.3");
+    println!(
+        "both agents up {:.1} s after QEMU start",
+        t_boot.elapsed().as_secs_f64()
+    );
+
+    // Service address and application on A.
+    exec(&mut a, &format!("ip addr add {SERVICE_IP}/32 dev eth0"));
+    let spec = WorkloadSpec {
+        argv: [
+            "java",
+            "-XX:-UsePerfData",
+            "-Xmx64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            "/opt/demo",
+            "EchoLog",
+            &SERVICE_PORT.to_string(),
+            DATA_FILE,
+        ]
+        .map(String::from)
+        .to_vec(),
+        cwd: None,
+        env: vec![],
+        data_files: vec![DATA_FILE.into()],
+        pid_base: Some(20000),
+        service: Some(ServiceAddr {
+            ip: SERVICE_IP,
+            prefix: 32,
+            dev: "eth0".into(),
+        }),
+    };
+    let pid = a.start(&spec).expect("start the Java service");
+    assert!(pid >= 20000, "pid_base not honoured: {pid}");
+    let t_java = Instant::now();
+    let client = Client::start(1);
+    client.wait_replies_from("guest-a", 3);
+    println!(
+        "Java service answering {:.1} s after start (pid {pid})",
+        t_java.elapsed().as_secs_f64()
+    );
+    let (_, tree) = a.status().unwrap();
+    println!("process tree on A: {} tasks", tree.len());
+
+    // Fault 1: the restore fails on B (a data file is missing) -> rolled back, A keeps serving.
+    let mark = client.snapshot().len();
+    let opts = HandoffOpts {
+        fault: Some(Fault::MissingDataFile),
+        ..HandoffOpts::default()
+    };
+    match handoff(&mut a, &mut b, &opts) {
+        Err(HandoffError::RolledBack {
+            pid,
+            cause:
+                HostError::Agent {
+                    kind: ErrorKind::Restore,
+                    message,
+                },
+        }) => {
+            println!(
+                "fault 1 (restore failure on B): rolled back to A, pid {pid}; cause: {message}"
+            );
+        }
+        other => panic!("fault 1: expected a rollback after a restore error, got {other:?}"),
+    }
+    client.wait_replies_from("guest-a", 3);
+    let gap_f1 = max_gap(&client.snapshot(), mark);
+    assert_eq!(
+        exec(
+            &mut b,
+            &format!("ip -o addr show dev eth0 | grep -c {SERVICE_IP} || true")
+        )
+        .trim(),
+        "0"
+    );
+
+    // Fault 2: the target connection drops mid-stream -> rolled back, A keeps serving.
+    let mark = client.snapshot().len();
+    let opts = HandoffOpts {
+        drop_target_after: Some(1 << 20),
+        ..HandoffOpts::default()
+    };
+    match handoff(&mut a, &mut b, &opts) {
+        Err(HandoffError::RolledBack {
+            pid,
+            cause: HostError::InjectedDrop(n),
+        }) => {
+            println!(
+                "fault 2 (target connection dropped after {n} bytes): rolled back to A, pid {pid}"
+            );
+        }
+        other => panic!("fault 2: expected a rollback after the dropped connection, got {other:?}"),
+    }
+    client.wait_replies_from("guest-a", 3);
+    let gap_f2 = max_gap(&client.snapshot(), mark);
+    b.ping()
+        .expect("agent B serves again after a dropped connection");
+
+    // The moves: plain dump A->B, with pre-dump B->A, with page server A->B.
+    let mut rows = vec![];
+    let moves: [(&str, u32, bool); 3] = [
+        ("plain dump", 0, false),
+        ("pre-dump x1", 1, false),
+        ("page server", 0, true),
+    ];
+    let mut on_a = true;
+    for (label, pre, ps) in moves {
+        let (src, dst, dst_host, dst_ip) = if on_a {
+            (&mut a, &mut b, "guest-b", "10.77.0.3")
+        } else {
+            (&mut b, &mut a, "guest-a", "10.77.0.2")
+        };
+        let page_server = ps.then(|| {
+            dst.page_server(27000).expect("start page server");
+            format!("{dst_ip}:27000")
+        });
+        let mark = client.snapshot().len();
+        let opts = HandoffOpts {
+            checkpoint: CheckpointOpts {
+                pre_dump_rounds: pre,
+                page_server,
+            },
+            ..HandoffOpts::default()
+        };
+        let report = match handoff(src, dst, &opts) {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "{label}: handoff failed: {}",
+                guest_agent::agent::error_chain(&e)
+            ),
+        };
+        client.wait_replies_from(dst_host, 3);
+        let gap = max_gap(&client.snapshot(), mark);
+        println!(
+            "{label}: freeze {} ms, pre-dump {} ms, images {} KiB (relayed {} KiB), restore {} ms, handoff {} ms, client gap {} ms",
+            report.stats.freeze_ms,
+            report.stats.pre_dump_ms,
+            report.stats.image_bytes / 1024,
+            report.relayed_bytes / 1024,
+            report.restore_ms,
+            report.total_ms,
+            gap.as_millis()
+        );
+        rows.push((label, report, gap));
+        on_a = !on_a;
+    }
+
+    // Same connection throughout, no error (an RST would have failed a read), exact data file.
+    let replies = client.stop();
+    check_continuity(&replies, 1);
+    let last = replies.last().unwrap();
+    assert_eq!(last.host, "guest-b", "the service should end on B");
+    let content = exec(&mut b, &format!("cat {DATA_FILE}"));
+    assert_eq!(content, expected_file(last.n), "data file on B");
+    let hosts: Vec<&str> = replies.iter().map(|r| r.host.as_str()).collect();
+    let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(switches, 3, "expected A->B->A->B");
+    println!(
+        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, {}",
+        replies.len(),
+        gap_f1.as_millis(),
+        gap_f2.as_millis(),
+        rows.iter()
+            .map(|(l, _, g)| format!("{l} {} ms", g.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop((ga, gb));
+}
