@@ -2,6 +2,7 @@
 //! vCPU exit loop that acts on it.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 /// What the guest asked the platform to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -15,7 +16,7 @@ pub enum PowerEvent {
 /// Records the first power event the guest requests; later ones are ignored.
 #[derive(Debug, Default)]
 pub struct PowerControl {
-    event: Mutex<Option<PowerEvent>>,
+    event: Mutex<Option<(PowerEvent, Instant)>>,
 }
 
 impl PowerControl {
@@ -29,13 +30,24 @@ impl PowerControl {
         let mut slot = self.event.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             tracing::debug!(?event, "guest power event");
-            *slot = Some(event);
+            *slot = Some((event, Instant::now()));
         }
     }
 
     /// The recorded event, if any.
     pub fn requested(&self) -> Option<PowerEvent> {
-        *self.event.lock().unwrap_or_else(|e| e.into_inner())
+        self.event
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(e, _)| e)
+    }
+
+    /// When the recorded event was requested.
+    pub fn requested_at(&self) -> Option<Instant> {
+        self.event
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|(_, t)| t)
     }
 
     /// Forgets the recorded event (for a VM that is restarted or restored).

@@ -1,1 +1,20 @@
 //! KVM virtual machine: memory, vCPUs, boot, lifecycle.
+//!
+//! [`machine::Machine`] puts the parts together: guest RAM in a memfd ([`memory`]), the KVM VM
+//! with its in-kernel irqchip and PIT ([`vm`]), vCPU threads and their exit loop ([`vcpu`]),
+//! CPUID ([`cpuid`]), boot state ([`regs`], [`boot`], [`acpi`]) and the legacy devices from the
+//! `devices` crate. [`guests`] is the test-guest kit.
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod guests;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
+
+pub use machine::{Machine, MachineError, StopReason};

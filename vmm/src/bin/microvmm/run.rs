@@ -1,12 +1,117 @@
 //! `microvmm run`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
+
+use vmm::config::{ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig};
+use vmm::guests;
+use vmm::{Machine, StopReason};
 
 /// Arguments of `microvmm run`.
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Kernel image: bzImage or ELF vmlinux (PVH entry used when present). Without it (and
+    /// without --config), the embedded test guest `hello` boots.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off i8042.noaux
+    /// i8042.nomux i8042.dumbkbd].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Disk image (repeatable). Only checked (opened) for now: virtio-blk attaches it once the
+    /// devices crate provides it.
+    #[arg(long)]
+    disk: Vec<PathBuf>,
+    /// Serial console: `stdout`, `null`, or a file path.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Boot a guest of the test-guest kit by name (hello, counter, smp, triple_fault,
+    /// emulation_failure).
+    #[arg(long, conflicts_with = "kernel")]
+    test_guest: Option<String>,
+    /// Also put `virtio_mmio.device=` entries on the command line.
+    #[arg(long)]
+    virtio_mmio_cmdline: bool,
+    /// Firecracker-style JSON config file (replaces the other options).
+    #[arg(long, conflicts_with_all = ["kernel", "test_guest"])]
+    config: Option<PathBuf>,
+    /// Print boot and exit timings to stderr.
+    #[arg(long)]
+    timings: bool,
+}
 
-/// Runs `microvmm run`.
-pub fn main(_args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    Err("`microvmm run` is not implemented yet".into())
+fn console_target(s: &str) -> ConsoleTarget {
+    match s {
+        "stdout" | "-" => ConsoleTarget::Stdout,
+        "null" | "none" => ConsoleTarget::Null,
+        path => ConsoleTarget::File(path.into()),
+    }
+}
+
+fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::Error>> {
+    if let Some(path) = &args.config {
+        return Ok(FileConfig::load(path)?);
+    }
+    let kernel = match (&args.kernel, &args.test_guest) {
+        (Some(k), _) => KernelSource::File(k.clone()),
+        (None, Some(g)) => KernelSource::TestGuest(g.clone()),
+        (None, None) => KernelSource::TestGuest(guests::DEFAULT.name.to_string()),
+    };
+    Ok(MachineConfig {
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        console: console_target(&args.console),
+        disks: args
+            .disk
+            .iter()
+            .map(|p| DiskConfig {
+                path: p.clone(),
+                read_only: false,
+            })
+            .collect(),
+        virtio_mmio_cmdline: args.virtio_mmio_cmdline,
+    })
+}
+
+/// Runs `microvmm run`: exit status 0 when the guest powers off or resets, 1 on an error.
+pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let cfg = machine_config(&args)?;
+    let mut m = Machine::new(cfg, None)?;
+    m.boot()?;
+    m.start()?;
+    let reason = m.wait(None);
+    let done = Instant::now();
+    if args.timings {
+        let t = m.timeline();
+        if let Some(first) = m.serial_stats().first_byte_at() {
+            eprintln!(
+                "microvmm: KVM_CREATE_VM to first serial byte: {:?}",
+                first.duration_since(t.created)
+            );
+        }
+        if let Some(at) = m.power().requested_at() {
+            eprintln!(
+                "microvmm: guest power-off request to VM torn down: {:?}",
+                done.duration_since(at)
+            );
+        }
+        eprintln!("microvmm: total: {:?}", done.duration_since(t.created));
+    }
+    match reason? {
+        StopReason::PowerOff | StopReason::Reset | StopReason::Stopped => Ok(ExitCode::SUCCESS),
+        StopReason::Halted => Err("the guest halted with nothing to wake it".into()),
+    }
 }

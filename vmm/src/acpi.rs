@@ -1,0 +1,341 @@
+//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, DSDT (virtio-mmio devices as
+//! `LNRO0005`, the `_S5_` sleep type), MADT (one local APIC per vCPU, the IOAPIC, IRQ0 -> GSI 2).
+//! Placed at [`layout::ACPI_START`] (reserved in the e820 map); the RSDP address goes in the zero
+//! page (`acpi_rsdp_addr`) or the PVH start info.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, aml};
+use devices::legacy::{ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout;
+use crate::memory::GuestMemoryMmap;
+
+const OEM_ID: [u8; 6] = *b"MCRVMM";
+const OEM_TABLE_ID: [u8; 8] = *b"MICROVMM";
+const OEM_REVISION: u32 = 1;
+/// FADT IAPC_BOOT_ARCH: an 8042 is present (so Linux probes the i8042 and can reset through it).
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// Offset of the sleep status register in the ACPI power block.
+const SLEEP_STATUS_OFFSET: u64 = 1;
+
+/// Errors of ACPI table setup.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit below 1 MiB.
+    #[error("ACPI tables need {size} bytes, only {avail} available")]
+    TooBig {
+        /// Needed.
+        size: u64,
+        /// Available.
+        avail: u64,
+    },
+    /// Writing them failed.
+    #[error("cannot write ACPI tables into guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    /// Too many vCPUs for 8-bit APIC ids.
+    #[error("{0} vCPUs do not fit in MADT local APIC entries")]
+    TooManyVcpus(usize),
+}
+
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDesc {
+    /// MMIO base.
+    pub addr: u64,
+    /// Window length.
+    pub len: u64,
+    /// GSI.
+    pub irq: u32,
+}
+
+/// Built tables: `(guest address, bytes)` of each, RSDP first.
+#[derive(Debug, Clone)]
+pub struct AcpiTables {
+    /// Address of the RSDP.
+    pub rsdp_addr: u64,
+    /// Every table with its address.
+    pub tables: Vec<(u64, Vec<u8>)>,
+}
+
+fn bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn align8(x: u64) -> u64 {
+    (x + 7) & !7
+}
+
+fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
+    let mut body = Vec::new();
+    // Devices under \_SB_: one per virtio-mmio transport.
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uids: Vec<u32> = (0..virtio.len() as u32).collect();
+    let mems: Vec<aml::Memory32Fixed> = virtio
+        .iter()
+        .map(|d| aml::Memory32Fixed::new(true, d.addr as u32, d.len as u32))
+        .collect();
+    let irqs: Vec<aml::Interrupt> = virtio
+        .iter()
+        .map(|d| aml::Interrupt::new(true, true, false, false, d.irq))
+        .collect();
+    let crs: Vec<aml::ResourceTemplate> = mems
+        .iter()
+        .zip(&irqs)
+        .map(|(m, i)| aml::ResourceTemplate::new(vec![m, i]))
+        .collect();
+    let crs_names: Vec<aml::Name> = crs
+        .iter()
+        .map(|c| aml::Name::new("_CRS".into(), c))
+        .collect();
+    let uid_names: Vec<aml::Name> = uids
+        .iter()
+        .map(|u| aml::Name::new("_UID".into(), u))
+        .collect();
+    let devs: Vec<aml::Device> = (0..virtio.len())
+        .map(|i| {
+            aml::Device::new(
+                format!("VR{i:02X}").as_str().into(),
+                vec![&hid, &uid_names[i], &crs_names[i]],
+            )
+        })
+        .collect();
+    let dev_refs: Vec<&dyn Aml> = devs.iter().map(|d| d as &dyn Aml).collect();
+    aml::Scope::new("\\_SB_".into(), dev_refs).to_aml_bytes(&mut body);
+    // Sleep type 5 for S5 (power off), matching the ACPI power device.
+    let five = 5u8;
+    let zero = 0u8;
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&five, &zero])).to_aml_bytes(&mut body);
+
+    let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.append_slice(&body);
+    t.as_slice().to_vec()
+}
+
+fn madt(vcpus: u8) -> Vec<u8> {
+    // Header + local APIC address + flags (PCAT_COMPAT: the in-kernel 8259s exist).
+    let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.write_u32(36, layout::LAPIC_START as u32);
+    t.write_u32(40, 1);
+    for i in 0..vcpus {
+        t.append_slice(&bytes(&ProcessorLocalApic::new(
+            i,
+            i,
+            EnabledStatus::Enabled,
+        )));
+    }
+    t.append_slice(&bytes(&IoApic::new(0, layout::IOAPIC_START as u32, 0)));
+    // Interrupt source override: ISA IRQ 0 (PIT) is GSI 2, as KVM routes it.
+    t.append_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
+    // Local APIC NMI: all processors, LINT1.
+    t.append_slice(&[4, 6, 0xff, 0, 0, 1]);
+    t.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io = |off: u64| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            ACPI_PM_PORT + off,
+        )
+    };
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup);
+    f.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    f.sleep_control_reg = io(SLEEP_CONTROL_OFFSET);
+    f.sleep_status_reg = io(SLEEP_STATUS_OFFSET);
+    f.reset_reg = io(RESET_OFFSET);
+    f.reset_value = RESET_VALUE;
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"MICROVMM").into();
+    bytes(&f.finalize())
+}
+
+/// Builds all tables for `vcpus` vCPUs and the given virtio-mmio devices, laid out from `base`.
+pub fn build_tables(vcpus: u8, virtio: &[VirtioMmioDesc], base: u64) -> AcpiTables {
+    let rsdp_addr = base;
+    let dsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
+    let dsdt = dsdt(virtio);
+    let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align8(fadt_addr + fadt.len() as u64);
+    let madt = madt(vcpus);
+    let xsdt_addr = align8(madt_addr + madt.len() as u64);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let rsdp = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    AcpiTables {
+        rsdp_addr,
+        tables: vec![
+            (rsdp_addr, rsdp),
+            (dsdt_addr, dsdt),
+            (fadt_addr, fadt),
+            (madt_addr, madt),
+            (xsdt_addr, bytes(&xsdt)),
+        ],
+    }
+}
+
+/// Builds the tables and writes them into guest memory; returns the RSDP address.
+pub fn write_acpi_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[VirtioMmioDesc],
+) -> Result<u64, AcpiError> {
+    let t = build_tables(vcpus, virtio, layout::ACPI_START);
+    let end = t
+        .tables
+        .iter()
+        .map(|(a, b)| a + b.len() as u64)
+        .max()
+        .unwrap_or(layout::ACPI_START);
+    if end > layout::ACPI_END {
+        return Err(AcpiError::TooBig {
+            size: end - layout::ACPI_START,
+            avail: layout::ACPI_END - layout::ACPI_START,
+        });
+    }
+    for (addr, data) in &t.tables {
+        mem.write_slice(data, GuestAddress(*addr))
+            .map_err(AcpiError::Memory)?;
+    }
+    Ok(t.rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn find<'a>(t: &'a AcpiTables, sig: &[u8]) -> &'a (u64, Vec<u8>) {
+        t.tables.iter().find(|(_, b)| b.starts_with(sig)).unwrap()
+    }
+
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    fn devices() -> Vec<VirtioMmioDesc> {
+        vec![
+            VirtioMmioDesc {
+                addr: 0xd000_0000,
+                len: 0x1000,
+                irq: 5,
+            },
+            VirtioMmioDesc {
+                addr: 0xd000_1000,
+                len: 0x1000,
+                irq: 6,
+            },
+        ]
+    }
+
+    #[test]
+    fn checksums_and_lengths() {
+        let t = build_tables(4, &devices(), layout::ACPI_START);
+        let (rsdp_addr, rsdp) = &t.tables[0];
+        assert_eq!(*rsdp_addr, layout::ACPI_START);
+        assert!(rsdp.starts_with(b"RSD PTR "));
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
+        assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+        for (addr, b) in &t.tables[1..] {
+            assert_eq!(
+                sum(b),
+                0,
+                "checksum of {}",
+                String::from_utf8_lossy(&b[..4])
+            );
+            assert_eq!(u32_at(b, 4) as usize, b.len(), "length field");
+            assert_eq!(addr % 8, 0);
+        }
+    }
+
+    #[test]
+    fn tables_point_at_each_other() {
+        let t = build_tables(2, &devices(), layout::ACPI_START);
+        let rsdp = &t.tables[0].1;
+        let (xsdt_addr, xsdt) = find(&t, b"XSDT");
+        assert_eq!(u64_at(rsdp, 24), *xsdt_addr);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        let (fadt_addr, fadt) = find(&t, b"FACP");
+        let (madt_addr, _) = find(&t, b"APIC");
+        assert_eq!(entries, vec![*fadt_addr, *madt_addr]);
+        let (dsdt_addr, _) = find(&t, b"DSDT");
+        assert_eq!(u64_at(fadt, 140), *dsdt_addr, "X_DSDT");
+        assert_ne!(u32_at(fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_eq!(fadt[116], 1, "reset register in system I/O");
+        assert_eq!(u64_at(fadt, 120), ACPI_PM_PORT + RESET_OFFSET);
+        assert_eq!(
+            u64_at(fadt, 244 + 4),
+            ACPI_PM_PORT + SLEEP_CONTROL_OFFSET,
+            "sleep control"
+        );
+    }
+
+    #[test]
+    fn madt_lists_every_cpu() {
+        let t = build_tables(3, &[], layout::ACPI_START);
+        let (_, madt) = find(&t, b"APIC");
+        assert_eq!(u32_at(madt, 36), layout::LAPIC_START as u32);
+        let mut off = 44;
+        let mut apic_ids = Vec::new();
+        let mut types = Vec::new();
+        while off < madt.len() {
+            let (ty, len) = (madt[off], madt[off + 1] as usize);
+            types.push(ty);
+            if ty == 0 {
+                apic_ids.push(madt[off + 3]);
+                assert_eq!(u32_at(madt, off + 4), 1, "enabled");
+            }
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        assert_eq!(apic_ids, vec![0, 1, 2]);
+        assert_eq!(types, vec![0, 0, 0, 1, 2, 4]);
+    }
+
+    #[test]
+    fn dsdt_names_virtio_devices() {
+        let t = build_tables(1, &devices(), layout::ACPI_START);
+        let (_, dsdt) = find(&t, b"DSDT");
+        let text = String::from_utf8_lossy(dsdt);
+        assert_eq!(text.matches("LNRO0005").count(), 2);
+        assert!(text.contains("VR00") && text.contains("VR01") && text.contains("_S5_"));
+        // The second device's MMIO base appears in its Memory32Fixed descriptor.
+        let needle = 0xd000_1000u32.to_le_bytes();
+        assert!(dsdt.windows(4).any(|w| w == needle));
+    }
+
+    #[test]
+    fn writes_into_guest_memory() {
+        let ram = crate::memory::GuestRam::new(4 << 20).unwrap();
+        let rsdp = write_acpi_tables(ram.memory(), 2, &devices()).unwrap();
+        let mut sig = [0u8; 8];
+        ram.memory()
+            .read_slice(&mut sig, GuestAddress(rsdp))
+            .unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+    }
+}

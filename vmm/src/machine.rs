@@ -1,0 +1,646 @@
+//! A whole VM: config -> [`Machine::new`] (VM, memory, legacy devices) -> optional extra devices
+//! ([`Machine::add_virtio_mmio`], [`Machine::pio_bus`]) -> [`Machine::boot`] (kernel, ACPI, boot
+//! state) -> [`Machine::start`] (vCPU threads) -> [`Machine::wait`] / [`Machine::pause`] /
+//! [`Machine::resume`] / [`Machine::stop`].
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::{
+    ACPI_PM_LEN, ACPI_PM_PORT, AcpiPowerDevice, CMOS_LEN, CMOS_PORT, COM1_IRQ, COM1_LEN, COM1_PORT,
+    Cmos, I8042, I8042_LEN, I8042_PORT, IrqTrigger, SerialDevice, SerialError, SerialOutput,
+    SerialSinkStats,
+};
+use devices::{Bus, BusError, PowerControl, PowerEvent, bus::SharedDevice};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
+
+use crate::acpi::{self, AcpiError, VirtioMmioDesc};
+use crate::boot::{self, BootError};
+use crate::config::{ConsoleTarget, DEFAULT_CMDLINE, KernelSource, MachineConfig};
+use crate::cpuid::{self, CpuidError, HostKvm};
+use crate::guests::{self, GuestKitError, TestGuest};
+use crate::layout;
+use crate::memory::{GuestMemoryMmap, GuestRam, MemoryError};
+use crate::regs::{self, BootEntry, RegsError};
+use crate::vcpu::{
+    Vcpu, VcpuError, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuHandleError, VcpuIo, VcpuResponse,
+    VcpuStop,
+};
+use crate::vm::{self, Vm, VmError};
+
+/// How long a vCPU thread may take to acknowledge a pause or resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lifecycle of a [`Machine`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// VM and devices exist; nothing loaded.
+    Created,
+    /// Kernel loaded, vCPUs configured.
+    Booted,
+    /// vCPU threads running the guest.
+    Running,
+    /// vCPU threads parked.
+    Paused,
+    /// The guest stopped (or the machine was stopped); vCPU threads are gone.
+    Stopped,
+}
+
+impl VmState {
+    fn can_go(self, to: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (self, to),
+            (Created, Booted)
+                | (Booted, Running)
+                | (Running, Paused)
+                | (Paused, Running)
+                | (Created | Booted | Running | Paused, Stopped)
+        )
+    }
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset the machine (i8042 or ACPI reset); the VMM ends the VM.
+    Reset,
+    /// A vCPU halted with nothing to wake it.
+    Halted,
+    /// [`Machine::stop`] was called.
+    Stopped,
+}
+
+/// Errors of building and running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Bad vCPU count.
+    #[error("invalid vCPU count {count} (1..={max})")]
+    VcpuCount {
+        /// Requested.
+        count: u8,
+        /// Maximum.
+        max: usize,
+    },
+    /// Not enough memory for the image.
+    #[error(
+        "{mem_mib} MiB of guest memory is too little: the kernel and initrd need at least {need_mib} MiB"
+    )]
+    MemoryTooSmall {
+        /// Configured.
+        mem_mib: u64,
+        /// Needed.
+        need_mib: u64,
+    },
+    /// A file could not be opened.
+    #[error("cannot open {what} {path}")]
+    Open {
+        /// What file.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM or VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// CPUID setup failed.
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    /// Boot table setup failed.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// Kernel, initrd or boot parameter loading failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI table setup failed.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Device bus registration failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Serial device setup failed.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// Test-guest lookup failed.
+    #[error(transparent)]
+    Guest(#[from] GuestKitError),
+    /// Too many virtio-mmio devices.
+    #[error("no room for another virtio-mmio device ({0} already)")]
+    VirtioSlots(usize),
+    /// The guest ended with an error, or a vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Driving a vCPU thread failed.
+    #[error(transparent)]
+    VcpuHandle(#[from] VcpuHandleError),
+    /// A vCPU answered a pause/resume with something else.
+    #[error("vCPU {id} answered {got:?} to {sent:?}")]
+    VcpuAnswer {
+        /// vCPU.
+        id: u8,
+        /// Request.
+        sent: VcpuEvent,
+        /// Answer.
+        got: VcpuResponse,
+    },
+    /// An operation in the wrong lifecycle state.
+    #[error("cannot go from {from:?} to {to:?}")]
+    InvalidTransition {
+        /// Current.
+        from: VmState,
+        /// Requested.
+        to: VmState,
+    },
+    /// The guest did not stop in time.
+    #[error("the guest is still running after {0:?}")]
+    Timeout(Duration),
+    /// The command line is invalid.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+}
+
+/// Times of a machine's life, for boot and exit latency figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline {
+    /// Just before KVM_CREATE_VM.
+    pub created: Instant,
+    /// When the vCPU threads were started.
+    pub started: Option<Instant>,
+    /// When [`Machine::wait`] saw the guest stop and had joined the vCPU threads.
+    pub stopped: Option<Instant>,
+}
+
+/// A VM with its devices and vCPUs.
+pub struct Machine {
+    cfg: MachineConfig,
+    host: HostKvm,
+    vm: Vm,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    power: Arc<PowerControl>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_stats: Arc<SerialSinkStats>,
+    virtio: Vec<VirtioMmioDesc>,
+    vcpus: Vec<Vcpu>,
+    handles: Vec<VcpuHandle>,
+    exit_tx: Sender<VcpuExitReport>,
+    exit_rx: Receiver<VcpuExitReport>,
+    state: VmState,
+    timeline: Timeline,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("cfg", &self.cfg)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+fn console_output(target: &ConsoleTarget) -> Result<SerialOutput, MachineError> {
+    Ok(match target {
+        ConsoleTarget::Stdout => SerialOutput::Stdout,
+        ConsoleTarget::Null => SerialOutput::Sink,
+        ConsoleTarget::File(p) => {
+            SerialOutput::File(File::create(p).map_err(|source| MachineError::Open {
+                what: "console file",
+                path: p.clone(),
+                source,
+            })?)
+        }
+    })
+}
+
+fn open(what: &'static str, path: &PathBuf) -> Result<File, MachineError> {
+    File::open(path).map_err(|source| MachineError::Open {
+        what,
+        path: path.clone(),
+        source,
+    })
+}
+
+impl Machine {
+    /// Creates the VM, its memory and legacy devices. The serial console goes to the config's
+    /// target, or to `console` if given (tests pass a buffer).
+    pub fn new(cfg: MachineConfig, console: Option<SerialOutput>) -> Result<Self, MachineError> {
+        let created = Instant::now();
+        let kvm = vm::open_kvm()?;
+        let max = kvm.get_nr_vcpus().min(254);
+        let limit = match cfg.kernel {
+            KernelSource::TestGuest(_) => max.min(usize::from(guests::MAX_CPUS)),
+            KernelSource::File(_) => max,
+        };
+        if cfg.vcpus == 0 || usize::from(cfg.vcpus) > limit {
+            return Err(MachineError::VcpuCount {
+                count: cfg.vcpus,
+                max: limit,
+            });
+        }
+        for d in &cfg.disks {
+            // Disks are validated now; virtio-blk attaches them (devices crate, next step).
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .map_err(|source| MachineError::Open {
+                    what: "disk",
+                    path: d.path.clone(),
+                    source,
+                })?;
+        }
+        let ram = GuestRam::new(cfg.mem_mib.saturating_mul(1 << 20))?;
+        let vm = Vm::new(kvm, ram)?;
+
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let power = Arc::new(PowerControl::new());
+        let out = match console {
+            Some(o) => o,
+            None => console_output(&cfg.console)?,
+        };
+        let serial_dev = SerialDevice::new(IrqTrigger::new()?, out);
+        vm.register_irqfd(serial_dev.irq_evt(), COM1_IRQ)?;
+        let serial_stats = serial_dev.stats();
+        let serial = Arc::new(Mutex::new(serial_dev));
+        pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
+        pio.insert(
+            I8042_PORT,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(power.clone()))),
+        )?;
+        pio.insert(CMOS_PORT, CMOS_LEN, Arc::new(Mutex::new(Cmos::new())))?;
+        pio.insert(
+            ACPI_PM_PORT,
+            ACPI_PM_LEN,
+            Arc::new(Mutex::new(AcpiPowerDevice::new(power.clone()))),
+        )?;
+
+        let (exit_tx, exit_rx) = channel();
+        Ok(Self {
+            cfg,
+            host: HostKvm::detect(),
+            vm,
+            pio,
+            mmio,
+            power,
+            serial,
+            serial_stats,
+            virtio: Vec::new(),
+            vcpus: Vec::new(),
+            handles: Vec::new(),
+            exit_tx,
+            exit_rx,
+            state: VmState::Created,
+            timeline: Timeline {
+                created,
+                started: None,
+                stopped: None,
+            },
+        })
+    }
+
+    fn transition(&mut self, to: VmState) -> Result<(), MachineError> {
+        if !self.state.can_go(to) {
+            return Err(MachineError::InvalidTransition {
+                from: self.state,
+                to,
+            });
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// Puts a virtio-mmio transport on the MMIO bus at the next window with the next IRQ; it is
+    /// described in the DSDT (and on the command line if configured). Only before boot.
+    pub fn add_virtio_mmio(
+        &mut self,
+        device: SharedDevice,
+    ) -> Result<VirtioMmioDesc, MachineError> {
+        if self.state != VmState::Created {
+            return Err(MachineError::InvalidTransition {
+                from: self.state,
+                to: VmState::Booted,
+            });
+        }
+        let i = self.virtio.len() as u64;
+        let irq = layout::VIRTIO_MMIO_FIRST_IRQ + i as u32;
+        let addr = layout::VIRTIO_MMIO_START + i * layout::VIRTIO_MMIO_SIZE;
+        // GSIs 5..=23 on the IOAPIC; the window must stay below the IOAPIC.
+        if irq > 23 || addr + layout::VIRTIO_MMIO_SIZE > layout::IOAPIC_START {
+            return Err(MachineError::VirtioSlots(self.virtio.len()));
+        }
+        self.mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, device)?;
+        let d = VirtioMmioDesc {
+            addr,
+            len: layout::VIRTIO_MMIO_SIZE,
+            irq,
+        };
+        self.virtio.push(d);
+        Ok(d)
+    }
+
+    /// Loads the kernel (or test guest), initrd, command line, ACPI tables and boot parameters,
+    /// creates the vCPUs and sets their CPUID and boot state.
+    pub fn boot(&mut self) -> Result<(), MachineError> {
+        if self.state != VmState::Created {
+            return Err(MachineError::InvalidTransition {
+                from: self.state,
+                to: VmState::Booted,
+            });
+        }
+        let ram = self.vm.ram().clone();
+        let mem = ram.memory();
+        let mem_mib = self.cfg.mem_mib;
+        let initrd_len = match &self.cfg.initrd {
+            Some(p) => open("initrd", p)?.metadata().map(|m| m.len()).unwrap_or(0),
+            None => 0,
+        };
+        let (kernel, aps_at_entry) = match self.cfg.kernel.clone() {
+            KernelSource::TestGuest(name) => {
+                let g = TestGuest::by_name(&name)?;
+                (boot::load_kernel(mem, &mut Cursor::new(g.elf))?, true)
+            }
+            KernelSource::File(path) => {
+                let mut f = open("kernel image", &path)?;
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let need = layout::HIMEM_START + len + initrd_len;
+                if need > ram.low_end() {
+                    return Err(MachineError::MemoryTooSmall {
+                        mem_mib,
+                        need_mib: need.div_ceil(1 << 20),
+                    });
+                }
+                (boot::load_kernel(mem, &mut f)?, false)
+            }
+        };
+        if let Some(h) = kernel.setup_header {
+            let need = layout::HIMEM_START + u64::from(h.init_size) + initrd_len;
+            if need > ram.low_end() {
+                return Err(MachineError::MemoryTooSmall {
+                    mem_mib,
+                    need_mib: need.div_ceil(1 << 20),
+                });
+            }
+        }
+        let initrd = match &self.cfg.initrd {
+            Some(p) => Some(boot::load_initrd(&ram, &kernel, &mut open("initrd", p)?)?),
+            None => None,
+        };
+
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(MachineError::Cmdline)?;
+        cmdline
+            .insert_str(self.cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE))
+            .map_err(MachineError::Cmdline)?;
+        if self.cfg.virtio_mmio_cmdline {
+            for d in &self.virtio {
+                cmdline
+                    .add_virtio_mmio_device(d.len, GuestAddress(d.addr), d.irq, None)
+                    .map_err(MachineError::Cmdline)?;
+            }
+        }
+        boot::write_cmdline(mem, &cmdline)?;
+        let cmdline_len = cmdline
+            .as_cstring()
+            .map(|c| c.as_bytes().len())
+            .map_err(MachineError::Cmdline)?;
+
+        let rsdp = acpi::write_acpi_tables(mem, self.cfg.vcpus, &self.virtio)?;
+        let e820 = boot::e820_map(ram.size());
+        match kernel.entry {
+            BootEntry::Linux64 { .. } => {
+                let params =
+                    boot::linux_boot_params(&kernel, cmdline_len, initrd, Some(rsdp), &e820);
+                boot::write_linux_boot_params(mem, &params)?;
+            }
+            BootEntry::Pvh { .. } => boot::write_pvh_boot_info(mem, initrd, Some(rsdp), &e820)?,
+        }
+        regs::write_boot_tables(mem)?;
+
+        let supported = cpuid::supported_cpuid(self.vm.kvm())?;
+        let io = VcpuIo {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            power: self.power.clone(),
+            memory: mem.clone(),
+        };
+        let count = self.cfg.vcpus;
+        for id in 0..count {
+            let vcpu = Vcpu::new(self.vm.fd(), id, io.clone())?;
+            let cpuid = cpuid::vcpu_cpuid(&supported, id, count, self.host)?;
+            vcpu.configure(&cpuid, kernel.entry, count, id == 0 || aps_at_entry)?;
+            self.vcpus.push(vcpu);
+        }
+        self.transition(VmState::Booted)
+    }
+
+    /// Starts every vCPU thread running the guest.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        self.transition(VmState::Running)?;
+        self.timeline.started = Some(Instant::now());
+        for vcpu in self.vcpus.drain(..) {
+            let h = vcpu.start(self.exit_tx.clone(), true)?;
+            self.handles.push(h);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&self, event: VcpuEvent, want: VcpuResponse) -> Result<(), MachineError> {
+        for h in &self.handles {
+            h.send(event)?;
+        }
+        for h in &self.handles {
+            let got = h.response(VCPU_ACK_TIMEOUT)?;
+            if got != want {
+                return Err(MachineError::VcpuAnswer {
+                    id: h.id(),
+                    sent: event,
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parks every vCPU (each completes its pending I/O exit first).
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        if self.state == VmState::Paused {
+            return Ok(());
+        }
+        self.transition(VmState::Paused)?;
+        self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused)
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        if self.state == VmState::Running {
+            return Ok(());
+        }
+        self.transition(VmState::Running)?;
+        self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)
+    }
+
+    fn join_vcpus(&mut self) -> Result<(), MachineError> {
+        let mut first_err = None;
+        for h in self.handles.drain(..) {
+            match h.finish() {
+                Ok(v) => self.vcpus.push(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        self.vcpus.sort_by_key(Vcpu::id);
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the guest stops (power off, reset, error) or `timeout` passes, then ends the
+    /// vCPU threads. On timeout the guest keeps running.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<StopReason, MachineError> {
+        if self.state != VmState::Running && self.state != VmState::Paused {
+            return Err(MachineError::InvalidTransition {
+                from: self.state,
+                to: VmState::Stopped,
+            });
+        }
+        let report = match timeout {
+            Some(t) => match self.exit_rx.recv_timeout(t) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => return Err(MachineError::Timeout(t)),
+                Err(RecvTimeoutError::Disconnected) => unreachable_disconnect(),
+            },
+            None => match self.exit_rx.recv() {
+                Ok(r) => r,
+                Err(_) => unreachable_disconnect(),
+            },
+        };
+        self.transition(VmState::Stopped)?;
+        let joined = self.join_vcpus();
+        self.timeline.stopped = Some(Instant::now());
+        let reason = match report.result? {
+            VcpuStop::Power(PowerEvent::PowerOff) => StopReason::PowerOff,
+            VcpuStop::Power(PowerEvent::Reset) => StopReason::Reset,
+            VcpuStop::Halted => StopReason::Halted,
+        };
+        joined?;
+        Ok(reason)
+    }
+
+    /// Ends the vCPU threads now, whatever the guest is doing.
+    pub fn stop(&mut self) -> Result<StopReason, MachineError> {
+        if self.state == VmState::Stopped {
+            return Ok(StopReason::Stopped);
+        }
+        self.transition(VmState::Stopped)?;
+        self.join_vcpus()?;
+        self.timeline.stopped = Some(Instant::now());
+        Ok(StopReason::Stopped)
+    }
+
+    /// Builds, boots and runs a machine until the guest stops.
+    pub fn run(cfg: MachineConfig) -> Result<StopReason, MachineError> {
+        let mut m = Machine::new(cfg, None)?;
+        m.boot()?;
+        m.start()?;
+        m.wait(None)
+    }
+
+    /// Lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The KVM VM, mutably (dirty logging).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.vm.ram().memory()
+    }
+
+    /// Port I/O bus (add test devices before [`Machine::start`]).
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// The COM1 device (console input, state).
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// Serial output statistics (time of the first byte).
+    pub fn serial_stats(&self) -> &Arc<SerialSinkStats> {
+        &self.serial_stats
+    }
+
+    /// Power requests of the guest.
+    pub fn power(&self) -> &Arc<PowerControl> {
+        &self.power
+    }
+
+    /// Virtio-mmio devices placed so far.
+    pub fn virtio_devices(&self) -> &[VirtioMmioDesc] {
+        &self.virtio
+    }
+
+    /// The vCPUs (after [`Machine::boot`] and before [`Machine::start`], or after a stop).
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// How this host's KVM runs guests.
+    pub fn host_kvm(&self) -> HostKvm {
+        self.host
+    }
+
+    /// Creation/start/stop times.
+    pub fn timeline(&self) -> Timeline {
+        self.timeline
+    }
+}
+
+fn unreachable_disconnect() -> ! {
+    // `Machine` holds a sender of the exit channel, so the channel cannot disconnect.
+    unreachable!("the machine holds a sender of its own exit channel")
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            let _ = self.join_vcpus();
+        }
+    }
+}
