@@ -68,6 +68,7 @@ pub struct Delta {
     state: Mutex<WriteState>,
     index: RwLock<ExtentMap>,
     recovered_discarded: u64,
+    lock: File,
 }
 
 impl std::fmt::Debug for Delta {
@@ -204,13 +205,22 @@ impl Delta {
             path: dir.to_path_buf(),
             source,
         };
-        let (journal, replay) =
-            Journal::open(&dir.join(JOURNAL_FILE), writable, repair).map_err(jerr)?;
-        if !crate::sys::try_lock(journal.file(), writable).map_err(BlockError::io("lock", dir))? {
-            return Err(BlockError::Locked {
-                path: dir.to_path_buf(),
-            });
+        // Lock before replaying: a writable open truncates a torn journal tail.
+        let jpath = dir.join(JOURNAL_FILE);
+        let lock = File::open(&jpath).map_err(BlockError::io("open", &jpath))?;
+        // A lock can be held for a moment by a process forked elsewhere in this program
+        // before it execs (the fd is close-on-exec): retry briefly before giving up.
+        let mut tries = 0;
+        while !crate::sys::try_lock(&lock, writable).map_err(BlockError::io("lock", dir))? {
+            tries += 1;
+            if tries == 40 {
+                return Err(BlockError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        let (journal, replay) = Journal::open(&jpath, writable, repair).map_err(jerr)?;
         if Some(replay.header.tag) != meta::unhex(&meta.uuid) || replay.header.offset != meta.size {
             return Err(BlockError::BadMeta {
                 path: meta_path,
@@ -263,7 +273,7 @@ impl Delta {
         }
         if frozen_seq.is_some() && writable {
             // A frozen delta is never written again: share it with its children's readers.
-            crate::sys::try_lock(journal.file(), false).map_err(BlockError::io("lock", dir))?;
+            crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -280,6 +290,7 @@ impl Delta {
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
+            lock,
         })
     }
 
@@ -458,8 +469,7 @@ impl Delta {
         st.next_seq += 1;
         st.durable_seq = seq;
         st.frozen_seq = Some(seq);
-        crate::sys::try_lock(st.journal.file(), false)
-            .map_err(BlockError::io("lock", &self.dir))?;
+        crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
         Ok(seq)
     }
 

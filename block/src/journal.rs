@@ -6,7 +6,7 @@
 //! record, and refuses (typed error) a journal whose damage is followed by valid records.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -230,12 +230,14 @@ impl Journal {
             .write(writable)
             .open(path)
             .map_err(Self::io(path))?;
-        let size = file.metadata().map_err(Self::io(path))?.len();
+        let mut bytes = Vec::new();
+        (&file).read_to_end(&mut bytes).map_err(Self::io(path))?;
+        let size = bytes.len() as u64;
         let slots = size / RECORD_SIZE as u64;
         let read = |i: u64| -> Result<Option<Record>, JournalError> {
+            let at = (i * RECORD_SIZE as u64) as usize;
             let mut b = [0u8; RECORD_SIZE];
-            file.read_exact_at(&mut b, i * RECORD_SIZE as u64)
-                .map_err(Self::io(path))?;
+            b.copy_from_slice(&bytes[at..at + RECORD_SIZE]);
             Ok(Record::decode(&b))
         };
         let header = match if slots > 0 { read(0)? } else { None } {
@@ -346,11 +348,6 @@ impl Journal {
     /// True if the journal holds no record (never, once created).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// The underlying file (for locking).
-    pub(crate) fn file(&self) -> &File {
-        &self.file
     }
 }
 
