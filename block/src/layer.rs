@@ -28,6 +28,16 @@ impl Layer {
         }
     }
 
+    /// Opens a layer for writing where that means something: a delta read-write, a base
+    /// (always read-only) as is.
+    pub fn open_writable(path: &Path) -> Result<Self, BlockError> {
+        if path.is_dir() {
+            Delta::open(path).map(Self::Delta)
+        } else {
+            Base::open(path).map(Self::Base)
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         match self {

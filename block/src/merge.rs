@@ -154,6 +154,11 @@ impl OwnershipMap {
     }
 }
 
+/// The checksum conflict reports use (CRC32C) of `data`.
+pub fn checksum(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
 /// Parses `123`, `4K`, `64M`, `2G`, `1T` (binary multiples).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();

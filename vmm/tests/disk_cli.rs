@@ -1,0 +1,201 @@
+//! `microvmm disk create | fork | inspect | merge | catch-up`, run as the built binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use block::Delta;
+
+const BS: usize = 4096;
+
+fn microvmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_microvmm"))
+        .arg("disk")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = microvmm(args);
+    assert!(
+        o.status.success(),
+        "microvmm disk {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn write(dir: &Path, block: u64, fill: u8) {
+    let d = Delta::open(dir).unwrap();
+    d.write_at(&[fill; BS], block * BS as u64).unwrap();
+    d.flush().unwrap();
+}
+
+fn block_of(d: &Delta, block: u64) -> u8 {
+    let mut b = vec![0u8; BS];
+    d.read_at(&mut b, block * BS as u64).unwrap();
+    assert!(b.iter().all(|&x| x == b[0]));
+    b[0]
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn create_fork_merge_inspect() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base.img");
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    assert!(ok(&["create", "-f", "raw", s(&base), "4M"]).contains("created raw"));
+    assert_eq!(std::fs::metadata(&base).unwrap().len(), 4 << 20);
+    ok(&["fork", s(&base), s(&a), s(&b)]);
+    write(&a, 1, 0xa1);
+    write(&a, 2, 0xa2);
+    write(&b, 2, 0xb2);
+    write(&b, 3, 0xb3);
+
+    // Conflict on block 2: exit code 2, report with both checksums, nothing written.
+    let out = t.path().join("m");
+    let o = microvmm(&["merge", s(&a), s(&b), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let crc_a = format!("{:08x}", block::merge::checksum(&[0xa2; BS]));
+    let crc_b = format!("{:08x}", block::merge::checksum(&[0xb2; BS]));
+    assert!(
+        text.contains("conflict offset 8192 len 4096")
+            && text.contains(&crc_a)
+            && text.contains(&crc_b),
+        "{text}"
+    );
+    assert!(!out.exists());
+
+    // Dry run with a policy: a plan, no output.
+    let text = ok(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out),
+        "--policy",
+        "prefer-upgrade",
+        "--dry-run",
+    ]);
+    assert!(text.contains("dry run"), "{text}");
+    assert!(!out.exists());
+
+    // JSON report and progress on stderr.
+    let o = microvmm(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out),
+        "--policy",
+        "prefer-active",
+        "--json",
+        "--progress",
+        "always",
+    ]);
+    assert!(o.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["conflicting"], 4096);
+    assert_eq!(report["conflicts"][0]["resolution"], "active");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("100/100%"));
+    let m = Delta::open_read_only(&out).unwrap();
+    assert_eq!([1, 2, 3, 4].map(|i| block_of(&m, i)), [0xa1, 0xa2, 0xb3, 0]);
+    drop(m);
+
+    let text = ok(&["inspect", s(&out), "--since", "0"]);
+    assert!(
+        text.contains("format: delta")
+            && text.contains("merge output")
+            && text.contains("format: raw"),
+        "{text}"
+    );
+    assert!(text.contains("changed since seq 0"), "{text}");
+
+    // Flatten to a raw image.
+    let flat = t.path().join("flat.img");
+    ok(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&flat),
+        "--policy",
+        "prefer-upgrade",
+        "--flatten",
+    ]);
+    let img = std::fs::read(&flat).unwrap();
+    assert_eq!([1, 2, 3].map(|i| img[i * BS]), [0xa1, 0xb2, 0xb3]);
+    assert!(ok(&["inspect", s(&flat)]).contains("format: raw"));
+
+    // Ownership: B owns blocks 2..4, so only A's write to block 2 conflicts... as a non-owner.
+    let own = t.path().join("owners");
+    std::fs::write(&own, "active 0 8K\nupgrade 8K 8K\n").unwrap();
+    let o = microvmm(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&t.path().join("o2")),
+        "--ownership",
+        s(&own),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("NonOwnerWrite"));
+
+    // Catch-up: a write A makes after the merge point lands in the output.
+    let since = report["active_seq"].as_u64().unwrap();
+    write(&a, 7, 0xa7);
+    ok(&[
+        "catch-up",
+        s(&out),
+        s(&a),
+        s(&b),
+        "--since",
+        &since.to_string(),
+        "--policy",
+        "prefer-active",
+    ]);
+    let m = Delta::open_read_only(&out).unwrap();
+    assert_eq!(block_of(&m, 7), 0xa7);
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("missing");
+    for args in [
+        vec!["inspect", s(&missing)],
+        vec![
+            "merge",
+            s(&missing),
+            s(&missing),
+            "-o",
+            s(&t.path().join("o")),
+        ],
+        vec!["create", "-f", "delta", s(&t.path().join("d"))],
+        vec!["create", "-f", "raw", s(&t.path().join("r")), "12345"],
+        vec!["create", "-f", "raw", s(&t.path().join("r")), "lots"],
+    ] {
+        let o = microvmm(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("microvmm: error:") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    // A garbage journal.
+    let base = t.path().join("base.img");
+    ok(&["create", s(&base), "1M"]);
+    let d = t.path().join("d");
+    ok(&["create", "-f", "delta", "-b", s(&base), s(&d)]);
+    std::fs::write(d.join("journal"), b"not a journal").unwrap();
+    let o = microvmm(&["inspect", s(&d)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no valid header"));
+}
