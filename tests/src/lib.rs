@@ -1,1 +1,99 @@
-//! Shared helpers for the cross-crate integration tests in `tests/tests/`.
+//! Shared helpers for the cross-crate integration tests in `tests/tests/`: KVM availability
+//! checks that print a `SKIP:` line, and booting test guests with their serial output captured.
+
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use devices::legacy::{SerialOutput, SharedBuffer};
+use vmm::config::MachineConfig;
+use vmm::cpuid::HostKvm;
+use vmm::guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
+use vmm::{Machine, MachineError};
+
+/// Whether /dev/kvm can be used; prints `SKIP: <test>: <reason>` when it cannot.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP: {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// Whether the host has hardware virtualization; prints `SKIP: <test>: <reason>` when not.
+pub fn hardware_kvm_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    match HostKvm::detect() {
+        HostKvm::Hardware => true,
+        HostKvm::Emulating => {
+            println!(
+                "SKIP: {test}: the host has no VT-x/AMD-V (no vmx/svm in /proc/cpuinfo); its KVM \
+                 emulates guest kernel code ~4000x slower, too slow to boot Linux"
+            );
+            false
+        }
+    }
+}
+
+/// A booted test VM whose serial output is captured.
+#[derive(Debug)]
+pub struct TestVm {
+    /// The machine.
+    pub machine: Machine,
+    /// Everything the guest wrote to COM1.
+    pub serial: SharedBuffer,
+    /// Values the guest sent to the report port.
+    pub reports: Receiver<u64>,
+}
+
+impl TestVm {
+    /// Builds and boots `cfg` with the serial captured and the report device attached; does not
+    /// start the vCPUs.
+    pub fn boot(cfg: MachineConfig) -> Result<Self, MachineError> {
+        let serial = SharedBuffer::default();
+        let mut machine = Machine::new(cfg, Some(SerialOutput::Buffer(serial.clone())))?;
+        let (dev, reports) = ReportDevice::new();
+        machine
+            .pio_bus()
+            .insert(REPORT_PORT, REPORT_PORT_LEN, dev)?;
+        machine.boot()?;
+        Ok(Self {
+            machine,
+            serial,
+            reports,
+        })
+    }
+
+    /// Boots and starts test guest `name` with `vcpus` vCPUs and 64 MiB.
+    pub fn start_guest(name: &str, vcpus: u8) -> Result<Self, MachineError> {
+        let mut cfg = MachineConfig::test_guest(name);
+        cfg.vcpus = vcpus;
+        let mut vm = Self::boot(cfg)?;
+        vm.machine.start()?;
+        Ok(vm)
+    }
+
+    /// The serial output so far, as text.
+    pub fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&self.serial.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Waits until the serial output contains `needle`; false on timeout.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.serial_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.serial_text().contains(needle)
+    }
+}

@@ -1,7 +1,7 @@
 /*
  * "counter": increments shared_counter as fast as it can (natively, at CPL3). Each time the host
  * changes shared_request, the guest reports the counter's current value on the report port.
- * shared_stop != 0 makes it power off after reporting.
+ * If shared_stop is set when a request arrives, the guest reports and then powers off.
  */
     .intel_syntax noprefix
     .text
@@ -18,10 +18,11 @@ guest_main:
     cmp rax, rbx
     je 1b
     mov rbx, rax
+    /* Read the stop flag before reporting: the host may set it as soon as it has the report. */
+    mov r14, [rip + shared_stop]
     mov rdi, [r12]
     call report
-    mov rax, [rip + shared_stop]
-    test rax, rax
+    test r14, r14
     jz 1b
     jmp poweroff
 

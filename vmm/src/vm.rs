@@ -30,9 +30,15 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
 /// Errors of VM creation and setup.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// /dev/kvm is missing or cannot be opened.
-    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
-    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM device is missing or cannot be opened.
+    #[error("cannot open {path} (is KVM available and are you allowed to use it?)")]
+    OpenKvm {
+        /// The device path.
+        path: String,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// The KVM API version is not 12.
     #[error("unsupported KVM API version {0} (need 12)")]
     ApiVersion(i32),
@@ -89,7 +95,19 @@ pub struct Vm {
 
 /// Opens /dev/kvm and checks the API version and the required capabilities.
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    open_kvm_at("/dev/kvm")
+}
+
+/// Opens the KVM device at `path` and checks the API version and the required capabilities.
+pub fn open_kvm_at(path: &str) -> Result<Kvm, VmError> {
+    let kvm = Kvm::new_with_path(std::ffi::CString::new(path).map_err(|_| VmError::OpenKvm {
+        path: path.to_string(),
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?)
+    .map_err(|source| VmError::OpenKvm {
+        path: path.to_string(),
+        source,
+    })?;
     let v = kvm.get_api_version();
     if v != 12 {
         return Err(VmError::ApiVersion(v));
@@ -226,5 +244,19 @@ impl Vm {
     /// The memory slots.
     pub fn slots(&self) -> &[MemSlot] {
         &self.slots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kvm_device_is_a_clear_error() {
+        let err = open_kvm_at("/nonexistent/kvm").unwrap_err();
+        assert!(matches!(err, VmError::OpenKvm { .. }));
+        assert!(err.to_string().contains("/nonexistent/kvm"), "{err}");
+        let src = std::error::Error::source(&err).unwrap().to_string();
+        assert!(src.contains("No such file"), "{src}");
     }
 }

@@ -1,0 +1,121 @@
+//! `microvmm run` end to end: exit status, console output and error messages.
+
+use std::process::{Command, Output};
+
+fn microvmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_microvmm"))
+        .args(args)
+        .output()
+        .expect("run microvmm")
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP: {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn run_without_kernel_boots_the_embedded_guest() {
+    if !kvm_or_skip("run_without_kernel_boots_the_embedded_guest") {
+        return;
+    }
+    let out = microvmm(&["run", "--timings"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello from the microvmm test guest\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("KVM_CREATE_VM to first serial byte"), "{err}");
+}
+
+#[test]
+fn guest_errors_give_status_1_and_a_message() {
+    if !kvm_or_skip("guest_errors_give_status_1_and_a_message") {
+        return;
+    }
+    let out = microvmm(&["run", "--test-guest", "triple_fault"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("triple fault"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = microvmm(&["run", "--test-guest", "emulation_failure"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("vCPU 0:"), "{err}");
+}
+
+#[test]
+fn config_file_and_console_file() {
+    if !kvm_or_skip("config_file_and_console_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"test_guest": "smp", "machine-config": {{"vcpu_count": 2, "mem_size_mib": 32}},
+                "console": {{"file": {:?}}}}}"#,
+            log.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = microvmm(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "smp: 2 of 2 cpus done\n"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_inputs_are_reported_clearly() {
+    if !kvm_or_skip("bad_inputs_are_reported_clearly") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = microvmm(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot open kernel image /nonexistent/vmlinuz"),
+        "{err}"
+    );
+
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, b"not a kernel").unwrap();
+    let out = microvmm(&["run", "--kernel", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("neither an ELF file nor a bzImage"));
+
+    let out = microvmm(&["run", "--mem-mib", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("guest memory size"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = microvmm(&["run", "--vcpus", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("invalid vCPU count 0"));
+
+    let out = microvmm(&["run", "--disk", "/nonexistent/disk.img"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot open disk /nonexistent/disk.img"));
+}
