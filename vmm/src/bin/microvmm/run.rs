@@ -1,8 +1,12 @@
 //! `microvmm run`.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::SerialDevice;
 
 use vmm::config::{ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig};
 use vmm::guests;
@@ -86,12 +90,43 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::E
     })
 }
 
+/// Feeds the VMM's stdin to the guest's COM1 from a background thread (ends at EOF).
+fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let took = serial
+                        .lock()
+                        .map(|mut s| s.enqueue_input(rest).unwrap_or(0))
+                        .unwrap_or(0);
+                    rest = &rest[took..];
+                    if took == 0 {
+                        // The UART's receive FIFO is full: let the guest drain it.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+}
+
 /// Runs `microvmm run`: exit status 0 when the guest powers off or resets, 1 on an error.
 pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = machine_config(&args)?;
+    let interactive = cfg.console == ConsoleTarget::Stdout;
     let mut m = Machine::new(cfg, None)?;
     m.boot()?;
     m.start()?;
+    if interactive {
+        forward_stdin(m.serial().clone());
+    }
     let reason = m.wait(None);
     let done = Instant::now();
     if args.timings {
