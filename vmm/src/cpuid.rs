@@ -58,6 +58,8 @@ impl HostKvm {
 // Leaf 1 ECX bits.
 const ECX_FMA: u32 = 1 << 12;
 const ECX_CX16: u32 = 1 << 13;
+const ECX_SSE42: u32 = 1 << 20;
+const ECX_MOVBE: u32 = 1 << 22;
 const ECX_POPCNT: u32 = 1 << 23;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
@@ -81,9 +83,19 @@ const L7_EBX_HIDE: u32 = (1 << 5)
 const L7_ECX_HIDE: u32 =
     (1 << 1) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
 /// Features hidden on an emulating host: ones seen to fail in KVM's emulator at CPL0
-/// (cmpxchg16b, popcnt, xsave/xrstor, clac/stac) and the AVX family that depends on XSAVE.
-const L1_ECX_HIDE_EMULATING: u32 =
-    ECX_CX16 | ECX_POPCNT | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C | ECX_FMA;
+/// (cmpxchg16b, popcnt, crc32 of SSE4.2, movbe, xsave/xrstor, clac/stac, rdtscp; see the
+/// `insn_probe` test guest) and the AVX family that depends on XSAVE.
+const L1_ECX_HIDE_EMULATING: u32 = ECX_CX16
+    | ECX_SSE42
+    | ECX_MOVBE
+    | ECX_POPCNT
+    | ECX_XSAVE
+    | ECX_OSXSAVE
+    | ECX_AVX
+    | ECX_F16C
+    | ECX_FMA;
+/// Leaf 0x8000_0001 EDX: RDTSCP.
+const EXT_EDX_RDTSCP: u32 = 1 << 27;
 
 /// The host's supported CPUID.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuidError> {
@@ -160,6 +172,7 @@ pub fn normalize_entries(
                 }
                 e.edx = u32::from(id);
             }
+            0x8000_0001 if emulating => e.edx &= !EXT_EDX_RDTSCP,
             0x8000_0008 => {
                 // AMD: ApicIdSize in 15:12, cores - 1 in 7:0.
                 e.ecx = (e.ecx & !0xf0ff) | (id_bits(count) << 12) | (u32::from(count) - 1);
@@ -219,6 +232,7 @@ mod tests {
             entry(0xb, 2),
             entry(0xd, 0),
             entry(0xd, 1),
+            entry(0x8000_0001, 0),
             entry(0x8000_0008, 0),
         ]
     }
@@ -234,6 +248,7 @@ mod tests {
         assert_ne!(l1.edx & EDX_HTT, 0);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.ecx & ECX_CX16, 0, "hardware host keeps CX16");
+        assert_ne!(find(&e, 0x8000_0001, 0).edx & EXT_EDX_RDTSCP, 0);
         let smt = find(&e, 0xb, 0);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 1 << 8, 2));
         let core = find(&e, 0xb, 1);
@@ -263,7 +278,15 @@ mod tests {
         let mut e = sample();
         normalize_entries(&mut e, 0, 1, HostKvm::Emulating).unwrap();
         let l1 = find(&e, 1, 0);
-        for bit in [ECX_CX16, ECX_POPCNT, ECX_XSAVE, ECX_OSXSAVE, ECX_AVX] {
+        for bit in [
+            ECX_CX16,
+            ECX_SSE42,
+            ECX_MOVBE,
+            ECX_POPCNT,
+            ECX_XSAVE,
+            ECX_OSXSAVE,
+            ECX_AVX,
+        ] {
             assert_eq!(l1.ecx & bit, 0, "bit {bit:#x}");
         }
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
@@ -272,6 +295,11 @@ mod tests {
         assert_eq!(l7.ebx & (1 << 5), 0, "AVX2 hidden");
         assert_ne!(l7.ebx & 1, 0, "unrelated bits kept");
         assert!(e.iter().all(|x| x.function != 0xd), "XSAVE leaf dropped");
+        assert_eq!(
+            find(&e, 0x8000_0001, 0).edx & EXT_EDX_RDTSCP,
+            0,
+            "RDTSCP hidden"
+        );
     }
 
     #[test]
