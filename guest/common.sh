@@ -62,7 +62,7 @@ fetch_deb() {
 # prints that directory.
 fetch_kernel() {
     local meta ver dir deb
-    find "$CACHE/apt/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 | grep -q . \
+    find "$CACHE/apt/lists" -maxdepth 1 2>/dev/null -name '*Packages*' -mmin -1440 | grep -q . \
         || guest_apt apt-get update -qq >/dev/null
     meta=$(guest_apt apt-cache show linux-image-cloud-amd64 2>/dev/null | sed -n 's/^Depends: *//p' | head -n1)
     ver=$(echo "$meta" | grep -oE 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)

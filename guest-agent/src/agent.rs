@@ -359,23 +359,36 @@ impl Agent {
         }
         let rules_before = if let Some(svc) = &spec.service {
             let r = net::rules_snapshot()?;
-            net::guard_add(svc)?;
+            net::guard_add(svc, &r)?;
             r
         } else {
             vec![]
         };
         let fin = root.join("final");
-        fs::create_dir_all(&fin).map_err(io_err(&fin))?;
         let ps = page_server.as_ref().map(|(ip, port)| (ip.as_str(), *port));
-        match criu::dump(pid, &fin, prev.as_deref(), ps) {
-            Ok(took) => stats.freeze_ms = took.as_millis() as u64,
-            Err(e) => {
-                // CRIU resumed the tree; drop our guard and whatever CRIU left.
-                if let Some(svc) = &spec.service {
-                    net::guard_remove(svc)?;
-                    net::clear_rules_except(&rules_before)?;
+        // A failed dump leaves the tree running (CRIU resumes it), so one retry is safe; seen here:
+        // a rare ESRCH from PTRACE_INTERRUPT right after PTRACE_SEIZE. Not with a page server, which
+        // serves a single dump.
+        let attempts = if ps.is_some() { 1 } else { 2 };
+        for attempt in 1..=attempts {
+            let _ = fs::remove_dir_all(&fin);
+            fs::create_dir_all(&fin).map_err(io_err(&fin))?;
+            match criu::dump(pid, &fin, prev.as_deref(), ps) {
+                Ok(took) => {
+                    stats.freeze_ms = took.as_millis() as u64;
+                    break;
                 }
-                return Err(AgentError::Dump(e));
+                Err(e) if attempt < attempts && sys::alive(pid) => {
+                    eprintln!("guest-agent: {}; retrying", error_chain(&e));
+                    thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    // CRIU resumed the tree; drop our guard and whatever CRIU left.
+                    if let Some(svc) = &spec.service {
+                        net::reset_rules(svc, &rules_before)?;
+                    }
+                    return Err(AgentError::Dump(e));
+                }
             }
         }
         if let Some(w) = st.workload.as_mut() {
@@ -434,8 +447,7 @@ impl Agent {
             } => {
                 let (pid, _) = criu::restore(images).map_err(AgentError::Rollback)?;
                 if let Some(svc) = &w.spec.service {
-                    net::guard_remove(svc)?;
-                    net::clear_rules_except(rules_before)?;
+                    net::reset_rules(svc, rules_before)?;
                     net::announce(svc)?;
                 }
                 pid
@@ -460,8 +472,7 @@ impl Agent {
         };
         if let Some(svc) = &spec.service {
             net::addr_del(svc)?;
-            net::guard_remove(svc)?;
-            net::clear_rules_except(rules_before)?;
+            net::reset_rules(svc, rules_before)?;
         }
         if let Some(root) = images.parent() {
             let _ = fs::remove_dir_all(root);
@@ -559,7 +570,7 @@ impl Agent {
             Some(svc) => {
                 let r = net::rules_snapshot()?;
                 // Guard first: no packet for the service address may reach a socket-less stack (RST).
-                net::guard_add(svc)?;
+                net::guard_add(svc, &r)?;
                 net::addr_add(svc)?;
                 r
             }
@@ -568,8 +579,7 @@ impl Agent {
         let undo_net = || -> Result<(), AgentError> {
             if let Some(svc) = &spec.service {
                 net::addr_del(svc)?;
-                net::guard_remove(svc)?;
-                net::clear_rules_except(&rules_before)?;
+                net::reset_rules(svc, &rules_before)?;
             }
             Ok(())
         };
@@ -587,8 +597,7 @@ impl Agent {
         match criu::restore(&root.join("final")) {
             Ok((pid, took)) => {
                 if let Some(svc) = &spec.service {
-                    net::guard_remove(svc)?;
-                    net::clear_rules_except(&rules_before)?;
+                    net::reset_rules(svc, &rules_before)?;
                     net::announce(svc)?;
                 }
                 Ok((pid, took))

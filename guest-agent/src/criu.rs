@@ -38,14 +38,15 @@ pub enum CriuError {
 /// Error lines of a CRIU log (or its tail when none are marked).
 fn log_summary(dir: &Path, log: &str) -> String {
     let text = fs::read_to_string(dir.join(log)).unwrap_or_default();
-    let errors: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Error") || l.contains("rror ("))
-        .collect();
-    if errors.is_empty() {
-        tail(&text, 1500)
-    } else {
-        tail(&errors.join("\n"), 1500)
+    let lines: Vec<&str> = text.lines().collect();
+    // The lines around the first error (what led to it), then the error lines after it.
+    match lines.iter().position(|l| l.contains("Error (")) {
+        None => tail(&text, 1500),
+        Some(first) => {
+            let mut out: Vec<&str> = lines[first.saturating_sub(6)..=first].to_vec();
+            out.extend(lines[first + 1..].iter().filter(|l| l.contains("Error (")));
+            tail(&out.join("\n"), 3000)
+        }
     }
 }
 

@@ -243,7 +243,11 @@ pub struct HandoffReport {
     pub restore_ms: u64,
     /// Bytes of file data relayed.
     pub relayed_bytes: u64,
-    /// Wall time of the whole handoff (checkpoint request to restored), ms.
+    /// From the checkpoint request until the source finished streaming, ms.
+    pub checkpoint_ms: u64,
+    /// From the checkpoint request until the target reported the application restored, ms.
+    pub restored_ms: u64,
+    /// Wall time of the whole handoff (release of the source included), ms.
     pub total_ms: u64,
 }
 
@@ -344,20 +348,26 @@ pub fn handoff(
     opts: &HandoffOpts,
 ) -> Result<HandoffReport, HandoffError> {
     let t0 = Instant::now();
-    let result = relay(src, dst, opts).and_then(|(stats, relayed)| match dst.recv()? {
-        Response::Restored { pid, restore_ms } => Ok(HandoffReport {
-            stats,
-            pid,
-            restore_ms,
-            relayed_bytes: relayed,
-            total_ms: 0,
-        }),
-        r => Err(unexpected(&r)),
+    let ms = |t: Instant| t.elapsed().as_millis() as u64;
+    let result = relay(src, dst, opts).and_then(|(stats, relayed)| {
+        let checkpoint_ms = ms(t0);
+        match dst.recv()? {
+            Response::Restored { pid, restore_ms } => Ok(HandoffReport {
+                stats,
+                pid,
+                restore_ms,
+                relayed_bytes: relayed,
+                checkpoint_ms,
+                restored_ms: ms(t0),
+                total_ms: 0,
+            }),
+            r => Err(unexpected(&r)),
+        }
     });
     match result {
         Ok(mut report) => {
             src.release().map_err(HandoffError::Release)?;
-            report.total_ms = t0.elapsed().as_millis() as u64;
+            report.total_ms = ms(t0);
             Ok(report)
         }
         Err(cause) => {

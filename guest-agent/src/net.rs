@@ -12,51 +12,52 @@ pub enum NetError {
     Command(#[from] SysError),
 }
 
-fn guard_rules(svc: &ServiceAddr) -> [[String; 5]; 2] {
-    let ip = format!("{}/32", svc.ip);
+/// The guard rules in `iptables -S` form (without the leading `-A`).
+fn guard_rules(svc: &ServiceAddr) -> [String; 2] {
     [
-        [
-            "INPUT".into(),
-            "-d".into(),
-            ip.clone(),
-            "-j".into(),
-            "DROP".into(),
-        ],
-        ["OUTPUT".into(), "-s".into(), ip, "-j".into(), "DROP".into()],
+        format!("INPUT -d {}/32 -j DROP", svc.ip),
+        format!("OUTPUT -s {}/32 -j DROP", svc.ip),
     ]
 }
 
-/// Inserts DROP rules for all traffic to and from the service address (idempotent).
-pub fn guard_add(svc: &ServiceAddr) -> Result<(), NetError> {
-    for r in guard_rules(svc) {
-        let rule: Vec<&str> = r.iter().map(String::as_str).collect();
-        let mut check = vec!["iptables", "-w", "-C"];
-        check.extend(&rule);
-        if sys::run(&check).is_err() {
-            let mut add = vec!["iptables", "-w", "-I"];
-            add.extend(&rule);
-            sys::run(&add)?;
-        }
+/// Applies `-I`/`-D` lines to the filter table in one `iptables-restore --noflush` transaction.
+fn apply(lines: &[String]) -> Result<(), NetError> {
+    if lines.is_empty() {
+        return Ok(());
     }
+    let mut input = String::from("*filter\n");
+    for l in lines {
+        input.push_str(l);
+        input.push('\n');
+    }
+    input.push_str("COMMIT\n");
+    sys::run_with_input(&["iptables-restore", "-w", "--noflush"], &input)?;
     Ok(())
 }
 
-/// Removes the guard rules (all copies; absent is fine).
+/// Inserts DROP rules for all traffic to and from the service address, unless `current` (an
+/// [`rules_snapshot`]) already has them.
+pub fn guard_add(svc: &ServiceAddr, current: &[String]) -> Result<(), NetError> {
+    let missing: Vec<String> = guard_rules(svc)
+        .into_iter()
+        .filter(|r| !current.contains(&format!("-A {r}")))
+        .map(|r| format!("-I {r}"))
+        .collect();
+    apply(&missing)
+}
+
+/// Removes the guard rules (absent is fine).
 pub fn guard_remove(svc: &ServiceAddr) -> Result<(), NetError> {
-    for r in guard_rules(svc) {
-        let rule: Vec<&str> = r.iter().map(String::as_str).collect();
-        let mut del = vec!["iptables", "-w", "-D"];
-        del.extend(&rule);
-        for _ in 0..16 {
-            if sys::run(&del).is_err() {
-                break;
-            }
-        }
-    }
-    Ok(())
+    let guards: Vec<String> = guard_rules(svc).iter().map(|r| format!("-A {r}")).collect();
+    let present: Vec<String> = rules_snapshot()?
+        .into_iter()
+        .filter(|l| guards.contains(l))
+        .map(|l| format!("-D {}", &l[3..]))
+        .collect();
+    apply(&present)
 }
 
-/// The current `iptables -S` rule lines (`-A ...`).
+/// The current `iptables -S` rule lines of the filter table (`-A ...`).
 pub fn rules_snapshot() -> Result<Vec<String>, NetError> {
     Ok(sys::run(&["iptables", "-w", "-S"])?
         .lines()
@@ -65,19 +66,22 @@ pub fn rules_snapshot() -> Result<Vec<String>, NetError> {
         .collect())
 }
 
-/// Deletes every rule not in `keep` (CRIU's per-connection lock rules), CRIU's own chain, and
-/// nftables tables CRIU left (named `CRIU-*`).
-pub fn clear_rules_except(keep: &[String]) -> Result<(), NetError> {
-    for line in rules_snapshot()? {
-        if keep.contains(&line) {
-            continue;
-        }
-        let mut argv = vec!["iptables", "-w", "-D"];
-        argv.extend(line.split_whitespace().skip(1));
-        sys::run(&argv)?;
+/// Deletes the guard of `svc` and every filter rule not in `keep` (CRIU's per-connection lock
+/// rules), CRIU's own chain, and nftables tables CRIU left (named `CRIU-*`).
+pub fn reset_rules(svc: &ServiceAddr, keep: &[String]) -> Result<(), NetError> {
+    let guards: Vec<String> = guard_rules(svc).iter().map(|r| format!("-A {r}")).collect();
+    let listing = sys::run(&["iptables", "-w", "-S"])?;
+    let extra: Vec<String> = listing
+        .lines()
+        .filter(|l| l.starts_with("-A ") && !l.starts_with("-A CRIU "))
+        .filter(|l| guards.iter().any(|g| g == l) || !keep.iter().any(|k| k == l))
+        .map(|l| format!("-D {}", &l[3..]))
+        .collect();
+    apply(&extra)?;
+    if listing.lines().any(|l| l == "-N CRIU") {
+        sys::run(&["iptables", "-w", "-F", "CRIU"])?;
+        sys::run(&["iptables", "-w", "-X", "CRIU"])?;
     }
-    let _ = sys::run(&["iptables", "-w", "-F", "CRIU"]);
-    let _ = sys::run(&["iptables", "-w", "-X", "CRIU"]);
     if let Ok(tables) = sys::run(&["nft", "list", "tables"]) {
         for l in tables.lines() {
             let parts: Vec<&str> = l.split_whitespace().collect();
@@ -94,20 +98,18 @@ pub fn clear_rules_except(keep: &[String]) -> Result<(), NetError> {
 /// Adds the service address to its device (already present is fine).
 pub fn addr_add(svc: &ServiceAddr) -> Result<(), NetError> {
     let cidr = format!("{}/{}", svc.ip, svc.prefix);
-    if has_addr(svc)? {
-        return Ok(());
-    }
-    sys::run(&["ip", "addr", "add", &cidr, "dev", &svc.dev])?;
+    sys::run(&["ip", "addr", "replace", &cidr, "dev", &svc.dev])?;
     Ok(())
 }
 
 /// Removes the service address (absent is fine).
 pub fn addr_del(svc: &ServiceAddr) -> Result<(), NetError> {
-    if has_addr(svc)? {
-        let cidr = format!("{}/{}", svc.ip, svc.prefix);
-        sys::run(&["ip", "addr", "del", &cidr, "dev", &svc.dev])?;
+    let cidr = format!("{}/{}", svc.ip, svc.prefix);
+    match sys::run(&["ip", "addr", "del", &cidr, "dev", &svc.dev]) {
+        Ok(_) => Ok(()),
+        Err(e) if has_addr(svc)? => Err(e.into()),
+        Err(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether the device carries the service address.
@@ -117,13 +119,31 @@ pub fn has_addr(svc: &ServiceAddr) -> Result<bool, NetError> {
     Ok(out.contains(&needle))
 }
 
-/// Sends gratuitous ARP for the service address so neighbours update their caches.
+/// Sends gratuitous ARP for the service address so neighbours update their caches. The first
+/// announcement goes out at once; the command (which repeats it once a second) finishes in the
+/// background.
 pub fn announce(svc: &ServiceAddr) -> Result<(), NetError> {
     let ip = svc.ip.to_string();
-    // iputils arping exits 1 when no reply came, which is normal for unsolicited ARP: only a failure to
-    // run it is an error.
-    match sys::run(&["arping", "-U", "-c", "2", "-I", &svc.dev, &ip]) {
-        Ok(_) | Err(SysError::Failed { .. }) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let argv = [
+        "arping",
+        "-U",
+        "-c",
+        "3",
+        "-I",
+        svc.dev.as_str(),
+        ip.as_str(),
+    ];
+    let mut child = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| SysError::Spawn {
+            cmd: argv.join(" "),
+            source,
+        })?;
+    // iputils arping exits 1 when no reply came, which is normal for unsolicited ARP.
+    std::thread::spawn(move || child.wait());
+    Ok(())
 }

@@ -2,9 +2,10 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Errors of the system helpers.
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +65,28 @@ pub fn tail(s: &str, max: usize) -> String {
 
 /// Runs `argv`, returning its standard output; a non-zero exit is [`SysError::Failed`].
 pub fn run(argv: &[&str]) -> Result<String, SysError> {
+    run_with_input(argv, "")
+}
+
+/// Runs `argv` with `input` on its standard input, returning its standard output.
+pub fn run_with_input(argv: &[&str], input: &str) -> Result<String, SysError> {
     let cmd = argv.join(" ");
-    let out = Command::new(argv[0])
+    let spawn_err = |source| SysError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(argv[0])
         .args(&argv[1..])
-        .output()
-        .map_err(|source| SysError::Spawn {
-            cmd: cmd.clone(),
-            source,
-        })?;
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that exits without reading its input is judged by its exit status below.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if !out.status.success() {
         return Err(SysError::Failed {
             cmd,

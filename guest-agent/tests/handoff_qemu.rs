@@ -9,12 +9,12 @@
 //! Needs root (network namespace, tap devices). Costs about 2-4 minutes on 2 cores.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -169,6 +169,7 @@ struct Reply {
 
 /// A client that keeps one connection and sends a numbered line every 100 ms.
 struct Client {
+    local_port: u16,
     replies: Arc<Mutex<Vec<Reply>>>,
     failure: Arc<Mutex<Option<String>>>,
     stop: Arc<AtomicBool>,
@@ -188,6 +189,7 @@ impl Client {
                 Err(_) => thread::sleep(Duration::from_millis(300)),
             }
         };
+        let local_port = stream.local_addr().unwrap().port();
         let replies = Arc::new(Mutex::new(Vec::new()));
         let failure = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
@@ -236,6 +238,7 @@ impl Client {
             }
         });
         Self {
+            local_port,
             replies,
             failure,
             stop,
@@ -314,6 +317,130 @@ fn max_gap(replies: &[Reply], since: usize) -> Duration {
         .unwrap_or_default()
 }
 
+/// Counts TCP segments of the service port seen on a network device (AF_PACKET capture) and
+/// records the ports of those that carried RST.
+struct RstWatch {
+    segments: Arc<AtomicU64>,
+    resets: Arc<Mutex<Vec<(u16, u16)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Opens an AF_PACKET socket on `ifname` with a 200 ms receive timeout.
+fn packet_socket(ifname: &str) -> OwnedFd {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(index > 0, "no interface {ifname}");
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as i32;
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: the pointers refer to live locals of the stated sizes; `fd` is open.
+    let ok = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        ) == 0
+            && libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) == 0
+    };
+    assert!(
+        ok,
+        "bind/setsockopt AF_PACKET: {}",
+        std::io::Error::last_os_error()
+    );
+    fd
+}
+
+/// (source port, destination port, TCP flags) of an Ethernet/IPv4/TCP frame touching `port`.
+fn tcp_flags_for_port(f: &[u8], port: u16) -> Option<(u16, u16, u8)> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
+        return None;
+    }
+    let t = 14 + usize::from(f[14] & 0x0f) * 4;
+    let tcp = f.get(t..t + 14)?;
+    let (sport, dport) = (
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+        u16::from_be_bytes([tcp[2], tcp[3]]),
+    );
+    (sport == port || dport == port).then_some((sport, dport, tcp[13]))
+}
+
+impl RstWatch {
+    fn start(ifname: &str, port: u16) -> Self {
+        let fd = packet_socket(ifname);
+        let (segments, resets, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (sg, rs, st) = (
+            Arc::clone(&segments),
+            Arc::clone(&resets),
+            Arc::clone(&stop),
+        );
+        let thread = thread::spawn(move || {
+            let mut f = File::from(fd);
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::SeqCst) {
+                let Ok(n) = f.read(&mut buf) else { continue };
+                if let Some((sport, dport, flags)) = tcp_flags_for_port(&buf[..n], port) {
+                    sg.fetch_add(1, Ordering::SeqCst);
+                    if flags & 0x04 != 0 {
+                        rs.lock().unwrap().push((sport, dport));
+                    }
+                }
+            }
+        });
+        Self {
+            segments,
+            resets,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; returns the segment count and the (source, destination) ports of RST segments.
+    fn stop(mut self) -> (u64, Vec<(u16, u16)>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.segments.load(Ordering::SeqCst),
+            self.resets.lock().unwrap().clone(),
+        )
+    }
+}
+
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -389,6 +516,36 @@ fn run_suite(img: &Images) {
         t_boot.elapsed().as_secs_f64()
     );
 
+    // FIFREEZE/FITHAW on B's root file system: a write blocks until the thaw.
+    b.freeze("/").expect("freeze /");
+    let writer = thread::spawn(|| {
+        let mut c = AgentClient::connect(
+            &"tcp:10.77.0.3:7000".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let out = c
+            .exec(
+                &["sh", "-c", "echo x > /data/freeze-probe && sync"],
+                Some(Duration::from_secs(60)),
+            )
+            .unwrap();
+        (t.elapsed(), out.code)
+    });
+    thread::sleep(Duration::from_secs(2));
+    b.thaw("/").expect("thaw /");
+    let (blocked, code) = writer.join().unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        blocked >= Duration::from_millis(1800),
+        "write was not held by the freeze ({blocked:?})"
+    );
+    println!(
+        "FIFREEZE held a write for {} ms until FITHAW",
+        blocked.as_millis()
+    );
+
     // Service address and application on A.
     exec(&mut a, &format!("ip addr add {SERVICE_IP}/32 dev eth0"));
     let spec = WorkloadSpec {
@@ -419,7 +576,9 @@ fn run_suite(img: &Images) {
     let pid = a.start(&spec).expect("start the Java service");
     assert!(pid >= 20000, "pid_base not honoured: {pid}");
     let t_java = Instant::now();
+    let watch = RstWatch::start("br0", SERVICE_PORT);
     let client = Client::start(1);
+    let client_port = client.local_port;
     client.wait_replies_from("guest-a", 3);
     println!(
         "Java service answering {:.1} s after start (pid {pid})",
@@ -510,20 +669,26 @@ fn run_suite(img: &Images) {
         };
         let report = match handoff(src, dst, &opts) {
             Ok(r) => r,
-            Err(e) => panic!(
-                "{label}: handoff failed: {}",
-                guest_agent::agent::error_chain(&e)
-            ),
+            Err(e) => {
+                let diag = src.exec(&["sh", "-c", "ls -la /run/microvmm-agent/*; tail -n 60 /run/microvmm-agent/checkpoint/final/dump.log; ps -eLf | tail -n 30"], Some(Duration::from_secs(30)));
+                panic!(
+                    "{label}: handoff failed: {}\nsource diagnostics: {diag:?}",
+                    guest_agent::agent::error_chain(&e)
+                )
+            }
         };
         client.wait_replies_from(dst_host, 3);
         let gap = max_gap(&client.snapshot(), mark);
         println!(
-            "{label}: freeze {} ms, pre-dump {} ms, images {} KiB (relayed {} KiB), restore {} ms, handoff {} ms, client gap {} ms",
+            "{label}: freeze {} ms, pre-dump {} ms, images {} KiB (relayed {} KiB), checkpoint+stream done at {} ms, \
+             restore {} ms, restored at {} ms, released at {} ms, client gap {} ms",
             report.stats.freeze_ms,
             report.stats.pre_dump_ms,
             report.stats.image_bytes / 1024,
             report.relayed_bytes / 1024,
+            report.checkpoint_ms,
             report.restore_ms,
+            report.restored_ms,
             report.total_ms,
             gap.as_millis()
         );
@@ -533,6 +698,25 @@ fn run_suite(img: &Images) {
 
     // Same connection throughout, no error (an RST would have failed a read), exact data file.
     let replies = client.stop();
+    let (segments, resets) = watch.stop();
+    let on_conn: Vec<_> = resets
+        .iter()
+        .filter(|(s, d)| *s == client_port || *d == client_port)
+        .collect();
+    println!(
+        "capture on br0: {segments} TCP segments of port {SERVICE_PORT}; RST on the client connection \
+         (port {client_port}): {}; RST to other ports (refused connects while the service started): {}",
+        on_conn.len(),
+        resets.len() - on_conn.len()
+    );
+    assert!(
+        segments as usize >= 2 * replies.len(),
+        "capture saw too little ({segments} segments)"
+    );
+    assert!(
+        on_conn.is_empty(),
+        "RST seen on the client connection: {on_conn:?}"
+    );
     check_continuity(&replies, 1);
     let last = replies.last().unwrap();
     assert_eq!(last.host, "guest-b", "the service should end on B");
