@@ -126,6 +126,38 @@ fn linux_pvh_early_boot_sees_our_e820_and_acpi() {
 }
 
 #[test]
+fn linux_bzimage_decompressor_reads_our_zero_page() {
+    let test = "linux_bzimage_decompressor_reads_our_zero_page";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(bz) = cached_debian_kernel() else {
+        println!("SKIP: {test}: no Debian kernel in /var/cache/microvmm/kernel");
+        return;
+    };
+    let cfg = MachineConfig {
+        vcpus: 1,
+        mem_mib: 128,
+        kernel: KernelSource::File(bz),
+        initrd: None,
+        cmdline: Some("console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr".into()),
+        console: ConsoleTarget::Null,
+        disks: Vec::new(),
+        virtio_mmio_cmdline: false,
+    };
+    let mut vm = TestVm::boot(cfg).unwrap();
+    let started = std::time::Instant::now();
+    vm.machine.start().unwrap();
+    // The decompressor (64-bit entry of the bzImage) parses the command line from the zero page
+    // and reports on the early console; decompressing itself takes far longer here.
+    let want = "KASLR disabled: 'nokaslr' on cmdline.";
+    let seen = vm.wait_serial(want, Duration::from_secs(120));
+    vm.machine.stop().unwrap();
+    assert!(seen, "no `{want}` within 120 s:\n{}", vm.serial_text());
+    println!("{test}: decompressor message after {:?}", started.elapsed());
+}
+
+#[test]
 fn linux_boots_to_a_shell_on_hardware_kvm() {
     let test = "linux_boots_to_a_shell_on_hardware_kvm";
     if !hardware_kvm_or_skip(test) {
