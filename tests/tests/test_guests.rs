@@ -260,3 +260,36 @@ fn several_vms_run_at_once() {
         assert_eq!(vm.serial_text(), "Hello from the microvmm test guest\n");
     }
 }
+
+#[test]
+fn tasks_run_on_paused_vcpu_threads() {
+    if !kvm_or_skip("tasks_run_on_paused_vcpu_threads") {
+        return;
+    }
+    // Both vCPUs run the counter loop (they share the counter); neither stops on its own.
+    let mut vm = TestVm::start_guest("counter", 2).unwrap();
+    assert!(vm.wait_serial("counter: ready\n", LIMIT));
+    vm.machine.pause().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    vm.machine
+        .on_each_vcpu(std::sync::Arc::new(move |v| {
+            let regs = v.fd().get_regs().unwrap();
+            s.lock().unwrap().push((v.id(), regs.rip));
+        }))
+        .unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    for (id, rip) in &seen {
+        assert!(
+            (0x10_0000..0x20_0000).contains(rip),
+            "vCPU {id} rip {rip:#x}"
+        );
+    }
+    vm.machine.resume().unwrap();
+    assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
+}

@@ -29,7 +29,7 @@ use crate::memory::{GuestMemoryMmap, GuestRam, MemoryError};
 use crate::regs::{self, BootEntry, RegsError};
 use crate::vcpu::{
     Vcpu, VcpuError, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuHandleError, VcpuIo, VcpuResponse,
-    VcpuStop,
+    VcpuStop, VcpuTask,
 };
 use crate::vm::{self, Vm, VmError};
 
@@ -460,14 +460,14 @@ impl Machine {
 
     fn broadcast(&self, event: VcpuEvent, want: VcpuResponse) -> Result<(), MachineError> {
         for h in &self.handles {
-            h.send(event)?;
+            h.send(event.clone())?;
         }
         for h in &self.handles {
             let got = h.response(VCPU_ACK_TIMEOUT)?;
             if got != want {
                 return Err(MachineError::VcpuAnswer {
                     id: h.id(),
-                    sent: event,
+                    sent: event.clone(),
                     got,
                 });
             }
@@ -491,6 +491,17 @@ impl Machine {
         }
         self.transition(VmState::Running)?;
         self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)
+    }
+
+    /// Runs `task` on every vCPU, on its own thread when the vCPUs are running or paused (outside
+    /// `KVM_RUN`, pending I/O completed), directly otherwise. Pause first for a consistent view
+    /// across vCPUs.
+    pub fn on_each_vcpu(&self, task: VcpuTask) -> Result<(), MachineError> {
+        if self.handles.is_empty() {
+            self.vcpus.iter().for_each(|v| task(v));
+            return Ok(());
+        }
+        self.broadcast(VcpuEvent::Run(task), VcpuResponse::Ran)
     }
 
     fn join_vcpus(&mut self) -> Result<(), MachineError> {

@@ -486,6 +486,10 @@ impl Vcpu {
                             VcpuResponse::Paused
                         });
                     }
+                    Ok(VcpuEvent::Run(task)) => {
+                        task(&self);
+                        let _ = resp.send(VcpuResponse::Ran);
+                    }
                     Ok(VcpuEvent::Finish) | Err(_) => break,
                 }
                 continue;
@@ -505,6 +509,10 @@ impl Vcpu {
                             }
                             Ok(VcpuEvent::Resume) => {
                                 let _ = resp.send(VcpuResponse::Resumed);
+                            }
+                            Ok(VcpuEvent::Run(task)) => {
+                                task(&self);
+                                let _ = resp.send(VcpuResponse::Ran);
                             }
                             Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                                 break 'outer;
@@ -536,15 +544,32 @@ impl Vcpu {
     }
 }
 
+/// Work to run on a vCPU's own thread, outside `KVM_RUN` (e.g. reading or writing its state).
+pub type VcpuTask = Arc<dyn Fn(&Vcpu) + Send + Sync>;
+
 /// A message to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum VcpuEvent {
     /// Run the guest.
     Resume,
     /// Stop running the guest (pending I/O is completed first) and wait.
     Pause,
+    /// Run a task on the vCPU thread between two `KVM_RUN`s (pending I/O completed), then carry
+    /// on as before; answered with [`VcpuResponse::Ran`].
+    Run(VcpuTask),
     /// End the thread.
     Finish,
+}
+
+impl fmt::Debug for VcpuEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Resume => "Resume",
+            Self::Pause => "Pause",
+            Self::Run(_) => "Run",
+            Self::Finish => "Finish",
+        })
+    }
 }
 
 /// A vCPU thread's answer to [`VcpuEvent::Pause`] / [`VcpuEvent::Resume`].
@@ -556,6 +581,8 @@ pub enum VcpuResponse {
     Resumed,
     /// The vCPU has stopped for good (power event or error) and cannot run again.
     Finished,
+    /// A [`VcpuEvent::Run`] task ran.
+    Ran,
 }
 
 /// Sent by a vCPU thread when its vCPU stops on its own.
