@@ -7,7 +7,7 @@ CACHE="${MICROVMM_CACHE:-/var/cache/microvmm}"
 GUEST_SUITE=bookworm
 # Kernel modules the guests need: virtio transports/devices, vsock, and what CRIU needs inside the guest.
 VIRTIO_MODULES=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport
-    vsock ext4 af_packet)
+    vsock vsock_loopback ext4 af_packet)
 CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag af_packet_diag netlink_diag tun nf_tables nft_compat
     xt_mark xt_tcpudp nf_conntrack nft_ct ip_tables iptable_filter x_tables nf_reject_ipv4 nft_reject_inet
     nft_reject)
