@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block::{Base, Delta, Layer};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 
 const WRITE: usize = 64 << 10;
 const SPAN: u64 = 1 << 30;
@@ -60,5 +60,64 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Interleaved measurement (plain and delta alternate, so shared-disk noise hits both):
+/// prints the median time per flush of each and the overhead.
+fn paired() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let base = Base::create(&dir.path().join("base.img"), SPAN).unwrap();
+    let delta = Delta::create(&dir.path().join("d"), Arc::new(Layer::Base(base))).unwrap();
+    let plain = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("plain"))
+        .unwrap();
+    plain.set_len(SPAN).unwrap();
+    let buf = vec![0x5au8; WRITE];
+    let slots = SPAN / WRITE as u64;
+    for (name, per_flush, rounds) in [
+        ("256 writes per flush", 256u64, 60),
+        ("flush every write", 1, 1500),
+    ] {
+        let (mut tp, mut td) = (Vec::new(), Vec::new());
+        let mut next = 0u64;
+        for r in 0..rounds {
+            for pass in 0..2 {
+                let plain_turn = (pass + r) % 2 == 0;
+                let t = std::time::Instant::now();
+                for _ in 0..per_flush {
+                    let off = (next % slots) * WRITE as u64;
+                    next = next.wrapping_add(7919);
+                    if plain_turn {
+                        plain.write_all_at(&buf, off).unwrap();
+                    } else {
+                        delta.write_at(&buf, off).unwrap();
+                    }
+                }
+                if plain_turn {
+                    plain.sync_data().unwrap();
+                    tp.push(t.elapsed());
+                } else {
+                    delta.flush().unwrap();
+                    td.push(t.elapsed());
+                }
+            }
+        }
+        tp.sort();
+        td.sort();
+        let (mp, md) = (tp[tp.len() / 2], td[td.len() / 2]);
+        println!(
+            "journal_overhead paired, {name}: plain pwrite+fdatasync {mp:?}, delta write+flush {md:?} (median of {rounds}), overhead {:+.1}%",
+            (md.as_secs_f64() / mp.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    paired();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

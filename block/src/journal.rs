@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub const RECORD_SIZE: usize = 64;
 /// Magic of every record: "MVJ1".
 pub const RECORD_MAGIC: u32 = 0x4d56_4a31;
+/// Journal space is preallocated (written as zeros) in chunks of this size.
+const PREALLOCATE: u64 = 256 << 10;
 /// Version of the journal format (stored in the header's `aux`).
 pub const JOURNAL_VERSION: u64 = 1;
 
@@ -195,6 +197,7 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     len: u64,
+    allocated: u64,
 }
 
 impl Journal {
@@ -217,6 +220,7 @@ impl Journal {
             path: path.to_path_buf(),
             file,
             len: 0,
+            allocated: 0,
         };
         j.append(std::slice::from_ref(header))?;
         Ok(j)
@@ -307,21 +311,30 @@ impl Journal {
             }
         }
         let committed_len = committed_slots * RECORD_SIZE as u64;
+        // After the committed prefix: zeros (space preallocated by `append`) and possibly
+        // uncommitted records or a torn write, which are discarded (zeroed when writable).
+        let tail = &bytes[committed_len as usize..];
+        let discarded_bytes = tail
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |i| i as u64 + 1);
         let replay = Replay {
             header,
             committed,
             committed_len,
-            discarded_bytes: size - committed_len,
+            discarded_bytes,
         };
-        let mut j = Self {
+        let j = Self {
             path: path.to_path_buf(),
             file,
             len: committed_len,
+            allocated: size,
         };
-        if writable && replay.discarded_bytes > 0 {
-            j.file.set_len(committed_len).map_err(Self::io(path))?;
+        if writable && discarded_bytes > 0 {
+            j.file
+                .write_all_at(&vec![0u8; discarded_bytes as usize], committed_len)
+                .map_err(Self::io(path))?;
             j.file.sync_data().map_err(Self::io(path))?;
-            j.len = committed_len;
         }
         Ok((j, replay))
     }
@@ -331,6 +344,18 @@ impl Journal {
         let mut buf = Vec::with_capacity(records.len() * RECORD_SIZE);
         for r in records {
             buf.extend_from_slice(&r.encode());
+        }
+        let end = self.len + buf.len() as u64;
+        if end > self.allocated {
+            // Grow by writing zeros, a chunk at a time, so that most appends overwrite
+            // allocated blocks inside the file size and their fdatasync has no metadata to
+            // commit.
+            let new_alloc = end.div_ceil(PREALLOCATE) * PREALLOCATE;
+            let zeros = vec![0u8; (new_alloc - self.allocated) as usize];
+            self.file
+                .write_all_at(&zeros, self.allocated)
+                .map_err(Self::io(&self.path))?;
+            self.allocated = new_alloc;
         }
         self.file
             .write_all_at(&buf, self.len)
@@ -381,6 +406,7 @@ pub(crate) fn open_log(path: &Path, valid_records: usize) -> Result<Journal, Jou
         path: path.to_path_buf(),
         file,
         len,
+        allocated: u64::MAX,
     })
 }
 
