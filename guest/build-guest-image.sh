@@ -15,6 +15,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
 
 ROOT_PKGS=criu,iptables,nftables,iproute2,iputils-arping,openjdk-17-jre-headless,kmod,procps
+# Bump when the root file system recipe below changes (the cache key also covers the packages, the
+# demo service and the guest init script).
+ROOTFS_RECIPE=1
 need_host_pkgs cpio gzip kmod debootstrap e2fsprogs openjdk-17-jdk-headless
 
 agent=${1:-}
@@ -22,7 +25,7 @@ if [ -z "$agent" ]; then
     log "building the static guest-agent"
     tdir="$CACHE/agent-target"
     (cd "$here/.." && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$tdir" \
-        cargo build -q --release -p guest-agent --bin guest-agent --target x86_64-unknown-linux-gnu)
+        "${CARGO:-cargo}" build -q --release -p guest-agent --bin guest-agent --target x86_64-unknown-linux-gnu)
     agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
 fi
 [ -x "$agent" ] || { log "agent binary $agent missing"; exit 1; }
@@ -30,7 +33,7 @@ fi
 kdir=$(fetch_kernel)
 
 # --- root file system (slow part: cached) ---
-rstamp=$( (cat "$here/common.sh" "$0" "$here/demo/EchoLog.java" "$here/rootfs-init.sh"; echo "$kdir") | sha256sum | cut -c1-16)
+rstamp=$( (echo "$ROOTFS_RECIPE $GUEST_SUITE $ROOT_PKGS"; cat "$here/demo/EchoLog.java" "$here/rootfs-init.sh") | sha256sum | cut -c1-16)
 rootimg="$CACHE/guest-root-$rstamp.ext4"
 if [ ! -s "$rootimg" ]; then
     start=$(date +%s)
@@ -57,6 +60,7 @@ if [ ! -s "$rootimg" ]; then
     rm -f "$rootimg.tmp"
     mkfs.ext4 -q -F -L microvmm-root -d "$rdir" "$rootimg.tmp" "${size}M"
     mv "$rootimg.tmp" "$rootimg"
+    find "$CACHE" -maxdepth 1 -name 'guest-root-*.ext4' ! -path "$rootimg" -delete
     rm -rf "$rdir"
     log "root image built in $(($(date +%s) - start)) s (${used} MiB used, ${size} MiB image)"
 fi
@@ -91,6 +95,7 @@ INIT
     } >"$iroot/init"
     chmod 755 "$iroot/init"
     pack_initramfs "$iroot" "$initrd"
+    find "$CACHE" -maxdepth 1 -name 'guest-initrd-*.cpio.gz' ! -path "$initrd" -delete
 fi
 echo "$kdir/vmlinuz"
 echo "$initrd"

@@ -306,12 +306,7 @@ fn relay(
                         FrameKind::Data => {
                             relayed += fr.payload.len() as u64;
                             if opts.drop_target_after.is_some_and(|n| relayed >= n) {
-                                // The target connection may be mid-stream: drop it (the target agent cleans up on the
-                                // broken stream) and open a fresh one for the caller when we can.
                                 let _ = dst.conn.shutdown();
-                                if dst.endpoint.is_some() {
-                                    let _ = dst.reconnect(Duration::from_secs(10));
-                                }
                                 return Err(HostError::InjectedDrop(relayed));
                             }
                             write_frame(&mut *dst.conn, FrameKind::Data, &fr.payload)?;
@@ -378,6 +373,8 @@ pub fn handoff(
                 let _ = dst.reconnect(Duration::from_secs(10));
             }
             // The source connection may be mid-stream (or gone): use a fresh one when we can.
+            // Dropping the old one breaks a checkpoint stream still in flight, and the source agent
+            // then rolls back by itself; the rollback below waits for that and confirms it.
             let fresh = src.endpoint.is_some() && src.reconnect(Duration::from_secs(10)).is_ok();
             if !fresh && matches!(cause, HostError::Protocol(_)) {
                 return Err(HandoffError::RollbackFailed {

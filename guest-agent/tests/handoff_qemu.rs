@@ -648,6 +648,14 @@ fn run_suite(img: &Images) {
     }
     client.wait_replies_from("guest-a", 3);
     let gap_f2 = max_gap(&client.snapshot(), mark);
+    // The host also dropped its source connection while A was still streaming: A's agent must have
+    // rolled back by itself (its log goes to A's console).
+    let console = fs::read_to_string(&ga.log).unwrap_or_default();
+    assert!(
+        console.contains("checkpoint stream failed; rolled back"),
+        "A's agent did not report its own rollback:\n{}",
+        ga.console_tail()
+    );
     b.ping()
         .expect("agent B serves again after a dropped connection");
 
