@@ -31,6 +31,7 @@ exec setsid cttyhack /bin/sh
 INIT
     chmod 755 "$root/init"
     pack_initramfs "$root" "$out"
+    find "$CACHE" -maxdepth 1 -name 'minimal-*.cpio.gz' ! -path "$out" -delete
 fi
 echo "$kdir/vmlinuz"
 echo "$out"
