@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::criu::{self, CriuError};
 use crate::net::{self, NetError};
 use crate::protocol::{
@@ -108,7 +110,10 @@ impl Default for AgentConfig {
     }
 }
 
-#[derive(Debug)]
+/// File in the work directory holding the workload state.
+const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Serialize, Deserialize)]
 enum Phase {
     Running {
         pid: u32,
@@ -120,7 +125,7 @@ enum Phase {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Workload {
     spec: WorkloadSpec,
     phase: Phase,
@@ -141,11 +146,41 @@ pub struct Agent {
 
 impl Agent {
     /// Creates an agent.
+    /// Creates an agent; it takes over the workload state a previous agent process saved in the
+    /// work directory (so a restarted agent can still release or roll back).
     pub fn new(cfg: AgentConfig) -> Arc<Self> {
+        let workload = fs::read(cfg.work_dir.join(STATE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Option<Workload>>(&b).ok())
+            .flatten();
         Arc::new(Self {
             cfg,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                workload,
+                page_server: None,
+            }),
         })
+    }
+
+    /// Saves the workload state; a failure only loses restart-survival, so it is logged.
+    fn persist(&self, st: &State) {
+        if let Err(e) = self.save(st) {
+            eprintln!("guest-agent: cannot save state: {}", error_chain(&e));
+        }
+    }
+
+    /// Saves the workload state (atomically) to the work directory.
+    fn save(&self, st: &State) -> Result<(), AgentError> {
+        let dir = &self.cfg.work_dir;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec(&st.workload).map_err(|e| AgentError::Io {
+            path: tmp.display().to_string(),
+            source: io::Error::other(e),
+        })?;
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        let path = dir.join(STATE_FILE);
+        fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -312,6 +347,7 @@ impl Agent {
             spec,
             phase: Phase::Running { pid },
         });
+        self.persist(&st);
         Ok(pid)
     }
 
@@ -397,6 +433,7 @@ impl Agent {
                 rules_before,
             };
         }
+        self.persist(&st);
         let streamed = (|| {
             stream_dir(conn, &fin, "final", &mut stats)?;
             for f in &spec.data_files {
@@ -454,6 +491,7 @@ impl Agent {
             }
         };
         w.phase = Phase::Running { pid };
+        self.persist(st);
         Ok(pid)
     }
 
@@ -478,6 +516,7 @@ impl Agent {
             let _ = fs::remove_dir_all(root);
         }
         st.workload = None;
+        self.persist(&st);
         Ok(())
     }
 
@@ -549,6 +588,7 @@ impl Agent {
             spec,
             phase: Phase::Running { pid },
         });
+        self.persist(&st);
         write_message(
             conn,
             &Response::Restored {

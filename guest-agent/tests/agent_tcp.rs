@@ -256,3 +256,42 @@ fn malformed_input_gets_typed_protocol_errors() {
         r => panic!("{r:?}"),
     }
 }
+
+#[test]
+fn restarted_agent_takes_over_the_workload_state() {
+    let (ep, d) = start_agent();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    let spec = WorkloadSpec {
+        argv: vec!["sleep".into(), "30".into()],
+        cwd: None,
+        env: vec![],
+        data_files: vec!["/tmp/x".into()],
+        pid_base: None,
+        service: None,
+    };
+    let pid = c.start(&spec).unwrap();
+    // A second agent process on the same work directory (as after a crash and restart).
+    let t = transport::listen(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep2 = t.endpoint();
+    let agent = Agent::new(AgentConfig {
+        work_dir: d.path().to_path_buf(),
+    });
+    thread::spawn(move || {
+        let _ = Arc::clone(&agent).serve(t.as_ref());
+    });
+    let mut c2 = AgentClient::connect(&ep2, Duration::from_secs(5)).unwrap();
+    c2.send(&Request::Status).unwrap();
+    match c2.recv().unwrap() {
+        Response::Status {
+            spec: Some(s),
+            pid: Some(p),
+            tree,
+        } => {
+            assert_eq!((s, p), (spec, pid));
+            assert!(tree.contains(&pid));
+        }
+        r => panic!("{r:?}"),
+    }
+    // SAFETY: kill(2) on the process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
