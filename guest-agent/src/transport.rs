@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::mem;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -120,6 +121,19 @@ impl Connection for TcpStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, t)
+    }
+}
+
+/// A Unix stream, e.g. a host-side connection that a VMM's virtio-vsock device hands out.
+impl Connection for UnixStream {
+    fn try_clone_conn(&self) -> io::Result<Box<dyn Connection>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        UnixStream::shutdown(self, std::net::Shutdown::Both)
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
     }
 }
 
@@ -362,6 +376,22 @@ mod tests {
             c.read_exact(&mut b).unwrap();
             assert_eq!(&b, b"hello");
         });
+    }
+
+    #[test]
+    fn unix_stream_is_a_connection() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut a: Box<dyn Connection> = Box::new(a);
+        let mut b: Box<dyn Connection> = Box::new(b);
+        crate::protocol::write_message(&mut *a, &crate::protocol::Request::Ping).unwrap();
+        let r: crate::protocol::Request = crate::protocol::read_message(&mut *b).unwrap();
+        assert_eq!(r, crate::protocol::Request::Ping);
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        a.shutdown().unwrap();
+        assert!(matches!(
+            crate::protocol::read_frame(&mut *b),
+            Err(crate::protocol::ProtocolError::Closed)
+        ));
     }
 
     #[test]
