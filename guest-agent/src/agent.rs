@@ -260,8 +260,12 @@ impl Agent {
                 pid: self.start(spec)?,
             },
             Request::Status => self.status(),
-            Request::Checkpoint { opts } => return self.checkpoint(conn, &opts),
-            Request::Restore { spec, fault } => return self.restore(conn, spec, fault),
+            Request::Checkpoint { opts } => {
+                return with_stream_timeouts(conn, |c| self.checkpoint(c, &opts));
+            }
+            Request::Restore { spec, fault } => {
+                return with_stream_timeouts(conn, |c| self.restore(c, spec, fault));
+            }
             Request::PageServer { port } => {
                 self.start_page_server(port)?;
                 Response::Ok
@@ -648,6 +652,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// Longest a peer may stall an image stream before the agent gives up on it (and cleans up or
+/// rolls back).
+const STREAM_IDLE: Duration = Duration::from_secs(120);
+
+/// Runs `f` with read and write timeouts of [`STREAM_IDLE`] on the connection, so a stalled host
+/// cannot hold the agent (and its workload state) forever.
+fn with_stream_timeouts(
+    conn: &mut dyn Connection,
+    f: impl FnOnce(&mut dyn Connection) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
+    let set = |c: &dyn Connection, t| c.set_read_timeout(t).and_then(|()| c.set_write_timeout(t));
+    set(conn, Some(STREAM_IDLE)).map_err(|e| AgentError::Protocol(ProtocolError::Io(e)))?;
+    let r = f(conn);
+    // Back to blocking for the next request on this connection; a failure here breaks it anyway.
+    let _ = set(conn, None);
+    r
 }
 
 /// Makes the child a session leader (no controlling terminal), as CRIU needs for a non-shell job.

@@ -102,6 +102,8 @@ pub trait Connection: Read + Write + Send + fmt::Debug {
     fn shutdown(&self) -> io::Result<()>;
     /// Sets the read timeout (`None` = block).
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Sets the write timeout (`None` = block).
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
 /// A listening transport.
@@ -122,6 +124,9 @@ impl Connection for TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, t)
+    }
 }
 
 /// A Unix stream, e.g. a host-side connection that a VMM's virtio-vsock device hands out.
@@ -134,6 +139,9 @@ impl Connection for UnixStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
     }
 }
 
@@ -187,31 +195,40 @@ impl Connection for VsockStream {
         }
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        let tv = t.map_or(
-            libc::timeval {
-                tv_sec: 0,
-                tv_usec: 0,
-            },
-            |d| libc::timeval {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_usec: libc::suseconds_t::from(d.subsec_micros().max(u32::from(d.is_zero()))),
-            },
-        );
-        // SAFETY: `tv` is a valid timeval that outlives the call; the length passed is its size.
-        let r = unsafe {
-            libc::setsockopt(
-                self.0.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        socket_timeout(&self.0, libc::SO_RCVTIMEO, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        socket_timeout(&self.0, libc::SO_SNDTIMEO, t)
+    }
+}
+
+/// Sets SO_RCVTIMEO or SO_SNDTIMEO (`None` = block).
+fn socket_timeout(fd: &impl AsRawFd, opt: libc::c_int, t: Option<Duration>) -> io::Result<()> {
+    let tv = t.map_or(
+        libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        |d| libc::timeval {
+            tv_sec: d.as_secs() as libc::time_t,
+            // A zero timeout would mean "block": round it up to 1 us.
+            tv_usec: libc::suseconds_t::from(d.subsec_micros().max(u32::from(d.is_zero()))),
+        },
+    );
+    // SAFETY: `tv` is a valid timeval that outlives the call; the length passed is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const tv).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
