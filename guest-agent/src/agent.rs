@@ -587,7 +587,9 @@ impl Agent {
         if let Some(mut c) = page_server {
             wait_child(&mut c, Duration::from_secs(60));
         }
+        // On failure the images stay for inspection (the next restore replaces them).
         let (pid, took) = self.restore_received(&root, &spec, &incoming, fault)?;
+        let _ = fs::remove_dir_all(&root);
         st.workload = Some(Workload {
             spec,
             phase: Phase::Running { pid },

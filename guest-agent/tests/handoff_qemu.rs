@@ -759,6 +759,29 @@ fn run_suite(img: &Images) {
     assert_eq!(last.host, "guest-b", "the service should end on B");
     let content = exec(&mut b, &format!("cat {DATA_FILE}"));
     assert_eq!(content, expected_file(last.n), "data file on B");
+    // Both sides are clean: no guard or CRIU lock rules left, no CRIU nftables table, the service
+    // address only on B, no images left in either guest.
+    for (g, c) in [("A", &mut a), ("B", &mut b)] {
+        let rules = exec(c, "iptables -w -S; nft list tables");
+        assert!(
+            !rules.contains("-A ") && !rules.contains("CRIU"),
+            "leftover rules on {g}:\n{rules}"
+        );
+    }
+    let addr_a = exec(&mut a, "ip -o -4 addr show dev eth0");
+    let addr_b = exec(&mut b, "ip -o -4 addr show dev eth0");
+    let svc = format!(" {SERVICE_IP}/");
+    assert!(
+        !addr_a.contains(&svc) && addr_b.contains(&svc),
+        "service address: A {addr_a} B {addr_b}"
+    );
+    for (g, c) in [("A", &mut a), ("B", &mut b)] {
+        assert_eq!(
+            exec(c, "ls /run/microvmm-agent"),
+            "state.json\n",
+            "images left on {g}"
+        );
+    }
     let hosts: Vec<&str> = replies.iter().map(|r| r.host.as_str()).collect();
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
     assert_eq!(switches, 3, "expected A->B->A->B");
