@@ -127,7 +127,11 @@ fn counter_reports_pauses_and_resumes() {
     )
     .unwrap();
     let a = probe.request(LIMIT).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let start = std::time::Instant::now();
+    while probe.peek().unwrap() <= a {
+        assert!(start.elapsed() < LIMIT, "the counter does not advance");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let b = probe.request(LIMIT).unwrap();
     assert!(b > a, "counter advances: {a} then {b}");
 
@@ -140,6 +144,11 @@ fn counter_reports_pauses_and_resumes() {
     assert!(p1 >= b);
 
     vm.machine.resume().unwrap();
+    let start = std::time::Instant::now();
+    while probe.peek().unwrap() == p2 {
+        assert!(start.elapsed() < LIMIT, "counting did not resume");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let c = probe.request(LIMIT).unwrap();
     assert!(c > p2, "counting resumes: {p2} then {c}");
     let last = probe.stop(LIMIT).unwrap();
@@ -267,8 +276,14 @@ fn tasks_run_on_paused_vcpu_threads() {
         return;
     }
     // Both vCPUs run the counter loop (they share the counter); neither stops on its own.
+    // Their "ready" lines may interleave on the serial port, so wait for the count instead.
     let mut vm = TestVm::start_guest("counter", 2).unwrap();
-    assert!(vm.wait_serial("counter: ready\n", LIMIT));
+    let counter = GuestAddress(COUNTER.symbol("shared_counter").unwrap());
+    let start = std::time::Instant::now();
+    while vm.machine.memory().read_obj::<u64>(counter).unwrap() == 0 {
+        assert!(start.elapsed() < LIMIT, "the counter never moved");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     vm.machine.pause().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = seen.clone();

@@ -24,6 +24,12 @@ _start:
     mov r15, rdx                    /* cpu count */
     cmp r14, MAX_CPUS
     jae stub_halt
+    /* Every vCPU enters with the same boot stack: move to this vCPU's own kernel stack first. */
+    mov rax, r14
+    inc rax
+    imul rax, rax, KERNEL_STACK_SIZE
+    lea rsp, [rip + stub_kstacks]
+    add rsp, rax
 
     test r14, r14
     jnz 2f

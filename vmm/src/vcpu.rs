@@ -466,6 +466,9 @@ impl Vcpu {
         start_running: bool,
     ) -> Vcpu {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // A kick that arrived before the pointer was set found nothing to flag; make the first
+        // KVM_RUN return at once so the message queue is looked at before the guest runs.
+        self.fd.set_kvm_immediate_exit(1);
         let mut running = start_running;
         let mut finished = false;
         'outer: loop {
