@@ -54,6 +54,7 @@ pub struct ExecOutput {
 pub struct AgentClient {
     conn: Box<dyn Connection>,
     endpoint: Option<Endpoint>,
+    read_timeout: Option<Duration>,
 }
 
 fn unexpected(r: &Response) -> HostError {
@@ -72,6 +73,7 @@ impl AgentClient {
         Ok(Self {
             conn: transport::connect(ep, timeout)?,
             endpoint: Some(ep.clone()),
+            read_timeout: None,
         })
     }
 
@@ -92,6 +94,7 @@ impl AgentClient {
         Self {
             conn,
             endpoint: None,
+            read_timeout: None,
         }
     }
 
@@ -101,7 +104,10 @@ impl AgentClient {
             .endpoint
             .clone()
             .ok_or_else(|| HostError::Unexpected("no endpoint to reconnect to".into()))?;
-        self.conn = transport::connect(&ep, timeout)?;
+        let conn = transport::connect(&ep, timeout)?;
+        conn.set_read_timeout(self.read_timeout)
+            .map_err(|e| HostError::Protocol(ProtocolError::Io(e)))?;
+        self.conn = conn;
         Ok(())
     }
 
@@ -130,8 +136,9 @@ impl AgentClient {
         }
     }
 
-    /// Sets a read timeout on the connection.
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), HostError> {
+    /// Sets how long any wait for the agent may take (`None` = no limit); kept across reconnects.
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> Result<(), HostError> {
+        self.read_timeout = t;
         self.conn
             .set_read_timeout(t)
             .map_err(|e| HostError::Protocol(ProtocolError::Io(e)))

@@ -141,7 +141,11 @@ fn boot(img: &Images, name: &'static str, tap: &str, ip: &str, mac: &str, dir: &
 fn agent(g: &Guest, ip: &str) -> AgentClient {
     let ep: Endpoint = format!("tcp:{ip}:7000").parse().unwrap();
     match AgentClient::connect_retry(&ep, Duration::from_secs(120)) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            // Bounded waits: no agent answer may take longer than this.
+            c.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
+            c
+        }
         Err(e) => panic!(
             "agent in {} unreachable: {e}\nconsole:\n{}",
             g.name,
