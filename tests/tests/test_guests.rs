@@ -308,3 +308,30 @@ fn tasks_run_on_paused_vcpu_threads() {
     vm.machine.resume().unwrap();
     assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
 }
+
+#[test]
+fn many_pause_resume_cycles_with_two_vcpus() {
+    if !kvm_or_skip("many_pause_resume_cycles_with_two_vcpus") {
+        return;
+    }
+    let mut vm = TestVm::start_guest("counter", 2).unwrap();
+    let counter = GuestAddress(COUNTER.symbol("shared_counter").unwrap());
+    let read = |vm: &TestVm| vm.machine.memory().read_obj::<u64>(counter).unwrap();
+    let mut last = 0;
+    for i in 0..300 {
+        let start = std::time::Instant::now();
+        while read(&vm) == last {
+            assert!(
+                start.elapsed() < LIMIT,
+                "cycle {i}: no progress after resume"
+            );
+            std::thread::yield_now();
+        }
+        vm.machine.pause().unwrap();
+        last = read(&vm);
+        std::thread::sleep(Duration::from_micros(200));
+        assert_eq!(read(&vm), last, "cycle {i}: counting while paused");
+        vm.machine.resume().unwrap();
+    }
+    assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
+}
