@@ -7,23 +7,9 @@ use std::time::{Duration, Instant};
 use devices::legacy::{SerialOutput, SharedBuffer};
 use vmm::config::MachineConfig;
 use vmm::cpuid::HostKvm;
+pub use vmm::guests::kvm_or_skip;
 use vmm::guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::{Machine, MachineError};
-
-/// Whether /dev/kvm can be used; prints `SKIP: <test>: <reason>` when it cannot.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP: {test}: /dev/kvm is not usable ({e})");
-            false
-        }
-    }
-}
 
 /// Whether the host has hardware virtualization; prints `SKIP: <test>: <reason>` when not.
 pub fn hardware_kvm_or_skip(test: &str) -> bool {

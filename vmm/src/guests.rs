@@ -68,6 +68,22 @@ pub enum GuestKitError {
     Disconnected,
 }
 
+/// Whether /dev/kvm can be used; prints `SKIP: <test>: <reason>` when it cannot (for tests that
+/// boot guests).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP: {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
 impl TestGuest {
     /// Address of global `name`.
     pub fn symbol(&self, name: &'static str) -> Result<u64, GuestKitError> {

@@ -2,25 +2,13 @@
 
 use std::process::{Command, Output};
 
+use vmm::guests::kvm_or_skip;
+
 fn microvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_microvmm"))
         .args(args)
         .output()
         .expect("run microvmm")
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIP: {test}: /dev/kvm is not usable ({e})");
-            false
-        }
-    }
 }
 
 fn text(b: &[u8]) -> String {

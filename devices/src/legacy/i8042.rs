@@ -58,10 +58,7 @@ impl BusDevice for I8042 {
             STATUS_OFFSET => self.status(),
             _ => 0xff,
         };
-        data.fill(0);
-        if let Some(b) = data.first_mut() {
-            *b = v;
-        }
+        super::read_byte(data, v);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {

@@ -33,3 +33,11 @@ pub const CMOS_LEN: u64 = 2;
 pub const ACPI_PM_PORT: u64 = 0x600;
 /// ACPI power-control window length.
 pub const ACPI_PM_LEN: u64 = 8;
+
+/// Answers a byte-wide register read: `value` in the first byte, zeros after it.
+pub(crate) fn read_byte(data: &mut [u8], value: u8) {
+    data.fill(0);
+    if let Some(b) = data.first_mut() {
+        *b = value;
+    }
+}
