@@ -65,6 +65,8 @@ pub const LAPIC_START: u64 = 0xfee0_0000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 /// KVM's TSS (three pages).
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
+/// Largest RAM we accept (1 TiB: within every x86-64 CPU's physical address width).
+pub const MAX_MEM_SIZE: u64 = 1 << 40;
 /// Smallest RAM we boot with: room for the boot structures and a 1 MiB image.
 pub const MIN_MEM_SIZE: u64 = 2 << 20;
 

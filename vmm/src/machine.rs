@@ -239,7 +239,7 @@ impl Machine {
     pub fn new(cfg: MachineConfig, console: Option<SerialOutput>) -> Result<Self, MachineError> {
         let created = Instant::now();
         let kvm = vm::open_kvm()?;
-        let max = kvm.get_nr_vcpus().min(254);
+        let max = kvm.get_max_vcpus().min(254);
         let limit = match cfg.kernel {
             KernelSource::TestGuest(_) => max.min(usize::from(guests::MAX_CPUS)),
             KernelSource::File(_) => max,

@@ -28,6 +28,14 @@ pub enum MemoryError {
         /// The minimum.
         min: u64,
     },
+    /// The requested size is beyond what the VMM supports.
+    #[error("guest memory size {size:#x} is above the supported maximum {max:#x}")]
+    TooBig {
+        /// Requested size.
+        size: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// memfd_create failed.
     #[error("cannot create guest memory memfd")]
     Memfd(#[source] io::Error),
@@ -70,6 +78,12 @@ impl GuestRam {
             return Err(MemoryError::InvalidSize {
                 size,
                 min: layout::MIN_MEM_SIZE,
+            });
+        }
+        if size > layout::MAX_MEM_SIZE {
+            return Err(MemoryError::TooBig {
+                size,
+                max: layout::MAX_MEM_SIZE,
             });
         }
         let file = memfd_create(c"microvmm-guest-ram").map_err(MemoryError::Memfd)?;
@@ -165,6 +179,10 @@ mod tests {
         assert!(matches!(
             GuestRam::new((8 << 20) + 1),
             Err(MemoryError::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(!0xfff_u64),
+            Err(MemoryError::TooBig { .. })
         ));
     }
 }
