@@ -280,6 +280,19 @@ impl Agent {
                     pid: self.rollback_locked(&mut st)?,
                 }
             }
+            Request::Fetch => {
+                let dir = self.restore_dir().join("final");
+                if !dir.is_dir() {
+                    return Err(bad("no restore images to fetch"));
+                }
+                let mut stats = CheckpointStats::default();
+                with_stream_timeouts(conn, |c| stream_dir(c, &dir, "final", &mut stats))?;
+                Response::FetchDone { files: stats.files }
+            }
+            Request::AddImages => {
+                with_stream_timeouts(conn, |c| self.add_images(c))?;
+                Response::Ok
+            }
             Request::File(_) | Request::EndOfImages => {
                 return Err(bad("file stream outside a restore"));
             }
@@ -499,6 +512,26 @@ impl Agent {
         Ok(pid)
     }
 
+    /// Completes the checkpoint kept for a rollback with streamed image files (page-server case).
+    fn add_images(&self, conn: &mut dyn Connection) -> Result<(), AgentError> {
+        let st = self.lock();
+        let Some(Workload {
+            spec,
+            phase: Phase::Dumped { images, .. },
+        }) = &st.workload
+        else {
+            return Err(bad("no checkpoint kept here to add images to"));
+        };
+        let root = images.parent().unwrap_or(images).to_path_buf();
+        // Images only: a spec without data files makes any data file in the stream a bad request.
+        let images_only = WorkloadSpec {
+            data_files: vec![],
+            ..spec.clone()
+        };
+        let mut none = Vec::new();
+        receive_files(conn, &root, &images_only, &mut none)
+    }
+
     fn release(&self) -> Result<(), AgentError> {
         let mut st = self.lock();
         let Some(Workload {
@@ -564,23 +597,16 @@ impl Agent {
         }
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         let mut incoming: Vec<(PathBuf, PathBuf)> = Vec::new();
-        let received = (|| {
-            loop {
-                match read_message::<_, Request>(conn)? {
-                    Request::File(h) => incoming.extend(receive_file(conn, &root, &h, &spec)?),
-                    Request::EndOfImages => return Ok(()),
-                    other => return Err(bad(format!("unexpected {other:?} in an image stream"))),
-                }
-            }
-        })();
-        if let Err(e) = received {
+        if let Err(e) = receive_files(conn, &root, &spec, &mut incoming) {
             for (tmp, _) in &incoming {
                 let _ = fs::remove_file(tmp);
             }
-            let _ = fs::remove_dir_all(&root);
-            if let Some(mut c) = page_server {
-                let _ = c.kill();
-                let _ = c.wait();
+            match page_server {
+                // Keep what the page server received: the source needs it back for a rollback.
+                Some(mut c) => wait_child(&mut c, Duration::from_secs(10)),
+                None => {
+                    let _ = fs::remove_dir_all(&root);
+                }
             }
             return Err(e);
         }
@@ -672,6 +698,23 @@ fn with_stream_timeouts(
     // Back to blocking for the next request on this connection; a failure here breaks it anyway.
     let _ = set(conn, None);
     r
+}
+
+/// Receives [`Request::File`] items into `root` until [`Request::EndOfImages`]; data files are
+/// appended to `incoming` as they arrive.
+fn receive_files(
+    conn: &mut dyn Connection,
+    root: &Path,
+    spec: &WorkloadSpec,
+    incoming: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<(), AgentError> {
+    loop {
+        match read_message::<_, Request>(conn)? {
+            Request::File(h) => incoming.extend(receive_file(conn, root, &h, spec)?),
+            Request::EndOfImages => return Ok(()),
+            other => return Err(bad(format!("unexpected {other:?} in an image stream"))),
+        }
+    }
 }
 
 /// Makes the child a session leader (no controlling terminal), as CRIU needs for a non-shell job.

@@ -307,30 +307,7 @@ fn relay(
         match src.recv()? {
             Response::File(h) => {
                 dst.send(&Request::File(h))?;
-                loop {
-                    let fr = read_frame(&mut *src.conn)?;
-                    match fr.kind {
-                        FrameKind::Data => {
-                            relayed += fr.payload.len() as u64;
-                            if opts.drop_target_after.is_some_and(|n| relayed >= n) {
-                                let _ = dst.conn.shutdown();
-                                return Err(HostError::InjectedDrop(relayed));
-                            }
-                            write_frame(&mut *dst.conn, FrameKind::Data, &fr.payload)?;
-                        }
-                        FrameKind::End => {
-                            write_frame(&mut *dst.conn, FrameKind::End, &[])?;
-                            break;
-                        }
-                        FrameKind::Message => {
-                            return Err(ProtocolError::Unexpected {
-                                expected: "data or end",
-                                got: fr.kind,
-                            }
-                            .into());
-                        }
-                    }
-                }
+                copy_stream(src, dst, &mut relayed, opts.drop_target_after)?;
             }
             Response::CheckpointDone { stats } => {
                 dst.send(&Request::EndOfImages)?;
@@ -391,12 +368,84 @@ pub fn handoff(
                     ),
                 });
             }
+            // After a page-server dump the pages are on the target only: bring them back first.
+            let fetched = match (&opts.checkpoint.page_server, dst.endpoint.is_some()) {
+                (Some(_), true) => fetch_back(dst, src).err(),
+                _ => None,
+            };
             match src.rollback() {
                 Ok(pid) => Err(HandoffError::RolledBack { pid, cause }),
                 Err(rollback) => Err(HandoffError::RollbackFailed {
-                    cause: error_chain(&cause),
+                    cause: match fetched {
+                        None => error_chain(&cause),
+                        Some(f) => format!(
+                            "{}; fetching the pages back failed: {}",
+                            error_chain(&cause),
+                            error_chain(&f)
+                        ),
+                    },
                     rollback,
                 }),
+            }
+        }
+    }
+}
+
+/// Streams the images of the target's last restore back into the source's kept checkpoint (the
+/// pages a page-server dump left only on the target).
+fn fetch_back(dst: &mut AgentClient, src: &mut AgentClient) -> Result<(), HostError> {
+    dst.send(&Request::Fetch)?;
+    src.send(&Request::AddImages)?;
+    loop {
+        match dst.recv()? {
+            Response::File(h) => {
+                src.send(&Request::File(h))?;
+                copy_stream(dst, src, &mut 0, None)?;
+            }
+            Response::FetchDone { .. } => break,
+            r => {
+                // Close the source's half-open stream; it then reports a protocol error.
+                let _ = src.conn.shutdown();
+                return Err(unexpected(&r));
+            }
+        }
+    }
+    src.send(&Request::EndOfImages)?;
+    match src.recv()? {
+        Response::Ok => Ok(()),
+        r => Err(unexpected(&r)),
+    }
+}
+
+/// Copies data frames from `from` to `to` up to and including the end frame, counting the bytes
+/// in `copied`; past `drop_after` bytes it shuts `to` down instead (fault injection).
+fn copy_stream(
+    from: &mut AgentClient,
+    to: &mut AgentClient,
+    copied: &mut u64,
+    drop_after: Option<u64>,
+) -> Result<(), HostError> {
+    loop {
+        let fr = read_frame(&mut *from.conn)?;
+        match fr.kind {
+            FrameKind::Data => {
+                *copied += fr.payload.len() as u64;
+                if drop_after.is_some_and(|n| *copied >= n) {
+                    let _ = to.conn.shutdown();
+                    return Err(HostError::InjectedDrop(*copied));
+                }
+                write_frame(&mut *to.conn, FrameKind::Data, &fr.payload)?;
+            }
+            FrameKind::End => {
+                write_frame(&mut *to.conn, FrameKind::End, &[])?;
+                return Ok(());
+            }
+            FrameKind::Message => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "data or end",
+                    got: fr.kind,
+                }
+                .into());
             }
         }
     }

@@ -372,6 +372,13 @@ pub enum Request {
     Release,
     /// After a failed handoff: resume the application on the source.
     Rollback,
+    /// Target, after a failed page-server handoff: stream back the images of the last restore
+    /// (they hold the pages the source no longer has), as [`Response::File`] items then
+    /// [`Response::FetchDone`].
+    Fetch,
+    /// Source, before [`Request::Rollback`] after a page-server dump: [`Request::File`] items closed by
+    /// [`Request::EndOfImages`] complete the kept checkpoint; answered with [`Response::Ok`].
+    AddImages,
 }
 
 /// Statistics of a checkpoint.
@@ -446,6 +453,11 @@ pub enum Response {
         pid: u32,
         /// Wall time of `criu restore`, ms.
         restore_ms: u64,
+    },
+    /// All images of the last restore were streamed back.
+    FetchDone {
+        /// Number of files streamed.
+        files: u64,
     },
     /// Rollback finished; the application runs on the source again.
     RolledBack {
@@ -648,6 +660,8 @@ mod tests {
             Request::PageServer { port: 1 },
             Request::Release,
             Request::Rollback,
+            Request::Fetch,
+            Request::AddImages,
         ];
         for r in reqs {
             let mut buf = Vec::new();

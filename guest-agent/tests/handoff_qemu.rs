@@ -3,8 +3,9 @@
 //! both (TCP transport), the Java demo service in guest A with a client connected from the namespace.
 //! The application is moved through `guest_agent::host::handoff` (the relay the VMM uses), and the
 //! client checks that the SAME connection keeps being answered, by the right guest, with the data file
-//! continuing without gap or duplicate. Fault cases: an injected restore failure on the target and a
-//! target connection dropped mid-stream must both leave the service running on the source.
+//! continuing without gap or duplicate. Fault cases: an injected restore failure on the target, a
+//! target connection dropped mid-stream, and a restore failure after a page-server dump (pages
+//! fetched back) must all leave the service running on the source.
 //!
 //! Needs root (network namespace, tap devices). Costs about 2-4 minutes on 2 cores.
 
@@ -663,6 +664,36 @@ fn run_suite(img: &Images) {
     b.ping()
         .expect("agent B serves again after a dropped connection");
 
+    // Fault 3: page-server dump, then the restore fails on B: the pages exist only on B, so the
+    // relay fetches them back into A's kept checkpoint before A rolls back.
+    let mark = client.snapshot().len();
+    b.page_server(27000).expect("start page server");
+    let opts = HandoffOpts {
+        checkpoint: CheckpointOpts {
+            pre_dump_rounds: 0,
+            page_server: Some("10.77.0.3:27000".into()),
+        },
+        fault: Some(Fault::MissingDataFile),
+        ..HandoffOpts::default()
+    };
+    match handoff(&mut a, &mut b, &opts) {
+        Err(HandoffError::RolledBack {
+            pid,
+            cause:
+                HostError::Agent {
+                    kind: ErrorKind::Restore,
+                    ..
+                },
+        }) => {
+            println!(
+                "fault 3 (restore failure on B after a page-server dump): pages fetched back, rolled back to A, pid {pid}"
+            );
+        }
+        other => panic!("fault 3: expected a rollback with the pages fetched back, got {other:?}"),
+    }
+    client.wait_replies_from("guest-a", 3);
+    let gap_f3 = max_gap(&client.snapshot(), mark);
+
     // The moves: plain dump A->B, with pre-dump B->A, with page server A->B.
     let mut rows = vec![];
     let moves: [(&str, u32, bool); 3] = [
@@ -790,10 +821,11 @@ fn run_suite(img: &Images) {
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
     assert_eq!(switches, 3, "expected A->B->A->B");
     println!(
-        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, {}",
+        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, {}",
         replies.len(),
         gap_f1.as_millis(),
         gap_f2.as_millis(),
+        gap_f3.as_millis(),
         rows.iter()
             .map(|(l, _, g)| format!("{l} {} ms", g.as_millis()))
             .collect::<Vec<_>>()
