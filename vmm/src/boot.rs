@@ -494,4 +494,38 @@ mod tests {
             Err(BootError::InitrdTooBig { .. })
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Garbage shaped like a bzImage or an ELF file is a typed error, never a panic.
+        #[test]
+        fn random_kernel_images_never_panic(
+            mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..0x3000),
+            kind in 0u8..3,
+        ) {
+            match kind {
+                0 if bytes.len() >= 0x206 => bytes[0x202..0x206].copy_from_slice(b"HdrS"),
+                1 if bytes.len() >= 4 => bytes[..4].copy_from_slice(b"\x7fELF"),
+                _ => {}
+            }
+            let ram = GuestRam::new(4 << 20).unwrap();
+            let _ = load_kernel(ram.memory(), &mut std::io::Cursor::new(bytes));
+        }
+
+        /// A real ELF image with corrupted header bytes loads or fails with a typed error.
+        #[test]
+        fn corrupted_elf_headers_never_panic(
+            edits in proptest::collection::vec((0usize..0x200, proptest::prelude::any::<u8>()), 1..8),
+        ) {
+            let mut img = crate::guests::HELLO.elf.to_vec();
+            for (at, v) in edits {
+                if at < img.len() {
+                    img[at] = v;
+                }
+            }
+            let ram = GuestRam::new(4 << 20).unwrap();
+            let _ = load_kernel(ram.memory(), &mut std::io::Cursor::new(img));
+        }
+    }
 }
