@@ -292,6 +292,30 @@ impl Client {
     }
 }
 
+/// Runs a handoff A->B that must fail with a cause `expected` accepts and roll back to A; waits
+/// until A answers the client again; returns the client-observed gap.
+fn fault_case(
+    label: &str,
+    a: &mut AgentClient,
+    b: &mut AgentClient,
+    client: &Client,
+    opts: &HandoffOpts,
+    expected: impl Fn(&HostError) -> bool,
+) -> Duration {
+    let mark = client.snapshot().len();
+    match handoff(a, b, opts) {
+        Err(HandoffError::RolledBack { pid, cause }) if expected(&cause) => {
+            println!(
+                "{label}: rolled back to A, pid {pid}; cause: {}",
+                guest_agent::agent::error_chain(&cause)
+            );
+        }
+        other => panic!("{label}: expected a rollback to A, got {other:?}"),
+    }
+    client.wait_replies_from("guest-a", 3);
+    max_gap(&client.snapshot(), mark)
+}
+
 /// Replies numbered consecutively from `first` with offsets matching the exact data file contents.
 fn check_continuity(replies: &[Reply], first: u64) {
     let mut off = 0u64;
@@ -603,56 +627,51 @@ fn run_suite(img: &Images) {
     println!("process tree on A: {} tasks", tree.len());
 
     // Fault 1: the restore fails on B (a data file is missing) -> rolled back, A keeps serving.
-    let mark = client.snapshot().len();
+    let restore_failed = |e: &HostError| {
+        matches!(
+            e,
+            HostError::Agent {
+                kind: ErrorKind::Restore,
+                ..
+            }
+        )
+    };
     let opts = HandoffOpts {
         fault: Some(Fault::MissingDataFile),
         ..HandoffOpts::default()
     };
-    match handoff(&mut a, &mut b, &opts) {
-        Err(HandoffError::RolledBack {
-            pid,
-            cause:
-                HostError::Agent {
-                    kind: ErrorKind::Restore,
-                    message,
-                },
-        }) => {
-            println!(
-                "fault 1 (restore failure on B): rolled back to A, pid {pid}; cause: {message}"
-            );
-        }
-        other => panic!("fault 1: expected a rollback after a restore error, got {other:?}"),
-    }
-    client.wait_replies_from("guest-a", 3);
-    let gap_f1 = max_gap(&client.snapshot(), mark);
+    let gap_f1 = fault_case(
+        "fault 1 (restore failure on B)",
+        &mut a,
+        &mut b,
+        &client,
+        &opts,
+        restore_failed,
+    );
+    let b_addr = exec(
+        &mut b,
+        &format!("ip -o addr show dev eth0 | grep -c {SERVICE_IP} || true"),
+    );
     assert_eq!(
-        exec(
-            &mut b,
-            &format!("ip -o addr show dev eth0 | grep -c {SERVICE_IP} || true")
-        )
-        .trim(),
-        "0"
+        b_addr.trim(),
+        "0",
+        "B kept the service address after a failed restore"
     );
 
     // Fault 2: the target connection drops mid-stream -> rolled back, A keeps serving.
-    let mark = client.snapshot().len();
     let opts = HandoffOpts {
         drop_target_after: Some(1 << 20),
         ..HandoffOpts::default()
     };
-    match handoff(&mut a, &mut b, &opts) {
-        Err(HandoffError::RolledBack {
-            pid,
-            cause: HostError::InjectedDrop(n),
-        }) => {
-            println!(
-                "fault 2 (target connection dropped after {n} bytes): rolled back to A, pid {pid}"
-            );
-        }
-        other => panic!("fault 2: expected a rollback after the dropped connection, got {other:?}"),
-    }
-    client.wait_replies_from("guest-a", 3);
-    let gap_f2 = max_gap(&client.snapshot(), mark);
+    let dropped = |e: &HostError| matches!(e, HostError::InjectedDrop(_));
+    let gap_f2 = fault_case(
+        "fault 2 (target connection dropped mid-stream)",
+        &mut a,
+        &mut b,
+        &client,
+        &opts,
+        dropped,
+    );
     // The host also dropped its source connection while A was still streaming: A's agent must have
     // rolled back by itself (its log goes to A's console).
     let console = fs::read_to_string(&ga.log).unwrap_or_default();
@@ -666,7 +685,6 @@ fn run_suite(img: &Images) {
 
     // Fault 3: page-server dump, then the restore fails on B: the pages exist only on B, so the
     // relay fetches them back into A's kept checkpoint before A rolls back.
-    let mark = client.snapshot().len();
     b.page_server(27000).expect("start page server");
     let opts = HandoffOpts {
         checkpoint: CheckpointOpts {
@@ -676,23 +694,8 @@ fn run_suite(img: &Images) {
         fault: Some(Fault::MissingDataFile),
         ..HandoffOpts::default()
     };
-    match handoff(&mut a, &mut b, &opts) {
-        Err(HandoffError::RolledBack {
-            pid,
-            cause:
-                HostError::Agent {
-                    kind: ErrorKind::Restore,
-                    ..
-                },
-        }) => {
-            println!(
-                "fault 3 (restore failure on B after a page-server dump): pages fetched back, rolled back to A, pid {pid}"
-            );
-        }
-        other => panic!("fault 3: expected a rollback with the pages fetched back, got {other:?}"),
-    }
-    client.wait_replies_from("guest-a", 3);
-    let gap_f3 = max_gap(&client.snapshot(), mark);
+    let label = "fault 3 (restore failure on B after a page-server dump; pages fetched back)";
+    let gap_f3 = fault_case(label, &mut a, &mut b, &client, &opts, restore_failed);
 
     // The moves: plain dump A->B, with pre-dump B->A, with page server A->B.
     let mut rows = vec![];
