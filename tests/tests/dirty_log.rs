@@ -53,3 +53,54 @@ fn dirty_log_tracks_guest_writes() {
     vm.machine.stop().unwrap();
     assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
 }
+
+#[test]
+fn dirtier_guest_dirties_the_pages_the_host_asks_for() {
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm::guests::DIRTIER;
+
+    if !kvm_or_skip("dirtier_guest_dirties_the_pages_the_host_asks_for") {
+        return;
+    }
+    let mut vm = TestVm::start_guest("dirtier", 1).unwrap();
+    assert!(vm.wait_serial("dirtier: ready\n", Duration::from_secs(30)));
+    let sym = |s| GuestAddress(DIRTIER.symbol(s).unwrap());
+    let mem = vm.machine.memory().clone();
+    vm.machine.vm_mut().set_dirty_logging(true).unwrap();
+    let _ = dirty_pages(&vm);
+    std::thread::sleep(Duration::from_millis(20));
+    let dirty = dirty_pages(&vm);
+    let base = 16u64 << 20;
+    let in_range = |d: &[u64], n: u64| {
+        d.iter()
+            .filter(|&&p| p >= base && p < base + n * 4096)
+            .count()
+    };
+    assert_eq!(
+        in_range(&dirty, 256),
+        256,
+        "all 256 default pages are written"
+    );
+    assert_eq!(in_range(&dirty, 1 << 20), 256, "and none beyond them");
+
+    mem.write_obj(8u64, sym("shared_dirty_pages")).unwrap();
+    // Let a pass that may have started with the old count finish, then look afresh.
+    let passes = mem.read_obj::<u64>(sym("shared_passes")).unwrap();
+    while mem.read_obj::<u64>(sym("shared_passes")).unwrap() < passes + 2 {
+        std::thread::yield_now();
+    }
+    let _ = dirty_pages(&vm);
+    std::thread::sleep(Duration::from_millis(20));
+    let dirty = dirty_pages(&vm);
+    assert_eq!(in_range(&dirty, 1 << 20), 8, "{dirty:x?}");
+    let first: u64 = mem.read_obj(GuestAddress(base)).unwrap();
+    assert!(first > passes, "pages hold the pass number");
+
+    mem.write_obj(1u64, sym("shared_stop")).unwrap();
+    let reported = vm.reports.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(reported >= first);
+    assert_eq!(
+        vm.machine.wait(Some(Duration::from_secs(30))).unwrap(),
+        StopReason::PowerOff
+    );
+}
