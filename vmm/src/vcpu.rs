@@ -507,6 +507,9 @@ impl Vcpu {
                         match rx.try_recv() {
                             Ok(VcpuEvent::Pause) => {
                                 running = false;
+                                // Tell a kvmclock guest it was stopped (no soft-lockup
+                                // reports); EINVAL when the guest has no kvmclock.
+                                let _ = self.fd.kvmclock_ctrl();
                                 let _ = resp.send(VcpuResponse::Paused);
                                 break;
                             }
