@@ -1,7 +1,8 @@
 //! Boot and exit latency of the test guests on this host (a comparison script, not a test):
 //! `cargo run --release -p vmm --example boot_time [runs]`.
 //!
-//! Prints, for the `hello` guest, KVM_CREATE_VM -> first serial byte and guest power-off request
+//! Prints, for the `hello` guest, KVM_CREATE_VM -> vCPUs started (VMM setup) and -> first serial
+//! byte (adds the guest's CPL0 stub), and guest power-off request
 //! -> vCPU threads joined; for the `counter` guest, the host request -> port-I/O report round
 //! trip, and pause / resume times.
 
@@ -32,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(20);
     let (mut boot, mut exit, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    let mut setup = Vec::new();
     for _ in 0..runs {
         let mut cfg = MachineConfig::test_guest("hello");
         cfg.console = ConsoleTarget::Null;
@@ -41,10 +43,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         assert_eq!(m.wait(Some(Duration::from_secs(30)))?, StopReason::PowerOff);
         let t = m.timeline();
         let stopped = t.stopped.ok_or("no stop time")?;
+        setup.push(t.started.ok_or("not started")? - t.created);
         boot.push(m.serial_stats().first_byte_at().ok_or("no output")? - t.created);
         exit.push(stopped - m.power().requested_at().ok_or("no power event")?);
         total.push(stopped - t.created);
     }
+    summary("hello: KVM_CREATE_VM -> vCPU threads started", setup);
     summary("hello: KVM_CREATE_VM -> first serial byte", boot);
     summary("hello: power-off request -> vCPUs joined", exit);
     summary("hello: KVM_CREATE_VM -> vCPUs joined", total);
