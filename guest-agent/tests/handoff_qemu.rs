@@ -819,7 +819,24 @@ fn run_suite(img: &Images) {
             "state.json\n",
             "images left on {g}"
         );
+        // Dumped trees were reaped by the agent, restored ones by its init: no zombies.
+        let zombies = exec(c, "ps -eo stat= | grep -c '^Z' || true");
+        assert_eq!(zombies.trim(), "0", "zombies on {g}");
     }
+    // The tree moved under its own PIDs: same root, and every task on B carries a PID from the
+    // range the workload was given on A (B's own processes have low PIDs). The JVM starts and
+    // stops compiler threads by itself, so the exact thread set differs from the one seen at start.
+    let (pid_b, tree_b) = b.status().unwrap();
+    assert_eq!(pid_b, Some(pid), "root PID on B");
+    assert!(
+        tree_b.len() >= tree.len().saturating_sub(5) && tree_b.iter().all(|&t| t >= 20000),
+        "process tree on B {tree_b:?} vs on A at start {tree:?}"
+    );
+    println!(
+        "process tree on B after three moves: {} tasks (A at start: {})",
+        tree_b.len(),
+        tree.len()
+    );
     let hosts: Vec<&str> = replies.iter().map(|r| r.host.as_str()).collect();
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
     assert_eq!(switches, 3, "expected A->B->A->B");
