@@ -25,6 +25,8 @@ const MERGE_LOG: &str = "merge.log";
 const IMAGE_FILE: &str = "image";
 const COMPARE_CHUNK: u64 = 1 << 20;
 const COPY_PIECE: u64 = 8 << 20;
+/// Output bytes after which their writeback is started (overlapping copying and disk writes).
+const KICK_BYTES: u64 = 8 << 20;
 
 /// One of the two deltas being merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -814,6 +816,8 @@ pub fn merge(
             opts,
             done: 0,
             total: 0,
+            dirty: None,
+            dirty_bytes: 0,
         };
         w.total = report.bytes_to_write + if opts.flatten { active.size() } else { 0 };
         if opts.flatten && resume.0 == 0 {
@@ -879,9 +883,27 @@ struct Writer<'a> {
     opts: &'a MergeOptions,
     done: u64,
     total: u64,
+    dirty: Option<(u64, u64)>,
+    dirty_bytes: u64,
 }
 
 impl Writer<'_> {
+    /// Notes `[offset, offset + len)` as written; starts writeback every `KICK_BYTES`.
+    fn written(&mut self, offset: u64, len: u64) -> Result<(), MergeError> {
+        let (lo, hi) = self.dirty.get_or_insert((offset, offset + len));
+        *lo = (*lo).min(offset);
+        *hi = (*hi).max(offset + len);
+        self.dirty_bytes += len;
+        if self.dirty_bytes >= KICK_BYTES {
+            let (lo, hi) = (*lo, *hi);
+            crate::sys::start_writeback(self.target, lo, hi - lo)
+                .map_err(io_err("write back", self.target_path))?;
+            self.dirty = None;
+            self.dirty_bytes = 0;
+        }
+        Ok(())
+    }
+
     fn progress(&mut self, n: u64) {
         self.done += n;
         self.since_checkpoint += n;
@@ -918,6 +940,7 @@ fn apply(op: &PlanOp, a: &Delta, b: &Delta, w: &mut Writer<'_>) -> Result<(), Me
                 let n = (op.offset + op.len - pos).min(COPY_PIECE);
                 crate::sys::copy_range(src.data_file(), pos, w.target, pos, n)
                     .map_err(io_err("copy into", w.target_path))?;
+                w.written(pos, n)?;
                 pos += n;
                 w.progress(n);
             }
