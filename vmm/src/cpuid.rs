@@ -4,7 +4,9 @@
 
 use std::fs;
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
+use kvm_bindings::{
+    CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
+};
 use kvm_ioctls::Kvm;
 
 /// Errors of CPUID setup.
@@ -126,6 +128,21 @@ pub fn normalize_entries(
     if emulating {
         // No XSAVE: drop the XSAVE state enumeration leaf.
         entries.retain(|e| e.function != 0xd);
+    }
+    // Extended topology: KVM may list leaf 0xb (and 0x1f) with only subleaf 0; give the guest
+    // both levels (SMT, core) and the terminating invalid level, filled in below.
+    for leaf in [0xb, 0x1f] {
+        if entries.iter().any(|e| e.function == leaf) {
+            entries.retain(|e| e.function != leaf);
+            for index in 0..3 {
+                entries.push(kvm_cpuid_entry2 {
+                    function: leaf,
+                    index,
+                    flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                });
+            }
+        }
     }
     for e in entries.iter_mut() {
         match e.function {
@@ -263,6 +280,25 @@ mod tests {
         assert_eq!((l3.eax >> 14) & 0xfff, 3);
         assert_eq!(find(&e, 0x8000_0008, 0).ecx & 0xf0ff, (2 << 12) | 3);
         assert_eq!(e.iter().filter(|x| x.function == 0xd).count(), 2);
+    }
+
+    #[test]
+    fn extended_topology_subleaves_are_added() {
+        let mut e = vec![entry(0x1, 0), entry(0xb, 0)];
+        normalize_entries(&mut e, 1, 2, HostKvm::Hardware).unwrap();
+        let subleaves: Vec<u32> = e
+            .iter()
+            .filter(|x| x.function == 0xb)
+            .map(|x| x.index)
+            .collect();
+        assert_eq!(subleaves, vec![0, 1, 2]);
+        let core = find(&e, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (1, 2, 0x201, 1));
+        assert_eq!(core.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+        assert!(
+            e.iter().all(|x| x.function != 0x1f),
+            "0x1f only where the host has it"
+        );
     }
 
     #[test]
