@@ -74,7 +74,7 @@ if [ ! -s "$initrd" ]; then
     trap 'rm -rf "$iroot"' EXIT
     install_busybox "$iroot"
     copy_modules "$kdir" "$iroot" "${VIRTIO_MODULES[@]}" "${CRIU_MODULES[@]}" >/dev/null
-    install -m 755 "$agent" "$iroot/guest-agent"
+    install -s -m 755 "$agent" "$iroot/guest-agent"
     {
         echo '#!/bin/sh'
         echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
