@@ -62,8 +62,12 @@ fetch_deb() {
 # prints that directory.
 fetch_kernel() {
     local meta ver dir deb
-    find "$CACHE/apt/lists" -maxdepth 1 2>/dev/null -name '*Packages*' -mmin -1440 | grep -q . \
-        || guest_apt apt-get update -qq >/dev/null
+    # Refresh the package lists once a day; without network, lists from an earlier run will do.
+    if ! find "$CACHE/apt/lists" -maxdepth 1 2>/dev/null -name '*Packages*' -mmin -1440 | grep -q .; then
+        guest_apt apt-get update -qq >/dev/null \
+            || find "$CACHE/apt/lists" -maxdepth 1 -name '*Packages*' | grep -q . \
+            || { log "cannot fetch the $GUEST_SUITE package lists"; return 1; }
+    fi
     meta=$(guest_apt apt-cache show linux-image-cloud-amd64 2>/dev/null | sed -n 's/^Depends: *//p' | head -n1)
     ver=$(echo "$meta" | grep -oE 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)
     [ -n "$ver" ] || { log "cannot resolve linux-image-cloud-amd64"; return 1; }
