@@ -655,3 +655,26 @@ impl Drop for Machine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Machine>();
+        assert_send::<VcpuHandle>();
+    }
+
+    #[test]
+    fn lifecycle_table() {
+        use VmState::*;
+        assert!(Created.can_go(Booted));
+        assert!(Running.can_go(Paused) && Paused.can_go(Running));
+        assert!(!Created.can_go(Running));
+        assert!(!Stopped.can_go(Running));
+        assert!(!Stopped.can_go(Stopped));
+        assert!(!Booted.can_go(Paused));
+    }
+}
