@@ -36,6 +36,19 @@ fn hello_prints_and_powers_off() {
 }
 
 #[test]
+fn i8042_reset_ends_the_vm_in_order() {
+    if !kvm_or_skip("i8042_reset_ends_the_vm_in_order") {
+        return;
+    }
+    let mut vm = TestVm::start_guest("reset", 2).unwrap();
+    assert_eq!(vm.machine.wait(Some(LIMIT)).unwrap(), StopReason::Reset);
+    let text = vm.serial_text();
+    assert_eq!(text, "reset: via i8042\n");
+    assert_eq!(vm.machine.state(), VmState::Stopped);
+    assert_eq!(vm.machine.vcpus().len(), 2, "both vCPU threads ended");
+}
+
+#[test]
 fn triple_fault_is_a_typed_error() {
     if !kvm_or_skip("triple_fault_is_a_typed_error") {
         return;
