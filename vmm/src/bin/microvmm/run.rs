@@ -39,8 +39,8 @@ pub struct RunArgs {
     /// Serial console: `stdout`, `null`, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
-    /// Boot a guest of the test-guest kit by name (hello, counter, smp, triple_fault,
-    /// emulation_failure).
+    /// Boot a guest of the test-guest kit by name (hello, counter, dirtier, smp, reset,
+    /// triple_fault, emulation_failure, cpuid_dump, insn_probe).
     #[arg(long, conflicts_with = "kernel")]
     test_guest: Option<String>,
     /// Also put `virtio_mmio.device=` entries on the command line.
