@@ -74,3 +74,31 @@ fn boot_writes_cmdline_zero_page_and_acpi_for_virtio_devices() {
     assert_eq!(v, [0x5a; 4]);
     assert_eq!(m.vcpus().len(), 2);
 }
+
+#[test]
+fn a_machine_can_run_on_memory_shared_with_another() {
+    use std::time::Duration;
+    use vmm::memory::GuestRam;
+    if !kvm_or_skip("a_machine_can_run_on_memory_shared_with_another") {
+        return;
+    }
+    let ram = GuestRam::new(32 << 20).unwrap();
+    let mut first =
+        Machine::with_ram(MachineConfig::test_guest("hello"), None, Some(ram.clone())).unwrap();
+    assert_eq!(first.config().mem_mib, 32);
+    first.boot().unwrap();
+    // The second machine maps the same memfd and sees what the first one loaded.
+    let shared = GuestRam::from_memfd(ram.memfd().clone(), ram.size()).unwrap();
+    let second = Machine::with_ram(MachineConfig::test_guest("hello"), None, Some(shared)).unwrap();
+    let mut sig = [0u8; 8];
+    second
+        .memory()
+        .read_slice(&mut sig, GuestAddress(layout::ACPI_START))
+        .unwrap();
+    assert_eq!(&sig, b"RSD PTR ");
+    first.start().unwrap();
+    assert_eq!(
+        first.wait(Some(Duration::from_secs(30))).unwrap(),
+        vmm::StopReason::PowerOff
+    );
+}

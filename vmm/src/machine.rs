@@ -237,6 +237,19 @@ impl Machine {
     /// Creates the VM, its memory and legacy devices. The serial console goes to the config's
     /// target, or to `console` if given (tests pass a buffer).
     pub fn new(cfg: MachineConfig, console: Option<SerialOutput>) -> Result<Self, MachineError> {
+        Self::with_ram(cfg, console, None)
+    }
+
+    /// Like [`Machine::new`], but on existing guest RAM (e.g. a memfd shared with or copied from
+    /// another VM) instead of fresh zeroed memory; its size replaces `cfg.mem_mib`.
+    pub fn with_ram(
+        mut cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        ram: Option<GuestRam>,
+    ) -> Result<Self, MachineError> {
+        if let Some(r) = &ram {
+            cfg.mem_mib = r.size() >> 20;
+        }
         let created = Instant::now();
         let kvm = vm::open_kvm()?;
         let max = kvm.get_max_vcpus().min(254);
@@ -262,7 +275,10 @@ impl Machine {
                     source,
                 })?;
         }
-        let ram = GuestRam::new(cfg.mem_mib.saturating_mul(1 << 20))?;
+        let ram = match ram {
+            Some(r) => r,
+            None => GuestRam::new(cfg.mem_mib.saturating_mul(1 << 20))?,
+        };
         let vm = Vm::new(kvm, ram)?;
 
         let pio = Arc::new(Bus::new());
