@@ -158,7 +158,8 @@ pub fn normalize_entries(
                     e.ecx &= !L1_ECX_HIDE_EMULATING;
                 }
             }
-            0x4 => {
+            // Only real cache descriptors (type != 0); AMD lists leaf 4 as all zeros.
+            0x4 if e.eax & 0x1f != 0 => {
                 // Cores per package - 1 in 31:26; threads sharing the cache - 1 in 25:14.
                 let level = (e.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { u32::from(count) - 1 } else { 0 };
@@ -240,9 +241,12 @@ mod tests {
     fn sample() -> Vec<kvm_cpuid_entry2> {
         let mut l4 = entry(0x4, 2);
         l4.eax = (3 << 5) | 0x3; // L3 unified
+        let mut l4_null = entry(0x4, 3);
+        l4_null.eax = 0; // no more caches
         vec![
             entry(0x1, 0),
             l4,
+            l4_null,
             entry(0x7, 0),
             entry(0xb, 0),
             entry(0xb, 1),
@@ -278,6 +282,7 @@ mod tests {
         let l3 = find(&e, 4, 2);
         assert_eq!(l3.eax >> 26, 3);
         assert_eq!((l3.eax >> 14) & 0xfff, 3);
+        assert_eq!(find(&e, 4, 3).eax, 0, "null cache descriptor untouched");
         assert_eq!(find(&e, 0x8000_0008, 0).ecx & 0xf0ff, (2 << 12) | 3);
         assert_eq!(e.iter().filter(|x| x.function == 0xd).count(), 2);
     }
