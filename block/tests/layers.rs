@@ -325,6 +325,30 @@ fn garbage_and_truncated_files_give_typed_errors() {
 }
 
 #[test]
+fn disk_trait_on_layers() {
+    use block::Disk;
+    let t = tempfile::tempdir().unwrap();
+    let base = base_with(t.path(), MIB, 7);
+    assert!(base.is_read_only());
+    assert!(matches!(
+        base.write_at(&[0; 4096], 0),
+        Err(BlockError::ReadOnly { .. })
+    ));
+    let d: Box<dyn Disk> = Box::new(Delta::create(&t.path().join("d"), base).unwrap());
+    assert!(!d.is_read_only());
+    assert_eq!(d.size(), MIB);
+    d.write_at(&[1; 4096], 0).unwrap();
+    d.discard(4096, 8192).unwrap();
+    d.flush().unwrap();
+    let mut b = vec![0u8; 16384];
+    d.read_at(&mut b, 0).unwrap();
+    assert!(same(
+        &b,
+        &[vec![1; 4096], vec![0; 8192], vec![7; 4096]].concat()
+    ));
+}
+
+#[test]
 fn shared_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Delta>();

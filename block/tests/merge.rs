@@ -34,6 +34,7 @@ fn make_base(dir: &Path) -> Arc<Layer> {
 enum Op {
     Write { start: u64, len: u64, fill: u8 },
     Zero { start: u64, len: u64 },
+    Discard { start: u64, len: u64 },
     Flush,
 }
 
@@ -41,6 +42,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..BLOCKS, 1..6u64, 0..3u8).prop_map(|(s, l, f)| Op::Write { start: s, len: l.min(BLOCKS - s), fill: f }),
         2 => (0..BLOCKS, 1..6u64).prop_map(|(s, l)| Op::Zero { start: s, len: l.min(BLOCKS - s) }),
+        1 => (0..BLOCKS, 1..6u64).prop_map(|(s, l)| Op::Discard { start: s, len: l.min(BLOCKS - s) }),
         1 => Just(Op::Flush),
     ]
 }
@@ -56,6 +58,10 @@ fn run(d: &Delta, ops: &[Op], model: &mut [Option<u8>]) {
             }
             Op::Zero { start, len } => {
                 d.write_zeroes(start * BS, len * BS).unwrap();
+                model[start as usize..(start + len) as usize].fill(Some(0));
+            }
+            Op::Discard { start, len } => {
+                d.discard(start * BS, len * BS).unwrap();
                 model[start as usize..(start + len) as usize].fill(Some(0));
             }
             Op::Flush => {
