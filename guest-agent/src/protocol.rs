@@ -619,6 +619,42 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Any byte string read as frames yields frames or typed errors, never a panic, and a
+        /// message decode of any frame is typed too.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let mut r = Cursor::new(bytes);
+            for _ in 0..64 {
+                match read_frame(&mut r) {
+                    Ok(f) => {
+                        let _ = decode_message::<Request>(&f);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+
+        /// Headers that differ from a valid one in any byte are either still valid or rejected
+        /// with a typed error.
+        #[test]
+        fn corrupted_headers_are_typed(pos in 0usize..HEADER_LEN, val in proptest::prelude::any::<u8>()) {
+            let mut b = frame_bytes(FrameKind::Data, b"abc");
+            b[pos] = val;
+            match read_frame(&mut Cursor::new(b)) {
+                Ok(f) => proptest::prop_assert!(f.payload.len() <= 3),
+                Err(e) => proptest::prop_assert!(!matches!(e, ProtocolError::Io(_))),
+            }
+        }
+
+        /// Any payload up to a few chunks round-trips through data frames.
+        #[test]
+        fn data_roundtrip(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let b = frame_bytes(FrameKind::Data, &payload);
+            proptest::prop_assert_eq!(read_frame(&mut Cursor::new(b)).unwrap().payload, payload);
+        }
+    }
+
     #[test]
     fn every_request_roundtrips() {
         let spec = WorkloadSpec {
