@@ -8,7 +8,7 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{KernelSource, MachineConfig};
 use vmm::cpuid::HostKvm;
-use vmm::guests::{COUNTER, CounterProbe, SMP};
+use vmm::guests::{CHAOS, COUNTER, CounterProbe, SMP};
 use vmm::machine::VmState;
 use vmm::vcpu::VcpuError;
 use vmm::{Machine, MachineError, StopReason};
@@ -46,6 +46,35 @@ fn i8042_reset_ends_the_vm_in_order() {
     assert_eq!(text, "reset: via i8042\n");
     assert_eq!(vm.machine.state(), VmState::Stopped);
     assert_eq!(vm.machine.vcpus().len(), 2, "both vCPU threads ended");
+}
+
+#[test]
+fn random_port_and_mmio_accesses_do_not_upset_the_vmm() {
+    if !kvm_or_skip("random_port_and_mmio_accesses_do_not_upset_the_vmm") {
+        return;
+    }
+    for seed in [1u64, 0xdead_beef, 0x1234_5678_9abc_def1] {
+        let mut vm = TestVm::boot(MachineConfig::test_guest("chaos")).unwrap();
+        let mem = vm.machine.memory();
+        mem.write_obj(seed, GuestAddress(CHAOS.symbol("shared_seed").unwrap()))
+            .unwrap();
+        mem.write_obj(
+            3000u64,
+            GuestAddress(CHAOS.symbol("shared_rounds").unwrap()),
+        )
+        .unwrap();
+        vm.machine.start().unwrap();
+        assert_eq!(vm.machine.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+        assert!(
+            vm.reports.try_recv().is_ok(),
+            "seed {seed:#x}: rounds not done"
+        );
+        assert!(
+            vm.serial_text().ends_with("chaos: survived\n"),
+            "seed {seed:#x}: {:?}",
+            vm.serial_text()
+        );
+    }
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "stdout")]
     console: String,
     /// Boot a guest of the test-guest kit by name (hello, counter, dirtier, smp, reset,
-    /// triple_fault, emulation_failure, cpuid_dump, insn_probe).
+    /// chaos, triple_fault, emulation_failure, cpuid_dump, insn_probe).
     #[arg(long, conflicts_with = "kernel")]
     test_guest: Option<String>,
     /// Also put `virtio_mmio.device=` entries on the command line.
