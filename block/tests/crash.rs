@@ -174,15 +174,14 @@ fn spawn(kind: &str, dir: &Path, round: u64, seed: u64) -> Child {
         .env("BLOCK_CRASH_SEED", seed.to_string())
         .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(
-            std::fs::File::create(
-                std::env::temp_dir()
-                    .join(format!("block-crash-{}-{kind}.stderr", std::process::id())),
-            )
-            .unwrap(),
-        ))
+        .stderr(Stdio::from(std::fs::File::create(child_log(kind)).unwrap()))
         .spawn()
         .unwrap()
+}
+
+/// Where a child's stderr goes (removed when its test ends).
+fn child_log(kind: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("block-crash-{}-{kind}.stderr", std::process::id()))
 }
 
 /// Waits for the child's `START` line, kills it `delay` later (unless it exited); returns its
@@ -220,9 +219,7 @@ fn kill_after(kind: &str, mut child: Child, delay: Duration) -> (String, bool, D
     let ran = t0.elapsed();
     reader.read_to_string(&mut text).unwrap();
     if exited {
-        let log =
-            std::env::temp_dir().join(format!("block-crash-{}-{kind}.stderr", std::process::id()));
-        let err = std::fs::read_to_string(log).unwrap_or_default();
+        let err = std::fs::read_to_string(child_log(kind)).unwrap_or_default();
         assert!(
             status.success(),
             "child failed on its own: {status:?}\n{err}"
@@ -279,6 +276,7 @@ fn writer_kills(kills: u64, seed0: u64) {
         }
     }
     eprintln!("writer: {kills} kills ({completed} children finished first), full run {full:?}");
+    let _ = std::fs::remove_file(child_log("writer"));
     assert!(
         completed < kills / 2,
         "most children must be killed mid-run"
@@ -400,6 +398,7 @@ fn merger_kills(kills: u64, seed: u64) {
     eprintln!(
         "merger: {done} kills, {resumed} resumed merges, {finished_by_child} children finished first, full run {full:?}"
     );
+    let _ = std::fs::remove_file(child_log("merger"));
     assert!(resumed * 10 >= kills, "too few kills landed inside a merge");
 }
 
