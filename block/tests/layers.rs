@@ -381,3 +381,54 @@ fn shared_between_threads() {
         ));
     }
 }
+
+mod garbage {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn delta_dir() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let t = tempfile::tempdir().unwrap();
+        let (dp, _) = journal_with_three_flushes(t.path());
+        let j = std::fs::read(dp.join(block::JOURNAL_FILE)).unwrap();
+        (t, dp, j)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random bytes as a journal, or a valid journal with random bytes spliced in: opening
+        /// gives a delta or a typed error, never a panic; whatever opens reads fine.
+        #[test]
+        fn random_journal_bytes_never_panic(
+            junk in prop::collection::vec(any::<u8>(), 0..600),
+            at in 0usize..1024,
+            splice: bool,
+        ) {
+            let (_t, dp, orig) = delta_dir();
+            let bytes = if splice {
+                let mut b = orig.clone();
+                let at = at.min(b.len());
+                let end = (at + junk.len()).min(b.len());
+                b[at..end].copy_from_slice(&junk[..end - at]);
+                b
+            } else {
+                junk
+            };
+            std::fs::write(dp.join(block::JOURNAL_FILE), &bytes).unwrap();
+            for writable in [false, true] {
+                if let Ok(d) = Delta::open_with(&dp, writable, false) {
+                    let mut buf = vec![0u8; 12288];
+                    d.read_at(&mut buf, 0).unwrap();
+                }
+            }
+        }
+
+        /// Random bytes as `meta`: a typed error, never a panic.
+        #[test]
+        fn random_meta_bytes_never_panic(junk in prop::collection::vec(any::<u8>(), 0..300)) {
+            let (_t, dp, _) = delta_dir();
+            std::fs::write(dp.join(block::META_FILE), &junk).unwrap();
+            prop_assert!(Delta::open_read_only(&dp).is_err());
+        }
+    }
+}
