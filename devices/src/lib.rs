@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod power;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use power::{PowerControl, PowerEvent};

@@ -1,0 +1,917 @@
+//! virtio-blk: request parsing (untrusted descriptor chains) apart from execution on a disk backend.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use block::{BlockError, Disk};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, Activation, GuestMemory, GuestReader, GuestWriter, INT_VRING, Interrupt,
+    SharedQueue, VIRTIO_F_VERSION_1, VirtioDevice, WorkerThread,
+};
+
+/// Virtio device ID of a block device.
+pub const DEVICE_TYPE_BLOCK: u32 = 2;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Largest data payload of one request.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Largest number of discard/write-zeroes segments in one request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+const F_SEG_MAX: u32 = 2;
+const F_RO: u32 = 5;
+const F_BLK_SIZE: u32 = 6;
+const F_FLUSH: u32 = 9;
+const F_DISCARD: u32 = 13;
+const F_WRITE_ZEROES: u32 = 14;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// Request status: success.
+pub const S_OK: u8 = 0;
+/// Request status: I/O error (also bad requests).
+pub const S_IOERR: u8 = 1;
+/// Request status: unsupported request type.
+pub const S_UNSUPP: u8 = 2;
+
+/// Why a descriptor chain is not a well-formed request.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// The chain points outside guest memory, loops, or is otherwise unusable.
+    #[error("invalid descriptor chain")]
+    InvalidChain,
+    /// The chain has no device-writable byte for the status.
+    #[error("no writable status byte")]
+    NoStatus,
+    /// The device-readable part is shorter than the 16-byte header.
+    #[error("request header truncated")]
+    ShortHeader,
+    /// A data length is not a multiple of the block size, or too large.
+    #[error("bad data length {0}")]
+    BadLength(usize),
+    /// The sector range leaves the disk or is not block-aligned.
+    #[error("sector {sector} + {bytes} bytes is outside the disk or unaligned")]
+    OutOfRange {
+        /// Start sector.
+        sector: u64,
+        /// Length in bytes.
+        bytes: u64,
+    },
+    /// Discard/write-zeroes segment list malformed.
+    #[error("bad discard/write-zeroes segments")]
+    BadSegments,
+    /// A write to a read-only disk.
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    /// An unknown request type.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+}
+
+/// One discard or write-zeroes range, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+}
+
+/// A parsed, validated request. Data buffers stay in guest memory until execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Read `len` bytes at `offset` into the chain's writable buffers.
+    In {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: usize,
+    },
+    /// Write the chain's readable data (after the header) at `offset`.
+    Out {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: usize,
+    },
+    /// Flush.
+    Flush,
+    /// Return the device ID string.
+    GetId,
+    /// Discard ranges.
+    Discard(Vec<Range>),
+    /// Write zeroes to ranges.
+    WriteZeroes(Vec<Range>),
+}
+
+/// Disk geometry a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskLimits {
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical block size in bytes.
+    pub block_size: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+impl DiskLimits {
+    fn check(&self, sector: u64, bytes: u64) -> Result<u64, RequestError> {
+        let err = RequestError::OutOfRange { sector, bytes };
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(err.clone())?;
+        let end = offset.checked_add(bytes).ok_or(err.clone())?;
+        if end > self.size
+            || offset % self.block_size != 0
+            || !bytes.is_multiple_of(self.block_size)
+        {
+            return Err(err);
+        }
+        Ok(offset)
+    }
+}
+
+/// A request that failed to parse, with the status byte's writer when the chain has one.
+pub type ParseFailure<'a> = (RequestError, Option<GuestWriter<'a>>);
+
+/// Parses the request header and validates it against `limits`, consuming the header from
+/// `reader` and splitting the status byte off the end of `writer`; returns the request and the
+/// status byte's writer (`writer` keeps the data area).
+pub fn parse<'a>(
+    reader: &mut GuestReader<'a>,
+    writer: &mut GuestWriter<'a>,
+    limits: &DiskLimits,
+) -> Result<(Request, GuestWriter<'a>), ParseFailure<'a>> {
+    let avail = writer.available_bytes();
+    if avail == 0 {
+        return Err((RequestError::NoStatus, None));
+    }
+    let status = writer
+        .split_at(avail - 1)
+        .map_err(|_| (RequestError::NoStatus, None))?;
+    match parse_body(reader, writer, limits) {
+        Ok(req) => Ok((req, status)),
+        Err(e) => Err((e, Some(status))),
+    }
+}
+
+fn parse_body(
+    reader: &mut GuestReader<'_>,
+    writer: &GuestWriter<'_>,
+    limits: &DiskLimits,
+) -> Result<Request, RequestError> {
+    let mut hdr = [0u8; 16];
+    reader
+        .read_exact(&mut hdr)
+        .map_err(|_| RequestError::ShortHeader)?;
+    let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes(
+        hdr[8..16]
+            .try_into()
+            .map_err(|_| RequestError::ShortHeader)?,
+    );
+    match ty {
+        T_IN => {
+            let len = writer.available_bytes();
+            if len > MAX_REQUEST_BYTES {
+                return Err(RequestError::BadLength(len));
+            }
+            let offset = limits.check(sector, len as u64)?;
+            Ok(Request::In { offset, len })
+        }
+        T_OUT => {
+            if limits.read_only {
+                return Err(RequestError::ReadOnly);
+            }
+            let len = reader.available_bytes();
+            if len > MAX_REQUEST_BYTES {
+                return Err(RequestError::BadLength(len));
+            }
+            let offset = limits.check(sector, len as u64)?;
+            Ok(Request::Out { offset, len })
+        }
+        T_FLUSH => Ok(Request::Flush),
+        T_GET_ID => Ok(Request::GetId),
+        T_DISCARD | T_WRITE_ZEROES => {
+            if limits.read_only {
+                return Err(RequestError::ReadOnly);
+            }
+            let bytes = reader.available_bytes();
+            if bytes == 0 || !bytes.is_multiple_of(16) || bytes / 16 > MAX_DISCARD_SEGMENTS as usize
+            {
+                return Err(RequestError::BadSegments);
+            }
+            let mut ranges = Vec::with_capacity(bytes / 16);
+            for _ in 0..bytes / 16 {
+                let mut seg = [0u8; 16];
+                reader
+                    .read_exact(&mut seg)
+                    .map_err(|_| RequestError::BadSegments)?;
+                let sector = u64::from_le_bytes(
+                    seg[0..8]
+                        .try_into()
+                        .map_err(|_| RequestError::BadSegments)?,
+                );
+                let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+                let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+                // Only the "unmap" flag (bit 0) exists, and only for write-zeroes.
+                if flags & !1 != 0 || (ty == T_DISCARD && flags != 0) {
+                    return Err(RequestError::BadSegments);
+                }
+                let len = u64::from(num) * SECTOR_SIZE;
+                let offset = limits.check(sector, len)?;
+                ranges.push(Range { offset, len });
+            }
+            Ok(if ty == T_DISCARD {
+                Request::Discard(ranges)
+            } else {
+                Request::WriteZeroes(ranges)
+            })
+        }
+        other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+/// Executes a parsed request; returns the status byte and the bytes written into the chain's data.
+pub fn execute(
+    req: &Request,
+    reader: &mut GuestReader<'_>,
+    writer: &mut GuestWriter<'_>,
+    disk: &dyn Disk,
+    id: &[u8; ID_BYTES],
+    buf: &mut Vec<u8>,
+) -> (u8, usize) {
+    let io = |r: Result<(), BlockError>| if r.is_ok() { S_OK } else { S_IOERR };
+    match req {
+        Request::In { offset, len } => {
+            buf.resize(*len, 0);
+            if disk.read_at(buf, *offset).is_err() {
+                return (S_IOERR, 0);
+            }
+            match writer.write_all(buf) {
+                Ok(()) => (S_OK, *len),
+                Err(_) => (S_IOERR, writer.bytes_written()),
+            }
+        }
+        Request::Out { offset, len } => {
+            buf.resize(*len, 0);
+            if reader.read_exact(buf).is_err() {
+                return (S_IOERR, 0);
+            }
+            (io(disk.write_at(buf, *offset)), 0)
+        }
+        Request::Flush => (io(disk.flush()), 0),
+        Request::GetId => {
+            let n = writer.available_bytes().min(ID_BYTES);
+            match writer.write_all(&id[..n]) {
+                Ok(()) => (S_OK, n),
+                Err(_) => (S_IOERR, 0),
+            }
+        }
+        Request::Discard(ranges) => (
+            io(ranges
+                .iter()
+                .try_for_each(|r| disk.discard(r.offset, r.len))),
+            0,
+        ),
+        Request::WriteZeroes(ranges) => (
+            io(ranges
+                .iter()
+                .try_for_each(|r| disk.write_zeroes(r.offset, r.len))),
+            0,
+        ),
+    }
+}
+
+/// Errors while processing a queue: the ring itself is broken, so the device needs a reset.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Reading the available ring or writing the used ring failed.
+    #[error("virtqueue access failed")]
+    Ring(#[source] virtio_queue::Error),
+}
+
+/// Handles one descriptor chain end to end; returns the used length to report.
+fn handle_chain(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    disk: &dyn Disk,
+    limits: &DiskLimits,
+    id: &[u8; ID_BYTES],
+    buf: &mut Vec<u8>,
+) -> u32 {
+    let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
+        // No usable buffers: nothing can be reported back but the used entry itself.
+        return 0;
+    };
+    match parse(&mut reader, &mut writer, limits) {
+        Ok((req, mut status)) => {
+            let (code, written) = execute(&req, &mut reader, &mut writer, disk, id, buf);
+            match status.write_all(&[code]) {
+                Ok(()) => (written + 1) as u32,
+                Err(_) => written as u32,
+            }
+        }
+        Err((e, status)) => {
+            let code = if matches!(e, RequestError::Unsupported(_)) {
+                S_UNSUPP
+            } else {
+                S_IOERR
+            };
+            match status {
+                Some(mut w) => u32::from(w.write_all(&[code]).is_ok()),
+                None => 0,
+            }
+        }
+    }
+}
+
+/// Processes every available request on `queue`; returns whether the driver must be notified.
+pub fn process_queue(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    disk: &dyn Disk,
+    id: &[u8; ID_BYTES],
+    buf: &mut Vec<u8>,
+) -> Result<bool, QueueError> {
+    let limits = DiskLimits {
+        size: disk.size(),
+        block_size: block::SECTOR_SIZE,
+        read_only: disk.is_read_only(),
+    };
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle_chain(chain, mem, disk, &limits, id, buf);
+            queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+            used_any = true;
+        }
+        if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
+            break;
+        }
+    }
+    Ok(used_any && queue.needs_notification(mem).map_err(QueueError::Ring)?)
+}
+
+/// A virtio-blk device on a [`BlockBackend`].
+pub struct Block {
+    disk: Arc<dyn Disk>,
+    id: [u8; ID_BYTES],
+    config: [u8; 60],
+    features: u64,
+    worker: Option<WorkerThread>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("id", &String::from_utf8_lossy(&self.id))
+            .field("size", &self.disk.size())
+            .field("running", &self.worker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Block {
+    /// A block device serving `disk`, identified by `id` (up to 20 bytes, as GET_ID returns it).
+    pub fn new(disk: Arc<dyn Disk>, id: &str) -> Self {
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        // Advertise the delta's tracking granularity so a Linux guest issues whole 4 KiB blocks
+        // (512-byte aligned requests from other drivers are still accepted).
+        let block_size = block::BLOCK_SIZE as u32;
+        let mut features =
+            (1u64 << VIRTIO_F_VERSION_1) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH);
+        if disk.is_read_only() {
+            features |= 1 << F_RO;
+        } else {
+            features |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES);
+        }
+        let mut config = [0u8; 60];
+        let max_sectors = (MAX_REQUEST_BYTES as u64 / SECTOR_SIZE) as u32;
+        config[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes()); // capacity
+        config[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
+        config[20..24].copy_from_slice(&block_size.to_le_bytes()); // blk_size
+        config[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        config[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
+        config[44..48].copy_from_slice(&(block_size / 512).to_le_bytes()); // discard_sector_alignment
+        config[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        config[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+        config[56] = 1; // write_zeroes_may_unmap
+        Self {
+            disk,
+            id: idb,
+            config,
+            features,
+            worker: None,
+        }
+    }
+}
+
+/// Waits until `a` or `b` is readable; returns (a_ready, b_ready).
+fn wait2(a: &EventFd, b: &EventFd) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd structs that outlives the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if n < 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let start = offset.min(self.config.len() as u64) as usize;
+        let end = offset
+            .saturating_add(data.len() as u64)
+            .min(self.config.len() as u64) as usize;
+        data[..end - start].copy_from_slice(&self.config[start..end]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The writeback toggle is not offered; the config space is read-only.
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            mut queue_events,
+            interrupt,
+            ..
+        } = a;
+        if queues.len() != 1 || queue_events.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.into_iter().next().ok_or(ActivateError::QueueCount {
+            expected: 1,
+            got: 0,
+        })?;
+        let notify = queue_events.remove(0);
+        let disk = Arc::clone(&self.disk);
+        let id = self.id;
+        self.worker = Some(WorkerThread::spawn("virtio-blk", move |kill| {
+            worker(&queue, &mem, disk.as_ref(), &id, &notify, kill, &interrupt);
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+fn worker(
+    queue: &SharedQueue,
+    mem: &GuestMemory,
+    disk: &dyn Disk,
+    id: &[u8; ID_BYTES],
+    notify: &EventFd,
+    kill: &EventFd,
+    interrupt: &Interrupt,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let (queue_ready, killed) = wait2(notify, kill);
+        if killed {
+            return;
+        }
+        if !queue_ready {
+            continue;
+        }
+        let _ = notify.read();
+        let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+        match process_queue(&mut q, mem, disk, id, &mut buf) {
+            Ok(true) => interrupt.trigger(INT_VRING),
+            Ok(false) => {}
+            Err(_) => {
+                interrupt.set_needs_reset();
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::testing::{DATA, Driver, RamDisk};
+    use crate::virtio::{INT_CONFIG, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET};
+
+    const VERSION_1: u64 = 1 << 32;
+    const HDR: u64 = DATA;
+    const BUF: u64 = DATA + 0x1000;
+    const STATUS: u64 = DATA + 0x100;
+
+    fn header(d: &Driver, ty: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        d.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    fn status(d: &Driver) -> u8 {
+        d.mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn ready(disk: Arc<RamDisk>) -> Driver {
+        let mut d = Driver::new(Box::new(Block::new(disk, "disk-0")));
+        let st = d.init(VERSION_1 | (1 << F_FLUSH), 1);
+        assert_eq!(
+            st & (STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+            STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        );
+        d
+    }
+
+    #[test]
+    fn write_read_flush_get_id_through_the_transport() {
+        let disk = RamDisk::new(1 << 20, false);
+        let mut d = ready(Arc::clone(&disk));
+        assert_eq!(d.rd(0x000), 0x7472_6976);
+        assert_eq!(d.rd(0x008), DEVICE_TYPE_BLOCK);
+        // Capacity in the config space, read as two 32-bit halves.
+        assert_eq!(d.rd(0x100), (1 << 20) / 512);
+
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        d.mem.write_slice(&pattern, GuestAddress(BUF)).unwrap();
+        header(&d, T_OUT, 8);
+        let head = d.add_chain(&[(HDR, 16, false), (BUF, 8192, false), (STATUS, 1, true)]);
+        assert_eq!(d.kick_and_wait(1), vec![(u32::from(head), 1)]);
+        assert_eq!(status(&d), S_OK);
+        assert_eq!(disk.data.lock().unwrap()[4096..4096 + 8192], pattern[..]);
+        assert!(d.transport.interrupt().status() & INT_VRING != 0);
+        assert!(d.transport.interrupt().eventfd().read().unwrap() >= 1);
+
+        // Read it back into a fresh buffer split over two descriptors.
+        d.mem.write_slice(&[0u8; 8192], GuestAddress(BUF)).unwrap();
+        header(&d, T_IN, 8);
+        let head = d.add_chain(&[
+            (HDR, 16, false),
+            (BUF, 4096, true),
+            (BUF + 4096, 4096, true),
+            (STATUS, 1, true),
+        ]);
+        assert_eq!(d.kick_and_wait(1), vec![(u32::from(head), 8193)]);
+        assert_eq!(status(&d), S_OK);
+        // The device's writes into guest memory are in the dirty bitmap (for live copy).
+        {
+            use vm_memory::GuestMemoryRegion;
+            use vm_memory::bitmap::Bitmap;
+            let region = <GuestMemory as vm_memory::GuestMemoryBackend>::find_region(
+                &d.mem,
+                GuestAddress(BUF),
+            )
+            .unwrap();
+            assert!(region.bitmap().dirty_at(BUF as usize));
+            assert!(region.bitmap().dirty_at(BUF as usize + 4096));
+            assert!(!region.bitmap().dirty_at(BUF as usize + 0x100000));
+        }
+        let mut back = vec![0u8; 8192];
+        d.mem.read_slice(&mut back, GuestAddress(BUF)).unwrap();
+        assert_eq!(back, pattern);
+
+        header(&d, T_FLUSH, 0);
+        d.add_chain(&[(HDR, 16, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), S_OK);
+        assert_eq!(*disk.flushes.lock().unwrap(), 1);
+
+        header(&d, T_GET_ID, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 20, true), (STATUS, 1, true)]);
+        assert_eq!(d.kick_and_wait(1)[0].1, 21);
+        let mut id = [0u8; 20];
+        d.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        assert_eq!(&id[..6], b"disk-0");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_backend_as_ranges() {
+        let disk = RamDisk::new(1 << 20, false);
+        disk.data.lock().unwrap().fill(0xee);
+        let mut d = ready(Arc::clone(&disk));
+        let mut seg = Vec::new();
+        for (sector, n, flags) in [(8u64, 8u32, 0u32), (64, 16, 0)] {
+            seg.extend_from_slice(&sector.to_le_bytes());
+            seg.extend_from_slice(&n.to_le_bytes());
+            seg.extend_from_slice(&flags.to_le_bytes());
+        }
+        d.mem.write_slice(&seg, GuestAddress(BUF)).unwrap();
+        header(&d, T_DISCARD, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 32, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), S_OK);
+        header(&d, T_WRITE_ZEROES, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 16, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), S_OK);
+        assert_eq!(
+            *disk.log.lock().unwrap(),
+            vec![('d', 4096, 4096), ('d', 32768, 8192), ('z', 4096, 4096)]
+        );
+        let data = disk.data.lock().unwrap();
+        assert!(data[4096..8192].iter().all(|&b| b == 0));
+        assert!(data[8192..32768].iter().all(|&b| b == 0xee));
+    }
+
+    #[test]
+    fn bad_requests_get_error_status_and_touch_nothing() {
+        let disk = RamDisk::new(64 * 1024, false);
+        let mut d = ready(Arc::clone(&disk));
+        type Chain = Vec<(u64, u32, bool)>;
+        let cases: Vec<(u32, u64, Chain, u8)> = vec![
+            // Past the end of the disk.
+            (
+                T_OUT,
+                128,
+                vec![(HDR, 16, false), (BUF, 4096, false), (STATUS, 1, true)],
+                S_IOERR,
+            ),
+            // Read ending past the disk from an in-range start.
+            (
+                T_IN,
+                127,
+                vec![(HDR, 16, false), (BUF, 1024, true), (STATUS, 1, true)],
+                S_IOERR,
+            ),
+            // Length not a sector multiple.
+            (
+                T_OUT,
+                0,
+                vec![(HDR, 16, false), (BUF, 100, false), (STATUS, 1, true)],
+                S_IOERR,
+            ),
+            // Sector number that overflows.
+            (
+                T_IN,
+                u64::MAX / 2,
+                vec![(HDR, 16, false), (BUF, 4096, true), (STATUS, 1, true)],
+                S_IOERR,
+            ),
+            // Unknown type.
+            (77, 0, vec![(HDR, 16, false), (STATUS, 1, true)], S_UNSUPP),
+            // Header too short.
+            (T_IN, 0, vec![(HDR, 8, false), (STATUS, 1, true)], S_IOERR),
+            // Oversized request.
+            (
+                T_IN,
+                0,
+                vec![
+                    (HDR, 16, false),
+                    (0x20000, 17 << 20, true),
+                    (STATUS, 1, true),
+                ],
+                S_IOERR,
+            ),
+        ];
+        for (ty, sector, chain, want) in cases {
+            header(&d, ty, sector);
+            d.add_chain(&chain);
+            d.kick_and_wait(1);
+            assert_eq!(status(&d), want, "type {ty} sector {sector}");
+        }
+        assert!(disk.log.lock().unwrap().is_empty());
+        // A chain whose buffer lies outside guest memory and one without a status byte:
+        // completed with used length 0, nothing written, device still works afterwards.
+        header(&d, T_IN, 0);
+        d.add_chain(&[
+            (HDR, 16, false),
+            (0x7fff_0000_0000, 4096, true),
+            (STATUS, 1, true),
+        ]);
+        assert_eq!(d.kick_and_wait(1)[0].1, 0);
+        d.add_chain(&[(HDR, 16, false)]);
+        assert_eq!(d.kick_and_wait(1)[0].1, 0);
+        header(&d, T_FLUSH, 0);
+        d.add_chain(&[(HDR, 16, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), S_OK);
+        assert_eq!(d.rd(0x70) & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn looping_chain_is_rejected_not_followed_forever() {
+        let disk = RamDisk::new(64 * 1024, false);
+        let mut d = ready(Arc::clone(&disk));
+        header(&d, T_IN, 0);
+        // 0 -> 1 -> 0 -> ... never ends.
+        d.put_desc(0, HDR, 16, 1, 1);
+        d.put_desc(1, BUF, 512, 1 | 2, 0);
+        d.publish(0);
+        // The queue stops following the chain after queue-size descriptors; the request is then
+        // malformed (a 4095-byte read) and fails with an error status in its last writable byte.
+        assert_eq!(d.kick_and_wait(1), vec![(0, 1)]);
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(BUF + 511)).unwrap(),
+            S_IOERR
+        );
+        assert!(disk.log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes() {
+        let disk = RamDisk::new(64 * 1024, true);
+        let mut d = Driver::new(Box::new(Block::new(
+            Arc::clone(&disk) as Arc<dyn Disk>,
+            "ro",
+        )));
+        // Offered features include RO; accept it.
+        let st = d.init(VERSION_1 | (1 << F_RO), 1);
+        assert_ne!(st & STATUS_DRIVER_OK, 0);
+        header(&d, T_OUT, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), S_IOERR);
+        assert!(disk.log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn feature_negotiation_refuses_unoffered_or_legacy() {
+        let disk = RamDisk::new(4096, false);
+        let mut d = Driver::new(Box::new(Block::new(
+            Arc::clone(&disk) as Arc<dyn Disk>,
+            "x",
+        )));
+        // Bit 40 is not offered.
+        assert_eq!(d.init(VERSION_1 | (1 << 40), 1) & STATUS_FEATURES_OK, 0);
+        // A legacy driver (no VERSION_1) is refused.
+        assert_eq!(d.init(1 << F_FLUSH, 1) & STATUS_FEATURES_OK, 0);
+        assert_ne!(d.init(VERSION_1, 1) & STATUS_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn misconfigured_queue_sets_needs_reset() {
+        let disk = RamDisk::new(4096, false);
+        let mut d = Driver::new(Box::new(Block::new(disk, "x")));
+        d.wr(0x70, 1);
+        d.wr(0x70, 3);
+        d.wr(0x24, 1);
+        d.wr(0x20, 1);
+        d.wr(0x70, 11);
+        d.wr(0x30, 0);
+        d.wr(0x38, 16);
+        // Used ring far outside guest memory.
+        d.set_addr(0x80, 0x1000);
+        d.set_addr(0x90, 0x2000);
+        d.set_addr(0xa0, 0x7fff_ffff_0000);
+        d.wr(0x44, 1);
+        d.wr(0x70, 15);
+        assert_ne!(d.rd(0x70) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(d.transport.interrupt().status() & INT_CONFIG, 0);
+        assert!(!d.transport.is_activated());
+        // Reset clears it and the device can be set up properly.
+        d.wr(0x70, 0);
+        assert_eq!(d.rd(0x70), 0);
+        assert_ne!(d.init(VERSION_1, 1) & STATUS_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn transport_state_round_trips_and_resumes_processing() {
+        let disk = RamDisk::new(64 * 1024, false);
+        let mut d = ready(Arc::clone(&disk));
+        d.mem.write_slice(&[7u8; 512], GuestAddress(BUF)).unwrap();
+        header(&d, T_OUT, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        let state = d.transport.state();
+        assert_eq!(state.queues[0].next_avail, 1);
+        let json = serde_json::to_string(&state).unwrap();
+
+        // A new transport + device on the same memory continues from the saved ring positions.
+        let mut d2 = Driver::new(Box::new(Block::new(
+            Arc::clone(&disk) as Arc<dyn Disk>,
+            "d",
+        )));
+        d2.mem = d.mem.clone();
+        let irq = crate::virtio::Interrupt::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap());
+        d2.transport = crate::virtio::mmio::MmioTransport::new(
+            Box::new(Block::new(Arc::clone(&disk) as Arc<dyn Disk>, "d")),
+            d.mem.clone(),
+            irq,
+        )
+        .unwrap();
+        d.transport.write(0x70, &0u32.to_le_bytes()); // stop the old device first
+        let restored: crate::virtio::mmio::MmioState = serde_json::from_str(&json).unwrap();
+        d2.transport.restore(&restored).unwrap();
+        assert!(d2.transport.is_activated());
+        assert_eq!(d2.transport.state(), state);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::testing::{AVAIL, DESC, QSIZE, RamDisk, USED, memory};
+
+    fn queue() -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Random descriptor tables, ring contents and request headers never panic the device,
+        /// never complete more requests than were published, and never write the disk outside it.
+        #[test]
+        fn random_descriptor_tables_are_handled(
+            descs in proptest::collection::vec((0u64..(40 << 20), 0u32..(1 << 21), 0u16..8, 0u16..32), 16),
+            heads in proptest::collection::vec(0u16..24, 0..16),
+            header in proptest::collection::vec(any::<u8>(), 16),
+            ty in prop_oneof![Just(0u32), Just(1), Just(4), Just(8), Just(11), Just(13), any::<u32>()],
+            sector in prop_oneof![0u64..256, any::<u64>()],
+        ) {
+            let mem = memory();
+            for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+                let mut d = [0u8; 16];
+                d[0..8].copy_from_slice(&addr.to_le_bytes());
+                d[8..12].copy_from_slice(&len.to_le_bytes());
+                d[12..14].copy_from_slice(&flags.to_le_bytes());
+                d[14..16].copy_from_slice(&next.to_le_bytes());
+                mem.write_slice(&d, GuestAddress(DESC + i as u64 * 16)).unwrap();
+            }
+            for (i, h) in heads.iter().enumerate() {
+                mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2)).unwrap();
+            }
+            mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
+            // Put a plausible header wherever the first descriptors point.
+            let mut h = header.clone();
+            h[0..4].copy_from_slice(&ty.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            for (addr, ..) in descs.iter().take(4) {
+                let _ = mem.write_slice(&h, GuestAddress(*addr));
+            }
+            let disk = RamDisk::new(128 * 1024, false);
+            let mut q = queue();
+            let mut buf = Vec::new();
+            let _ = process_queue(&mut q, &mem, disk.as_ref(), &[0; ID_BYTES], &mut buf);
+            let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            prop_assert!(usize::from(used) <= heads.len());
+            for (_, off, len) in disk.log.lock().unwrap().iter() {
+                prop_assert!(off + len <= 128 * 1024);
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Virtio 1.x devices over the MMIO transport.
+//!
+//! The transport ([`mmio::MmioTransport`]) owns the queues while the driver sets them up; on
+//! DRIVER_OK it hands them to the device ([`VirtioDevice::activate`]), which processes them when
+//! a queue's notification eventfd fires (an ioeventfd registered with KVM, or signalled by the
+//! transport itself on a QueueNotify write) and raises its interrupt through an eventfd (an irqfd).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::AtomicBitmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod blk;
+pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+pub mod vsock;
+
+/// Feature bit: the device complies with virtio 1.x (modern only; this transport refuses legacy).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: the driver may use `VIRTQ_DESC_F_INDIRECT`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+
+/// Device status: the guest noticed the device.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Device status: the guest has a driver.
+pub const STATUS_DRIVER: u32 = 2;
+/// Device status: the driver is ready.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Device status: feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// Device status: the device hit an error and needs a reset.
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+/// Device status: the driver gave up on the device.
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed (or NEEDS_RESET was set).
+pub const INT_CONFIG: u32 = 2;
+
+/// A queue shared between the transport (setup, snapshot) and the device worker (processing).
+pub type SharedQueue = Arc<Mutex<Queue>>;
+
+/// Guest memory as the devices see it: with a dirty bitmap, so that device writes into guest
+/// memory are tracked for live copy just like vCPU writes (which KVM logs).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Reader over the device-readable buffers of a chain in [`GuestMemory`].
+pub type GuestReader<'a> = virtio_queue::Reader<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+/// Writer over the device-writable buffers of a chain in [`GuestMemory`].
+pub type GuestWriter<'a> = virtio_queue::Writer<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+
+/// The device side of an interrupt line: an interrupt-status word shared with the transport and
+/// an eventfd (an irqfd on the in-kernel irqchip) that raises the line.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    event: Arc<EventFd>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Wraps the eventfd that raises the guest interrupt.
+    pub fn new(event: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            event: Arc::new(event),
+            broken: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Called by a device whose queue is unusable: the transport then reports NEEDS_RESET.
+    pub fn set_needs_reset(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        self.trigger(INT_CONFIG);
+    }
+
+    /// Whether a device asked for a reset since the last [`Interrupt::clear_needs_reset`].
+    pub fn needs_reset(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Forgets a reset request (the driver reset the device).
+    pub fn clear_needs_reset(&self) {
+        self.broken.store(false, Ordering::SeqCst);
+    }
+
+    /// Raises the interrupt with `bits` (`INT_VRING` / `INT_CONFIG`) set in the status.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        // A full eventfd counter (2^64-2) is the only failure; the line is then already raised.
+        let _ = self.event.write(1);
+    }
+
+    /// The interrupt status bits the driver has not acknowledged yet.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears `bits` (the driver's InterruptACK write).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The eventfd raising the line (for registering as an irqfd, or reading in tests).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The queues, configured and validated by the transport (shared so it can snapshot them).
+    pub queues: Vec<SharedQueue>,
+    /// One notification eventfd per queue (clones of the transport's).
+    pub queue_events: Vec<EventFd>,
+    /// The interrupt line.
+    pub interrupt: Interrupt,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Errors a device reports when it cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("device expects {expected} queues, got {got}")]
+    QueueCount {
+        /// Expected.
+        expected: usize,
+        /// Received.
+        got: usize,
+    },
+    /// Cloning an eventfd or spawning the worker failed.
+    #[error("cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// A virtio device model, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (must include `VIRTIO_F_VERSION_1`).
+    fn device_features(&self) -> u64;
+    /// Reads the device-specific configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space (most devices ignore writes).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on the driver's queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device's worker (the driver wrote 0 to Status, or the VM is torn down).
+    fn reset(&mut self);
+}
+
+/// A device's worker thread and the eventfd that stops it.
+#[derive(Debug)]
+pub struct WorkerThread {
+    kill: EventFd,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl WorkerThread {
+    /// Spawns `body` on a thread named `name`; `body` must return once its eventfd is readable.
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(&EventFd) + Send + 'static,
+    ) -> Result<Self, ActivateError> {
+        let kill =
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || body(&kill_worker))
+            .map_err(ActivateError::Worker)?;
+        Ok(Self { kill, handle })
+    }
+
+    /// Signals the worker to stop and waits for it.
+    pub fn stop(self) {
+        let _ = self.kill.write(1);
+        let _ = self.handle.join();
+    }
+}

@@ -1,0 +1,485 @@
+//! virtio-vsock (device ID 19): guest stream sockets bridged to Unix sockets on the host.
+
+pub mod muxer;
+pub mod packet;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::muxer::{Muxer, MuxerError};
+use self::packet::{HDR_LEN, Header, MAX_PAYLOAD, PacketError};
+use super::{
+    ActivateError, Activation, GuestMemory, INT_VRING, Interrupt, SharedQueue, VIRTIO_F_VERSION_1,
+    VirtioDevice, WorkerThread,
+};
+
+/// Virtio device ID of a socket device.
+pub const DEVICE_TYPE_VSOCK: u32 = 19;
+/// Queue size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+
+/// A virtio-vsock device whose host side listens at a Unix socket path.
+pub struct Vsock {
+    cid: u64,
+    uds_path: PathBuf,
+    worker: Option<WorkerThread>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("cid", &self.cid)
+            .field("uds_path", &self.uds_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// CIDs 0..=2 are reserved (hypervisor, local, host).
+    #[error("guest CID {0} is reserved; use 3 or above")]
+    ReservedCid(u64),
+}
+
+impl Vsock {
+    /// A device for a guest with context ID `cid`; host connections go through `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if cid <= 2 || cid > u64::from(u32::MAX) {
+            return Err(VsockError::ReservedCid(cid));
+        }
+        Ok(Self {
+            cid,
+            uds_path: uds_path.to_owned(),
+            worker: None,
+        })
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let cfg = self.cid.to_le_bytes();
+        let start = offset.min(8) as usize;
+        let end = offset.saturating_add(data.len() as u64).min(8) as usize;
+        data[..end - start].copy_from_slice(&cfg[start..end]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        if a.queues.len() != 3 || a.queue_events.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: a.queues.len(),
+            });
+        }
+        let muxer = Muxer::new(self.cid, &self.uds_path).map_err(|e| match e {
+            MuxerError::Bind { source, .. } => ActivateError::Worker(source),
+        })?;
+        let mut w = Worker {
+            cid: self.cid,
+            mem: a.mem,
+            queues: a.queues,
+            events: a.queue_events,
+            interrupt: a.interrupt,
+            muxer,
+            rx_starved: false,
+        };
+        self.worker = Some(WorkerThread::spawn("virtio-vsock", move |kill| {
+            w.run(kill)
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+/// Reads one packet from a TX chain: header, then `len` payload bytes, validated.
+pub fn parse_tx(
+    reader: &mut impl Read,
+    available: usize,
+    guest_cid: u64,
+) -> Result<(Header, Vec<u8>), PacketError> {
+    if available < HDR_LEN {
+        return Err(PacketError::Truncated(available));
+    }
+    let mut hb = [0u8; HDR_LEN];
+    reader
+        .read_exact(&mut hb)
+        .map_err(|_| PacketError::BadChain)?;
+    let h = Header::decode(&hb);
+    h.validate(guest_cid, available - HDR_LEN)?;
+    let mut payload = vec![0u8; h.len as usize];
+    reader
+        .read_exact(&mut payload)
+        .map_err(|_| PacketError::BadChain)?;
+    Ok((h, payload))
+}
+
+struct Worker {
+    cid: u64,
+    mem: GuestMemory,
+    queues: Vec<SharedQueue>,
+    events: Vec<EventFd>,
+    interrupt: Interrupt,
+    muxer: Muxer,
+    /// The guest gave no RX buffers last time we had something for it.
+    rx_starved: bool,
+}
+
+impl Worker {
+    fn run(&mut self, kill: &EventFd) {
+        loop {
+            let mut fds: Vec<libc::pollfd> = [kill.as_raw_fd()]
+                .into_iter()
+                .chain(self.events.iter().map(AsRawFd::as_raw_fd))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            fds.extend(
+                self.muxer
+                    .poll_fds(!self.rx_starved)
+                    .into_iter()
+                    .map(|(fd, events)| libc::pollfd {
+                        fd,
+                        events,
+                        revents: 0,
+                    }),
+            );
+            // SAFETY: `fds` is a valid, initialised array of pollfd for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            if n < 0 {
+                continue;
+            }
+            if fds[0].revents != 0 {
+                return;
+            }
+            for ev in &self.events {
+                let _ = ev.read();
+            }
+            let mut notify = false;
+            match self.process_tx() {
+                Ok(used) => notify |= used,
+                Err(()) => return self.interrupt.set_needs_reset(),
+            }
+            self.muxer.service_host();
+            match self.fill_rx() {
+                Ok(used) => notify |= used,
+                Err(()) => return self.interrupt.set_needs_reset(),
+            }
+            if notify {
+                self.interrupt.trigger(INT_VRING);
+            }
+        }
+    }
+
+    /// Consumes every TX chain; malformed packets are dropped (and counted as used).
+    fn process_tx(&mut self) -> Result<bool, ()> {
+        let mut q = self.queues[TXQ].lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = false;
+        while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            if let Ok(mut reader) = chain.reader(&self.mem) {
+                let avail = reader.available_bytes();
+                if let Ok((h, payload)) = parse_tx(&mut reader, avail, self.cid) {
+                    self.muxer.handle_guest_packet(&h, &payload);
+                }
+            }
+            q.add_used(&self.mem, head, 0).map_err(|_| ())?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Delivers pending packets into RX buffers.
+    fn fill_rx(&mut self) -> Result<bool, ()> {
+        let mut q = self.queues[RXQ].lock().unwrap_or_else(|p| p.into_inner());
+        let mut used = false;
+        self.rx_starved = false;
+        loop {
+            let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
+                self.rx_starved = self.muxer.has_control() || self.muxer.connection_count() > 0;
+                break;
+            };
+            let head = chain.head_index();
+            let Ok(mut writer) = chain.writer(&self.mem) else {
+                q.add_used(&self.mem, head, 0).map_err(|_| ())?;
+                used = true;
+                continue;
+            };
+            let cap = writer.available_bytes();
+            if cap < HDR_LEN {
+                q.add_used(&self.mem, head, 0).map_err(|_| ())?;
+                used = true;
+                continue;
+            }
+            let Some((h, payload)) = self.muxer.next_rx((cap - HDR_LEN).min(MAX_PAYLOAD)) else {
+                q.go_to_previous_position();
+                break;
+            };
+            let ok = writer.write_all(&h.encode()).is_ok() && writer.write_all(&payload).is_ok();
+            let len = if ok {
+                (HDR_LEN + payload.len()) as u32
+            } else {
+                0
+            };
+            q.add_used(&self.mem, head, len).map_err(|_| ())?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::packet::*;
+    use super::*;
+    use crate::virtio::testing::{DATA, Driver};
+
+    const CID: u64 = 3;
+    const RX_BUF: u32 = 4096 + HDR_LEN as u32;
+    /// TX packets are built here; RX buffers start at DATA + 0x10000.
+    const TX_AT: u64 = DATA;
+
+    struct Guest {
+        d: Driver,
+        rx_next: u64,
+    }
+
+    impl Guest {
+        fn new(path: &Path) -> Self {
+            let mut d = Driver::new(Box::new(Vsock::new(CID, path).unwrap()));
+            assert_ne!(d.init(1 << 32, 3) & 4, 0, "DRIVER_OK accepted");
+            let mut g = Self { d, rx_next: 0 };
+            for _ in 0..8 {
+                g.give_rx();
+            }
+            g.d.wr(0x50, 0);
+            g
+        }
+
+        fn give_rx(&mut self) {
+            let addr = DATA + 0x10000 + (self.rx_next % 16) * 0x2000;
+            self.rx_next += 1;
+            self.d.add_chain_q(0, &[(addr, RX_BUF, true)]);
+        }
+
+        /// Waits for the next RX packet; returns it and re-posts a buffer.
+        fn recv(&mut self) -> (Header, Vec<u8>) {
+            let (id, len) = self.d.wait_used(0, 1)[0];
+            let _ = id;
+            let addr = DATA + 0x10000 + ((self.rx_next - 8) % 16) * 0x2000;
+            let mut hb = [0u8; HDR_LEN];
+            self.d.mem.read_slice(&mut hb, GuestAddress(addr)).unwrap();
+            let h = Header::decode(&hb);
+            assert_eq!(len as usize, HDR_LEN + h.len as usize);
+            let mut p = vec![0u8; h.len as usize];
+            self.d
+                .mem
+                .read_slice(&mut p, GuestAddress(addr + HDR_LEN as u64))
+                .unwrap();
+            self.give_rx();
+            self.d.wr(0x50, 0);
+            (h, p)
+        }
+
+        fn send(&mut self, h: Header, payload: &[u8]) {
+            let mut b = h.encode().to_vec();
+            b.extend_from_slice(payload);
+            self.d.mem.write_slice(&b, GuestAddress(TX_AT)).unwrap();
+            self.d.add_chain_q(1, &[(TX_AT, b.len() as u32, false)]);
+            self.d.kick_and_wait_q(1, 1);
+        }
+
+        fn hdr(&self, src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
+            Header {
+                src_cid: CID,
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                len,
+                type_: TYPE_STREAM,
+                op,
+                flags: 0,
+                buf_alloc: 65536,
+                fwd_cnt: 0,
+            }
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vsock-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("v.sock")
+    }
+
+    #[test]
+    fn host_initiated_connection_echo_and_shutdown() {
+        let path = tmp("host");
+        let mut g = Guest::new(&path);
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        let (req, _) = g.recv();
+        assert_eq!(
+            (req.op, req.src_cid, req.dst_cid, req.dst_port),
+            (OP_REQUEST, HOST_CID, CID, 52)
+        );
+        let host_port = req.src_port;
+        g.send(g.hdr(52, host_port, OP_RESPONSE, 0), &[]);
+        let mut line = String::new();
+        BufReader::new(host.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, format!("OK {host_port}\n"));
+
+        host.write_all(b"hello").unwrap();
+        let (rw, data) = g.recv();
+        assert_eq!((rw.op, rw.dst_port, rw.src_port), (OP_RW, 52, host_port));
+        assert_eq!(data, b"hello");
+
+        g.send(g.hdr(52, host_port, OP_RW, 5), b"world");
+        let mut back = [0u8; 5];
+        host.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"world");
+
+        // Guest closes both directions: host sees EOF, guest gets RST.
+        let mut sd = g.hdr(52, host_port, OP_SHUTDOWN, 0);
+        sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        g.send(sd, &[]);
+        let (rst, _) = g.recv();
+        assert_eq!(rst.op, OP_RST);
+        let mut b = [0u8; 1];
+        assert_eq!(host.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn guest_initiated_connection_reaches_port_socket() {
+        let path = tmp("guest");
+        let listener = UnixListener::bind(format!("{}_1234", path.display())).unwrap();
+        let mut g = Guest::new(&path);
+        g.send(g.hdr(5000, 1234, OP_REQUEST, 0), &[]);
+        let (resp, _) = g.recv();
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port),
+            (OP_RESPONSE, 1234, 5000)
+        );
+        let (mut host, _) = listener.accept().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        g.send(g.hdr(5000, 1234, OP_RW, 4), b"ping");
+        let mut b = [0u8; 4];
+        host.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        host.write_all(b"pong").unwrap();
+        let (rw, data) = g.recv();
+        assert_eq!((rw.op, data.as_slice()), (OP_RW, &b"pong"[..]));
+        // Host closes: guest is told SHUTDOWN.
+        drop(host);
+        let (sd, _) = g.recv();
+        assert_eq!(sd.op, OP_SHUTDOWN);
+        assert_eq!(sd.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    }
+
+    #[test]
+    fn refused_and_malformed_packets() {
+        let path = tmp("bad");
+        let mut g = Guest::new(&path);
+        // Nobody listens on port 9: RST.
+        g.send(g.hdr(5000, 9, OP_REQUEST, 0), &[]);
+        assert_eq!(g.recv().0.op, OP_RST);
+        // Data for a connection that does not exist: RST.
+        g.send(g.hdr(5001, 9, OP_RW, 3), b"abc");
+        assert_eq!(g.recv().0.op, OP_RST);
+        // Spoofed source CID, bad length, truncated header, unknown op: dropped silently, and the
+        // device keeps working.
+        let mut spoof = g.hdr(5002, 9, OP_REQUEST, 0);
+        spoof.src_cid = 77;
+        g.send(spoof, &[]);
+        g.send(g.hdr(5003, 9, OP_RW, 60000), b"short");
+        g.d.mem
+            .write_slice(&[1u8; 10], GuestAddress(TX_AT))
+            .unwrap();
+        g.d.add_chain_q(1, &[(TX_AT, 10, false)]);
+        g.d.kick_and_wait_q(1, 1);
+        g.send(g.hdr(5004, 9, 42, 0), &[]);
+        g.send(g.hdr(5005, 9, OP_REQUEST, 0), &[]);
+        let (h, _) = g.recv();
+        assert_eq!(
+            (h.op, h.dst_port),
+            (OP_RST, 5005),
+            "only the valid request was answered"
+        );
+    }
+
+    #[test]
+    fn host_data_respects_guest_credit() {
+        let path = tmp("credit");
+        let listener = UnixListener::bind(format!("{}_77", path.display())).unwrap();
+        let mut g = Guest::new(&path);
+        let mut req = g.hdr(6000, 77, OP_REQUEST, 0);
+        req.buf_alloc = 8;
+        g.send(req, &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        let (mut host, _) = listener.accept().unwrap();
+        host.write_all(&[5u8; 20]).unwrap();
+        let (rw, data) = g.recv();
+        assert_eq!(rw.op, OP_RW);
+        assert_eq!(data.len(), 8, "no more than the guest's buf_alloc");
+        // Nothing more arrives until the guest reports it consumed the data.
+        let rx_used = |g: &Guest| -> u16 {
+            g.d.mem
+                .read_obj(GuestAddress(crate::virtio::testing::USED + 2))
+                .unwrap()
+        };
+        let before = rx_used(&g);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(rx_used(&g), before, "no data beyond the credit");
+        let mut upd = g.hdr(6000, 77, OP_CREDIT_UPDATE, 0);
+        upd.buf_alloc = 8;
+        upd.fwd_cnt = 8;
+        g.send(upd, &[]);
+        let (rw, data) = g.recv();
+        assert_eq!((rw.op, data.len()), (OP_RW, 8));
+    }
+}

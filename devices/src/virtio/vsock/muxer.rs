@@ -1,0 +1,458 @@
+//! Host side of virtio-vsock on Unix sockets, following Firecracker's convention:
+//! - host-initiated: connect to `uds_path`, send `CONNECT <port>\n`, receive `OK <hostport>\n`
+//!   once the guest accepted;
+//! - guest-initiated: a guest connection to port P reaches the listener at `<uds_path>_<P>`.
+//!
+//! The muxer is a plain state machine with no queue or thread knowledge: the device feeds it guest
+//! packets and asks it for packets to deliver, which makes it testable on its own.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use super::packet::{
+    HOST_CID, Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
+    OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
+
+/// Receive buffer this side advertises per connection (bytes buffered toward the host socket).
+pub const BUF_ALLOC: u32 = 256 * 1024;
+/// At most this many connections at once; further requests are refused with RST.
+pub const MAX_CONNECTIONS: usize = 256;
+/// At most this many host sockets may be waiting to send their `CONNECT` line.
+pub const MAX_PENDING_HOST: usize = 64;
+/// Longest accepted `CONNECT <port>\n` line.
+const MAX_LINE: usize = 32;
+/// First port number handed out to host-initiated connections.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// Errors of the vsock host side.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    /// Binding the host socket failed.
+    #[error("cannot listen on vsock host socket {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Host asked; waiting for the guest's RESPONSE.
+    HostConnecting,
+    /// Data flows.
+    Established,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    /// Bytes from the guest not yet written to the host socket.
+    to_host: Vec<u8>,
+    /// Bytes received from the guest in total (wrapping).
+    rx_cnt: u32,
+    /// Bytes written to the host socket in total (wrapping): our fwd_cnt.
+    fwd_cnt: u32,
+    /// fwd_cnt last told to the guest.
+    fwd_cnt_sent: u32,
+    /// Bytes sent to the guest in total (wrapping).
+    tx_cnt: u32,
+    /// Guest's receive buffer and consumed count.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+    /// The host socket reached EOF (we told the guest SHUTDOWN).
+    host_eof: bool,
+    /// The guest will send no more.
+    guest_send_done: bool,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, state: State) -> Self {
+        Self {
+            stream,
+            state,
+            to_host: Vec::new(),
+            rx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            tx_cnt: 0,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            host_eof: false,
+            guest_send_done: false,
+        }
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+
+    fn flush_to_host(&mut self) -> io::Result<()> {
+        while !self.to_host.is_empty() {
+            match self.stream.write(&self.to_host) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.to_host.drain(..n);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.guest_send_done {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// (host-side port, guest-side port).
+type Key = (u32, u32);
+
+/// The vsock host side: a listener for host-initiated connections and the live connections.
+#[derive(Debug)]
+pub struct Muxer {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    pending_host: Vec<(UnixStream, Vec<u8>)>,
+    conns: BTreeMap<Key, Conn>,
+    control: VecDeque<Header>,
+    next_host_port: u32,
+    /// Round-robin cursor over connections for fair reading.
+    cursor: Option<Key>,
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl Muxer {
+    /// Listens on `uds_path` (a stale socket file there is replaced).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+        let bind = || -> io::Result<UnixListener> {
+            if std::fs::symlink_metadata(uds_path).is_ok() {
+                std::fs::remove_file(uds_path)?;
+            }
+            let l = UnixListener::bind(uds_path)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let listener = bind().map_err(|source| MuxerError::Bind {
+            path: uds_path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_owned(),
+            listener,
+            pending_host: Vec::new(),
+            conns: BTreeMap::new(),
+            control: VecDeque::new(),
+            next_host_port: FIRST_HOST_PORT,
+            cursor: None,
+        })
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn header(&self, key: Key, op: u16, flags: u32, len: u32) -> Header {
+        let conn = self.conns.get(&key);
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: conn.map_or(0, |c| c.fwd_cnt),
+        }
+    }
+
+    fn send_control(&mut self, key: Key, op: u16, flags: u32) {
+        let h = self.header(key, op, flags, 0);
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.fwd_cnt_sent = c.fwd_cnt;
+        }
+        self.control.push_back(h);
+    }
+
+    fn reset(&mut self, key: Key) {
+        self.conns.remove(&key);
+        self.send_control(key, OP_RST, 0);
+    }
+
+    /// Handles one validated packet from the guest.
+    pub fn handle_guest_packet(&mut self, h: &Header, payload: &[u8]) {
+        let key = (h.dst_port, h.src_port);
+        if h.op == OP_REQUEST {
+            self.guest_connect(key, h);
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            if h.op != OP_RST {
+                self.send_control(key, OP_RST, 0);
+            }
+            return;
+        };
+        conn.peer_buf_alloc = h.buf_alloc;
+        conn.peer_fwd_cnt = h.fwd_cnt;
+        match h.op {
+            OP_RESPONSE if conn.state == State::HostConnecting => {
+                conn.state = State::Established;
+                let line = format!("OK {}\n", key.0);
+                // The host socket is fresh and empty: a short line fits its buffer.
+                if conn.stream.write_all(line.as_bytes()).is_err() {
+                    self.reset(key);
+                }
+            }
+            OP_RW if conn.state == State::Established => {
+                let buffered = conn.rx_cnt.wrapping_sub(conn.fwd_cnt) as usize + payload.len();
+                if buffered > BUF_ALLOC as usize {
+                    // The guest ignored our credit: drop the connection rather than buffer more.
+                    self.reset(key);
+                    return;
+                }
+                conn.rx_cnt = conn.rx_cnt.wrapping_add(payload.len() as u32);
+                conn.to_host.extend_from_slice(payload);
+                if conn.flush_to_host().is_err() {
+                    self.reset(key);
+                    return;
+                }
+                self.maybe_credit_update(key);
+            }
+            OP_SHUTDOWN => {
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    conn.guest_send_done = true;
+                }
+                let both = h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV;
+                let flushed = conn.flush_to_host().is_ok() && conn.to_host.is_empty();
+                if both || !flushed {
+                    self.reset(key);
+                }
+            }
+            OP_RST => {
+                self.conns.remove(&key);
+            }
+            OP_CREDIT_REQUEST => self.send_control(key, OP_CREDIT_UPDATE, 0),
+            OP_CREDIT_UPDATE => {}
+            _ => self.reset(key),
+        }
+    }
+
+    fn maybe_credit_update(&mut self, key: Key) {
+        if let Some(c) = self.conns.get(&key)
+            && c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent) >= BUF_ALLOC / 4
+        {
+            self.send_control(key, OP_CREDIT_UPDATE, 0);
+        }
+    }
+
+    fn guest_connect(&mut self, key: Key, h: &Header) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
+            self.send_control(key, OP_RST, 0);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path.display(), key.0);
+        let stream = UnixStream::connect(path).and_then(|s| s.set_nonblocking(true).map(|()| s));
+        match stream {
+            Ok(s) => {
+                let mut c = Conn::new(s, State::Established);
+                c.peer_buf_alloc = h.buf_alloc;
+                c.peer_fwd_cnt = h.fwd_cnt;
+                self.conns.insert(key, c);
+                self.send_control(key, OP_RESPONSE, 0);
+            }
+            Err(_) => self.send_control(key, OP_RST, 0),
+        }
+    }
+
+    /// Accepts host connections, reads their `CONNECT` lines, flushes buffered data to host
+    /// sockets and notices host-side EOF. Call after the host fds polled readable/writable.
+    pub fn service_host(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if self.pending_host.len() < MAX_PENDING_HOST && s.set_nonblocking(true).is_ok()
+                    {
+                        self.pending_host.push((s, Vec::new()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let pending = std::mem::take(&mut self.pending_host);
+        for (mut s, mut line) in pending {
+            let mut byte = [0u8; 1];
+            let done = loop {
+                match s.read(&mut byte) {
+                    Ok(0) => break Some(None),
+                    Ok(_) if byte[0] == b'\n' => break Some(parse_connect(&line)),
+                    Ok(_) if line.len() >= MAX_LINE => break Some(None),
+                    Ok(_) => line.push(byte[0]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break Some(None),
+                }
+            };
+            match done {
+                None => self.pending_host.push((s, line)),
+                Some(Some(port)) if self.conns.len() < MAX_CONNECTIONS => {
+                    let host_port = self.alloc_host_port();
+                    let key = (host_port, port);
+                    self.conns.insert(key, Conn::new(s, State::HostConnecting));
+                    self.send_control(key, OP_REQUEST, 0);
+                }
+                Some(_) => {} // malformed line, EOF or too many connections: drop the socket
+            }
+        }
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if c.flush_to_host().is_err() {
+                self.reset(key);
+                continue;
+            }
+            self.maybe_credit_update(key);
+        }
+    }
+
+    fn alloc_host_port(&mut self) -> u32 {
+        loop {
+            let p = self.next_host_port;
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_HOST_PORT);
+            if !self.conns.keys().any(|k| k.0 == p) {
+                return p;
+            }
+        }
+    }
+
+    /// Whether a control packet is waiting (deliverable regardless of data credit).
+    pub fn has_control(&self) -> bool {
+        !self.control.is_empty()
+    }
+
+    /// The next packet for the guest, with at most `max_payload` bytes of data, or `None`.
+    /// Data is read from host sockets only within the guest's credit.
+    pub fn next_rx(&mut self, max_payload: usize) -> Option<(Header, Vec<u8>)> {
+        if let Some(h) = self.control.pop_front() {
+            return Some((h, Vec::new()));
+        }
+        let keys: Vec<Key> = match self.cursor {
+            Some(c) => self
+                .conns
+                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                .chain(self.conns.range(..=c))
+                .map(|(k, _)| *k)
+                .collect(),
+            None => self.conns.keys().copied().collect(),
+        };
+        for key in keys {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if c.state != State::Established || c.host_eof {
+                continue;
+            }
+            let want = (c.peer_credit() as usize).min(max_payload);
+            if want == 0 {
+                continue;
+            }
+            let mut buf = vec![0u8; want];
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.host_eof = true;
+                    self.cursor = Some(key);
+                    let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
+                    return Some((h, Vec::new()));
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                    c.fwd_cnt_sent = c.fwd_cnt;
+                    self.cursor = Some(key);
+                    let h = self.header(key, OP_RW, 0, n as u32);
+                    return Some((h, buf));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.reset(key);
+                    return self.control.pop_front().map(|h| (h, Vec::new()));
+                }
+            }
+        }
+        None
+    }
+
+    /// The host fds to wait on: the listener and pending sockets (readable), connections that
+    /// can send to the guest (readable, when `want_data`), connections with buffered data
+    /// toward the host (writable).
+    pub fn poll_fds(&self, want_data: bool) -> Vec<(RawFd, i16)> {
+        let mut fds = vec![(self.listener.as_raw_fd(), libc::POLLIN)];
+        fds.extend(
+            self.pending_host
+                .iter()
+                .map(|(s, _)| (s.as_raw_fd(), libc::POLLIN)),
+        );
+        for c in self.conns.values() {
+            let mut ev = 0;
+            if want_data && c.state == State::Established && !c.host_eof && c.peer_credit() > 0 {
+                ev |= libc::POLLIN;
+            }
+            if !c.to_host.is_empty() {
+                ev |= libc::POLLOUT;
+            }
+            if ev != 0 {
+                fds.push((c.stream.as_raw_fd(), ev));
+            }
+        }
+        fds
+    }
+}
+
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?;
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    s.strip_prefix("CONNECT ")?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_line_parsing() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT x"), None);
+        assert_eq!(parse_connect(b"connect 52"), None);
+        assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
+        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+}
