@@ -7,6 +7,19 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vmm::StopReason;
 use vmm::guests::COUNTER;
 
+/// Waits until the u64 the guest keeps at `addr` has grown by `by` (progress, not time).
+fn wait_progress(vm: &TestVm, addr: u64, by: u64) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mem = vm.machine.memory();
+    let read = || mem.read_obj::<u64>(GuestAddress(addr)).unwrap();
+    let start = read();
+    let t = std::time::Instant::now();
+    while read() < start + by {
+        assert!(t.elapsed() < Duration::from_secs(30), "no guest progress");
+        std::thread::yield_now();
+    }
+}
+
 fn dirty_pages(vm: &TestVm) -> Vec<u64> {
     let mut pages = Vec::new();
     for (slot, bitmap) in vm.machine.vm().dirty_log().unwrap() {
@@ -31,8 +44,9 @@ fn dirty_log_tracks_guest_writes() {
     vm.machine.vm_mut().set_dirty_logging(true).unwrap();
     assert!(vm.machine.vm().dirty_logging());
     let _ = dirty_pages(&vm); // clear what logging-on itself reports
-    std::thread::sleep(Duration::from_millis(20));
-    let counter_page = COUNTER.symbol("shared_counter").unwrap() & !0xfff;
+    let counter = COUNTER.symbol("shared_counter").unwrap();
+    wait_progress(&vm, counter, 2);
+    let counter_page = counter & !0xfff;
     let dirty = dirty_pages(&vm);
     assert!(dirty.contains(&counter_page), "{dirty:x?}");
     assert!(dirty.len() < 16, "only a few pages are written: {dirty:x?}");
@@ -46,7 +60,7 @@ fn dirty_log_tracks_guest_writes() {
         "a paused guest writes nothing"
     );
     vm.machine.resume().unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    wait_progress(&vm, counter, 2);
     assert!(dirty_pages(&vm).contains(&counter_page));
 
     vm.machine.vm_mut().set_dirty_logging(false).unwrap();
@@ -67,8 +81,10 @@ fn dirtier_guest_dirties_the_pages_the_host_asks_for() {
     let sym = |s| GuestAddress(DIRTIER.symbol(s).unwrap());
     let mem = vm.machine.memory().clone();
     vm.machine.vm_mut().set_dirty_logging(true).unwrap();
+    let passes_at = DIRTIER.symbol("shared_passes").unwrap();
     let _ = dirty_pages(&vm);
-    std::thread::sleep(Duration::from_millis(20));
+    // Two more passes: at least one whole pass ran after the log was cleared.
+    wait_progress(&vm, passes_at, 2);
     let dirty = dirty_pages(&vm);
     let base = 16u64 << 20;
     let in_range = |d: &[u64], n: u64| {
@@ -90,7 +106,7 @@ fn dirtier_guest_dirties_the_pages_the_host_asks_for() {
         std::thread::yield_now();
     }
     let _ = dirty_pages(&vm);
-    std::thread::sleep(Duration::from_millis(20));
+    wait_progress(&vm, passes_at, 2);
     let dirty = dirty_pages(&vm);
     assert_eq!(in_range(&dirty, 1 << 20), 8, "{dirty:x?}");
     let first: u64 = mem.read_obj(GuestAddress(base)).unwrap();
