@@ -44,6 +44,9 @@ pub enum AgentError {
     /// The restore failed; the target was cleaned up.
     #[error("restore failed")]
     Restore(#[source] CriuError),
+    /// PIDs of the tree to restore are used by other processes here.
+    #[error("PIDs {0:?} of the process tree are taken on this guest")]
+    PidsTaken(Vec<u32>),
     /// Resuming the application on the source failed.
     #[error("rollback failed")]
     Rollback(#[source] CriuError),
@@ -65,7 +68,7 @@ impl AgentError {
             Self::BadRequest(_) => ErrorKind::BadRequest,
             Self::Sys(_) | Self::Net(_) => ErrorKind::Command,
             Self::Dump(_) => ErrorKind::Dump,
-            Self::Restore(_) => ErrorKind::Restore,
+            Self::Restore(_) | Self::PidsTaken(_) => ErrorKind::Restore,
             Self::Rollback(_) => ErrorKind::Rollback,
             Self::Io { .. } => ErrorKind::Io,
         }
@@ -263,8 +266,8 @@ impl Agent {
             Request::Checkpoint { opts } => {
                 return with_stream_timeouts(conn, |c| self.checkpoint(c, &opts));
             }
-            Request::Restore { spec, fault } => {
-                return with_stream_timeouts(conn, |c| self.restore(c, spec, fault));
+            Request::Restore { spec, tree, fault } => {
+                return with_stream_timeouts(conn, |c| self.restore(c, spec, &tree, fault));
             }
             Request::PageServer { port } => {
                 self.start_page_server(port)?;
@@ -396,7 +399,14 @@ impl Agent {
                 Some((ip.to_string(), port))
             }
         };
-        write_message(conn, &Response::CheckpointBegin { spec: spec.clone() })?;
+        let tree = sys::process_tree(pid);
+        write_message(
+            conn,
+            &Response::CheckpointBegin {
+                spec: spec.clone(),
+                tree,
+            },
+        )?;
         let root = self.cfg.work_dir.join("checkpoint");
         let _ = fs::remove_dir_all(&root);
         let mut stats = CheckpointStats::default();
@@ -579,6 +589,7 @@ impl Agent {
         &self,
         conn: &mut dyn Connection,
         spec: WorkloadSpec,
+        tree: &[u32],
         fault: Option<Fault>,
     ) -> Result<(), AgentError> {
         let mut st = self.lock();
@@ -612,6 +623,26 @@ impl Agent {
         }
         if let Some(mut c) = page_server {
             wait_child(&mut c, Duration::from_secs(60));
+        }
+        // CRIU restores every task under its old PID: refuse up front, with the PIDs named, if
+        // one is taken here (CRIU would fail later with "Can't fork for N: File exists").
+        let taken: Vec<u32> = tree
+            .iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        if !taken.is_empty() {
+            for (tmp, _) in &incoming {
+                let _ = fs::remove_file(tmp);
+            }
+            return Err(AgentError::PidsTaken(taken));
+        }
+        // Helpers spawned from here on (iptables, ip, criu) must not take PIDs of the tree.
+        if let (Some(lo), Some(hi), Some(last)) =
+            (tree.iter().min(), tree.iter().max(), sys::last_pid())
+            && (lo.saturating_sub(1)..*hi).contains(&last)
+        {
+            sys::set_next_pid(hi + 1)?;
         }
         // On failure the images stay for inspection (the next restore replaces them).
         let (pid, took) = self.restore_received(&root, &spec, &incoming, fault)?;

@@ -294,12 +294,13 @@ fn relay(
     src.send(&Request::Checkpoint {
         opts: opts.checkpoint.clone(),
     })?;
-    let spec = match src.recv()? {
-        Response::CheckpointBegin { spec } => spec,
+    let (spec, tree) = match src.recv()? {
+        Response::CheckpointBegin { spec, tree } => (spec, tree),
         r => return Err(unexpected(&r)),
     };
     dst.send(&Request::Restore {
         spec,
+        tree,
         fault: opts.fault,
     })?;
     let mut relayed = 0u64;

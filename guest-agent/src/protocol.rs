@@ -355,6 +355,9 @@ pub enum Request {
     Restore {
         /// The application as the source ran it.
         spec: WorkloadSpec,
+        /// PIDs and TIDs of the dumped tree; the target refuses the restore if one is taken.
+        #[serde(default)]
+        tree: Vec<u32>,
         /// Fault to inject (tests).
         #[serde(default)]
         fault: Option<Fault>,
@@ -439,6 +442,9 @@ pub enum Response {
     CheckpointBegin {
         /// The application's spec (the target needs it to restore).
         spec: WorkloadSpec,
+        /// PIDs and TIDs of the tree being dumped (they must be free on the target).
+        #[serde(default)]
+        tree: Vec<u32>,
     },
     /// One streamed file during a checkpoint.
     File(FileHeader),
@@ -683,6 +689,7 @@ mod tests {
             },
             Request::Restore {
                 spec,
+                tree: vec![20000, 20001],
                 fault: Some(Fault::MissingDataFile),
             },
             Request::File(FileHeader {

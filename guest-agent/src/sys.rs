@@ -134,6 +134,15 @@ pub fn set_next_pid(next: u32) -> Result<(), SysError> {
         .map_err(|e| SysError::NsLastPid(last, e))
 }
 
+/// The last PID handed out in this PID namespace.
+pub fn last_pid() -> Option<u32> {
+    fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether a process with this PID exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -145,6 +145,7 @@ fn restore_rejects_unsafe_paths_and_foreign_data_files() {
         let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
         c.send(&Request::Restore {
             spec: spec.clone(),
+            tree: vec![],
             fault: None,
         })
         .unwrap();
@@ -175,6 +176,7 @@ fn restore_rejects_unsafe_paths_and_foreign_data_files() {
         &mut c,
         &Request::Restore {
             spec: spec.clone(),
+            tree: vec![],
             fault: None,
         },
     )

@@ -697,6 +697,34 @@ fn run_suite(img: &Images) {
     let label = "fault 3 (restore failure on B after a page-server dump; pages fetched back)";
     let gap_f3 = fault_case(label, &mut a, &mut b, &client, &opts, restore_failed);
 
+    // Fault 4: a PID of the tree is taken on B -> typed refusal before CRIU runs, rolled back.
+    let squatter = exec(
+        &mut b,
+        "echo 20004 > /proc/sys/kernel/ns_last_pid; sleep 600 >/dev/null 2>&1 & echo $!",
+    );
+    let squatter: u32 = squatter.trim().parse().unwrap();
+    assert!(
+        tree.contains(&squatter),
+        "squatter PID {squatter} is not in the tree {tree:?}"
+    );
+    let pid_taken = |e: &HostError| matches!(e, HostError::Agent { kind: ErrorKind::Restore, message } if message.contains("taken"));
+    let gap_f4 = fault_case(
+        "fault 4 (a PID of the tree is taken on B)",
+        &mut a,
+        &mut b,
+        &client,
+        &HandoffOpts::default(),
+        pid_taken,
+    );
+    // Put B's PID counter back below the workload's range, and leave the connection whose agent
+    // thread got a TID in that range (TIDs share the PID space).
+    exec(
+        &mut b,
+        &format!("kill {squatter}; echo 1000 > /proc/sys/kernel/ns_last_pid"),
+    );
+    b.reconnect(Duration::from_secs(10))
+        .expect("reconnect to B");
+
     // The moves: plain dump A->B, with pre-dump B->A, with page server A->B.
     let mut rows = vec![];
     let moves: [(&str, u32, bool); 3] = [
@@ -841,11 +869,12 @@ fn run_suite(img: &Images) {
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
     assert_eq!(switches, 3, "expected A->B->A->B");
     println!(
-        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, {}",
+        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, fault4 {} ms, {}",
         replies.len(),
         gap_f1.as_millis(),
         gap_f2.as_millis(),
         gap_f3.as_millis(),
+        gap_f4.as_millis(),
         rows.iter()
             .map(|(l, _, g)| format!("{l} {} ms", g.as_millis()))
             .collect::<Vec<_>>()
