@@ -14,6 +14,7 @@ pub mod journal;
 mod layer;
 pub mod merge;
 mod meta;
+pub mod nbd;
 mod sys;
 
 pub use base::{Base, sidecar_path};
