@@ -193,6 +193,8 @@ pub struct Machine {
     power: Arc<PowerControl>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_stats: Arc<SerialSinkStats>,
+    i8042: Arc<Mutex<I8042>>,
+    cmos: Arc<Mutex<Cmos>>,
     virtio: Vec<VirtioMmioDesc>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
@@ -293,12 +295,10 @@ impl Machine {
         let serial_stats = serial_dev.stats();
         let serial = Arc::new(Mutex::new(serial_dev));
         pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
-        pio.insert(
-            I8042_PORT,
-            I8042_LEN,
-            Arc::new(Mutex::new(I8042::new(power.clone()))),
-        )?;
-        pio.insert(CMOS_PORT, CMOS_LEN, Arc::new(Mutex::new(Cmos::new())))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(power.clone())));
+        pio.insert(I8042_PORT, I8042_LEN, i8042.clone())?;
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        pio.insert(CMOS_PORT, CMOS_LEN, cmos.clone())?;
         pio.insert(
             ACPI_PM_PORT,
             ACPI_PM_LEN,
@@ -315,6 +315,8 @@ impl Machine {
             power,
             serial,
             serial_stats,
+            i8042,
+            cmos,
             virtio: Vec::new(),
             vcpus: Vec::new(),
             handles: Vec::new(),
@@ -626,6 +628,16 @@ impl Machine {
     /// The COM1 device (console input, state).
     pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
         &self.serial
+    }
+
+    /// The i8042 (state save/restore).
+    pub fn i8042(&self) -> &Arc<Mutex<I8042>> {
+        &self.i8042
+    }
+
+    /// The CMOS/RTC (state save/restore).
+    pub fn cmos(&self) -> &Arc<Mutex<Cmos>> {
+        &self.cmos
     }
 
     /// Serial output statistics (time of the first byte).

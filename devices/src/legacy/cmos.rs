@@ -22,6 +22,15 @@ const REG_B_24H_BINARY: u8 = 0x02 | 0x04;
 /// Register D: valid RAM and time.
 const REG_D_VRT: u8 = 0x80;
 
+/// Saved state of the CMOS (the clock is the host's and is not saved).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// Selected register.
+    pub index: u8,
+    /// The 128 bytes of CMOS RAM.
+    pub ram: Vec<u8>,
+}
+
 /// The CMOS/RTC device.
 #[derive(Debug)]
 pub struct Cmos {
@@ -70,6 +79,25 @@ impl Cmos {
             ram: [0; 128],
             now,
         }
+    }
+
+    /// Its state (for snapshots).
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// A CMOS in saved state `state` reading the host clock (RAM beyond 128 bytes is ignored,
+    /// missing bytes are zero).
+    pub fn restore(state: &CmosState) -> Self {
+        let mut c = Self::new();
+        c.index = state.index & 0x7f;
+        for (d, s) in c.ram.iter_mut().zip(&state.ram) {
+            *d = *s;
+        }
+        c
     }
 
     fn read_register(&self, index: u8) -> u8 {
@@ -157,5 +185,10 @@ mod tests {
         c.write(0, &[RTC_SECONDS]);
         c.write(1, &[0x33]);
         assert_eq!(read(&mut c, RTC_SECONDS), 0);
+        c.write(0, &[0x40]);
+        let mut r = Cmos::restore(&c.save());
+        let mut b = [0u8];
+        r.read(1, &mut b);
+        assert_eq!(b[0], 0xab, "NVRAM and index survive save/restore");
     }
 }

@@ -9,8 +9,8 @@ mod serial;
 pub use acpi_pm::{
     AcpiPowerDevice, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET, SLEEP_POWEROFF_VALUE,
 };
-pub use cmos::Cmos;
-pub use i8042::I8042;
+pub use cmos::{Cmos, CmosState};
+pub use i8042::{I8042, I8042State};
 pub use serial::{
     IrqTrigger, SerialDevice, SerialError, SerialOutput, SerialSinkStats, SharedBuffer,
 };

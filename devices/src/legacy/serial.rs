@@ -20,6 +20,34 @@ pub enum SerialError {
     /// Queueing input bytes failed.
     #[error("cannot queue serial input: {0}")]
     Input(String),
+    /// A saved state cannot be restored (e.g. an oversized receive FIFO).
+    #[error("cannot restore serial state: {0}")]
+    Restore(String),
+}
+
+/// Saved registers and receive FIFO of the UART.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
 }
 
 /// An interrupt line as an eventfd (registered by the VMM as an irqfd).
@@ -149,8 +177,49 @@ impl SerialDevice {
     }
 
     /// The UART's register state (for snapshots).
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.serial.state()
+    pub fn save(&self) -> SerialDeviceState {
+        let s = self.serial.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in saved state `state`, writing to `out` and raising `irq` (re-raised at once if
+    /// the state has an interrupt pending).
+    pub fn restore(
+        state: &SerialDeviceState,
+        irq: IrqTrigger,
+        out: SerialOutput,
+    ) -> Result<Self, SerialError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let stats = Arc::new(SerialSinkStats::default());
+        let sink = Sink {
+            out,
+            stats: Arc::clone(&stats),
+        };
+        let serial = Serial::from_state(&s, irq, vm_superio::serial::NoEvents, sink)
+            .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(Self { serial, stats })
     }
 }
 
@@ -195,6 +264,35 @@ mod tests {
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn save_and_restore_keep_registers_and_pending_input() {
+        let mut dev = SerialDevice::new(IrqTrigger::new().unwrap(), SerialOutput::Sink);
+        dev.write(7, &[0x5a]); // scratch
+        dev.write(3, &[0x1b]); // LCR: 8 data bits, 2 stop bits, even parity
+        dev.enqueue_input(b"ab").unwrap();
+        let state = dev.save();
+        assert_eq!(state.in_buffer, b"ab");
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
+        let mut restored =
+            SerialDevice::restore(&back, IrqTrigger::new().unwrap(), SerialOutput::Sink).unwrap();
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        restored.read(3, &mut b);
+        assert_eq!(b[0], 0x1b);
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let too_big = SerialDeviceState {
+            in_buffer: vec![0; 4096],
+            ..state
+        };
+        assert!(matches!(
+            SerialDevice::restore(&too_big, IrqTrigger::new().unwrap(), SerialOutput::Sink),
+            Err(SerialError::Restore(_))
+        ));
     }
 
     #[test]
