@@ -16,6 +16,8 @@ use crate::meta::{self, Identity, LayerKind};
 use crate::{BLOCK_SIZE, check_io};
 
 const DELTA_FORMAT: &str = "microvmm-delta";
+/// A writable open compacts a journal with more records than this (and 4x its extents).
+const AUTO_COMPACT_RECORDS: usize = 1 << 16;
 /// File names inside a delta directory.
 pub const META_FILE: &str = "meta";
 /// The sparse data file.
@@ -205,9 +207,10 @@ impl Delta {
             path: dir.to_path_buf(),
             source,
         };
-        // Lock before replaying: a writable open truncates a torn journal tail.
+        // Lock (on `meta`, which is never replaced) before replaying: a writable open zeroes
+        // a torn journal tail, and compaction replaces the journal file.
         let jpath = dir.join(JOURNAL_FILE);
-        let lock = File::open(&jpath).map_err(BlockError::io("open", &jpath))?;
+        let lock = File::open(&meta_path).map_err(BlockError::io("open", &meta_path))?;
         // A lock can be held for a moment by a process forked elsewhere in this program
         // before it execs (the fd is close-on-exec): retry briefly before giving up.
         let mut tries = 0;
@@ -219,6 +222,10 @@ impl Delta {
                 });
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if writable {
+            // A compaction interrupted before its rename.
+            let _ = std::fs::remove_file(crate::journal::compact_path(&jpath));
         }
         let (journal, replay) = Journal::open(&jpath, writable, repair).map_err(jerr)?;
         if Some(replay.header.tag) != meta::unhex(&meta.uuid) || replay.header.offset != meta.size {
@@ -275,7 +282,8 @@ impl Delta {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
-        Ok(Self {
+        let records = committed.len();
+        let delta = Self {
             dir: dir.to_path_buf(),
             meta,
             parent,
@@ -291,7 +299,59 @@ impl Delta {
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
             lock,
-        })
+        };
+        if writable
+            && frozen_seq.is_none()
+            && records > AUTO_COMPACT_RECORDS
+            && records > 4 * delta.extent_count()
+        {
+            delta.compact()?;
+        }
+        Ok(delta)
+    }
+
+    fn extent_count(&self) -> usize {
+        self.index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Flushes, then rewrites the journal as one record per extent (each keeping its sequence
+    /// number, so `changed_since` is unchanged); overwritten records are dropped. Done at a
+    /// writable open when the journal holds many more records than extents.
+    pub fn compact(&self) -> Result<(), BlockError> {
+        let mut st = self.writer()?;
+        self.flush_locked(&mut st)?;
+        let mut extents: Vec<Extent> = self
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .collect();
+        extents.sort_by_key(|e| (e.seq, e.offset));
+        let mut records: Vec<Record> = extents
+            .iter()
+            .map(|e| {
+                let kind = if e.kind == ExtentKind::Data {
+                    RecordKind::Write
+                } else {
+                    RecordKind::Zero
+                };
+                Record::new(kind, e.seq, e.offset, e.len)
+            })
+            .collect();
+        records.push(Record::new(RecordKind::Flush, st.durable_seq, 0, 0));
+        let mut header = Record::new(RecordKind::Header, 0, self.meta.size, 0);
+        header.aux = JOURNAL_VERSION;
+        header.tag = meta::unhex(&self.meta.uuid).unwrap_or_default();
+        st.journal = Journal::rewrite(&self.dir.join(JOURNAL_FILE), &header, &records).map_err(
+            |source| BlockError::Journal {
+                path: self.dir.clone(),
+                source,
+            },
+        )?;
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, WriteState> {

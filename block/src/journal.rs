@@ -226,6 +226,23 @@ impl Journal {
         Ok(j)
     }
 
+    /// Replaces the journal at `path` atomically (temp file, fdatasync, rename, directory
+    /// fsync) with `header` then `records`, and returns it open for appending.
+    pub fn rewrite(path: &Path, header: &Record, records: &[Record]) -> Result<Self, JournalError> {
+        let tmp = compact_path(path);
+        let _ = std::fs::remove_file(&tmp);
+        let mut j = Self::create(&tmp, header)?;
+        j.append(records)?;
+        std::fs::rename(&tmp, path).map_err(Self::io(path))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::sys::sync_dir(dir).map_err(Self::io(path))?;
+        j.path = path.to_path_buf();
+        Ok(j)
+    }
+
     /// Opens and replays a delta journal. `repair` accepts mid-journal damage (keeping the
     /// committed prefix before it) instead of failing with [`JournalError::Corrupt`].
     pub fn open(path: &Path, writable: bool, repair: bool) -> Result<(Self, Replay), JournalError> {
@@ -265,7 +282,8 @@ impl Journal {
         let mut i = 1u64;
         while i < slots {
             let Some(r) = read(i)? else { break };
-            if r.seq <= last_seq || r.kind == RecordKind::Header || r.kind as u8 >= 0x20 {
+            // Sequence numbers never go down (a compacted journal repeats one per extent).
+            if r.seq < last_seq || r.kind == RecordKind::Header || r.kind as u8 >= 0x20 {
                 break;
             }
             if matches!(
@@ -374,6 +392,13 @@ impl Journal {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// Where [`Journal::rewrite`] builds the new journal (a leftover is ignored and removed).
+pub fn compact_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".compact");
+    PathBuf::from(s)
 }
 
 /// Reads the valid prefix of a log of records that has no commit structure (the merge log).

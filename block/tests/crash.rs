@@ -39,30 +39,39 @@ impl Rng {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WOp {
-    Write { block: u64, n: u64 },
-    Zero { block: u64, n: u64 },
+    Write {
+        block: u64,
+        n: u64,
+    },
+    Zero {
+        block: u64,
+        n: u64,
+    },
     Flush,
+    /// Flush and rewrite the journal (acknowledged like a flush).
+    Compact,
 }
 
 /// The writer's deterministic op list for `seed`.
 fn writer_ops(seed: u64) -> Vec<WOp> {
     let mut r = Rng(seed | 1);
     (0..WRITER_OPS)
-        .map(|_| match r.below(20) {
-            0..=13 => {
+        .map(|_| match r.below(100) {
+            0..=69 => {
                 let block = r.below(BLOCKS);
                 WOp::Write {
                     block,
                     n: (1 + r.below(8)).min(BLOCKS - block),
                 }
             }
-            14..=15 => {
+            70..=79 => {
                 let block = r.below(BLOCKS);
                 WOp::Zero {
                     block,
                     n: (1 + r.below(4)).min(BLOCKS - block),
                 }
             }
+            99 => WOp::Compact,
             _ => WOp::Flush,
         })
         .collect()
@@ -115,8 +124,12 @@ fn writer_child(dir: &Path, round: u64, seed: u64) {
                 d.write_at(&buf, block * BS).expect("write");
             }
             WOp::Zero { block, n } => d.write_zeroes(block * BS, n * BS).expect("zero"),
-            WOp::Flush => {
-                d.flush().expect("flush");
+            WOp::Flush | WOp::Compact => {
+                if op == WOp::Compact {
+                    d.compact().expect("compact");
+                } else {
+                    d.flush().expect("flush");
+                }
                 use std::io::Write;
                 writeln!(out, "ACK {i}").unwrap();
                 out.flush().unwrap();
@@ -374,7 +387,8 @@ fn merger_kills(kills: u64, seed: u64) {
     while done < kills {
         // A chain of 1-3 killed children, each resuming the previous one's work.
         for _ in 0..1 + r.below(3) {
-            let delay = Duration::from_micros(r.below(full.as_micros() as u64 + 1));
+            // Resumed children have less left to do: aim at the first half of a full run.
+            let delay = Duration::from_micros(r.below(full.as_micros() as u64 / 2 + 1));
             let (_, exited, _) = kill_after("merger", spawn("merger", t.path(), 0, 0), delay);
             finished_by_child += u64::from(exited);
             done += 1;

@@ -349,6 +349,49 @@ fn disk_trait_on_layers() {
 }
 
 #[test]
+fn compaction_keeps_content_and_sequence_numbers() {
+    let t = tempfile::tempdir().unwrap();
+    let base = base_with(t.path(), MIB, 0x10);
+    let dp = t.path().join("d");
+    let d = Delta::create(&dp, base).unwrap();
+    let mut mid = 0;
+    for i in 0..200u64 {
+        d.write_at(&[(i % 250) as u8 + 1; 4096], (i % 5) * 4096)
+            .unwrap();
+        if i == 100 {
+            d.write_zeroes(8 * 4096, 8192).unwrap();
+            mid = d.flush().unwrap();
+        }
+        d.flush().unwrap();
+    }
+    let before_len = d.journal_len();
+    let want = read(&d, 0, 65536);
+    let changed = (d.changed_since(0), d.changed_since(mid));
+    d.compact().unwrap();
+    assert!(
+        d.journal_len() * 10 < before_len,
+        "{} vs {before_len}",
+        d.journal_len()
+    );
+    assert!(same(&read(&d, 0, 65536), &want));
+    assert_eq!((d.changed_since(0), d.changed_since(mid)), changed);
+    // Appends after compaction, then recovery from the compacted journal.
+    d.write_at(&[0xee; 4096], 20 * 4096).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    assert!(matches!(Delta::open(&dp).map(|x| x.compact()), Ok(Ok(()))));
+    let d = Delta::open(&dp).unwrap();
+    assert!(same(&read(&d, 0, 65536), &want));
+    assert!(same(&read(&d, 20 * 4096, 4096), &[0xee; 4096]));
+    assert_eq!(
+        d.changed_since(mid),
+        [changed.1.clone(), d.changed_since(d.durable_seq() - 2)].concat()
+    );
+    // The lock survives the journal being replaced.
+    assert!(matches!(Delta::open(&dp), Err(BlockError::Locked { .. })));
+}
+
+#[test]
 fn shared_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Delta>();
