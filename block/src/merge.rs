@@ -824,13 +824,15 @@ pub fn merge(
             copy_parent(active.parent(), &mut w, resume.1)?;
             resume = (1, 0);
         }
-        w.done = report.plan[..resume.1 as usize]
+        // A damaged log never makes us skip past the end of the plan.
+        let first = (resume.1 as usize).min(report.plan.len());
+        w.done = report.plan[..first]
             .iter()
             .filter(|o| matches!(o.action, Action::Copy(_)))
             .map(|o| o.len)
             .sum::<u64>()
             + if opts.flatten { active.size() } else { 0 };
-        for (i, op) in report.plan.iter().enumerate().skip(resume.1 as usize) {
+        for (i, op) in report.plan.iter().enumerate().skip(first) {
             apply(op, active, upgrade, &mut w)?;
             w.maybe_checkpoint(1, i as u64 + 1)?;
         }
@@ -949,15 +951,16 @@ fn apply(op: &PlanOp, a: &Delta, b: &Delta, w: &mut Writer<'_>) -> Result<(), Me
     Ok(())
 }
 
-/// Copies the parent's content into the flatten target, chunk by chunk from `from_chunk`.
-fn copy_parent(parent: &Layer, w: &mut Writer<'_>, from_chunk: u64) -> Result<(), MergeError> {
+/// Copies the parent's content into the flatten target, from byte `from` (a progress record's
+/// value: everything before it is durable) on, checkpointing after each chunk.
+fn copy_parent(parent: &Layer, w: &mut Writer<'_>, from: u64) -> Result<(), MergeError> {
     let chunk = w.opts.checkpoint_bytes.max(BLOCK_SIZE) / BLOCK_SIZE * BLOCK_SIZE;
     let size = parent.size();
-    let chunks = size.div_ceil(chunk);
     let mut buf = vec![0u8; COMPARE_CHUNK as usize];
-    w.done = from_chunk * chunk;
-    for k in from_chunk..chunks {
-        let (s, e) = (k * chunk, ((k + 1) * chunk).min(size));
+    let mut s = from.min(size) / BLOCK_SIZE * BLOCK_SIZE;
+    w.done = s;
+    while s < size {
+        let e = (s + chunk).min(size);
         match parent {
             Layer::Base(base) => {
                 let f = base.file();
@@ -997,7 +1000,8 @@ fn copy_parent(parent: &Layer, w: &mut Writer<'_>, from_chunk: u64) -> Result<()
         }
         w.progress(e - s);
         w.since_checkpoint = w.opts.checkpoint_bytes; // checkpoint after every chunk
-        w.maybe_checkpoint(0, k + 1)?;
+        w.maybe_checkpoint(0, e)?;
+        s = e;
     }
     Ok(())
 }

@@ -379,3 +379,40 @@ fn interrupted_merge_resumes_to_identical_output() {
         assert_eq!(again.digest, r.digest);
     }
 }
+
+#[test]
+fn interrupted_flatten_resumes_to_identical_image() {
+    let c = setup(&[], &[]);
+    for i in 0..BLOCKS / 3 {
+        w(&c.a, i * 3, 1, (i % 7) as u8 + 1);
+        w(&c.b, i * 3 + 1, 1, (i % 5) as u8 + 1);
+    }
+    c.a.write_zeroes(2 * BS, BS).unwrap();
+    let small = MergeOptions {
+        flatten: true,
+        checkpoint_bytes: 8 * BS,
+        ..MergeOptions::default()
+    };
+    let reference = c.out.with_extension("ref.img");
+    merge::merge(&c.a, &c.b, &reference, &small).unwrap();
+    let want = std::fs::read(&reference).unwrap();
+    // Stops in the parent copy (phase 0) and in the plan (phase 1).
+    for stop_at in [BS, 20 * BS, BLOCKS * BS + BS, BLOCKS * BS + 20 * BS] {
+        let _ = std::fs::remove_file(&c.out);
+        let opts = MergeOptions {
+            progress: Some(ProgressFn(Arc::new(move |done, _| {
+                assert!(done < stop_at, "interrupt");
+            }))),
+            ..small.clone()
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            merge::merge(&c.a, &c.b, &c.out, &opts)
+        }));
+        assert!(r.is_err());
+        assert!(!c.out.exists(), "published before the end");
+        let r = merge::merge(&c.a, &c.b, &c.out, &small).unwrap();
+        assert!(r.resumed_from.is_some());
+        assert!(std::fs::read(&c.out).unwrap() == want, "stop at {stop_at}");
+        Base::open(&c.out).unwrap();
+    }
+}
