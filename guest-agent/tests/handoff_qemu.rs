@@ -700,13 +700,11 @@ fn run_suite(img: &Images) {
     // Fault 4: a PID of the tree is taken on B -> typed refusal before CRIU runs, rolled back.
     let squatter = exec(
         &mut b,
-        "echo 20004 > /proc/sys/kernel/ns_last_pid; sleep 600 >/dev/null 2>&1 & echo $!",
+        "echo 19999 > /proc/sys/kernel/ns_last_pid; sleep 600 >/dev/null 2>&1 & echo $!",
     );
     let squatter: u32 = squatter.trim().parse().unwrap();
-    assert!(
-        tree.contains(&squatter),
-        "squatter PID {squatter} is not in the tree {tree:?}"
-    );
+    // The root PID is always part of the tree (thread IDs come and go with the JVM).
+    assert_eq!(squatter, pid, "squatter did not get the root PID");
     let pid_taken = |e: &HostError| matches!(e, HostError::Agent { kind: ErrorKind::Restore, message } if message.contains("taken"));
     let gap_f4 = fault_case(
         "fault 4 (a PID of the tree is taken on B)",
