@@ -19,7 +19,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::memory::GuestMemoryMmap;
 use crate::regs::{self, BootEntry, RegsError};
@@ -242,11 +242,31 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
+/// Installs `kick_handler` for [`kick_signal`] with `SA_RESTART`, so that device code running on
+/// a vCPU thread (file, socket, pipe I/O) is restarted rather than failing with EINTR when a kick
+/// arrives; `KVM_RUN` itself is never restarted (it returns EINTR, and `immediate_exit` is set).
+fn register_kick_handler() -> std::io::Result<()> {
+    // SAFETY: `sigaction` is plain data; zeroed is a valid initial value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = kick_handler as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `act.sa_mask` is a valid sigset to fill; `act` is fully initialized and the
+    // handler only touches this thread's kvm_run page (async-signal-safe); return values checked.
+    let rc = unsafe {
+        libc::sigfillset(&mut act.sa_mask);
+        libc::sigaction(kick_signal(), &act, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn install_kick_handler() -> Result<(), String> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.to_string());
+        result = register_kick_handler().map_err(|e| e.to_string());
     });
     result
 }
