@@ -111,7 +111,7 @@ impl VirtioDevice for Vsock {
             rx_starved: false,
         };
         self.worker = Some(WorkerThread::spawn("virtio-vsock", move |kill| {
-            w.run(kill)
+            w.run(kill);
         })?);
         Ok(())
     }
