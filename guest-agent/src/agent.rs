@@ -1,25 +1,25 @@
 //! The agent side: serves requests on a transport, supervises the application, drives CRIU.
 
 use std::error::Error as StdError;
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::fs;
+use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::criu::{self, CriuError};
+use crate::exec::exec;
 use crate::net::{self, NetError};
 use crate::protocol::{
-    CHUNK, CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileHeader, FileKind, FrameKind,
-    OutputStream, ProtocolError, Request, Response, WorkloadSpec, read_frame, read_message,
-    write_frame, write_message,
+    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileKind, ProtocolError, Request, Response,
+    WorkloadSpec, read_message, write_message,
 };
+use crate::stream::{receive_files, stream_dir, stream_file};
 use crate::sys::{self, SysError};
 use crate::transport::{Connection, Transport};
 
@@ -87,14 +87,14 @@ pub fn error_chain(e: &dyn StdError) -> String {
     s
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AgentError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AgentError + '_ {
     move |source| AgentError::Io {
         path: path.display().to_string(),
         source,
     }
 }
 
-fn bad(msg: impl Into<String>) -> AgentError {
+pub(crate) fn bad(msg: impl Into<String>) -> AgentError {
     AgentError::BadRequest(msg.into())
 }
 
@@ -731,23 +731,6 @@ fn with_stream_timeouts(
     r
 }
 
-/// Receives [`Request::File`] items into `root` until [`Request::EndOfImages`]; data files are
-/// appended to `incoming` as they arrive.
-fn receive_files(
-    conn: &mut dyn Connection,
-    root: &Path,
-    spec: &WorkloadSpec,
-    incoming: &mut Vec<(PathBuf, PathBuf)>,
-) -> Result<(), AgentError> {
-    loop {
-        match read_message::<_, Request>(conn)? {
-            Request::File(h) => incoming.extend(receive_file(conn, root, &h, spec)?),
-            Request::EndOfImages => return Ok(()),
-            other => return Err(bad(format!("unexpected {other:?} in an image stream"))),
-        }
-    }
-}
-
 /// Makes the child a session leader (no controlling terminal), as CRIU needs for a non-shell job.
 fn new_session(cmd: &mut Command) {
     // SAFETY: the closure runs between fork and exec and only calls setsid(2), which is
@@ -773,277 +756,4 @@ fn wait_child(c: &mut Child, limit: Duration) {
     }
     let _ = c.kill();
     let _ = c.wait();
-}
-
-/// Streams the regular files and symlinks of image directory `dir` as `prefix/<name>`.
-fn stream_dir(
-    conn: &mut dyn Connection,
-    dir: &Path,
-    prefix: &str,
-    stats: &mut CheckpointStats,
-) -> Result<(), AgentError> {
-    let mut entries: Vec<_> = fs::read_dir(dir).map_err(io_err(dir))?.flatten().collect();
-    entries.sort_by_key(fs::DirEntry::file_name);
-    for e in entries {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".log") || name == "restore.pid" {
-            continue;
-        }
-        let path = e.path();
-        let ft = e.file_type().map_err(io_err(&path))?;
-        let rel = format!("{prefix}/{name}");
-        if ft.is_symlink() {
-            let link = fs::read_link(&path).map_err(io_err(&path))?;
-            let h = FileHeader {
-                kind: FileKind::Symlink,
-                name: rel,
-                size: 0,
-                mode: 0o777,
-                link: Some(link.to_string_lossy().into_owned()),
-            };
-            write_message(conn, &Response::File(h))?;
-            write_frame(conn, FrameKind::End, &[])?;
-            stats.files += 1;
-        } else if ft.is_file() {
-            let before = stats.image_bytes;
-            stream_file(conn, FileKind::Image, &rel, &path, stats)?;
-            stats.image_bytes = before + fs::metadata(&path).map_err(io_err(&path))?.len();
-        }
-    }
-    Ok(())
-}
-
-/// Streams one file: header, data frames, end frame.
-fn stream_file(
-    conn: &mut dyn Connection,
-    kind: FileKind,
-    name: &str,
-    path: &Path,
-    stats: &mut CheckpointStats,
-) -> Result<(), AgentError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let meta = f.metadata().map_err(io_err(path))?;
-    let h = FileHeader {
-        kind,
-        name: name.into(),
-        size: meta.len(),
-        mode: meta.permissions().mode() & 0o7777,
-        link: None,
-    };
-    write_message(conn, &Response::File(h))?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut sent = 0u64;
-    while sent < meta.len() {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        let n = n.min((meta.len() - sent) as usize);
-        write_frame(conn, FrameKind::Data, &buf[..n])?;
-        sent += n as u64;
-    }
-    if sent != meta.len() {
-        return Err(io_err(path)(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "file shrank while streaming",
-        )));
-    }
-    write_frame(conn, FrameKind::End, &[])?;
-    stats.files += 1;
-    Ok(())
-}
-
-/// A relative image path with only normal components (no `..`, no root).
-fn safe_relative(name: &str) -> Option<PathBuf> {
-    let p = Path::new(name);
-    (!name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_))))
-        .then(|| p.to_path_buf())
-}
-
-/// Receives one streamed file; data files land next to their destination and are returned as
-/// `(temporary, destination)` to be renamed at restore time.
-fn receive_file(
-    conn: &mut dyn Connection,
-    root: &Path,
-    h: &FileHeader,
-    spec: &WorkloadSpec,
-) -> Result<Option<(PathBuf, PathBuf)>, AgentError> {
-    let (path, pending) = match h.kind {
-        FileKind::Image | FileKind::Symlink => {
-            let rel = safe_relative(&h.name)
-                .ok_or_else(|| bad(format!("unsafe image path {:?}", h.name)))?;
-            (root.join(rel), None)
-        }
-        FileKind::Data => {
-            if !spec.data_files.contains(&h.name) {
-                return Err(bad(format!(
-                    "{:?} is not a data file of the workload",
-                    h.name
-                )));
-            }
-            let dst = PathBuf::from(&h.name);
-            let tmp = PathBuf::from(format!("{}.mvga-incoming", h.name));
-            (tmp.clone(), Some((tmp, dst)))
-        }
-    };
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-    }
-    let _ = fs::remove_file(&path);
-    if h.kind == FileKind::Symlink {
-        let link = h
-            .link
-            .as_deref()
-            .ok_or_else(|| bad("symlink without target"))?;
-        symlink(link, &path).map_err(io_err(&path))?;
-        expect_end(conn)?;
-        return Ok(None);
-    }
-    let written = receive_contents(conn, &path, h);
-    if written.is_err() {
-        let _ = fs::remove_file(&path);
-    }
-    written.map(|()| pending)
-}
-
-/// Writes the data frames of one streamed file to `path`, checking the announced size.
-fn receive_contents(
-    conn: &mut dyn Connection,
-    path: &Path,
-    h: &FileHeader,
-) -> Result<(), AgentError> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    let mut got = 0u64;
-    loop {
-        let fr = read_frame(conn)?;
-        match fr.kind {
-            FrameKind::Data => {
-                got += fr.payload.len() as u64;
-                if got > h.size {
-                    return Err(bad(format!(
-                        "{}: more than the announced {} bytes",
-                        h.name, h.size
-                    )));
-                }
-                f.write_all(&fr.payload).map_err(io_err(path))?;
-            }
-            FrameKind::End => break,
-            FrameKind::Message => {
-                return Err(ProtocolError::Unexpected {
-                    expected: "data or end",
-                    got: fr.kind,
-                }
-                .into());
-            }
-        }
-    }
-    if got != h.size {
-        return Err(bad(format!("{}: got {got} of {} bytes", h.name, h.size)));
-    }
-    f.set_permissions(fs::Permissions::from_mode(h.mode))
-        .map_err(io_err(path))?;
-    Ok(())
-}
-
-fn expect_end(conn: &mut dyn Connection) -> Result<(), AgentError> {
-    let fr = read_frame(conn)?;
-    if fr.kind != FrameKind::End {
-        return Err(ProtocolError::Unexpected {
-            expected: "end",
-            got: fr.kind,
-        }
-        .into());
-    }
-    Ok(())
-}
-
-/// Runs a command, streaming its output as [`Response::Output`] and ending with [`Response::Exited`].
-fn exec(
-    conn: &mut dyn Connection,
-    argv: &[String],
-    timeout: Option<Duration>,
-) -> Result<(), AgentError> {
-    let Some(prog) = argv.first() else {
-        return Err(bad("empty argv"));
-    };
-    let mut child = Command::new(prog)
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| SysError::Spawn {
-            cmd: argv.join(" "),
-            source,
-        })?;
-    let (tx, rx) = mpsc::channel::<(OutputStream, Vec<u8>)>();
-    let pipes: [(OutputStream, Option<Box<dyn Read + Send>>); 2] = [
-        (
-            OutputStream::Stdout,
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-        (
-            OutputStream::Stderr,
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ),
-    ];
-    for (stream, pipe) in pipes {
-        let Some(mut pipe) = pipe else { continue };
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 || tx.send((stream, buf[..n].to_vec())).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut deadline = timeout.map(|t| Instant::now() + t);
-    let mut timed_out = false;
-    loop {
-        let next = match deadline {
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-        };
-        match next {
-            Ok((stream, data)) => {
-                let msg = Response::Output {
-                    stream,
-                    data: String::from_utf8_lossy(&data).into_owned(),
-                };
-                if let Err(e) = write_message(conn, &msg) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(e.into());
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
-                let _ = child.kill();
-                timed_out = true;
-                // Give the pipes a moment to drain; a grandchild holding them must not hang us.
-                deadline = Some(Instant::now() + Duration::from_secs(2));
-            }
-            Err(_) => break,
-        }
-    }
-    let status = child.wait().map_err(|source| SysError::Spawn {
-        cmd: argv.join(" "),
-        source,
-    })?;
-    write_message(
-        conn,
-        &Response::Exited {
-            code: status.code(),
-            timed_out,
-        },
-    )?;
-    Ok(())
 }

@@ -8,8 +8,10 @@
 
 pub mod agent;
 pub mod criu;
+mod exec;
 pub mod host;
 pub mod net;
 pub mod protocol;
+mod stream;
 pub mod sys;
 pub mod transport;
