@@ -99,6 +99,7 @@ fn linux_pvh_early_boot_sees_our_e820_and_acpi() {
         console: ConsoleTarget::Null,
         disks: Vec::new(),
         virtio_mmio_cmdline: false,
+        vsock: None,
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
@@ -144,6 +145,7 @@ fn linux_bzimage_decompressor_reads_our_zero_page() {
         console: ConsoleTarget::Null,
         disks: Vec::new(),
         virtio_mmio_cmdline: false,
+        vsock: None,
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     let started = std::time::Instant::now();
@@ -187,6 +189,7 @@ fn linux_boots_to_a_shell_on_hardware_kvm() {
         console: ConsoleTarget::Null,
         disks: Vec::new(),
         virtio_mmio_cmdline: false,
+        vsock: None,
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();

@@ -1,8 +1,8 @@
 /*
  * CPL0 stub of the test-guest kit. Entered in 64-bit mode the way a Linux kernel is (flat
  * segments, identity paging of low memory, interrupts off) with rdi = vCPU index and rdx = number
- * of vCPUs. It builds its own page tables (identity map of the first 1 GiB, user-accessible,
- * 2 MiB pages), GDT with user segments and one TSS per vCPU, an empty IDT (any exception is a
+ * of vCPUs. It builds its own page tables (identity map of the first 1 GiB and of 3-4 GiB,
+ * user-accessible, 2 MiB pages), GDT with user segments and one TSS per vCPU, an empty IDT (any exception is a
  * triple fault), enables SSE, and `iretq`s to guest_main(cpu, ncpus) at CPL3 with IOPL=3, so
  * the guest's work runs natively and its port I/O still reaches the VMM.
  *
@@ -46,6 +46,20 @@ _start:
     lea rax, [rip + stub_pd]
     or rax, 7
     mov [rip + stub_pdpt], rax
+    /* 3-4 GiB (virtio-mmio windows, IOAPIC, LAPIC): 2 MiB pages, uncached
+     * (Present|RW|User|PWT|PCD|PS), so CPL3 drivers can reach device registers. */
+    lea rdi, [rip + stub_pd_hi]
+    mov eax, 0xc000009f
+    mov ecx, 512
+3:
+    mov [rdi], rax
+    add rax, 0x200000
+    add rdi, 8
+    dec ecx
+    jnz 3b
+    lea rax, [rip + stub_pd_hi]
+    or rax, 7
+    mov [rip + stub_pdpt + 24], rax
     lea rax, [rip + stub_pdpt]
     or rax, 7
     mov [rip + stub_pml4], rax
@@ -174,6 +188,8 @@ stub_pml4:
 stub_pdpt:
     .fill 512, 8, 0
 stub_pd:
+    .fill 512, 8, 0
+stub_pd_hi:
     .fill 512, 8, 0
     .balign 4096
 stub_tss:

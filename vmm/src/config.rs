@@ -61,6 +61,21 @@ pub struct MachineConfig {
     /// Also describe virtio-mmio devices with `virtio_mmio.device=` on the command line (for
     /// kernels without ACPI device discovery); they are always in the DSDT.
     pub virtio_mmio_cmdline: bool,
+    /// A virtio-vsock device (for the guest agent).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device: the guest's context ID and the host-side Unix socket
+/// (Firecracker's convention: host connections via `CONNECT <port>`, guest connections to
+/// port P reach `<uds_path>_<P>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest CID (3 or above).
+    pub guest_cid: u64,
+    /// Host-side Unix socket path.
+    pub uds_path: PathBuf,
 }
 
 impl MachineConfig {
@@ -75,6 +90,7 @@ impl MachineConfig {
             console: ConsoleTarget::Stdout,
             disks: Vec::new(),
             virtio_mmio_cmdline: false,
+            vsock: None,
         }
     }
 }
@@ -185,6 +201,9 @@ pub struct FileConfig {
     /// See [`MachineConfig::virtio_mmio_cmdline`].
     #[serde(default)]
     pub virtio_mmio_cmdline: bool,
+    /// See [`MachineConfig::vsock`].
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl FileConfig {
@@ -225,6 +244,7 @@ impl FileConfig {
                 })
                 .collect(),
             virtio_mmio_cmdline: self.virtio_mmio_cmdline,
+            vsock: self.vsock,
         })
     }
 }

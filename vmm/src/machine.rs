@@ -10,18 +10,25 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use block::{Base, Delta, Disk, Layer};
 use devices::legacy::{
     ACPI_PM_LEN, ACPI_PM_PORT, AcpiPowerDevice, CMOS_LEN, CMOS_PORT, COM1_IRQ, COM1_LEN, COM1_PORT,
     Cmos, I8042, I8042_LEN, I8042_PORT, IrqTrigger, SerialDevice, SerialError, SerialOutput,
     SerialSinkStats,
 };
+use devices::virtio::blk::Block;
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::vsock::Vsock;
+use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, BusError, PowerControl, PowerEvent, bus::SharedDevice};
+use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::acpi::{self, AcpiError, VirtioMmioDesc};
 use crate::boot::{self, BootError};
-use crate::config::{ConsoleTarget, DEFAULT_CMDLINE, KernelSource, MachineConfig};
+use crate::config::{ConsoleTarget, DEFAULT_CMDLINE, DiskConfig, KernelSource, MachineConfig};
 use crate::cpuid::{self, CpuidError, HostKvm};
 use crate::guests::{self, GuestKitError, TestGuest};
 use crate::layout;
@@ -170,6 +177,30 @@ pub enum MachineError {
     /// The command line is invalid.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// A disk could not be opened as a block layer.
+    #[error("cannot attach disk {path}")]
+    Disk {
+        /// Path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: block::BlockError,
+    },
+    /// A raw image can only be attached read-only.
+    #[error(
+        "raw image {0} can only be attached read-only; attach a delta on it \
+         (`microvmm disk create -f delta -b IMAGE DIR`) to write"
+    )]
+    RawWritable(PathBuf),
+    /// Creating an eventfd failed.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A virtio transport could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] devices::virtio::mmio::MmioError),
+    /// The vsock device configuration is invalid.
+    #[error(transparent)]
+    Vsock(devices::virtio::vsock::VsockError),
 }
 
 /// Times of a machine's life, for boot and exit latency figures.
@@ -196,6 +227,7 @@ pub struct Machine {
     i8042: Arc<Mutex<I8042>>,
     cmos: Arc<Mutex<Cmos>>,
     virtio: Vec<VirtioMmioDesc>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     exit_tx: Sender<VcpuExitReport>,
@@ -225,6 +257,31 @@ fn console_output(target: &ConsoleTarget) -> Result<SerialOutput, MachineError> 
             })?)
         }
     })
+}
+
+/// Opens a disk as a block layer: a directory is a delta, a file a raw base (read-only).
+fn open_disk(d: &DiskConfig) -> Result<Arc<dyn Disk>, MachineError> {
+    let err = |source| MachineError::Disk {
+        path: d.path.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(&d.path).map_err(|source| MachineError::Open {
+        what: "disk",
+        path: d.path.clone(),
+        source,
+    })?;
+    if meta.is_dir() {
+        let delta = if d.read_only {
+            Delta::open_read_only(&d.path)
+        } else {
+            Delta::open(&d.path)
+        };
+        return Ok(Arc::new(delta.map_err(err)?));
+    }
+    if !d.read_only {
+        return Err(MachineError::RawWritable(d.path.clone()));
+    }
+    Ok(Arc::new(Layer::Base(Base::open(&d.path).map_err(err)?)))
 }
 
 fn open(what: &'static str, path: &PathBuf) -> Result<File, MachineError> {
@@ -265,18 +322,11 @@ impl Machine {
                 max: limit,
             });
         }
-        for d in &cfg.disks {
-            // Disks are validated now; virtio-blk attaches them (devices crate, next step).
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(!d.read_only)
-                .open(&d.path)
-                .map_err(|source| MachineError::Open {
-                    what: "disk",
-                    path: d.path.clone(),
-                    source,
-                })?;
-        }
+        let disks = cfg
+            .disks
+            .iter()
+            .map(open_disk)
+            .collect::<Result<Vec<_>, _>>()?;
         let ram = match ram {
             Some(r) => r,
             None => GuestRam::new(cfg.mem_mib.saturating_mul(1 << 20))?,
@@ -306,7 +356,7 @@ impl Machine {
         )?;
 
         let (exit_tx, exit_rx) = channel();
-        Ok(Self {
+        let mut machine = Self {
             cfg,
             host: HostKvm::detect(),
             vm,
@@ -328,7 +378,16 @@ impl Machine {
                 started: None,
                 stopped: None,
             },
-        })
+            transports: Vec::new(),
+        };
+        for (i, disk) in disks.into_iter().enumerate() {
+            machine.add_virtio(Box::new(Block::new(disk, &format!("microvmm-disk{i}"))))?;
+        }
+        if let Some(v) = machine.cfg.vsock.clone() {
+            let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
+            machine.add_virtio(Box::new(dev))?;
+        }
+        Ok(machine)
     }
 
     fn transition(&mut self, to: VmState) -> Result<(), MachineError> {
@@ -369,6 +428,44 @@ impl Machine {
         };
         self.virtio.push(d);
         Ok(d)
+    }
+
+    /// Attaches a virtio device behind a new virtio-mmio transport: on the MMIO bus, its
+    /// interrupt an irqfd, each queue's notification an ioeventfd (so a guest kick reaches the
+    /// device's worker without a VM exit to user space). Only before boot.
+    pub fn add_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<VirtioMmioDesc, MachineError> {
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        let interrupt = Interrupt::new(irq_evt.try_clone().map_err(MachineError::EventFd)?);
+        let transport = MmioTransport::new(device, self.memory().clone(), interrupt)?;
+        let queue_evts = transport
+            .queue_events()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(MachineError::EventFd)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let desc = self.add_virtio_mmio(transport.clone())?;
+        self.vm.register_irqfd(&irq_evt, desc.irq)?;
+        for (i, evt) in queue_evts.iter().enumerate() {
+            let addr = IoEventAddress::Mmio(desc.addr + mmio::QUEUE_NOTIFY);
+            self.vm
+                .fd()
+                .register_ioevent(evt, &addr, i as u32)
+                .map_err(|source| VmError::Setup {
+                    op: "KVM_IOEVENTFD",
+                    source,
+                })?;
+        }
+        self.transports.push(transport);
+        Ok(desc)
+    }
+
+    /// The virtio-mmio transports, in the order their devices were added.
+    pub fn virtio_transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// Loads the kernel (or test guest), initrd, command line, ACPI tables and boot parameters,

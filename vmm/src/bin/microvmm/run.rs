@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::SerialDevice;
 
-use vmm::config::{ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig};
+use vmm::config::{
+    ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, VsockConfig,
+};
 use vmm::guests;
 use vmm::{Machine, StopReason};
 
@@ -32,10 +34,21 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Disk image (repeatable). Only checked (opened) for now: virtio-blk attaches it once the
-    /// devices crate provides it.
+    /// Disk for a virtio-blk device (repeatable): a delta directory (writable; its writes go
+    /// through the dirty-extent journal), or a raw base image with an identity (read-only; make a
+    /// writable delta on it with `microvmm disk create -f delta -b BASE DIR`).
     #[arg(long)]
     disk: Vec<PathBuf>,
+    /// Attach a disk read-only (repeatable).
+    #[arg(long)]
+    disk_ro: Vec<PathBuf>,
+    /// Guest CID of a virtio-vsock device (3 or above; with --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    vsock_cid: Option<u64>,
+    /// Host Unix socket of the vsock device: connect and send `CONNECT <port>` to reach a guest
+    /// port; guest connections to port P reach `<path>_<P>`.
+    #[arg(long, requires = "vsock_cid")]
+    vsock_uds: Option<PathBuf>,
     /// Serial console: `stdout`, `null`, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -81,12 +94,22 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::E
         disks: args
             .disk
             .iter()
-            .map(|p| DiskConfig {
+            .map(|p| (p, false))
+            .chain(args.disk_ro.iter().map(|p| (p, true)))
+            .map(|(p, read_only)| DiskConfig {
                 path: p.clone(),
-                read_only: false,
+                read_only,
             })
             .collect(),
         virtio_mmio_cmdline: args.virtio_mmio_cmdline,
+        vsock: match (args.vsock_cid, &args.vsock_uds) {
+            (Some(guest_cid), Some(uds_path)) => Some(VsockConfig {
+                guest_cid,
+                uds_path: uds_path.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err("--vsock-cid and --vsock-uds go together".into()),
+        },
     })
 }
 

@@ -1,0 +1,131 @@
+/*
+ * "virtio_blk" (C): a minimal virtio 1.x driver at CPL3 for the first virtio-mmio device.
+ * Negotiates VERSION_1 + FLUSH, sets up queue 0 (8 entries, polled; no interrupts), writes
+ * `shared_blocks` 4 KiB blocks of a pattern at sector `shared_sector`, flushes, reads them back
+ * and compares. Prints "virtio-blk: ok <n>" or "virtio-blk: FAIL <step>" and reports
+ * 0xb10c0000 + step (0 on success) before powering off.
+ */
+#include "kit.h"
+
+SHARED volatile u64 shared_mmio_base = 0xd0000000ul;
+SHARED volatile u64 shared_sector = 64;
+SHARED volatile u64 shared_blocks = 4;
+
+#define QSIZE 8
+#define F_NEXT 1
+#define F_WRITE 2
+
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
+struct used_elem { u32 id; u32 len; };
+struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
+struct req_hdr { u32 type; u32 reserved; u64 sector; };
+
+static struct desc descs[QSIZE] __attribute__((aligned(16)));
+static struct avail avail __attribute__((aligned(2)));
+static struct used used __attribute__((aligned(4)));
+static struct req_hdr hdr;
+static volatile u8 status;
+static u8 wbuf[4096] __attribute__((aligned(4096)));
+static u8 rbuf[4096] __attribute__((aligned(4096)));
+static u16 next_avail;
+
+static u64 base;
+static u32 rd(u64 off) { return mmio_read32(base + off); }
+static void wr(u64 off, u32 v) { mmio_write32(base + off, v); }
+
+static void fail(u64 step)
+{
+    serial_puts("virtio-blk: FAIL ");
+    serial_put_dec(step);
+    serial_putc('\n');
+    report(0xb10c0000ul + step);
+    poweroff();
+}
+
+/* Submits one request (header, optional 4 KiB data, status) and polls for its completion. */
+static u8 submit(u32 type, u64 sector, u8 *data, int device_writes)
+{
+    hdr.type = type;
+    hdr.reserved = 0;
+    hdr.sector = sector;
+    status = 0xff;
+    int n = 0;
+    descs[n] = (struct desc){ (u64)&hdr, sizeof(hdr), F_NEXT, (u16)(n + 1) }; n++;
+    if (data) {
+        descs[n] = (struct desc){ (u64)data, 4096, (u16)(F_NEXT | (device_writes ? F_WRITE : 0)), (u16)(n + 1) };
+        n++;
+    }
+    descs[n] = (struct desc){ (u64)&status, 1, F_WRITE, 0 };
+    avail.ring[next_avail % QSIZE] = 0;
+    barrier();
+    next_avail++;
+    avail.idx = next_avail;
+    barrier();
+    wr(0x50, 0);
+    for (u64 spins = 0; *(volatile u16 *)&used.idx != next_avail; spins++) {
+        if (spins > 2000000000ul)
+            fail(90);
+        cpu_relax();
+    }
+    barrier();
+    return status;
+}
+
+void guest_main(u64 cpu, u64 ncpus)
+{
+    (void)ncpus;
+    if (cpu != 0) {
+        for (;;)
+            cpu_relax();
+    }
+    base = shared_mmio_base;
+    if (rd(0x000) != 0x74726976 || rd(0x004) != 2 || rd(0x008) != 2)
+        fail(1);
+    wr(0x070, 0);
+    wr(0x070, 1);
+    wr(0x070, 1 | 2);
+    wr(0x014, 1);
+    if (!(rd(0x010) & 1)) /* VERSION_1 is bit 32 */
+        fail(2);
+    wr(0x024, 1);
+    wr(0x020, 1);
+    wr(0x024, 0);
+    wr(0x020, 1u << 9); /* FLUSH */
+    wr(0x070, 1 | 2 | 8);
+    if (!(rd(0x070) & 8))
+        fail(3);
+    wr(0x030, 0);
+    if (rd(0x034) < QSIZE)
+        fail(4);
+    wr(0x038, QSIZE);
+    wr(0x080, (u32)(u64)descs); wr(0x084, (u32)((u64)descs >> 32));
+    wr(0x090, (u32)(u64)&avail); wr(0x094, (u32)((u64)&avail >> 32));
+    wr(0x0a0, (u32)(u64)&used); wr(0x0a4, (u32)((u64)&used >> 32));
+    wr(0x044, 1);
+    wr(0x070, 1 | 2 | 8 | 4);
+    if (rd(0x070) & 0x40)
+        fail(5);
+
+    u64 sector = shared_sector;
+    u64 blocks = shared_blocks;
+    for (u64 b = 0; b < blocks; b++) {
+        for (u64 i = 0; i < 4096; i++)
+            wbuf[i] = (u8)(i * 7 + b * 13 + 1);
+        if (submit(1, sector + b * 8, wbuf, 0) != 0)
+            fail(10);
+    }
+    if (submit(4, 0, 0, 0) != 0)
+        fail(11);
+    for (u64 b = 0; b < blocks; b++) {
+        if (submit(0, sector + b * 8, rbuf, 1) != 0)
+            fail(12);
+        for (u64 i = 0; i < 4096; i++)
+            if (rbuf[i] != (u8)(i * 7 + b * 13 + 1))
+                fail(13);
+    }
+    serial_puts("virtio-blk: ok ");
+    serial_put_dec(blocks);
+    serial_putc('\n');
+    report(0xb10c0000ul);
+}
