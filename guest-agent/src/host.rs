@@ -237,6 +237,9 @@ pub struct HandoffOpts {
     pub fault: Option<Fault>,
     /// Drop the target connection after relaying this many bytes of file data (tests).
     pub drop_target_after: Option<u64>,
+    /// Drop the target connection right after the last image, before its answer (tests): the
+    /// handoff must find out from the target whether the restore happened.
+    pub drop_target_before_reply: bool,
 }
 
 /// What one successful handoff measured.
@@ -246,7 +249,8 @@ pub struct HandoffReport {
     pub stats: CheckpointStats,
     /// PID of the application on the target.
     pub pid: u32,
-    /// Wall time of `criu restore` on the target, ms.
+    /// Wall time of `criu restore` on the target, ms (0 when the target's answer was lost and the
+    /// restore was confirmed by asking for its status).
     pub restore_ms: u64,
     /// Bytes of file data relayed.
     pub relayed_bytes: u64,
@@ -329,21 +333,39 @@ pub fn handoff(
 ) -> Result<HandoffReport, HandoffError> {
     let t0 = Instant::now();
     let ms = |t: Instant| t.elapsed().as_millis() as u64;
-    let result = relay(src, dst, opts).and_then(|(stats, relayed)| {
-        let checkpoint_ms = ms(t0);
-        match dst.recv()? {
-            Response::Restored { pid, restore_ms } => Ok(HandoffReport {
+    let relayed = relay(src, dst, opts);
+    let checkpoint_ms = ms(t0);
+    let result = match relayed {
+        Err(cause) => Err(cause),
+        Ok((stats, relayed_bytes)) => {
+            let answer = if opts.drop_target_before_reply {
+                let _ = dst.conn.shutdown();
+                Err(HostError::InjectedDrop(relayed_bytes))
+            } else {
+                dst.recv()
+            };
+            let report = |pid, restore_ms| HandoffReport {
                 stats,
                 pid,
                 restore_ms,
-                relayed_bytes: relayed,
+                relayed_bytes,
                 checkpoint_ms,
                 restored_ms: ms(t0),
                 total_ms: 0,
-            }),
-            r => Err(unexpected(&r)),
+            };
+            match answer {
+                Ok(Response::Restored { pid, restore_ms }) => Ok(report(pid, restore_ms)),
+                Ok(r) => Err(unexpected(&r)),
+                // All images went over but the answer was lost: the target may have restored. Ask
+                // it (its status waits for a restore in progress) before deciding, or the
+                // application would run twice.
+                Err(lost) => match target_workload(dst) {
+                    Some(pid) => Ok(report(pid, 0)),
+                    None => Err(lost),
+                },
+            }
         }
-    });
+    };
     match result {
         Ok(mut report) => {
             src.release().map_err(HandoffError::Release)?;
@@ -371,7 +393,13 @@ pub fn handoff(
             }
             // After a page-server dump the pages are on the target only: bring them back first.
             let fetched = match (&opts.checkpoint.page_server, dst.endpoint.is_some()) {
-                (Some(_), true) => fetch_back(dst, src).err(),
+                (Some(_), true) => {
+                    let r = fetch_back(dst, src).err();
+                    if r.is_some() && src.endpoint.is_some() {
+                        let _ = src.reconnect(Duration::from_secs(10));
+                    }
+                    r
+                }
                 _ => None,
             };
             match src.rollback() {
@@ -390,6 +418,15 @@ pub fn handoff(
             }
         }
     }
+}
+
+/// The root PID of the workload running on the target, asked on a fresh connection (`None` if
+/// none runs or the target cannot be asked).
+fn target_workload(dst: &mut AgentClient) -> Option<u32> {
+    let _ = dst.conn.shutdown();
+    dst.endpoint.as_ref()?;
+    dst.reconnect(Duration::from_secs(10)).ok()?;
+    dst.status().ok()?.0
 }
 
 /// Streams the images of the target's last restore back into the source's kept checkpoint (the

@@ -725,13 +725,16 @@ fn run_suite(img: &Images) {
 
     // The moves: plain dump A->B, with pre-dump B->A, with page server A->B.
     let mut rows = vec![];
-    let moves: [(&str, u32, bool); 3] = [
-        ("plain dump", 0, false),
-        ("pre-dump x1", 1, false),
-        ("page server", 0, true),
+    // The last one loses the target's answer on purpose: the relay must learn from the target that
+    // the restore happened and release the source instead of rolling it back (no second copy).
+    let moves: [(&str, u32, bool, bool); 4] = [
+        ("plain dump", 0, false, false),
+        ("pre-dump x1", 1, false, false),
+        ("page server", 0, true, false),
+        ("plain dump, target's answer lost", 0, false, true),
     ];
     let mut on_a = true;
-    for (label, pre, ps) in moves {
+    for (label, pre, ps, lost) in moves {
         let (src, dst, dst_host, dst_ip) = if on_a {
             (&mut a, &mut b, "guest-b", "10.77.0.3")
         } else {
@@ -747,6 +750,7 @@ fn run_suite(img: &Images) {
                 pre_dump_rounds: pre,
                 page_server,
             },
+            drop_target_before_reply: lost,
             ..HandoffOpts::default()
         };
         let mut result = handoff(src, dst, &opts);
@@ -778,6 +782,13 @@ fn run_suite(img: &Images) {
                 )
             }
         };
+        if lost {
+            assert_eq!(
+                report.restore_ms, 0,
+                "{label}: the restore was not confirmed through status"
+            );
+            dst.ping().expect("target usable after the lost answer");
+        }
         client.wait_replies_from(dst_host, 3);
         let gap = max_gap(&client.snapshot(), mark);
         println!(
@@ -820,11 +831,11 @@ fn run_suite(img: &Images) {
     );
     check_continuity(&replies, 1);
     let last = replies.last().unwrap();
-    assert_eq!(last.host, "guest-b", "the service should end on B");
-    let content = exec(&mut b, &format!("cat {DATA_FILE}"));
-    assert_eq!(content, expected_file(last.n), "data file on B");
+    assert_eq!(last.host, "guest-a", "the service should end on A");
+    let content = exec(&mut a, &format!("cat {DATA_FILE}"));
+    assert_eq!(content, expected_file(last.n), "data file on A");
     // Both sides are clean: no guard or CRIU lock rules left, no CRIU nftables table, the service
-    // address only on B, no images left in either guest.
+    // address only on A, no images left in either guest.
     for (g, c) in [("A", &mut a), ("B", &mut b)] {
         let rules = exec(c, "iptables -w -S; nft list tables");
         assert!(
@@ -836,7 +847,7 @@ fn run_suite(img: &Images) {
     let addr_b = exec(&mut b, "ip -o -4 addr show dev eth0");
     let svc = format!(" {SERVICE_IP}/");
     assert!(
-        !addr_a.contains(&svc) && addr_b.contains(&svc),
+        addr_a.contains(&svc) && !addr_b.contains(&svc),
         "service address: A {addr_a} B {addr_b}"
     );
     for (g, c) in [("A", &mut a), ("B", &mut b)] {
@@ -849,23 +860,28 @@ fn run_suite(img: &Images) {
         let zombies = exec(c, "ps -eo stat= | grep -c '^Z' || true");
         assert_eq!(zombies.trim(), "0", "zombies on {g}");
     }
-    // The tree moved under its own PIDs: same root, and every task on B carries a PID from the
-    // range the workload was given on A (B's own processes have low PIDs). The JVM starts and
-    // stops compiler threads by itself, so the exact thread set differs from the one seen at start.
-    let (pid_b, tree_b) = b.status().unwrap();
-    assert_eq!(pid_b, Some(pid), "root PID on B");
+    // The tree moved under its own PIDs: same root, and every task carries a PID from the range
+    // the workload was given (other processes have low PIDs). The JVM starts and stops compiler
+    // threads by itself, so the exact thread set differs from the one seen at start. B runs nothing.
+    let (pid_end, tree_end) = a.status().unwrap();
+    assert_eq!(pid_end, Some(pid), "root PID on A");
     assert!(
-        tree_b.len() >= tree.len().saturating_sub(5) && tree_b.iter().all(|&t| t >= 20000),
-        "process tree on B {tree_b:?} vs on A at start {tree:?}"
+        tree_end.len() >= tree.len().saturating_sub(5) && tree_end.iter().all(|&t| t >= 20000),
+        "process tree on A at the end {tree_end:?} vs at start {tree:?}"
+    );
+    assert_eq!(
+        b.status().unwrap(),
+        (None, vec![]),
+        "B still supervises a workload"
     );
     println!(
-        "process tree on B after three moves: {} tasks (A at start: {})",
-        tree_b.len(),
+        "process tree after four moves: {} tasks (at start: {})",
+        tree_end.len(),
         tree.len()
     );
     let hosts: Vec<&str> = replies.iter().map(|r| r.host.as_str()).collect();
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
-    assert_eq!(switches, 3, "expected A->B->A->B");
+    assert_eq!(switches, 4, "expected A->B->A->B->A");
     println!(
         "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, fault4 {} ms, {}",
         replies.len(),
