@@ -316,3 +316,86 @@ fn linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm() {
         "the guest's ext4 writes are in the delta"
     );
 }
+
+/// With hardware KVM: the full guest image (Debian kernel, initramfs with the guest agent, ext4
+/// root on a virtio-blk delta) boots under microvmm, and the host reaches the agent over our
+/// virtio-vsock device (`CONNECT 1024` on the device's Unix socket), pings it and runs a command
+/// that shows the root file system is our virtio-blk disk.
+#[test]
+fn linux_agent_answers_over_vsock_on_hardware_kvm() {
+    let test = "linux_agent_answers_over_vsock_on_hardware_kvm";
+    if !hardware_kvm_or_skip(test) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("bash")
+        .arg(root.join("guest/build-guest-image.sh"))
+        .output()
+        .expect("run guest/build-guest-image.sh");
+    assert!(out.status.success(), "guest/build-guest-image.sh failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let [.., kernel, initrd, rootimg] = lines.as_slice() else {
+        panic!("guest/build-guest-image.sh printed fewer than three lines: {text}");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("root.ext4");
+    std::fs::copy(rootimg, &img).unwrap();
+    let base = block::Base::adopt(&img).unwrap();
+    let delta_dir = dir.path().join("root-delta");
+    drop(block::Delta::create(&delta_dir, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
+    let uds = dir.path().join("v.sock");
+    let cfg = MachineConfig {
+        vcpus: 2,
+        mem_mib: 1024,
+        kernel: KernelSource::File(kernel.into()),
+        initrd: Some(initrd.into()),
+        cmdline: Some("console=ttyS0 panic=-1 microvmm.hostname=g1".into()),
+        console: ConsoleTarget::Null,
+        disks: vec![vmm::config::DiskConfig {
+            path: delta_dir,
+            read_only: false,
+        }],
+        virtio_mmio_cmdline: false,
+        vsock: Some(vmm::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        }),
+    };
+    let mut vm = TestVm::boot(cfg).unwrap();
+    vm.machine.start().unwrap();
+    // Until the agent listens, the guest refuses the connection and the host side closes it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let stream = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never answered on vsock port 1024:\n{}",
+            vm.serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&uds) else {
+            continue;
+        };
+        use std::io::{BufRead, Write};
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.write_all(b"CONNECT 1024\n").is_err() {
+            continue;
+        }
+        let mut line = String::new();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+            break s;
+        }
+    };
+    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
+    assert!(!agent.ping().unwrap().is_empty());
+    let mounts = agent
+        .exec(&["cat", "/proc/mounts"], Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(
+        mounts.stdout.contains("/dev/vda / ext4"),
+        "{}",
+        mounts.stdout
+    );
+    vm.machine.stop().unwrap();
+}
