@@ -5,14 +5,14 @@
 #
 # Both are durable: the qemu timing includes an fsync of the committed base (`sync FILE`),
 # `microvmm disk merge` fsyncs its output itself. Both start with the dirty data in the page
-# cache. Not run in CI; needs qemu-img and qemu-io (Debian: qemu-utils).
+# cache. Not run in CI; needs qemu-img and qemu-io (Debian: qemu-utils) and bc.
 #
 # Usage: benches/compare-qemu-img.sh [random|sequential ...]   (default: both)
 # Env: WORK (scratch dir, default /var/tmp/microvmm-compare), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in qemu-img qemu-io; do
-    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install qemu-utils)" >&2; exit 1; }
+for tool in qemu-img qemu-io bc; do
+    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install qemu-utils bc)" >&2; exit 1; }
 done
 patterns=("$@")
 ((${#patterns[@]})) || patterns=(random sequential)
