@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds the two-volume guest of the real-guest merge test (tests/tests/real_guest_merge.rs), from Debian
+# bookworm packages only:
+#   - the linux-image-cloud-amd64 kernel (shared with the other guest images);
+#   - an initramfs: busybox-static, the virtio/ext4 modules and guest/merge-guest-init.sh as /init;
+#   - the OS volume: an ext4 root from debootstrap minbase, with the .deb files of a few packages that
+#     minbase lacks staged in /var/cache/merge-debs (fetched here with `apt-get download`; the guest has
+#     no network) for the upgrade VM to install with dpkg;
+#   - the data volume: a fresh, empty 64 MiB ext4.
+# Cached under $MICROVMM_CACHE (default /var/cache/microvmm), keyed by this script and the init script.
+# Cold: ~1-2 min (debootstrap); warm: well under a second.
+# The last four output lines are the paths of vmlinuz, the initramfs, the OS image and the data image.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=guest/common.sh
+. "$here/common.sh"
+
+# Staged packages (with their dependencies not in minbase); dpkg installs them all in one call.
+STAGED_PKGS=(tree jq libjq1 libonig5 file libmagic1 libmagic-mgc)
+MODULES=(virtio_pci virtio_blk ext4)
+need_host_pkgs cpio gzip kmod debootstrap e2fsprogs
+
+kdir=$(fetch_kernel)
+stamp=$( (echo "${STAGED_PKGS[*]} ${MODULES[*]} $kdir"; cat "$0" "$here/merge-guest-init.sh") | sha256sum | cut -c1-16)
+out="$CACHE/merge-$stamp"
+if [ ! -s "$out/done" ]; then
+    start=$(date +%s)
+    rm -rf "$out" "$out.tmp"
+    mkdir -p "$out.tmp"
+    rdir="$out.tmp/root"
+    log "merge guest: debootstrap $GUEST_SUITE minbase (about a minute)"
+    mkdir -p "$CACHE/debootstrap-debs"
+    debootstrap --variant=minbase --cache-dir="$CACHE/debootstrap-debs" \
+        "$GUEST_SUITE" "$rdir" "$(debian_mirror)" >"$out.tmp/debootstrap.log" 2>&1 \
+        || { tail -n 30 "$out.tmp/debootstrap.log" >&2; exit 1; }
+    mkdir -p "$rdir/var/cache/merge-debs"
+    : >"$out.tmp/pkgs"
+    for p in "${STAGED_PKGS[@]}"; do
+        deb=$(fetch_deb "$p" "$CACHE/debs")
+        cp "$deb" "$rdir/var/cache/merge-debs/"
+        echo "$p $(dpkg-deb -f "$deb" Version)" >>"$out.tmp/pkgs"
+        if chroot "$rdir" dpkg-query -W "$p" >/dev/null 2>&1; then
+            log "staged package $p is already in the root"; exit 1
+        fi
+    done
+    rm -rf "$rdir"/var/cache/apt/archives/*.deb "$rdir"/var/lib/apt/lists/* "$rdir"/usr/share/doc/* \
+        "$rdir"/usr/share/man/* "$rdir"/usr/share/locale/*
+    echo merge-guest >"$rdir/etc/hostname"
+    used=$(du -sm "$rdir" | cut -f1)
+    size=$((used + 128))
+    mkfs.ext4 -q -F -L merge-os -d "$rdir" "$out.tmp/os.ext4" "${size}M"
+    mkfs.ext4 -q -F -L merge-data "$out.tmp/data.ext4" 64M
+    rm -rf "$rdir"
+
+    iroot="$out.tmp/initramfs"
+    install_busybox "$iroot"
+    copy_modules "$kdir" "$iroot" "${MODULES[@]}" >/dev/null
+    echo "${MODULES[*]}" >"$iroot/merge-modules"
+    cp "$out.tmp/pkgs" "$iroot/merge-pkgs"
+    install -m 755 "$here/merge-guest-init.sh" "$iroot/init"
+    pack_initramfs "$iroot" "$out.tmp/initramfs.cpio.gz"
+    rm -rf "$iroot"
+    cp "$kdir/vmlinuz" "$out.tmp/vmlinuz"
+    echo "$stamp" >"$out.tmp/done"
+    mv "$out.tmp" "$out"
+    find "$CACHE" -maxdepth 1 -name 'merge-*' ! -path "$out" -exec rm -rf {} +
+    log "merge guest built in $(($(date +%s) - start)) s (OS volume ${size} MiB, ${used} MiB used)"
+fi
+echo "$out/vmlinuz"
+echo "$out/initramfs.cpio.gz"
+echo "$out/os.ext4"
+echo "$out/data.ext4"
