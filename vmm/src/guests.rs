@@ -195,6 +195,11 @@ impl CounterProbe {
         })
     }
 
+    /// Drains and counts reports that arrived without a request (a correct guest sends none).
+    pub fn unrequested_reports(&self) -> usize {
+        self.reports.try_iter().count()
+    }
+
     /// Makes the guest report once more and then power off; returns the last report.
     pub fn stop(&self, timeout: Duration) -> Result<u64, GuestKitError> {
         self.write(self.stop, 1)?;

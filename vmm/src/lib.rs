@@ -3,7 +3,8 @@
 //! [`machine::Machine`] puts the parts together: guest RAM in a memfd ([`memory`]), the KVM VM
 //! with its in-kernel irqchip and PIT ([`vm`]), vCPU threads and their exit loop ([`vcpu`]),
 //! CPUID ([`cpuid`]), boot state ([`regs`], [`boot`], [`acpi`]) and the legacy devices from the
-//! `devices` crate. [`guests`] is the test-guest kit.
+//! `devices` crate. [`snapshot`] saves and restores the whole VM state ([`snapfile`] is its file
+//! container); `Machine::clone_running` clones a running VM in-process. [`guests`] is the test-guest kit.
 
 pub mod acpi;
 pub mod boot;
@@ -14,6 +15,8 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod regs;
+pub mod snapfile;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -10,13 +10,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use block::{Base, Delta, Disk, Layer};
+use block::{Base, Delta, Layer};
 use devices::legacy::{
     ACPI_PM_LEN, ACPI_PM_PORT, AcpiPowerDevice, CMOS_LEN, CMOS_PORT, COM1_IRQ, COM1_LEN, COM1_PORT,
     Cmos, I8042, I8042_LEN, I8042_PORT, IrqTrigger, SerialDevice, SerialError, SerialOutput,
     SerialSinkStats,
 };
-use devices::virtio::blk::Block;
+use devices::virtio::blk::{Block, DiskSlot};
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, VirtioDevice};
@@ -34,11 +34,16 @@ use crate::guests::{self, GuestKitError, TestGuest};
 use crate::layout;
 use crate::memory::{GuestMemoryMmap, GuestRam, MemoryError};
 use crate::regs::{self, BootEntry, RegsError};
+use crate::snapshot::{DeviceStates, SnapshotError};
 use crate::vcpu::{
     Vcpu, VcpuError, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuHandleError, VcpuIo, VcpuResponse,
     VcpuStop, VcpuTask,
 };
 use crate::vm::{self, Vm, VmError};
+
+#[path = "lifecycle.rs"]
+mod lifecycle;
+pub use lifecycle::{CloneOptions, CloneRound, CloneTimeline};
 
 /// How long a vCPU thread may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -201,6 +206,18 @@ pub enum MachineError {
     /// The vsock device configuration is invalid.
     #[error(transparent)]
     Vsock(devices::virtio::vsock::VsockError),
+    /// Saving or restoring VM state failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A virtio transport's saved state could not be restored.
+    #[error("cannot restore virtio transport {index}")]
+    VirtioRestore {
+        /// Transport index.
+        index: usize,
+        /// The error.
+        #[source]
+        source: devices::virtio::mmio::MmioError,
+    },
 }
 
 /// Times of a machine's life, for boot and exit latency figures.
@@ -228,6 +245,7 @@ pub struct Machine {
     cmos: Arc<Mutex<Cmos>>,
     virtio: Vec<VirtioMmioDesc>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    disks: Vec<AttachedDisk>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     exit_tx: Sender<VcpuExitReport>,
@@ -259,8 +277,18 @@ fn console_output(target: &ConsoleTarget) -> Result<SerialOutput, MachineError> 
     })
 }
 
+/// A disk attached through virtio-blk: its layer (to fork it) and the device's disk slot (to
+/// swap the running device onto a fork child).
+#[derive(Debug, Clone)]
+pub struct AttachedDisk {
+    /// The layer the device serves now.
+    pub layer: Arc<Layer>,
+    /// The running device's disk slot.
+    pub slot: DiskSlot,
+}
+
 /// Opens a disk as a block layer: a directory is a delta, a file a raw base (read-only).
-fn open_disk(d: &DiskConfig) -> Result<Arc<dyn Disk>, MachineError> {
+fn open_disk(d: &DiskConfig) -> Result<Arc<Layer>, MachineError> {
     let err = |source| MachineError::Disk {
         path: d.path.clone(),
         source,
@@ -276,7 +304,7 @@ fn open_disk(d: &DiskConfig) -> Result<Arc<dyn Disk>, MachineError> {
         } else {
             Delta::open(&d.path)
         };
-        return Ok(Arc::new(delta.map_err(err)?));
+        return Ok(Arc::new(Layer::Delta(delta.map_err(err)?)));
     }
     if !d.read_only {
         return Err(MachineError::RawWritable(d.path.clone()));
@@ -302,9 +330,21 @@ impl Machine {
     /// Like [`Machine::new`], but on existing guest RAM (e.g. a memfd shared with or copied from
     /// another VM) instead of fresh zeroed memory; its size replaces `cfg.mem_mib`.
     pub fn with_ram(
+        cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        ram: Option<GuestRam>,
+    ) -> Result<Self, MachineError> {
+        Self::build(cfg, console, ram, None, None)
+    }
+
+    /// Builds a machine on optional existing RAM, optional already opened disks (instead of
+    /// `cfg.disks`) and optional saved legacy device state.
+    fn build(
         mut cfg: MachineConfig,
         console: Option<SerialOutput>,
         ram: Option<GuestRam>,
+        layers: Option<Vec<Arc<Layer>>>,
+        saved: Option<&DeviceStates>,
     ) -> Result<Self, MachineError> {
         if let Some(r) = &ram {
             cfg.mem_mib = r.size() >> 20;
@@ -322,11 +362,14 @@ impl Machine {
                 max: limit,
             });
         }
-        let disks = cfg
-            .disks
-            .iter()
-            .map(open_disk)
-            .collect::<Result<Vec<_>, _>>()?;
+        let disks = match layers {
+            Some(l) => l,
+            None => cfg
+                .disks
+                .iter()
+                .map(open_disk)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let ram = match ram {
             Some(r) => r,
             None => GuestRam::new(cfg.mem_mib.saturating_mul(1 << 20))?,
@@ -340,14 +383,23 @@ impl Machine {
             Some(o) => o,
             None => console_output(&cfg.console)?,
         };
-        let serial_dev = SerialDevice::new(IrqTrigger::new()?, out);
+        let serial_dev = match saved {
+            Some(d) => SerialDevice::restore(&d.serial, IrqTrigger::new()?, out)?,
+            None => SerialDevice::new(IrqTrigger::new()?, out),
+        };
         vm.register_irqfd(serial_dev.irq_evt(), COM1_IRQ)?;
         let serial_stats = serial_dev.stats();
         let serial = Arc::new(Mutex::new(serial_dev));
         pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(power.clone())));
+        let i8042 = Arc::new(Mutex::new(match saved {
+            Some(d) => I8042::restore(power.clone(), &d.i8042),
+            None => I8042::new(power.clone()),
+        }));
         pio.insert(I8042_PORT, I8042_LEN, i8042.clone())?;
-        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        let cmos = Arc::new(Mutex::new(match saved {
+            Some(d) => Cmos::restore(&d.cmos),
+            None => Cmos::new(),
+        }));
         pio.insert(CMOS_PORT, CMOS_LEN, cmos.clone())?;
         pio.insert(
             ACPI_PM_PORT,
@@ -379,9 +431,13 @@ impl Machine {
                 stopped: None,
             },
             transports: Vec::new(),
+            disks: Vec::new(),
         };
-        for (i, disk) in disks.into_iter().enumerate() {
-            machine.add_virtio(Box::new(Block::new(disk, &format!("microvmm-disk{i}"))))?;
+        for (i, layer) in disks.into_iter().enumerate() {
+            let dev = Block::new(layer.clone(), &format!("microvmm-disk{i}"));
+            let slot = dev.disk_slot();
+            machine.add_virtio(Box::new(dev))?;
+            machine.disks.push(AttachedDisk { layer, slot });
         }
         if let Some(v) = machine.cfg.vsock.clone() {
             let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
@@ -461,6 +517,11 @@ impl Machine {
         }
         self.transports.push(transport);
         Ok(desc)
+    }
+
+    /// The disks attached through virtio-blk, in attach order.
+    pub fn disks(&self) -> &[AttachedDisk] {
+        &self.disks
     }
 
     /// The virtio-mmio transports, in the order their devices were added.
@@ -546,12 +607,7 @@ impl Machine {
         regs::write_boot_tables(mem)?;
 
         let supported = cpuid::supported_cpuid(self.vm.kvm())?;
-        let io = VcpuIo {
-            pio: self.pio.clone(),
-            mmio: self.mmio.clone(),
-            power: self.power.clone(),
-            memory: mem.clone(),
-        };
+        let io = self.vcpu_io();
         let count = self.cfg.vcpus;
         for id in 0..count {
             let vcpu = Vcpu::new(self.vm.fd(), id, io.clone())?;
@@ -560,6 +616,15 @@ impl Machine {
             self.vcpus.push(vcpu);
         }
         self.transition(VmState::Booted)
+    }
+
+    fn vcpu_io(&self) -> VcpuIo {
+        VcpuIo {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            power: self.power.clone(),
+            memory: self.memory().clone(),
+        }
     }
 
     /// Starts every vCPU thread running the guest.

@@ -12,7 +12,8 @@ pub use acpi_pm::{
 pub use cmos::{Cmos, CmosState};
 pub use i8042::{I8042, I8042State};
 pub use serial::{
-    IrqTrigger, SerialDevice, SerialError, SerialOutput, SerialSinkStats, SharedBuffer,
+    IrqTrigger, SerialDevice, SerialDeviceState, SerialError, SerialOutput, SerialSinkStats,
+    SharedBuffer,
 };
 
 /// COM1 base port.

@@ -367,9 +367,46 @@ pub fn process_queue(
     Ok(used_any && queue.needs_notification(mem).map_err(QueueError::Ring)?)
 }
 
+/// The disk behind a running [`Block`], replaceable while the device runs (a live clone swaps the
+/// active VM onto its fork child during the final pause). The worker takes the current disk for
+/// each batch of requests, under the queue lock, so holding every queue lock and then calling
+/// [`DiskSlot::swap`] switches disks between two requests.
+#[derive(Clone)]
+pub struct DiskSlot(Arc<std::sync::RwLock<Arc<dyn Disk>>>);
+
+impl std::fmt::Debug for DiskSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSlot")
+            .field("size", &self.get().size())
+            .finish()
+    }
+}
+
+impl DiskSlot {
+    /// A slot holding `disk`.
+    pub fn new(disk: Arc<dyn Disk>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(disk)))
+    }
+
+    /// The current disk.
+    pub fn get(&self) -> Arc<dyn Disk> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the disk and returns the previous one. The new disk must have the same size and
+    /// writability (the guest was told them); a different one is returned as `Err`.
+    pub fn swap(&self, disk: Arc<dyn Disk>) -> Result<Arc<dyn Disk>, Arc<dyn Disk>> {
+        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if disk.size() != cur.size() || disk.is_read_only() != cur.is_read_only() {
+            return Err(disk);
+        }
+        Ok(std::mem::replace(&mut *cur, disk))
+    }
+}
+
 /// A virtio-blk device on a [`BlockBackend`].
 pub struct Block {
-    disk: Arc<dyn Disk>,
+    disk: DiskSlot,
     id: [u8; ID_BYTES],
     config: [u8; 60],
     features: u64,
@@ -380,7 +417,7 @@ impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Block")
             .field("id", &String::from_utf8_lossy(&self.id))
-            .field("size", &self.disk.size())
+            .field("size", &self.disk.get().size())
             .field("running", &self.worker.is_some())
             .finish_non_exhaustive()
     }
@@ -414,12 +451,17 @@ impl Block {
         config[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
         config[56] = 1; // write_zeroes_may_unmap
         Self {
-            disk,
+            disk: DiskSlot::new(disk),
             id: idb,
             config,
             features,
             worker: None,
         }
+    }
+
+    /// The slot holding this device's disk (keep it to swap the disk while the device runs).
+    pub fn disk_slot(&self) -> DiskSlot {
+        self.disk.clone()
     }
 }
 
@@ -490,10 +532,10 @@ impl VirtioDevice for Block {
             got: 0,
         })?;
         let notify = queue_events.remove(0);
-        let disk = Arc::clone(&self.disk);
+        let disk = self.disk.clone();
         let id = self.id;
         self.worker = Some(WorkerThread::spawn("virtio-blk", move |kill| {
-            worker(&queue, &mem, disk.as_ref(), &id, &notify, kill, &interrupt);
+            worker(&queue, &mem, &disk, &id, &notify, kill, &interrupt);
         })?);
         Ok(())
     }
@@ -508,7 +550,7 @@ impl VirtioDevice for Block {
 fn worker(
     queue: &SharedQueue,
     mem: &GuestMemory,
-    disk: &dyn Disk,
+    disk: &DiskSlot,
     id: &[u8; ID_BYTES],
     notify: &EventFd,
     kill: &EventFd,
@@ -525,7 +567,8 @@ fn worker(
         }
         let _ = notify.read();
         let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
-        match process_queue(&mut q, mem, disk, id, &mut buf) {
+        let disk = disk.get();
+        match process_queue(&mut q, mem, disk.as_ref(), id, &mut buf) {
             Ok(true) => interrupt.trigger(INT_VRING),
             Ok(false) => {}
             Err(_) => {

@@ -211,6 +211,11 @@ impl MmioTransport {
         &self.interrupt
     }
 
+    /// The virtio device type of the device behind this transport.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
@@ -223,6 +228,20 @@ impl MmioTransport {
 
     /// The register state (queues included) for a snapshot.
     pub fn state(&self) -> MmioState {
+        let guards = self.lock_queues();
+        self.state_locked(&guards)
+    }
+
+    /// Locks every queue. A device worker touches guest memory only while it holds its queue's
+    /// lock, so while the guards live the device neither reads nor writes guest RAM (used with
+    /// the vCPUs paused to take a consistent copy of memory and device state).
+    pub fn lock_queues(&self) -> Vec<std::sync::MutexGuard<'_, Queue>> {
+        self.queues.iter().map(lock).collect()
+    }
+
+    /// Like [`MmioTransport::state`], with the queues already locked by
+    /// [`MmioTransport::lock_queues`].
+    pub fn state_locked(&self, queues: &[std::sync::MutexGuard<'_, Queue>]) -> MmioState {
         MmioState {
             status: self.status,
             device_features_sel: self.device_features_sel,
@@ -231,11 +250,7 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot::of(&lock(q)))
-                .collect(),
+            queues: queues.iter().map(|q| QueueSnapshot::of(q)).collect(),
         }
     }
 

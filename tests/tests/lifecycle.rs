@@ -1,0 +1,280 @@
+//! VM lifecycle under KVM with the `counter` test guest: 1000 pause/resume cycles driven from
+//! another thread, full snapshot to files and restore into a fresh machine, typed errors for
+//! corrupt or wrong-version snapshots, and a live in-process clone that continues from the
+//! clone instant while the original goes on.
+
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use devices::legacy::{SerialOutput, SharedBuffer};
+use microvmm_tests::{TestVm, kvm_or_skip};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::MachineConfig;
+use vmm::guests::{COUNTER, CounterProbe, REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
+use vmm::machine::CloneOptions;
+use vmm::snapfile::SnapshotFileError;
+use vmm::snapshot::SnapshotError;
+use vmm::{Machine, MachineError, StopReason};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn counter_addr() -> GuestAddress {
+    GuestAddress(COUNTER.symbol("shared_counter").unwrap())
+}
+
+fn peek(m: &Machine) -> u64 {
+    m.memory().read_obj::<u64>(counter_addr()).unwrap()
+}
+
+/// Waits until the counter in `m` passes `v`.
+fn wait_past(m: &Machine, v: u64, what: &str) -> u64 {
+    let start = Instant::now();
+    loop {
+        let now = peek(m);
+        if now > v {
+            return now;
+        }
+        assert!(start.elapsed() < LIMIT, "{what}: counter stuck at {now}");
+        std::thread::yield_now();
+    }
+}
+
+fn take_reports(vm: &mut TestVm) -> Receiver<u64> {
+    std::mem::replace(&mut vm.reports, channel().1)
+}
+
+/// A started one-vCPU counter VM whose guest has printed its banner.
+fn counter_vm(vcpus: u8) -> TestVm {
+    let vm = TestVm::start_guest("counter", vcpus).unwrap();
+    assert!(
+        vm.wait_serial("counter: ready\n", LIMIT),
+        "{}",
+        vm.serial_text()
+    );
+    vm
+}
+
+/// Attaches the report device to a machine not yet started.
+fn with_reports(m: &Machine) -> Receiver<u64> {
+    let (dev, rx) = ReportDevice::new();
+    m.pio_bus()
+        .insert(REPORT_PORT, REPORT_PORT_LEN, dev)
+        .unwrap();
+    rx
+}
+
+#[test]
+fn thousand_pause_resume_cycles_from_another_thread_lose_and_repeat_nothing() {
+    if !kvm_or_skip("thousand_pause_resume_cycles_from_another_thread_lose_and_repeat_nothing") {
+        return;
+    }
+    // Two vCPUs count in the same variable (no reports: both would answer a request).
+    let vm = TestVm::start_guest("counter", 2).unwrap();
+    let machine = vm.machine;
+    // The pauses and resumes come from a thread that did not create the machine.
+    let driver = std::thread::spawn(move || {
+        let mut m = machine;
+        let mut last = 0;
+        for i in 0..1000 {
+            let resumed_at = last;
+            last = wait_past(&m, last, &format!("cycle {i}"));
+            m.pause().unwrap();
+            if i % 10 == 0 {
+                m.pause().unwrap(); // idempotent
+            }
+            let frozen = peek(&m);
+            assert!(
+                frozen >= last && last > resumed_at,
+                "cycle {i}: counter went back"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+            assert_eq!(peek(&m), frozen, "cycle {i}: counting while paused");
+            last = frozen;
+            m.resume().unwrap();
+            if i % 10 == 0 {
+                m.resume().unwrap(); // idempotent
+            }
+        }
+        assert_eq!(m.stop().unwrap(), StopReason::Stopped);
+    });
+    driver.join().unwrap();
+}
+
+#[test]
+fn snapshot_restores_into_a_fresh_vm_and_counting_continues() {
+    if !kvm_or_skip("snapshot_restores_into_a_fresh_vm_and_counting_continues") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let mut vm = counter_vm(1);
+    let probe = CounterProbe::new(vm.machine.memory().clone(), take_reports(&mut vm)).unwrap();
+    let before = probe.request(LIMIT).unwrap();
+    wait_past(&vm.machine, before, "before the snapshot");
+    vm.machine.pause().unwrap();
+    let saved = peek(&vm.machine);
+    let meta = vm.machine.save_snapshot(&snap).unwrap();
+    assert_eq!(meta.vcpus, 1);
+    assert_eq!(meta.mem_size, 64 << 20);
+    // The original goes on and is then powered off; the snapshot does not depend on it.
+    vm.machine.resume().unwrap();
+    wait_past(&vm.machine, saved, "the original after the snapshot");
+    probe.stop(LIMIT).unwrap();
+    assert_eq!(vm.machine.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    drop(vm);
+
+    let serial = SharedBuffer::default();
+    let mut m = Machine::restore_snapshot(
+        MachineConfig::test_guest("counter"),
+        Some(SerialOutput::Buffer(serial.clone())),
+        &snap,
+    )
+    .unwrap();
+    assert_eq!(peek(&m), saved, "restored RAM holds the saved counter");
+    let reports = with_reports(&m);
+    m.start().unwrap();
+    let moved = wait_past(&m, saved, "the restored VM");
+    let probe = CounterProbe::new(m.memory().clone(), reports).unwrap();
+    let r = probe.request(LIMIT).unwrap();
+    assert!(
+        r >= moved,
+        "the restored guest answers on its port: {r} < {moved}"
+    );
+    let last = probe.stop(LIMIT).unwrap();
+    assert!(last >= r);
+    assert_eq!(m.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    // The banner was printed before the snapshot, never by the restored guest.
+    let text = String::from_utf8_lossy(&serial.lock().unwrap()).into_owned();
+    assert!(!text.contains("counter: ready"), "{text}");
+}
+
+#[test]
+fn corrupt_and_wrong_version_snapshots_are_typed_errors() {
+    if !kvm_or_skip("corrupt_and_wrong_version_snapshots_are_typed_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let mut vm = counter_vm(1);
+    vm.machine.pause().unwrap();
+    vm.machine.save_snapshot(&snap).unwrap();
+    vm.machine.stop().unwrap();
+    let restore = |d: &std::path::Path| {
+        Machine::restore_snapshot(
+            MachineConfig::test_guest("counter"),
+            Some(SerialOutput::Sink),
+            d,
+        )
+    };
+    let state = snap.join(vmm::snapshot::STATE_FILE);
+    let memory = snap.join(vmm::snapshot::MEMORY_FILE);
+    let good_state = std::fs::read(&state).unwrap();
+
+    // A flipped byte in a section.
+    let mut bad = good_state.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(&state, &bad).unwrap();
+    let err = restore(&snap).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::File(SnapshotFileError::Corrupt { .. }))
+        ),
+        "{err:?}"
+    );
+
+    // A future format version.
+    let mut bad = good_state.clone();
+    bad[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&state, &bad).unwrap();
+    let err = restore(&snap).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::File(SnapshotFileError::UnsupportedVersion {
+                found: 99,
+                ..
+            }))
+        ),
+        "{err:?}"
+    );
+
+    // Memory changed behind the state's back.
+    std::fs::write(&state, &good_state).unwrap();
+    let mut mem = std::fs::read(&memory).unwrap();
+    mem[0x10_0000] ^= 1;
+    std::fs::write(&memory, &mem).unwrap();
+    let err = restore(&snap).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::MemoryMismatch { .. })
+        ),
+        "{err:?}"
+    );
+    // And a truncated memory file.
+    mem[0x10_0000] ^= 1;
+    std::fs::write(&memory, &mem[..mem.len() - 4096]).unwrap();
+    let err = restore(&snap).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::MemoryMismatch { .. })
+        ),
+        "{err:?}"
+    );
+    // Restored intact, it works.
+    std::fs::write(&memory, &mem).unwrap();
+    assert!(restore(&snap).is_ok());
+}
+
+#[test]
+fn live_clone_continues_from_the_clone_instant_and_diverges() {
+    if !kvm_or_skip("live_clone_continues_from_the_clone_instant_and_diverges") {
+        return;
+    }
+    let mut vm = counter_vm(1);
+    let probe = CounterProbe::new(vm.machine.memory().clone(), take_reports(&mut vm)).unwrap();
+    let a = probe.request(LIMIT).unwrap();
+    let before = wait_past(&vm.machine, a, "before the clone");
+    let serial = SharedBuffer::default();
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("counter"));
+    opts.console = Some(SerialOutput::Buffer(serial.clone()));
+    let (mut clone, tl) = vm.machine.clone_running(opts).unwrap();
+    let after = peek(&vm.machine);
+    println!("clone timeline: {tl:?}");
+    assert!(!tl.rounds.is_empty());
+    assert_eq!(
+        tl.rounds[0].pages,
+        (64 << 20) / 4096,
+        "round 0 copies all RAM"
+    );
+    assert!(tl.pause <= tl.total);
+
+    // The clone holds the counter of one instant between the two reads of the original.
+    let at_clone = peek(&clone);
+    assert!(
+        before <= at_clone && at_clone <= after,
+        "clone value {at_clone} not within [{before}, {after}]"
+    );
+    // The original kept running during and after the clone.
+    let orig_moved = wait_past(&vm.machine, after, "the original after the clone");
+
+    let reports = with_reports(&clone);
+    clone.start().unwrap();
+    wait_past(&clone, at_clone, "the clone");
+    let cprobe = CounterProbe::new(clone.memory().clone(), reports).unwrap();
+    let c1 = cprobe.request(LIMIT).unwrap();
+    assert!(c1 > at_clone);
+
+    // They diverge: the original powers off, the clone goes on counting and answering.
+    let o_last = probe.stop(LIMIT).unwrap();
+    assert!(o_last >= orig_moved);
+    assert_eq!(vm.machine.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    let c2 = wait_past(&clone, c1, "the clone after the original stopped");
+    let c3 = cprobe.request(LIMIT).unwrap();
+    assert!(c3 >= c2);
+    cprobe.stop(LIMIT).unwrap();
+    assert_eq!(clone.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+}

@@ -1,0 +1,442 @@
+//! Lifecycle operations on a [`Machine`] beyond start/pause/resume: saving the full state,
+//! restoring it into a new machine (from a snapshot directory or in memory), and cloning a
+//! running machine in-process with pre-copy of its RAM over KVM dirty logging.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use block::Layer;
+use devices::legacy::SerialOutput;
+use devices::virtio::mmio::MmioTransport;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::{Machine, MachineError, VmState};
+use crate::config::MachineConfig;
+use crate::memory::{GuestMemoryMmap, GuestRam};
+use crate::snapshot::{self, DeviceStates, MachineState, SnapshotError, SnapshotMeta, VcpuState};
+use crate::vcpu::Vcpu;
+
+const PAGE: u64 = 4096;
+
+/// How to clone a running machine.
+#[derive(Debug)]
+pub struct CloneOptions {
+    /// The clone's configuration: its console target and vsock device (give it its own CID and
+    /// socket). Its `disks` are ignored: the clone gets fork children of the source's disks.
+    pub config: MachineConfig,
+    /// The clone's serial output, overriding `config.console` (tests pass a buffer).
+    pub console: Option<SerialOutput>,
+    /// Per attached disk of the source: the new directory for the source's own child delta and
+    /// the one for the clone's child delta.
+    pub disk_dirs: Vec<(PathBuf, PathBuf)>,
+    /// At most this many pre-copy rounds after the first full copy.
+    pub max_rounds: usize,
+    /// Stop pre-copying once a round finds at most this many dirty pages.
+    pub converge_pages: u64,
+}
+
+impl CloneOptions {
+    /// Defaults: 8 rounds at most, converged at 256 dirty pages (1 MiB), no disks.
+    pub fn new(config: MachineConfig) -> Self {
+        Self {
+            config,
+            console: None,
+            disk_dirs: Vec::new(),
+            max_rounds: 8,
+            converge_pages: 256,
+        }
+    }
+}
+
+/// One copy round of a live clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneRound {
+    /// Pages copied.
+    pub pages: u64,
+    /// How long the round took.
+    pub duration: Duration,
+}
+
+/// What a live clone did and how long each phase took.
+#[derive(Debug, Clone, Default)]
+pub struct CloneTimeline {
+    /// Rounds while the source ran: the first copies all of RAM, the others the pages dirtied
+    /// since the round before.
+    pub rounds: Vec<CloneRound>,
+    /// Pages copied with the source paused.
+    pub final_pages: u64,
+    /// The final pause: from the pause request until the source runs again (last copy, vCPU
+    /// and device state, disk forks).
+    pub pause: Duration,
+    /// Of which: copying the last dirty pages.
+    pub final_copy: Duration,
+    /// Of which: forking and swapping disks.
+    pub disk_fork: Duration,
+    /// Building the clone machine from the captured state (the source runs meanwhile).
+    pub build: Duration,
+    /// The whole clone.
+    pub total: Duration,
+}
+
+/// Copies every page whose bit is set in `bits` (one bit per page, from `start` in `region`).
+fn copy_bits(
+    src: &crate::memory::GuestRegionMmap,
+    dst: &crate::memory::GuestRegionMmap,
+    bits: &[u64],
+) -> u64 {
+    let pages = src.len() / PAGE;
+    let mut copied = 0;
+    let mut p = 0u64;
+    while p < pages {
+        let word = bits.get((p / 64) as usize).copied().unwrap_or(0);
+        if word == 0 && p.is_multiple_of(64) {
+            p += 64;
+            continue;
+        }
+        if word & (1 << (p % 64)) == 0 {
+            p += 1;
+            continue;
+        }
+        // A run of set bits.
+        let first = p;
+        while p < pages && bits.get((p / 64) as usize).copied().unwrap_or(0) & (1 << (p % 64)) != 0
+        {
+            p += 1;
+        }
+        copy_range(src, dst, first * PAGE, (p - first) * PAGE);
+        copied += p - first;
+    }
+    copied
+}
+
+fn copy_range(
+    src: &crate::memory::GuestRegionMmap,
+    dst: &crate::memory::GuestRegionMmap,
+    off: u64,
+    len: u64,
+) {
+    let (Ok(s), Ok(d)) = (
+        src.get_slice(MemoryRegionAddress(off), len as usize),
+        dst.get_slice(MemoryRegionAddress(off), len as usize),
+    ) else {
+        // Both regions have the same layout, so in-range slices always exist.
+        return;
+    };
+    s.copy_to_volatile_slice(d);
+}
+
+fn bitmap(region: &crate::memory::GuestRegionMmap) -> &AtomicBitmap {
+    let m: &MmapRegion<AtomicBitmap> = region;
+    m.bitmap()
+}
+
+/// Copies the pages dirtied since the last call (KVM's log for vCPU writes, the regions'
+/// `AtomicBitmap` for the VMM's own writes) from `src` to `dst`.
+fn copy_dirty(m: &Machine, dst: &GuestMemoryMmap) -> Result<u64, MachineError> {
+    let log = m.vm.dirty_log()?;
+    let mut copied = 0;
+    for ((slot, kvm_bits), (s, d)) in log.iter().zip(m.memory().iter().zip(dst.iter())) {
+        debug_assert_eq!(slot.guest_addr, s.start_addr().0);
+        let mut bits = bitmap(s).get_and_reset();
+        bits.resize(kvm_bits.len().max(bits.len()), 0);
+        for (b, k) in bits.iter_mut().zip(kvm_bits) {
+            *b |= k;
+        }
+        copied += copy_bits(s, d, &bits);
+    }
+    Ok(copied)
+}
+
+type ForkedDisks = (Vec<Arc<Layer>>, Vec<Arc<Layer>>);
+type QueueGuards<'a> = Vec<MutexGuard<'a, virtio_queue::Queue>>;
+
+impl Machine {
+    /// Reads the whole state of every vCPU. The vCPUs must not be in `KVM_RUN`: paused, or not
+    /// started.
+    fn save_vcpus(&self) -> Result<Vec<VcpuState>, MachineError> {
+        snapshot::check_xsave_size(self.vm.kvm())?;
+        let msrs = Arc::new(snapshot::msr_index_list(self.vm.kvm())?);
+        let out: Arc<Mutex<Vec<Result<VcpuState, SnapshotError>>>> = Arc::default();
+        let (o, idx) = (out.clone(), msrs.clone());
+        self.on_each_vcpu(Arc::new(move |v: &Vcpu| {
+            let r = snapshot::save_vcpu(v.fd(), v.id(), &idx);
+            o.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        }))?;
+        let mut states = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.id);
+        Ok(states)
+    }
+
+    /// Captures the machine's state with its device queues locked by `guards` (one entry per
+    /// transport), so no device worker touches memory or rings meanwhile.
+    fn capture_locked(
+        &self,
+        transports: &[MutexGuard<'_, MmioTransport>],
+        guards: &[QueueGuards<'_>],
+    ) -> Result<MachineState, MachineError> {
+        let vcpus = self.save_vcpus()?;
+        let vm = snapshot::save_vm(self.vm.fd())?;
+        let devices = DeviceStates {
+            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            cmos: self.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
+            virtio: transports
+                .iter()
+                .zip(guards)
+                .map(|(t, g)| t.state_locked(g))
+                .collect(),
+        };
+        Ok(MachineState {
+            vcpus,
+            vm,
+            devices,
+            virtio_types: transports.iter().map(|t| t.device_type()).collect(),
+        })
+    }
+
+    /// Runs `f` with every transport and every device queue locked: no MMIO register access
+    /// and no device worker touching guest memory meanwhile.
+    fn with_devices_held<R>(
+        &self,
+        f: impl FnOnce(&[MutexGuard<'_, MmioTransport>], &[QueueGuards<'_>]) -> R,
+    ) -> R {
+        let transports: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let guards: Vec<_> = transports.iter().map(|t| t.lock_queues()).collect();
+        f(&transports, &guards)
+    }
+
+    fn check_quiet(&self) -> Result<(), MachineError> {
+        match self.state {
+            VmState::Paused | VmState::Booted => Ok(()),
+            from => Err(MachineError::InvalidTransition {
+                from,
+                to: VmState::Paused,
+            }),
+        }
+    }
+
+    /// The whole state (vCPUs, in-kernel devices, VMM devices) of a paused (or booted, not yet
+    /// started) machine. Memory is not included: it is [`Machine::memory`].
+    pub fn capture_state(&self) -> Result<MachineState, MachineError> {
+        self.check_quiet()?;
+        self.with_devices_held(|t, g| self.capture_locked(t, g))
+    }
+
+    /// Writes a snapshot of a paused machine into directory `dir` (see [`crate::snapshot`] for
+    /// the format).
+    pub fn save_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, MachineError> {
+        self.check_quiet()?;
+        let state = self.with_devices_held(|t, g| self.capture_locked(t, g))?;
+        Ok(snapshot::write_snapshot(dir, &state, self.vm.ram())?)
+    }
+
+    /// Builds a machine from a snapshot directory written by [`Machine::save_snapshot`]. `cfg`
+    /// gives the devices (the same kinds, in the same order, as the saved machine) and the
+    /// console; its memory size and vCPU count come from the snapshot. The machine is left
+    /// `Booted`: add host-side devices, then [`Machine::start`].
+    pub fn restore_snapshot(
+        cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        dir: &Path,
+    ) -> Result<Self, MachineError> {
+        let (_, state, ram) = snapshot::read_snapshot(dir)?;
+        Self::from_state(cfg, console, ram, None, &state)
+    }
+
+    /// Builds a machine on `ram` in saved `state` (optionally on already opened disks).
+    pub fn from_state(
+        mut cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        ram: GuestRam,
+        layers: Option<Vec<Arc<Layer>>>,
+        state: &MachineState,
+    ) -> Result<Self, MachineError> {
+        cfg.vcpus = u8::try_from(state.vcpus.len())
+            .map_err(|_| SnapshotError::Mismatch(format!("{} vCPUs", state.vcpus.len())))?;
+        let mut m = Self::build(cfg, console, Some(ram), layers, Some(&state.devices))?;
+        let types: Vec<u32> = m
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type())
+            .collect();
+        if types != state.virtio_types || types.len() != state.devices.virtio.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "virtio devices {types:?}, the snapshot has {:?}",
+                state.virtio_types
+            ))
+            .into());
+        }
+        snapshot::check_xsave_size(m.vm.kvm())?;
+        snapshot::restore_vm(m.vm.fd(), &state.vm)?;
+        let io = m.vcpu_io();
+        for (i, s) in state.vcpus.iter().enumerate() {
+            if usize::from(s.id) != i {
+                return Err(SnapshotError::Mismatch(format!("vCPU {i} has id {}", s.id)).into());
+            }
+            let vcpu = Vcpu::new(m.vm.fd(), s.id, io.clone())?;
+            snapshot::restore_vcpu(vcpu.fd(), s)?;
+            m.vcpus.push(vcpu);
+        }
+        for (index, (t, s)) in m.transports.iter().zip(&state.devices.virtio).enumerate() {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(s)
+                .map_err(|source| MachineError::VirtioRestore { index, source })?;
+        }
+        m.transition(VmState::Booted)?;
+        Ok(m)
+    }
+
+    /// Clones this running machine in-process. Guest RAM is copied into a new memfd while the
+    /// guest runs (a full copy, then rounds of the pages KVM and the VMM's bitmap saw dirtied,
+    /// until a round is small or `max_rounds` is reached); then the vCPUs are paused, device
+    /// workers held off their queues, the last dirty pages copied, vCPU/VM/device state read,
+    /// and each disk forked (the current layer frozen; this machine's device swapped onto its
+    /// own new child); then this machine resumes. The clone is built from the captured state
+    /// and returned `Booted` (start it with [`Machine::start`]), with the timeline.
+    pub fn clone_running(
+        &mut self,
+        opts: CloneOptions,
+    ) -> Result<(Machine, CloneTimeline), MachineError> {
+        if self.state != VmState::Running {
+            return Err(MachineError::InvalidTransition {
+                from: self.state,
+                to: VmState::Paused,
+            });
+        }
+        if opts.disk_dirs.len() != self.disks.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "{} disk directory pairs for {} disks",
+                opts.disk_dirs.len(),
+                self.disks.len()
+            ))
+            .into());
+        }
+        let t0 = Instant::now();
+        let mut tl = CloneTimeline::default();
+        let ram = GuestRam::new(self.vm.ram().size())?;
+        let dst = ram.memory().clone();
+
+        let was_logging = self.vm.dirty_logging();
+        self.vm.set_dirty_logging(true)?;
+        let result = self.precopy_and_capture(&dst, &opts, &mut tl);
+        let logging_off = if was_logging {
+            Ok(())
+        } else {
+            self.vm.set_dirty_logging(false)
+        };
+        let (state, layers) = result?;
+        logging_off?;
+
+        let tb = Instant::now();
+        let CloneOptions {
+            config, console, ..
+        } = opts;
+        let clone = Machine::from_state(config, console, ram, Some(layers), &state)?;
+        tl.build = tb.elapsed();
+        tl.total = t0.elapsed();
+        Ok((clone, tl))
+    }
+
+    fn precopy_and_capture(
+        &mut self,
+        dst: &GuestMemoryMmap,
+        opts: &CloneOptions,
+        tl: &mut CloneTimeline,
+    ) -> Result<(MachineState, Vec<Arc<Layer>>), MachineError> {
+        // Round 0: clear both logs, then copy everything.
+        let r0 = Instant::now();
+        self.vm.dirty_log()?;
+        for s in self.memory().iter() {
+            bitmap(s).reset();
+        }
+        let mut pages = 0;
+        for (s, d) in self.memory().iter().zip(dst.iter()) {
+            copy_range(s, d, 0, s.len());
+            pages += s.len() / PAGE;
+        }
+        tl.rounds.push(CloneRound {
+            pages,
+            duration: r0.elapsed(),
+        });
+        for _ in 0..opts.max_rounds {
+            let r = Instant::now();
+            let pages = copy_dirty(self, dst)?;
+            tl.rounds.push(CloneRound {
+                pages,
+                duration: r.elapsed(),
+            });
+            if pages <= opts.converge_pages {
+                break;
+            }
+        }
+
+        let p0 = Instant::now();
+        self.pause()?;
+        let captured = self.final_phase(dst, opts, tl);
+        let resumed = self.resume();
+        tl.pause = p0.elapsed();
+        let (state, (mine, theirs)) = captured?;
+        for (d, layer) in self.disks.iter_mut().zip(mine) {
+            d.layer = layer;
+        }
+        resumed?;
+        Ok((state, theirs))
+    }
+
+    /// With the vCPUs paused: hold the device workers, copy the last pages, capture state and
+    /// fork the disks.
+    fn final_phase(
+        &self,
+        dst: &GuestMemoryMmap,
+        opts: &CloneOptions,
+        tl: &mut CloneTimeline,
+    ) -> Result<(MachineState, ForkedDisks), MachineError> {
+        self.with_devices_held(|transports, guards| {
+            let c = Instant::now();
+            tl.final_pages = copy_dirty(self, dst)?;
+            tl.final_copy = c.elapsed();
+            let state = self.capture_locked(transports, guards)?;
+            let f = Instant::now();
+            let forked = self.fork_disks(&opts.disk_dirs)?;
+            tl.disk_fork = f.elapsed();
+            Ok((state, forked))
+        })
+    }
+
+    /// Forks every attached disk; this machine's devices move to their first child. Returns
+    /// the first children (now this machine's) and the second (for the clone).
+    fn fork_disks(&self, dirs: &[(PathBuf, PathBuf)]) -> Result<ForkedDisks, MachineError> {
+        let mut mine = Vec::new();
+        let mut for_clone = Vec::new();
+        for (disk, (dir_mine, dir_theirs)) in self.disks.iter().zip(dirs) {
+            let err = |source| MachineError::Disk {
+                path: disk.layer.path().to_owned(),
+                source,
+            };
+            // Flush the active layer before freezing it so its journal covers every write.
+            block::Disk::flush(disk.layer.as_ref()).map_err(err)?;
+            let (a, b) = block::fork(disk.layer.clone(), dir_mine, dir_theirs).map_err(err)?;
+            let a = Arc::new(Layer::Delta(a));
+            if disk.slot.swap(a.clone()).is_err() {
+                return Err(SnapshotError::Mismatch(format!(
+                    "fork child of {} differs in size or writability",
+                    disk.layer.path().display()
+                ))
+                .into());
+            }
+            mine.push(a);
+            for_clone.push(Arc::new(Layer::Delta(b)));
+        }
+        Ok((mine, for_clone))
+    }
+}
