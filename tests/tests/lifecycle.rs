@@ -278,3 +278,132 @@ fn live_clone_continues_from_the_clone_instant_and_diverges() {
     cprobe.stop(LIMIT).unwrap();
     assert_eq!(clone.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
 }
+
+/// Reads the u64 stamp at the start of `block` (4 KiB blocks from 1 MiB) of `disk`.
+fn stamp(disk: &dyn block::Disk, block: u64) -> u64 {
+    let mut b = [0u8; 4096];
+    disk.read_at(&mut b, (1 << 20) + block * 4096).unwrap();
+    let s = u64::from_le_bytes(b[..8].try_into().unwrap());
+    assert!(
+        b.chunks(8).all(|c| c == &b[..8]),
+        "block {block} is torn: {:x?}",
+        &b[..32]
+    );
+    s
+}
+
+/// The stamps the looping `virtio_blk` guest leaves when write `last` was its last one.
+fn expected_stamps(last: u64, blocks: u64, tag: u64) -> Vec<u64> {
+    (0..blocks)
+        .map(|j| {
+            // The largest g <= last with (g - 1) % blocks == j.
+            let g = last - ((last - 1 - j) % blocks);
+            g | tag << 48
+        })
+        .collect()
+}
+
+#[test]
+fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
+    use block::{Base, Delta, Layer};
+    use std::sync::Arc;
+    use vmm::config::DiskConfig;
+    use vmm::guests::VIRTIO_BLK;
+    if !kvm_or_skip("clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant") {
+        return;
+    }
+    const BLOCKS: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let base = Arc::new(Layer::Base(
+        Base::create(&dir.path().join("base.img"), 8 << 20).unwrap(),
+    ));
+    drop(Delta::create(&dir.path().join("delta"), base).unwrap());
+    let mut cfg = MachineConfig::test_guest("virtio_blk");
+    cfg.disks = vec![DiskConfig {
+        path: dir.path().join("delta"),
+        read_only: false,
+    }];
+    let sym = |n| GuestAddress(VIRTIO_BLK.symbol(n).unwrap());
+    let set = |m: &Machine, n, v: u64| m.memory().write_obj(v, sym(n)).unwrap();
+    let get = |m: &Machine, n| m.memory().read_obj::<u64>(sym(n)).unwrap();
+    let wait_written = |m: &Machine, v: u64| {
+        let start = Instant::now();
+        while get(m, "shared_written") < v {
+            assert!(start.elapsed() < LIMIT, "the guest does not write");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+
+    let mut vm = TestVm::boot(cfg).unwrap();
+    set(&vm.machine, "shared_sector", 2048);
+    set(&vm.machine, "shared_blocks", BLOCKS);
+    set(&vm.machine, "shared_loop", 1);
+    vm.machine.start().unwrap();
+    wait_written(&vm.machine, 2 * BLOCKS);
+
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("virtio_blk"));
+    opts.console = Some(SerialOutput::Sink);
+    opts.disk_dirs = vec![(dir.path().join("active"), dir.path().join("clone"))];
+    let (mut clone, tl) = vm.machine.clone_running(opts).unwrap();
+    println!("disk clone timeline: {tl:?}");
+    let g = get(&clone, "shared_written");
+    assert!(g >= 2 * BLOCKS);
+
+    // The active VM goes on writing (into its own new child) for more than a full cycle.
+    wait_written(&vm.machine, g + 3 * BLOCKS);
+    let clone_disk = clone.disks()[0].layer.clone();
+    let active_disk = vm.machine.disks()[0].layer.clone();
+    assert_eq!(
+        clone_disk.as_delta().unwrap().changed_since(0).len(),
+        0,
+        "nothing wrote the clone's delta"
+    );
+    assert!(!active_disk.as_delta().unwrap().changed_since(0).is_empty());
+    // The clone's disk is the disk of the clone instant: write g done, or g + 1 if the device
+    // had completed it before the guest saw it (the guest's ring in the clone then says so too).
+    let seen: Vec<u64> = (0..BLOCKS).map(|j| stamp(clone_disk.as_ref(), j)).collect();
+    let last = seen.iter().max().copied().unwrap();
+    assert!(
+        last == g || last == g + 1,
+        "clone disk at {last}, memory at {g}"
+    );
+    assert_eq!(seen, expected_stamps(last, BLOCKS, 0));
+    let active_now: Vec<u64> = (0..BLOCKS)
+        .map(|j| stamp(active_disk.as_ref(), j))
+        .collect();
+    assert!(
+        active_now.iter().all(|&s| s > last),
+        "{active_now:?} vs {last}"
+    );
+
+    // The clone runs with its own tag; its writes stay in its delta.
+    set(&clone, "shared_tag", 1);
+    let reports = with_reports(&clone);
+    clone.start().unwrap();
+    wait_written(&clone, g + 2 * BLOCKS);
+    set(&clone, "shared_stop", 1);
+    let clone_last = reports.recv_timeout(LIMIT).unwrap();
+    assert_eq!(clone.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    set(&vm.machine, "shared_stop", 1);
+    assert_eq!(vm.machine.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    let active_last = vm.reports.recv_timeout(LIMIT).unwrap();
+
+    assert_eq!(
+        (0..BLOCKS)
+            .map(|j| stamp(clone_disk.as_ref(), j))
+            .collect::<Vec<_>>(),
+        expected_stamps(clone_last, BLOCKS, 1),
+        "the clone's disk holds its own writes"
+    );
+    assert_eq!(
+        (0..BLOCKS)
+            .map(|j| stamp(active_disk.as_ref(), j))
+            .collect::<Vec<_>>(),
+        expected_stamps(active_last, BLOCKS, 0),
+        "the active disk holds only the active VM's writes"
+    );
+    // The frozen parent still reads as the clone instant.
+    let parent = Delta::open_read_only(&dir.path().join("delta")).unwrap();
+    let frozen: Vec<u64> = (0..BLOCKS).map(|j| stamp(&parent, j)).collect();
+    assert_eq!(frozen, expected_stamps(last, BLOCKS, 0));
+}

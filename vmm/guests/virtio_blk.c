@@ -4,12 +4,20 @@
  * `shared_blocks` 4 KiB blocks of a pattern at sector `shared_sector`, flushes, reads them back
  * and compares. Prints "virtio-blk: ok <n>" or "virtio-blk: FAIL <step>" and reports
  * 0xb10c0000 + step (0 on success) before powering off.
+ * With `shared_loop` set it then keeps writing, for clone tests: write number g = 1, 2, ...
+ * goes to block (g - 1) % shared_blocks; every u64 of the block holds g | shared_tag << 48;
+ * `shared_written` is g once the device completed it. Setting `shared_stop` ends the loop:
+ * the guest reports `shared_written` and powers off.
  */
 #include "kit.h"
 
 SHARED volatile u64 shared_mmio_base = 0xd0000000ul;
 SHARED volatile u64 shared_sector = 64;
 SHARED volatile u64 shared_blocks = 4;
+SHARED volatile u64 shared_loop;
+SHARED volatile u64 shared_tag;
+SHARED volatile u64 shared_written;
+SHARED volatile u64 shared_stop;
 
 #define QSIZE 8
 #define F_NEXT 1
@@ -127,5 +135,18 @@ void guest_main(u64 cpu, u64 ncpus)
     serial_puts("virtio-blk: ok ");
     serial_put_dec(blocks);
     serial_putc('\n');
-    report(0xb10c0000ul);
+    if (!shared_loop) {
+        report(0xb10c0000ul);
+        return;
+    }
+    while (!shared_stop) {
+        u64 g = shared_written + 1;
+        u64 stamp = g | shared_tag << 48;
+        for (u64 i = 0; i < 4096 / 8; i++)
+            ((u64 *)wbuf)[i] = stamp;
+        if (submit(1, sector + ((g - 1) % blocks) * 8, wbuf, 0) != 0)
+            fail(20);
+        shared_written = g;
+    }
+    report(shared_written);
 }

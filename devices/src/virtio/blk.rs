@@ -372,34 +372,45 @@ pub fn process_queue(
 /// each batch of requests, under the queue lock, so holding every queue lock and then calling
 /// [`DiskSlot::swap`] switches disks between two requests.
 #[derive(Clone)]
-pub struct DiskSlot(Arc<std::sync::RwLock<Arc<dyn Disk>>>);
+pub struct DiskSlot {
+    disk: Arc<std::sync::RwLock<Arc<dyn Disk>>>,
+    /// Size and writability the guest was told.
+    size: u64,
+    read_only: bool,
+}
 
 impl std::fmt::Debug for DiskSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskSlot")
-            .field("size", &self.get().size())
-            .finish()
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
     }
 }
 
 impl DiskSlot {
     /// A slot holding `disk`.
     pub fn new(disk: Arc<dyn Disk>) -> Self {
-        Self(Arc::new(std::sync::RwLock::new(disk)))
+        Self {
+            size: disk.size(),
+            read_only: disk.is_read_only(),
+            disk: Arc::new(std::sync::RwLock::new(disk)),
+        }
     }
 
     /// The current disk.
     pub fn get(&self) -> Arc<dyn Disk> {
-        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&self.disk.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Replaces the disk and returns the previous one. The new disk must have the same size and
-    /// writability (the guest was told them); a different one is returned as `Err`.
+    /// Replaces the disk and returns the previous one. The new disk must have the size and
+    /// writability the device was created with (the guest was told them); a different one is
+    /// returned as `Err`.
     pub fn swap(&self, disk: Arc<dyn Disk>) -> Result<Arc<dyn Disk>, Arc<dyn Disk>> {
-        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if disk.size() != cur.size() || disk.is_read_only() != cur.is_read_only() {
+        if disk.size() != self.size || disk.is_read_only() != self.read_only {
             return Err(disk);
         }
+        let mut cur = self.disk.write().unwrap_or_else(|p| p.into_inner());
         Ok(std::mem::replace(&mut *cur, disk))
     }
 }
@@ -620,6 +631,36 @@ mod tests {
             STATUS_FEATURES_OK | STATUS_DRIVER_OK
         );
         d
+    }
+
+    #[test]
+    fn disk_slot_swaps_only_a_matching_disk_and_requests_use_the_new_one() {
+        let first = RamDisk::new(1 << 20, false);
+        let block = Block::new(first.clone(), "disk-0");
+        let slot = block.disk_slot();
+        let mut d = Driver::new(Box::new(block));
+        d.init(VERSION_1, 1);
+        assert!(
+            slot.swap(RamDisk::new(2 << 20, false)).is_err(),
+            "size differs"
+        );
+        assert!(
+            slot.swap(RamDisk::new(1 << 20, true)).is_err(),
+            "writability differs"
+        );
+        let second = RamDisk::new(1 << 20, false);
+        assert!(slot.swap(second.clone()).is_ok());
+        d.mem.write_slice(&[0x5a; 4096], GuestAddress(BUF)).unwrap();
+        header(&d, 1, 8);
+        d.add_chain(&[(HDR, 16, false), (BUF, 4096, false), (STATUS, 1, true)]);
+        d.kick_and_wait(1);
+        assert_eq!(status(&d), 0);
+        assert!(
+            second.data.lock().unwrap()[4096..8192]
+                .iter()
+                .all(|&b| b == 0x5a)
+        );
+        assert!(first.data.lock().unwrap().iter().all(|&b| b == 0));
     }
 
     #[test]
