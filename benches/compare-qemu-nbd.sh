@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Peer check of our NBD write path: the same client workload through `microvmm disk serve` (a delta
+# over a raw base) and through `qemu-nbd` (a qcow2 overlay over the same raw base), in one run;
+# prints both MB/s and the ratio (ours / qemu-nbd; target >= 1.0).
+#
+# HONEST SCOPE: this is a client-side workload (`qemu-img bench -w` as the NBD client over a Unix
+# socket, queue depth 16, a flush every 256 requests and at the end), not an in-guest one: it
+# measures the servers' write paths (handshake, request handling, copy-on-write allocation,
+# journal/metadata and flush cost), not guest-visible throughput through a virtio disk.
+# Patterns: sequential and strided ("random-like": a step of 7919 blocks, a prime, so consecutive
+# requests land far apart and the whole range is covered) with 4 KiB and 64 KiB requests.
+# Each case starts from a fresh, empty delta / overlay. Not run in CI; needs qemu-utils and bc.
+#
+# Usage: benches/compare-qemu-nbd.sh [MiB per case, default 256]
+# Env: WORK (scratch dir, default /var/tmp/microvmm-compare-nbd), CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in qemu-img qemu-nbd bc; do
+    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install qemu-utils bc)" >&2; exit 1; }
+done
+MIB=${1:-256}
+WORK=${WORK:-/var/tmp/microvmm-compare-nbd}
+TARGET=${CARGO_TARGET_DIR:-target}
+cargo build --release -q -p vmm --bin microvmm
+BIN=$TARGET/release/microvmm
+SIZE_MIB=$((MIB * 4 > 1024 ? MIB * 4 : 1024))
+rm -rf "$WORK"
+mkdir -p "$WORK"
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+"$BIN" disk create "$WORK/base.img" "${SIZE_MIB}M" >/dev/null
+
+wait_sock() {
+    local i
+    for i in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done
+    echo "no server socket $1" >&2
+    return 1
+}
+
+# Runs qemu-img bench against URI $1 with request size $2 (bytes) and step $3 (bytes; 0 = sequential).
+bench() {
+    local uri=$1 bs=$2 step=$3 count
+    count=$((MIB * 1048576 / bs))
+    local args=(-w -f raw -c "$count" -d 16 -s "$bs" --flush-interval=256 --pattern=0xa5)
+    [ "$step" -gt 0 ] && args+=(-S "$step")
+    qemu-img bench "${args[@]}" "$uri" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+}
+
+printf '%-13s %10s %10s %7s\n' case "ours MB/s" "qemu MB/s" ratio
+for case in seq-4k seq-64k strided-4k strided-64k; do
+    case $case in
+    *-4k) bs=4096 ;;
+    *) bs=65536 ;;
+    esac
+    step=0
+    case $case in strided-*) step=$((7919 * 4096)) ;; esac
+    # Ours: a fresh delta served by `microvmm disk serve`.
+    rm -rf "$WORK/d" "$WORK/ours.sock"
+    "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
+    "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
+    pids+=($!)
+    wait_sock "$WORK/ours.sock"
+    ours_s=$(bench "nbd+unix:///d?socket=$WORK/ours.sock" "$bs" "$step")
+    kill -TERM "${pids[-1]}" 2>/dev/null || true
+    wait "${pids[-1]}"
+    # qemu-nbd: a fresh qcow2 overlay over the same base, writeback cache (its default).
+    rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
+    qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
+    qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
+    pids+=($!)
+    wait_sock "$WORK/qemu.sock"
+    qemu_s=$(bench "nbd+unix:///d?socket=$WORK/qemu.sock" "$bs" "$step")
+    kill -TERM "${pids[-1]}" 2>/dev/null || true
+    wait "${pids[-1]}" || true
+    mb=$(echo "$MIB * 1048576 / 1000000" | bc -l)
+    printf '%-13s %10.1f %10.1f %6.2fx\n' "$case" "$(echo "$mb / $ours_s" | bc -l)" \
+        "$(echo "$mb / $qemu_s" | bc -l)" "$(echo "$qemu_s / $ours_s" | bc -l)"
+done
