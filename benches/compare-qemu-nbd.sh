@@ -3,13 +3,18 @@
 # over a raw base) and through `qemu-nbd` (a qcow2 overlay over the same raw base), in one run;
 # prints both MB/s and the ratio (ours / qemu-nbd; target >= 1.0).
 #
-# HONEST SCOPE: this is a client-side workload (`qemu-img bench -w` as the NBD client over a Unix
-# socket, queue depth 16, a flush every 256 requests and at the end), not an in-guest one: it
-# measures the servers' write paths (handshake, request handling, copy-on-write allocation,
-# journal/metadata and flush cost), not guest-visible throughput through a virtio disk.
-# Patterns: sequential and strided ("random-like": a step of 7919 blocks, a prime, so consecutive
-# requests land far apart and the whole range is covered) with 4 KiB and 64 KiB requests.
-# Each case starts from a fresh, empty delta / overlay. Not run in CI; needs qemu-utils and bc.
+# Two workloads, each starting from a fresh, empty delta / overlay:
+# 1. client-side: `qemu-img bench -w` as the NBD client over a Unix socket (queue depth 16, a flush
+#    every 256 requests): sequential and strided ("random-like": a step of 7919 blocks, a prime, so
+#    consecutive requests land far apart) with 4 KiB and 64 KiB requests. This measures the servers'
+#    write paths (request handling, copy-on-write allocation, journal/metadata and flush cost), not
+#    what a guest sees.
+# 2. in-guest (when qemu-system-x86_64 and the merge guest of guest/merge-build-image.sh are
+#    available; building it needs root): a Linux guest under QEMU TCG whose /dev/vdb is the NBD
+#    export writes the same amount of random data with `dd bs=64k oflag=direct conv=fsync`, timed
+#    inside the guest. TCG emulation costs are in both numbers (same guest, same QEMU), so the
+#    ratio is the meaningful figure, not the absolute MB/s.
+# Not run in CI; needs qemu-utils and bc (and qemu-system-x86 for part 2).
 #
 # Usage: benches/compare-qemu-nbd.sh [MiB per case, default 256]
 # Env: WORK (scratch dir, default /var/tmp/microvmm-compare-nbd), CARGO_TARGET_DIR.
@@ -81,3 +86,43 @@ for case in seq-4k seq-64k strided-4k strided-64k; do
     printf '%-13s %10.1f %10.1f %6.2fx\n' "$case" "$(echo "$mb / $ours_s" | bc -l)" \
         "$(echo "$mb / $qemu_s" | bc -l)" "$(echo "$qemu_s / $ours_s" | bc -l)"
 done
+
+# --- in-guest workload ---
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    echo "in-guest: skipped (qemu-system-x86_64 not installed)"
+    exit 0
+fi
+if ! mapfile -t img < <(bash guest/merge-build-image.sh 2>/dev/null | tail -n 4) || [ "${#img[@]}" -ne 4 ]; then
+    echo "in-guest: skipped (guest/merge-build-image.sh failed; it needs root)"
+    exit 0
+fi
+# Boots the guest with /dev/vdb = NBD URI $1; prints the guest-timed MB/s.
+guest_bench() {
+    local log=$WORK/guest.console
+    rm -f "$log"
+    timeout 600 qemu-system-x86_64 -accel tcg -cpu max -m $((MIB + 512)) -smp 1 -display none \
+        -monitor none -no-reboot -serial "file:$log" -kernel "${img[0]}" -initrd "${img[1]}" \
+        -append "console=ttyS0 quiet panic=-1 merge.role=bench merge.mib=$MIB" \
+        -drive "file=${img[2]},format=raw,if=virtio,readonly=on" \
+        -drive "file=$1,format=raw,if=virtio,cache=none"
+    local line
+    line=$(grep -a '^MERGE BENCH ' "$log" | tr -d '\r') || { echo "guest bench failed:" >&2; cat "$log" >&2; return 1; }
+    set -- $line
+    echo "$3 / 1000000 / ($4 / 100)" | bc -l
+}
+rm -rf "$WORK/d" "$WORK/ours.sock" "$WORK/ovl.qcow2" "$WORK/qemu.sock"
+"$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
+"$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
+pids+=($!)
+wait_sock "$WORK/ours.sock"
+ours=$(guest_bench "nbd+unix:///d?socket=$WORK/ours.sock")
+kill -TERM "${pids[-1]}" 2>/dev/null || true
+wait "${pids[-1]}" || true
+qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
+qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
+pids+=($!)
+wait_sock "$WORK/qemu.sock"
+qemu=$(guest_bench "nbd+unix:///d?socket=$WORK/qemu.sock")
+kill -TERM "${pids[-1]}" 2>/dev/null || true
+wait "${pids[-1]}" || true
+printf '%-13s %10.1f %10.1f %6.2fx\n' "guest-dd-64k" "$ours" "$qemu" "$(echo "$ours / $qemu" | bc -l)"

@@ -7,7 +7,8 @@
 #     minbase lacks staged in /var/cache/merge-debs (fetched here with `apt-get download`; the guest has
 #     no network) for the upgrade VM to install with dpkg;
 #   - the data volume: a fresh, empty 64 MiB ext4.
-# Cached under $MICROVMM_CACHE (default /var/cache/microvmm), keyed by this script and the init script.
+# Cached under $MICROVMM_CACHE (default /var/cache/microvmm): the volumes keyed by their recipe below,
+# the initramfs by the init script.
 # Cold: ~1-2 min (debootstrap); warm: well under a second.
 # The last four output lines are the paths of vmlinuz, the initramfs, the OS image and the data image.
 set -euo pipefail
@@ -21,26 +22,30 @@ MODULES=(virtio_pci virtio_blk ext4)
 need_host_pkgs cpio gzip kmod debootstrap e2fsprogs
 
 kdir=$(fetch_kernel)
-stamp=$( (echo "${STAGED_PKGS[*]} ${MODULES[*]} $kdir"; cat "$0" "$here/merge-guest-init.sh") | sha256sum | cut -c1-16)
-out="$CACHE/merge-$stamp"
-if [ ! -s "$out/done" ]; then
+# Volumes (slow: debootstrap) and initramfs (cheap) are cached apart, so that editing the init
+# script does not rebuild the volumes.
+vstamp=$( (echo "${STAGED_PKGS[*]}"; sed -n '/^# --- volumes/,/^# --- end volumes/p' "$0") | sha256sum | cut -c1-16)
+vol="$CACHE/merge-vol-$vstamp"
+# --- volumes
+if [ ! -s "$vol/done" ]; then
     start=$(date +%s)
-    rm -rf "$out" "$out.tmp"
-    mkdir -p "$out.tmp"
-    rdir="$out.tmp/root"
+    rm -rf "$vol" "$vol.tmp"
+    mkdir -p "$vol.tmp"
+    rdir="$vol.tmp/root"
     log "merge guest: debootstrap $GUEST_SUITE minbase (about a minute)"
     mkdir -p "$CACHE/debootstrap-debs"
     debootstrap --variant=minbase --cache-dir="$CACHE/debootstrap-debs" \
-        "$GUEST_SUITE" "$rdir" "$(debian_mirror)" >"$out.tmp/debootstrap.log" 2>&1 \
-        || { tail -n 30 "$out.tmp/debootstrap.log" >&2; exit 1; }
+        "$GUEST_SUITE" "$rdir" "$(debian_mirror)" >"$vol.tmp/debootstrap.log" 2>&1 \
+        || { tail -n 30 "$vol.tmp/debootstrap.log" >&2; exit 1; }
     mkdir -p "$rdir/var/cache/merge-debs"
-    : >"$out.tmp/pkgs"
+    : >"$vol.tmp/pkgs"
     for p in "${STAGED_PKGS[@]}"; do
         deb=$(fetch_deb "$p" "$CACHE/debs")
         cp "$deb" "$rdir/var/cache/merge-debs/"
-        echo "$p $(dpkg-deb -f "$deb" Version)" >>"$out.tmp/pkgs"
+        echo "$p $(dpkg-deb -f "$deb" Version)" >>"$vol.tmp/pkgs"
         if chroot "$rdir" dpkg-query -W "$p" >/dev/null 2>&1; then
-            log "staged package $p is already in the root"; exit 1
+            log "staged package $p is already in the root"
+            exit 1
         fi
     done
     rm -rf "$rdir"/var/cache/apt/archives/*.deb "$rdir"/var/lib/apt/lists/* "$rdir"/usr/share/doc/* \
@@ -48,25 +53,30 @@ if [ ! -s "$out/done" ]; then
     echo merge-guest >"$rdir/etc/hostname"
     used=$(du -sm "$rdir" | cut -f1)
     size=$((used + 128))
-    mkfs.ext4 -q -F -L merge-os -d "$rdir" "$out.tmp/os.ext4" "${size}M"
-    mkfs.ext4 -q -F -L merge-data "$out.tmp/data.ext4" 64M
+    mkfs.ext4 -q -F -L merge-os -d "$rdir" "$vol.tmp/os.ext4" "${size}M"
+    mkfs.ext4 -q -F -L merge-data "$vol.tmp/data.ext4" 64M
     rm -rf "$rdir"
+    echo "$vstamp" >"$vol.tmp/done"
+    mv "$vol.tmp" "$vol"
+    find "$CACHE" -maxdepth 1 -name 'merge-vol-*' ! -path "$vol" -exec rm -rf {} +
+    log "merge guest volumes built in $(($(date +%s) - start)) s (OS volume ${size} MiB, ${used} MiB used)"
+fi
+# --- end volumes
 
-    iroot="$out.tmp/initramfs"
+istamp=$( (echo "${MODULES[*]} $kdir $vstamp"; cat "$here/merge-guest-init.sh") | sha256sum | cut -c1-16)
+initrd="$CACHE/merge-initrd-$istamp.cpio.gz"
+if [ ! -s "$initrd" ]; then
+    iroot=$(mktemp -d)
+    trap 'rm -rf "$iroot"' EXIT
     install_busybox "$iroot"
     copy_modules "$kdir" "$iroot" "${MODULES[@]}" >/dev/null
     echo "${MODULES[*]}" >"$iroot/merge-modules"
-    cp "$out.tmp/pkgs" "$iroot/merge-pkgs"
+    cp "$vol/pkgs" "$iroot/merge-pkgs"
     install -m 755 "$here/merge-guest-init.sh" "$iroot/init"
-    pack_initramfs "$iroot" "$out.tmp/initramfs.cpio.gz"
-    rm -rf "$iroot"
-    cp "$kdir/vmlinuz" "$out.tmp/vmlinuz"
-    echo "$stamp" >"$out.tmp/done"
-    mv "$out.tmp" "$out"
-    find "$CACHE" -maxdepth 1 -name 'merge-*' ! -path "$out" -exec rm -rf {} +
-    log "merge guest built in $(($(date +%s) - start)) s (OS volume ${size} MiB, ${used} MiB used)"
+    pack_initramfs "$iroot" "$initrd"
+    find "$CACHE" -maxdepth 1 -name 'merge-initrd-*.cpio.gz' ! -path "$initrd" -delete
 fi
-echo "$out/vmlinuz"
-echo "$out/initramfs.cpio.gz"
-echo "$out/os.ext4"
-echo "$out/data.ext4"
+echo "$kdir/vmlinuz"
+echo "$initrd"
+echo "$vol/os.ext4"
+echo "$vol/data.ext4"

@@ -5,7 +5,9 @@
 #   active  - the application: writes files on the data volume, logs on the OS volume;
 #   upgrade - installs the .deb files staged in /var/cache/merge-debs with dpkg (chroot into the OS
 #             volume) and writes a marker on the data volume (a non-owner write the merge must drop);
-#   check   - mounts both volumes read-only and reports package versions and file checksums.
+#   check   - mounts both volumes read-only and reports package versions and file checksums;
+#   bench   - (benches/compare-qemu-nbd.sh) writes merge.mib MiB of random data to the raw /dev/vdb
+#             with O_DIRECT, 64 KiB writes, then fsync, timed in the guest: `MERGE BENCH <bytes> <cs>`.
 # Every role unmounts cleanly and powers off; the host reads the console log.
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -14,10 +16,12 @@ for m in $(cat /merge-modules); do modprobe "$m" 2>/dev/null; done
 say() { echo "MERGE $*" >/dev/console; }
 role=none
 files=40
+mib=64
 for a in $(cat /proc/cmdline); do
     case "$a" in
     merge.role=*) role=${a#*=} ;;
     merge.files=*) files=${a#*=} ;;
+    merge.mib=*) mib=${a#*=} ;;
     esac
 done
 i=0
@@ -34,6 +38,16 @@ off() {
     poweroff -f
     reboot -f
 }
+if [ "$role" = bench ]; then
+    # The source is made first (tmpfs), so only the device writes are timed.
+    mount -t tmpfs -o size=$((mib + 8))m tmpfs /tmp
+    dd if=/dev/urandom of=/tmp/src bs=1048576 count="$mib" 2>/dev/null
+    read -r t0 _ </proc/uptime
+    dd if=/tmp/src of=/dev/vdb bs=65536 oflag=direct conv=fsync 2>/dev/null || say "ERROR dd failed"
+    read -r t1 _ </proc/uptime
+    say "BENCH $((mib * 1048576)) $(( (${t1%.*}${t1#*.}) - (${t0%.*}${t0#*.}) ))"
+    off ok
+fi
 mkdir -p /os /data
 ro=
 [ "$role" = check ] && ro=-oro

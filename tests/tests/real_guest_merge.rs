@@ -333,10 +333,8 @@ fn e2fsck_clean(image: &Path, vol: &str) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{vol}: e2fsck -fn not clean:\n{text}");
-    println!(
-        "{vol}: e2fsck -fn clean: {}",
-        text.lines().last().unwrap_or("")
-    );
+    let summary = text.lines().find(|l| l.contains(" files ")).unwrap_or("");
+    println!("{vol}: e2fsck -fn clean: {summary}");
 }
 
 /// Host-side copy of `/app` out of an ext4 image (debugfs, no mount).
