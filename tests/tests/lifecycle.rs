@@ -149,6 +149,66 @@ fn snapshot_restores_into_a_fresh_vm_and_counting_continues() {
 }
 
 #[test]
+fn two_vcpu_snapshot_restores_each_vcpu_state() {
+    if !kvm_or_skip("two_vcpu_snapshot_restores_each_vcpu_state") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let mut vm = TestVm::start_guest("counter", 2).unwrap();
+    wait_past(&vm.machine, 1000, "before the snapshot");
+    vm.machine.pause().unwrap();
+    let saved = peek(&vm.machine);
+    let state = vm.machine.capture_state().unwrap();
+    assert_eq!(vm.machine.save_snapshot(&snap).unwrap().vcpus, 2);
+    vm.machine.stop().unwrap();
+    drop(vm);
+    // Two vCPUs both in the counting loop: different stacks, same loop.
+    assert_ne!(state.vcpus[0].regs.rsp, state.vcpus[1].regs.rsp);
+
+    let mut m = Machine::restore_snapshot(
+        MachineConfig::test_guest("counter"),
+        Some(SerialOutput::Sink),
+        &snap,
+    )
+    .unwrap();
+    assert_eq!(m.config().vcpus, 2);
+    for (v, s) in m.vcpus().iter().zip(&state.vcpus) {
+        let regs = v.fd().get_regs().unwrap();
+        let sregs = v.fd().get_sregs().unwrap();
+        assert_eq!(
+            (
+                regs.rip,
+                regs.rsp,
+                regs.rbx,
+                regs.r12,
+                sregs.cr3,
+                sregs.tr.selector
+            ),
+            (
+                s.regs.rip,
+                s.regs.rsp,
+                s.regs.rbx,
+                s.regs.r12,
+                s.sregs.cr3,
+                s.sregs.tr.selector
+            ),
+            "vCPU {}",
+            v.id()
+        );
+        assert_eq!(
+            v.fd().get_lapic().unwrap().regs,
+            s.lapic.regs,
+            "vCPU {}",
+            v.id()
+        );
+    }
+    m.start().unwrap();
+    wait_past(&m, saved, "the restored two-vCPU VM");
+    assert_eq!(m.stop().unwrap(), StopReason::Stopped);
+}
+
+#[test]
 fn corrupt_and_wrong_version_snapshots_are_typed_errors() {
     if !kvm_or_skip("corrupt_and_wrong_version_snapshots_are_typed_errors") {
         return;
@@ -238,6 +298,25 @@ fn live_clone_continues_from_the_clone_instant_and_diverges() {
     let probe = CounterProbe::new(vm.machine.memory().clone(), take_reports(&mut vm)).unwrap();
     let a = probe.request(LIMIT).unwrap();
     let before = wait_past(&vm.machine, a, "before the clone");
+    // Wrong uses are typed errors: disk directories that do not match the disks, a paused source.
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("counter"));
+    opts.disk_dirs = vec![("a".into(), "b".into())];
+    let err = vm.machine.clone_running(opts).unwrap_err();
+    assert!(
+        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        "{err:?}"
+    );
+    vm.machine.pause().unwrap();
+    let err = vm
+        .machine
+        .clone_running(CloneOptions::new(MachineConfig::test_guest("counter")))
+        .unwrap_err();
+    assert!(
+        matches!(err, MachineError::InvalidTransition { .. }),
+        "{err:?}"
+    );
+    vm.machine.resume().unwrap();
+
     let serial = SharedBuffer::default();
     let mut opts = CloneOptions::new(MachineConfig::test_guest("counter"));
     opts.console = Some(SerialOutput::Buffer(serial.clone()));
