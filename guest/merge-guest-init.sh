@@ -2,7 +2,8 @@
 # /init of the real-guest merge test's initramfs (busybox). Loads the virtio/ext4 modules, mounts the
 # OS volume (/dev/vda, ext4 Debian root) and the data volume (/dev/vdb, ext4) and runs the role named by
 # `merge.role=` on the kernel command line, printing results on the console as `MERGE ...` lines:
-#   active  - the application: writes files on the data volume, logs on the OS volume;
+#   active  - the application: writes files app/<merge.prefix>1..<merge.files> on the data volume,
+#             logs on the OS volume;
 #   upgrade - installs the .deb files staged in /var/cache/merge-debs with dpkg (chroot into the OS
 #             volume) and writes a marker on the data volume (a non-owner write the merge must drop);
 #   check   - mounts both volumes read-only and reports package versions and file checksums;
@@ -17,11 +18,13 @@ say() { echo "MERGE $*" >/dev/console; }
 role=none
 files=40
 mib=64
+prefix=f
 for a in $(cat /proc/cmdline); do
     case "$a" in
     merge.role=*) role=${a#*=} ;;
     merge.files=*) files=${a#*=} ;;
     merge.mib=*) mib=${a#*=} ;;
+    merge.prefix=*) prefix=${a#*=} ;;
     esac
 done
 i=0
@@ -61,9 +64,9 @@ active)
     while [ $n -le "$files" ]; do
         # 1..64 KiB (plus a few odd bytes) of random data per file.
         kb=$(( ($(od -An -N2 -tu2 /dev/urandom) % 64) + 1 ))
-        dd if=/dev/urandom of=/data/app/f$n bs=1024 count=$kb 2>/dev/null
-        head -c $((n * 7)) /dev/urandom >>/data/app/f$n
-        echo "app: wrote f$n ($kb KiB) at $(date +%s)" >>/os/var/log/merge-app.log
+        dd if=/dev/urandom of=/data/app/$prefix$n bs=1024 count=$kb 2>/dev/null
+        head -c $((n * 7)) /dev/urandom >>/data/app/$prefix$n
+        echo "app: wrote $prefix$n ($kb KiB) at $(date +%s)" >>/os/var/log/merge-app.log
         [ $((n % 8)) -eq 0 ] && sync
         n=$((n + 1))
     done

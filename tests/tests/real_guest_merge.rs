@@ -92,8 +92,18 @@ struct Guest {
     started: Instant,
 }
 
-fn boot(img: &Images, sock: &Path, role: &str, exports: [&str; 2], ro: bool, dir: &Path) -> Guest {
-    let log = dir.join(format!("{role}.console"));
+/// Boots `role` (console log `<label>.console`, `extra` appended to the kernel command line) on
+/// the NBD exports `exports` (vda, vdb); the `check` role gets them read-only.
+fn boot(
+    img: &Images,
+    sock: &Path,
+    role: &str,
+    label: &str,
+    extra: &str,
+    exports: [&str; 2],
+) -> Guest {
+    let ro = role == "check";
+    let log = sock.with_file_name(format!("{label}.console"));
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-smp", "1"])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
@@ -105,7 +115,7 @@ fn boot(img: &Images, sock: &Path, role: &str, exports: [&str; 2], ro: bool, dir
         .arg(&img.initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 merge.role={role} merge.files={APP_FILES}"
+            "console=ttyS0 quiet panic=-1 merge.role={role} merge.files={APP_FILES} {extra}"
         ));
     for e in exports {
         c.arg("-drive").arg(format!(
@@ -124,6 +134,40 @@ fn boot(img: &Images, sock: &Path, role: &str, exports: [&str; 2], ro: bool, dir
         child,
         log,
         started: Instant::now(),
+    }
+}
+
+/// An in-process NBD server on a Unix socket, serving on its own thread.
+struct Served {
+    server: Arc<NbdServer>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+    sock: PathBuf,
+}
+
+fn serve(sock: PathBuf, exports: Vec<(&str, Arc<dyn Disk>)>) -> Served {
+    let exports = exports
+        .into_iter()
+        .map(|(n, d)| (n.to_owned(), d))
+        .collect();
+    let server = Arc::new(NbdServer::new(exports).unwrap());
+    let listener = UnixListener::bind(&sock).unwrap();
+    let s2 = Arc::clone(&server);
+    let thread = std::thread::spawn(move || {
+        s2.serve(Listener::Unix(listener))
+            .map_err(|e| e.to_string())
+    });
+    Served {
+        server,
+        thread,
+        sock,
+    }
+}
+
+impl Served {
+    /// Stops the server (it flushes every writable export) and checks it ended cleanly.
+    fn stop(self) {
+        self.server.shutdown_flag().store(true, Ordering::SeqCst);
+        assert_eq!(self.thread.join().unwrap(), Ok(()));
     }
 }
 
@@ -258,13 +302,20 @@ fn check_conflicts(r: &MergeReport, a: &Delta, b: &Delta, owner: Option<Side>, v
 /// Merges with the ownership map: through `merge::merge` when the policy resolves non-owner
 /// writes; otherwise (the block crate's `Policy::Ownership` leaves them unresolved) by writing the
 /// dry run's plan plus the owner's side of each conflict into a new delta over the same parent.
-fn merge_by_ownership(a: &Delta, b: &Delta, map: &OwnershipMap, out: &Path, vol: &str) -> Delta {
+/// Returns the output (writable, for a catch-up) and the merge point (A's sequence number read).
+fn merge_by_ownership(
+    a: &Delta,
+    b: &Delta,
+    map: &OwnershipMap,
+    out: &Path,
+    vol: &str,
+) -> (Delta, u64) {
     let opts = MergeOptions {
         policy: Policy::Ownership(map.clone()),
         ..MergeOptions::default()
     };
     match merge::merge(a, b, out, &opts) {
-        Ok(_) => Delta::open_read_only(out).unwrap(),
+        Ok(r) => (Delta::open(out).unwrap(), r.active_seq),
         Err(MergeError::Conflicts(r)) => {
             assert!(!out.exists(), "{vol}: a failed merge published output");
             println!(
@@ -300,8 +351,7 @@ fn merge_by_ownership(a: &Delta, b: &Delta, map: &OwnershipMap, out: &Path, vol:
                 }
             }
             merged.flush().unwrap();
-            drop(merged);
-            Delta::open_read_only(out).unwrap()
+            (merged, r.active_seq)
         }
         Err(e) => panic!("{vol}: merge failed: {e}"),
     }
@@ -406,27 +456,27 @@ fn real_guests_upgrade_and_app_writes_merge_three_ways() {
     };
 
     // Guests A and B at the same time, each on its children, served over NBD.
-    let sock = dir.join("nbd.sock");
-    let exports: Vec<(String, Arc<dyn Disk>)> = vec![
-        ("os-a".into(), Arc::clone(os_a) as Arc<dyn Disk>),
-        ("data-a".into(), Arc::clone(data_a) as Arc<dyn Disk>),
-        ("os-b".into(), Arc::clone(os_b) as Arc<dyn Disk>),
-        ("data-b".into(), Arc::clone(data_b) as Arc<dyn Disk>),
-    ];
-    let srv = Arc::new(NbdServer::new(exports).unwrap());
-    let listener = UnixListener::bind(&sock).unwrap();
-    let s2 = Arc::clone(&srv);
-    let serving = std::thread::spawn(move || {
-        s2.serve(Listener::Unix(listener))
-            .map_err(|e| e.to_string())
-    });
-    let ga = boot(&img, &sock, "active", ["os-a", "data-a"], false, &dir);
-    let gb = boot(&img, &sock, "upgrade", ["os-b", "data-b"], false, &dir);
+    let srv = serve(
+        dir.join("nbd.sock"),
+        vec![
+            ("os-a", Arc::clone(os_a) as Arc<dyn Disk>),
+            ("data-a", Arc::clone(data_a) as Arc<dyn Disk>),
+            ("os-b", Arc::clone(os_b) as Arc<dyn Disk>),
+            ("data-b", Arc::clone(data_b) as Arc<dyn Disk>),
+        ],
+    );
+    let ga = boot(&img, &srv.sock, "active", "active", "", ["os-a", "data-a"]);
+    let gb = boot(
+        &img,
+        &srv.sock,
+        "upgrade",
+        "upgrade",
+        "",
+        ["os-b", "data-b"],
+    );
     let a_lines = finish(ga, "active");
     let b_lines = finish(gb, "upgrade");
-    srv.shutdown_flag().store(true, Ordering::SeqCst);
-    assert_eq!(serving.join().unwrap(), Ok(()));
-    drop(srv);
+    srv.stop();
 
     let a_files = with_prefix(&a_lines, "FILE ");
     assert_eq!(a_files.len(), APP_FILES as usize, "{a_lines:?}");
@@ -487,7 +537,7 @@ fn real_guests_upgrade_and_app_writes_merge_three_ways() {
             r.only_upgrade / 1024
         );
         let out = dir.join(format!("{vol}.merged"));
-        let m = merge_by_ownership(a, b, &map, &out, vol);
+        let (m, since) = merge_by_ownership(a, b, &map, &out, vol);
         // The owner's volume reads exactly as the owner left it.
         let ownerd = if owner == Side::Active { a } else { b };
         for blk in written_blocks(a).union(&written_blocks(b)) {
@@ -500,39 +550,127 @@ fn real_guests_upgrade_and_app_writes_merge_three_ways() {
         let flat = dir.join(format!("{vol}.merged.raw"));
         flatten(&m, &flat);
         e2fsck_clean(&flat, vol);
-        merged.push((Arc::new(m), flat));
+        merged.push((Arc::new(m), flat, since));
     }
+
+    // Catch-up: A runs on (a second session writes more files and logs), then its writes since
+    // the merge point are applied to the merge output as a second, small pass. Data volume (A
+    // owns it): A's new blocks win (`PreferActive` = ownership here, as a catch-up only looks at
+    // A's blocks). OS volume (B owns it): A's new writes are non-owner writes, not applied.
+    let srv = serve(
+        dir.join("nbd-a2.sock"),
+        vec![
+            ("os-a", Arc::clone(os_a) as Arc<dyn Disk>),
+            ("data-a", Arc::clone(data_a) as Arc<dyn Disk>),
+        ],
+    );
+    let extra = format!("merge.prefix=g merge.files={}", APP_FILES / 2);
+    let a2 = finish(
+        boot(
+            &img,
+            &srv.sock,
+            "active",
+            "active-2",
+            &extra,
+            ["os-a", "data-a"],
+        ),
+        "active",
+    );
+    srv.stop();
+    let a_files = with_prefix(&a2, "FILE ");
+    assert_eq!(
+        a_files.len(),
+        (APP_FILES + APP_FILES / 2) as usize,
+        "{a2:?}"
+    );
+    let (data_m, _, data_since) = &merged[1];
+    let opts = MergeOptions {
+        policy: Policy::PreferActive,
+        ..MergeOptions::default()
+    };
+    let r = merge::catch_up(data_m, data_a, *data_since, data_b, &opts).unwrap();
+    let new_blocks: BTreeSet<u64> = data_a
+        .changed_since(*data_since)
+        .iter()
+        .flat_map(|e| (e.offset / BLOCK_SIZE)..(e.end() / BLOCK_SIZE))
+        .collect();
+    assert!(!new_blocks.is_empty());
+    for blk in &new_blocks {
+        assert_eq!(
+            read_block(data_m, *blk),
+            read_block(data_a, *blk),
+            "data: block {blk}"
+        );
+    }
+    println!(
+        "data: catch-up applied {} KiB ({} KiB of A's blocks since seq {data_since}; {} conflicts taken from A)",
+        r.bytes_to_write / 1024,
+        new_blocks.len() * 4,
+        r.conflicts.len()
+    );
+    let (os_m, _, os_since) = &merged[0];
+    let os_map = OwnershipMap::new(vec![(0, os_a.size(), Side::Upgrade)]).unwrap();
+    let os_opts = MergeOptions {
+        policy: Policy::Ownership(os_map),
+        ..MergeOptions::default()
+    };
+    match merge::catch_up(os_m, os_a, *os_since, os_b, &os_opts) {
+        Err(MergeError::Conflicts(r)) => {
+            assert!(
+                r.conflicts.iter().all(|c| c.reason
+                    == ConflictReason::NonOwnerWrite {
+                        owner: Side::Upgrade
+                    }),
+                "{r:?}"
+            );
+            println!(
+                "os: catch-up refused {} KiB of A's non-owner writes",
+                r.conflicting / 1024
+            );
+        }
+        Ok(r) => println!(
+            "os: catch-up resolved by ownership: {} KiB",
+            r.bytes_to_write / 1024
+        ),
+        Err(e) => panic!("os: catch-up failed: {e}"),
+    }
+    for blk in written_blocks(os_a).union(&written_blocks(os_b)) {
+        assert_eq!(
+            read_block(os_m, *blk),
+            read_block(os_b, *blk),
+            "os: block {blk}"
+        );
+    }
+    for (m, flat, _) in &merged {
+        flatten(&**m, flat);
+    }
+    e2fsck_clean(&merged[0].1, "os after catch-up");
+    e2fsck_clean(&merged[1].1, "data after catch-up");
 
     // Host byte comparison of the application's files: merged data volume vs A's.
     let a_flat = dir.join("data.a.raw");
     flatten(&**data_a, &a_flat);
     let from_a = rdump_app(&a_flat, &dir.join("dump-a"));
     let from_merged = rdump_app(&merged[1].1, &dir.join("dump-merged"));
-    assert_eq!(from_a.len(), APP_FILES as usize);
+    assert_eq!(from_a.len(), a_files.len());
     assert!(
         from_a == from_merged,
         "the merged data volume's /app differs from A's"
     );
 
     // A guest on the merged volumes (read-only exports).
-    let exports: Vec<(String, Arc<dyn Disk>)> = vec![
-        ("os".into(), Arc::clone(&merged[0].0) as Arc<dyn Disk>),
-        ("data".into(), Arc::clone(&merged[1].0) as Arc<dyn Disk>),
-    ];
-    let srv = Arc::new(NbdServer::new(exports).unwrap());
-    let sock = dir.join("nbd-merged.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let s2 = Arc::clone(&srv);
-    let serving = std::thread::spawn(move || {
-        s2.serve(Listener::Unix(listener))
-            .map_err(|e| e.to_string())
-    });
+    let srv = serve(
+        dir.join("nbd-merged.sock"),
+        vec![
+            ("os", Arc::clone(&merged[0].0) as Arc<dyn Disk>),
+            ("data", Arc::clone(&merged[1].0) as Arc<dyn Disk>),
+        ],
+    );
     let check = finish(
-        boot(&img, &sock, "check", ["os", "data"], true, &dir),
+        boot(&img, &srv.sock, "check", "check", "", ["os", "data"]),
         "check",
     );
-    srv.shutdown_flag().store(true, Ordering::SeqCst);
-    assert_eq!(serving.join().unwrap(), Ok(()));
+    srv.stop();
 
     assert_eq!(
         with_prefix(&check, "PKG "),
