@@ -165,6 +165,16 @@ fn two_vcpu_snapshot_restores_each_vcpu_state() {
     drop(vm);
     // Two vCPUs both in the counting loop: different stacks, same loop.
     assert_ne!(state.vcpus[0].regs.rsp, state.vcpus[1].regs.rsp);
+    // The MSRs include the TSC, the TSC deadline and kvmclock's.
+    for v in &state.vcpus {
+        for index in [0x10, 0x6e0, 0x4b56_4d00, 0x4b56_4d01] {
+            assert!(
+                v.msrs.iter().any(|m| m.index == index),
+                "vCPU {}: MSR {index:#x} not saved",
+                v.id
+            );
+        }
+    }
 
     let mut m = Machine::restore_snapshot(
         MachineConfig::test_guest("counter"),
@@ -202,6 +212,18 @@ fn two_vcpu_snapshot_restores_each_vcpu_state() {
             "vCPU {}",
             v.id()
         );
+        // Non-clock MSRs come back as saved (the TSC moves on by itself).
+        let keep: Vec<_> = s
+            .msrs
+            .iter()
+            .filter(|m| [0x277, 0x6e0, 0x4b56_4d01, 0xc000_0081].contains(&m.index))
+            .collect();
+        let indices: Vec<u32> = keep.iter().map(|m| m.index).collect();
+        let got = vmm::snapshot::read_msrs(v.fd(), v.id(), &indices).unwrap();
+        assert_eq!(got.len(), keep.len());
+        for (got, want) in got.iter().zip(&keep) {
+            assert_eq!((got.index, got.data), (want.index, want.data));
+        }
     }
     m.start().unwrap();
     wait_past(&m, saved, "the restored two-vCPU VM");
