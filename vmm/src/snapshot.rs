@@ -214,7 +214,11 @@ fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs, SnapshotError> {
 
 /// Reads the MSRs in `indices` that KVM can read (KVM_GET_MSRS stops at the first one it cannot
 /// read; that one is skipped and the rest read on).
-pub fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
+pub fn read_msrs(
+    fd: &VcpuFd,
+    id: u8,
+    indices: &[u32],
+) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
