@@ -440,7 +440,11 @@ impl Machine {
             machine.disks.push(AttachedDisk { layer, slot });
         }
         if let Some(v) = machine.cfg.vsock.clone() {
-            let dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
+            let mut dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
+            if saved.is_some() {
+                // Restored or cloned: the host connections are gone and the CID may differ.
+                dev = dev.with_transport_reset();
+            }
             machine.add_virtio(Box::new(dev))?;
         }
         Ok(machine)

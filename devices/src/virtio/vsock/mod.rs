@@ -23,11 +23,16 @@ pub const DEVICE_TYPE_VSOCK: u32 = 19;
 pub const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest drops its connections and re-reads its CID.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// A virtio-vsock device whose host side listens at a Unix socket path.
 pub struct Vsock {
     cid: u64,
     uds_path: PathBuf,
+    /// Send a transport-reset event when next activated (a restored or cloned device).
+    reset_event: bool,
     worker: Option<WorkerThread>,
 }
 
@@ -57,8 +62,17 @@ impl Vsock {
         Ok(Self {
             cid,
             uds_path: uds_path.to_owned(),
+            reset_event: false,
             worker: None,
         })
+    }
+
+    /// Makes the next activation post a transport-reset event (as soon as the guest has an
+    /// event buffer): for a device restored from a snapshot or clone, whose host connections
+    /// are gone and whose CID may differ from the one the guest driver read.
+    pub fn with_transport_reset(mut self) -> Self {
+        self.reset_event = true;
+        self
     }
 }
 
@@ -109,6 +123,7 @@ impl VirtioDevice for Vsock {
             interrupt: a.interrupt,
             muxer,
             rx_starved: false,
+            reset_pending: std::mem::take(&mut self.reset_event),
         };
         self.worker = Some(WorkerThread::spawn("virtio-vsock", move |kill| {
             w.run(kill);
@@ -154,11 +169,18 @@ struct Worker {
     muxer: Muxer,
     /// The guest gave no RX buffers last time we had something for it.
     rx_starved: bool,
+    /// A transport-reset event is still to be posted.
+    reset_pending: bool,
 }
 
 impl Worker {
     fn run(&mut self, kill: &EventFd) {
         loop {
+            match self.post_reset_event() {
+                Ok(true) => self.interrupt.trigger(INT_VRING),
+                Ok(false) => {}
+                Err(()) => return self.interrupt.set_needs_reset(),
+            }
             let mut fds: Vec<libc::pollfd> = [kill.as_raw_fd()]
                 .into_iter()
                 .chain(self.events.iter().map(AsRawFd::as_raw_fd))
@@ -203,6 +225,30 @@ impl Worker {
                 self.interrupt.trigger(INT_VRING);
             }
         }
+    }
+
+    /// Posts the pending transport-reset event into an event-queue buffer, if the guest gave
+    /// one; true when it was posted.
+    fn post_reset_event(&mut self) -> Result<bool, ()> {
+        if !self.reset_pending {
+            return Ok(false);
+        }
+        let mut q = self.queues[EVQ].lock().unwrap_or_else(|p| p.into_inner());
+        let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let len = match chain.writer(&self.mem) {
+            Ok(mut w) if w.available_bytes() >= 4 => {
+                w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                    .map_err(|_| ())?;
+                4
+            }
+            _ => 0,
+        };
+        q.add_used(&self.mem, head, len).map_err(|_| ())?;
+        self.reset_pending = len == 0;
+        Ok(true)
     }
 
     /// Consumes every TX chain; malformed packets are dropped (and counted as used).
@@ -350,6 +396,42 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("v.sock")
+    }
+
+    #[test]
+    fn restored_device_posts_one_transport_reset_event() {
+        let path = tmp("reset");
+        let dev = Vsock::new(CID, &path).unwrap().with_transport_reset();
+        let mut d = Driver::new(Box::new(dev));
+        assert_ne!(d.init(1 << 32, 3) & 4, 0, "DRIVER_OK accepted");
+        // The event buffer comes after activation: the device posts the event once it has one.
+        let ev = DATA + 0x8000;
+        d.mem.write_obj(0xffff_ffffu32, GuestAddress(ev)).unwrap();
+        d.add_chain_q(2, &[(ev, 8, true)]);
+        d.wr(0x50, 2);
+        let used = d.wait_used(2, 1);
+        assert_eq!(used[0].1, 4);
+        let id: u32 = d.mem.read_obj(GuestAddress(ev)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        // Only one: a further buffer stays available while other traffic is handled.
+        d.add_chain_q(2, &[(ev + 8, 8, true)]);
+        d.wr(0x50, 2);
+        let mut g = Guest { d, rx_next: 0 };
+        for _ in 0..8 {
+            g.give_rx();
+        }
+        g.d.wr(0x50, 0);
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"CONNECT 7\n").unwrap();
+        let (req, _) = g.recv();
+        assert_eq!(req.op, OP_REQUEST);
+        let used_idx: u16 =
+            g.d.mem
+                .read_obj(GuestAddress(
+                    crate::virtio::testing::qbase(2) + crate::virtio::testing::USED + 2,
+                ))
+                .unwrap();
+        assert_eq!(used_idx, 1, "a second reset event was posted");
     }
 
     #[test]
