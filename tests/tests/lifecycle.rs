@@ -508,3 +508,51 @@ fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
     let frozen: Vec<u64> = (0..BLOCKS).map(|j| stamp(&parent, j)).collect();
     assert_eq!(frozen, expected_stamps(last, BLOCKS, 0));
 }
+
+#[test]
+fn clone_gets_its_own_vsock_cid_and_socket() {
+    use vmm::config::VsockConfig;
+    if !kvm_or_skip("clone_gets_its_own_vsock_cid_and_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = MachineConfig::test_guest("counter");
+    cfg.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("active.sock"),
+    });
+    let mut vm = TestVm::boot(cfg).unwrap();
+    vm.machine.start().unwrap();
+    wait_past(&vm.machine, 0, "the source");
+    let mut clone_cfg = MachineConfig::test_guest("counter");
+    clone_cfg.vsock = Some(VsockConfig {
+        guest_cid: 4,
+        uds_path: dir.path().join("clone.sock"),
+    });
+    let mut opts = CloneOptions::new(clone_cfg);
+    opts.console = Some(SerialOutput::Sink);
+    let (mut clone, _) = vm.machine.clone_running(opts).unwrap();
+    // The guest reads its CID from the device's config space (offset 0x100 of the window).
+    let cid = |m: &Machine| {
+        let mut b = [0u8; 8];
+        assert!(
+            m.mmio_bus()
+                .read(m.virtio_devices()[0].addr + 0x100, &mut b)
+        );
+        u64::from_le_bytes(b)
+    };
+    assert_eq!(cid(&vm.machine), 3);
+    assert_eq!(cid(&clone), 4);
+    // A clone without the source's devices is refused.
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("counter"));
+    opts.console = Some(SerialOutput::Sink);
+    let err = vm.machine.clone_running(opts).unwrap_err();
+    assert!(
+        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        "{err:?}"
+    );
+    clone.start().unwrap();
+    wait_past(&clone, peek(&clone), "the clone");
+    assert_eq!(clone.stop().unwrap(), StopReason::Stopped);
+    assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
+}

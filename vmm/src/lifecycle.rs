@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use block::Layer;
 use devices::legacy::SerialOutput;
+use devices::virtio::blk::DEVICE_TYPE_BLOCK;
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::vsock::DEVICE_TYPE_VSOCK;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -318,6 +320,22 @@ impl Machine {
                 "{} disk directory pairs for {} disks",
                 opts.disk_dirs.len(),
                 self.disks.len()
+            ))
+            .into());
+        }
+        // The clone gets the source's disks (forked) and the config's vsock: check up front that
+        // this gives the source's virtio devices, before any copying or forking.
+        let want: Vec<u32> = std::iter::repeat_n(DEVICE_TYPE_BLOCK, self.disks.len())
+            .chain(opts.config.vsock.as_ref().map(|_| DEVICE_TYPE_VSOCK))
+            .collect();
+        let have: Vec<u32> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type())
+            .collect();
+        if want != have {
+            return Err(SnapshotError::Mismatch(format!(
+                "the clone would have virtio devices {want:?}, the source has {have:?}"
             ))
             .into());
         }
