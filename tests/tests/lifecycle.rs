@@ -556,3 +556,70 @@ fn clone_gets_its_own_vsock_cid_and_socket() {
     assert_eq!(clone.stop().unwrap(), StopReason::Stopped);
     assert_eq!(vm.machine.stop().unwrap(), StopReason::Stopped);
 }
+
+/// Child half of [`snapshot_restores_in_a_new_process`]: restores the snapshot named by
+/// `MICROVMM_SNAPSHOT_DIR` and checks the counter goes on from `MICROVMM_SNAPSHOT_COUNTER`.
+#[test]
+#[ignore = "run by snapshot_restores_in_a_new_process in a child process"]
+fn child_restores_snapshot_from_env() {
+    let (Ok(dir), Ok(saved)) = (
+        std::env::var("MICROVMM_SNAPSHOT_DIR"),
+        std::env::var("MICROVMM_SNAPSHOT_COUNTER"),
+    ) else {
+        println!("SKIP: child_restores_snapshot_from_env: run by its parent test only");
+        return;
+    };
+    let saved: u64 = saved.parse().unwrap();
+    let mut m = Machine::restore_snapshot(
+        MachineConfig::test_guest("counter"),
+        Some(SerialOutput::Sink),
+        std::path::Path::new(&dir),
+    )
+    .unwrap();
+    assert_eq!(peek(&m), saved);
+    let reports = with_reports(&m);
+    m.start().unwrap();
+    let moved = wait_past(&m, saved, "the restored VM");
+    let probe = CounterProbe::new(m.memory().clone(), reports).unwrap();
+    let last = probe.stop(LIMIT).unwrap();
+    assert!(last >= moved, "{last} after {moved}");
+    assert_eq!(m.wait(Some(LIMIT)).unwrap(), StopReason::PowerOff);
+    println!("restored counter went on from {saved} to {last}");
+}
+
+#[test]
+fn snapshot_restores_in_a_new_process() {
+    if !kvm_or_skip("snapshot_restores_in_a_new_process") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let mut vm = counter_vm(1);
+    wait_past(&vm.machine, 1000, "before the snapshot");
+    vm.machine.pause().unwrap();
+    let saved = peek(&vm.machine);
+    vm.machine.save_snapshot(&snap).unwrap();
+    vm.machine.stop().unwrap();
+    drop(vm);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_restores_snapshot_from_env",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("MICROVMM_SNAPSHOT_DIR", &snap)
+        .env("MICROVMM_SNAPSHOT_COUNTER", saved.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("restored counter went on from {saved} to ")),
+        "{text}"
+    );
+}
