@@ -309,6 +309,51 @@ fn corrupt_and_wrong_version_snapshots_are_typed_errors() {
     // Restored intact, it works.
     std::fs::write(&memory, &mem).unwrap();
     assert!(restore(&snap).is_ok());
+
+    // Well-formed containers with bad contents: undecodable or inconsistent sections.
+    let good = vmm::snapfile::SnapshotReader::parse(&good_state).unwrap();
+    let rewrite = |replace: &str, with: &[u8]| {
+        let mut w = vmm::snapfile::SnapshotWriter::new();
+        for name in ["meta", "vcpus", "vm", "devices"] {
+            let payload = if name == replace {
+                with.to_vec()
+            } else {
+                good.section(name).unwrap().to_vec()
+            };
+            w.section(name, payload);
+        }
+        w.write(&state).unwrap();
+        restore(&snap).unwrap_err()
+    };
+    let err = rewrite("vcpus", b"{not json");
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::Decode {
+                section: "vcpus",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let err = rewrite("vcpus", b"[]");
+    assert!(
+        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        "{err:?}"
+    );
+    let err = rewrite("devices", b"{}");
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::Decode {
+                section: "devices",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    std::fs::write(&state, &good_state).unwrap();
+    assert!(restore(&snap).is_ok());
 }
 
 #[test]
