@@ -92,7 +92,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     echo "in-guest: skipped (qemu-system-x86_64 not installed)"
     exit 0
 fi
-if ! mapfile -t img < <(bash guest/merge-build-image.sh 2>/dev/null | tail -n 4) || [ "${#img[@]}" -ne 4 ]; then
+if ! mapfile -t img < <(bash guest/merge-build-image.sh 2>/dev/null | tail -n 5) || [ "${#img[@]}" -ne 5 ]; then
     echo "in-guest: skipped (guest/merge-build-image.sh failed; it needs root)"
     exit 0
 fi

@@ -10,7 +10,8 @@
 # Cached under $MICROVMM_CACHE (default /var/cache/microvmm): the volumes keyed by their recipe below,
 # the initramfs by the init script.
 # Cold: ~1-2 min (debootstrap); warm: well under a second.
-# The last four output lines are the paths of vmlinuz, the initramfs, the OS image and the data image.
+# The last five output lines are the paths of vmlinuz, the initramfs, the OS image, the data image and
+# the list of staged packages (`NAME VERSION [UPGRADED-FROM]` per line).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=guest/common.sh
@@ -18,13 +19,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 # Staged packages (with their dependencies not in minbase); dpkg installs them all in one call.
 STAGED_PKGS=(tree jq libjq1 libonig5 file libmagic1 libmagic-mgc)
+# Upgraded packages: the root gets the older of the package's bookworm and bookworm-updates versions,
+# the newer one is staged (tzdata: ~600 files rewritten). Skipped (logged) if the two are equal.
+UPGRADE_PKGS=(tzdata)
 MODULES=(virtio_pci virtio_blk ext4)
 need_host_pkgs cpio gzip kmod debootstrap e2fsprogs
 
 kdir=$(fetch_kernel)
 # Volumes (slow: debootstrap) and initramfs (cheap) are cached apart, so that editing the init
 # script does not rebuild the volumes.
-vstamp=$( (echo "${STAGED_PKGS[*]}"; sed -n '/^# --- volumes/,/^# --- end volumes/p' "$0") | sha256sum | cut -c1-16)
+vstamp=$( (echo "${STAGED_PKGS[*]} ${UPGRADE_PKGS[*]}"; sed -n '/^# --- volumes/,/^# --- end volumes/p' "$0") | sha256sum | cut -c1-16)
 vol="$CACHE/merge-vol-$vstamp"
 # --- volumes
 if [ ! -s "$vol/done" ]; then
@@ -47,6 +51,37 @@ if [ ! -s "$vol/done" ]; then
             log "staged package $p is already in the root"
             exit 1
         fi
+    done
+    for p in "${UPGRADE_PKGS[@]}"; do
+        main=$(fetch_deb "$p" "$CACHE/debs")
+        # (The exact version: apt's candidate can be the host's installed one.)
+        upd=$(
+            dir="$CACHE/merge-updates/debs"
+            CACHE="$CACHE/merge-updates" GUEST_SUITE=$GUEST_SUITE-updates
+            guest_apt apt-get update -qq >/dev/null
+            v=$(guest_apt apt-cache madison "$p" | awk -F'|' 'NR == 1 { gsub(/ /, "", $2); print $2 }')
+            [ -n "$v" ] || exit 0
+            mkdir -p "$dir"
+            (cd "$dir" && guest_apt apt-get download "$p=$v" >/dev/null)
+            ls -t "$dir/${p}_"*.deb | head -n1
+        )
+        if [ -z "$upd" ]; then
+            log "no upgrade of $p staged: not in $GUEST_SUITE-updates"
+            continue
+        fi
+        vm=$(dpkg-deb -f "$main" Version)
+        vu=$(dpkg-deb -f "$upd" Version)
+        if [ "$vm" = "$vu" ]; then
+            log "no upgrade of $p staged: $GUEST_SUITE and $GUEST_SUITE-updates both have $vm"
+            continue
+        fi
+        old=$main new=$upd
+        dpkg --compare-versions "$vm" gt "$vu" && old=$upd new=$main
+        cp "$old" "$rdir/tmp/old.deb"
+        DEBIAN_FRONTEND=noninteractive chroot "$rdir" dpkg -i /tmp/old.deb >>"$vol.tmp/debootstrap.log" 2>&1
+        rm "$rdir/tmp/old.deb"
+        cp "$new" "$rdir/var/cache/merge-debs/"
+        echo "$p $(dpkg-deb -f "$new" Version) $(dpkg-deb -f "$old" Version)" >>"$vol.tmp/pkgs"
     done
     rm -rf "$rdir"/var/cache/apt/archives/*.deb "$rdir"/var/lib/apt/lists/* "$rdir"/usr/share/doc/* \
         "$rdir"/usr/share/man/* "$rdir"/usr/share/locale/*
@@ -80,3 +115,4 @@ echo "$kdir/vmlinuz"
 echo "$initrd"
 echo "$vol/os.ext4"
 echo "$vol/data.ext4"
+echo "$vol/pkgs"

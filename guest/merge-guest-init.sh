@@ -4,7 +4,7 @@
 # `merge.role=` on the kernel command line, printing results on the console as `MERGE ...` lines:
 #   active  - the application: writes files app/<merge.prefix>1..<merge.files> on the data volume,
 #             logs on the OS volume;
-#   upgrade - installs the .deb files staged in /var/cache/merge-debs with dpkg (chroot into the OS
+#   upgrade - installs (or upgrades) the .deb files staged in /var/cache/merge-debs with dpkg (chroot into the OS
 #             volume) and writes a marker on the data volume (a non-owner write the merge must drop);
 #   check   - mounts both volumes read-only and reports package versions and file checksums;
 #   bench   - (benches/compare-qemu-nbd.sh) writes merge.mib MiB of random data to the raw /dev/vdb
@@ -77,7 +77,8 @@ upgrade)
     mount -t proc proc /os/proc
     mount -t devtmpfs dev /os/dev
     mount -t tmpfs tmpfs /os/tmp
-    if chroot /os /bin/sh -c 'dpkg -i /var/cache/merge-debs/*.deb' >/dev/console 2>&1; then
+    if chroot /os /bin/sh -c 'DEBIAN_FRONTEND=noninteractive dpkg -i /var/cache/merge-debs/*.deb' \
+        >/dev/console 2>&1; then
         say "DPKG ok"
     else
         say "ERROR dpkg failed"
