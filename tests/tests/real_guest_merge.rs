@@ -38,7 +38,7 @@ use block::{BLOCK_SIZE, Base, Delta, Disk, ExtentKind, Layer};
 /// Bound on one guest run (they take ~4-10 s here).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// Files the application writes.
-const APP_FILES: u32 = 40;
+const APP_FILES: u32 = 100;
 
 struct Images {
     kernel: PathBuf,
