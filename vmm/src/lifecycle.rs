@@ -75,6 +75,8 @@ pub struct CloneTimeline {
     pub pause: Duration,
     /// Of which: copying the last dirty pages.
     pub final_copy: Duration,
+    /// Of which: reading vCPU, VM and device state.
+    pub capture: Duration,
     /// Of which: forking and swapping disks.
     pub disk_fork: Duration,
     /// Building the clone machine from the captured state (the source runs meanwhile).
@@ -423,7 +425,9 @@ impl Machine {
             let c = Instant::now();
             tl.final_pages = copy_dirty(self, dst)?;
             tl.final_copy = c.elapsed();
+            let k = Instant::now();
             let state = self.capture_locked(transports, guards)?;
+            tl.capture = k.elapsed();
             let f = Instant::now();
             let forked = self.fork_disks(&opts.disk_dirs)?;
             tl.disk_fork = f.elapsed();
