@@ -107,3 +107,61 @@ fn bad_inputs_are_reported_clearly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("cannot open disk /nonexistent/disk.img"));
 }
+
+#[test]
+fn snapshot_then_restore_in_a_new_process_continues_counting() {
+    if !kvm_or_skip("snapshot_then_restore_in_a_new_process_continues_counting") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let run = |extra: &[&str], to: &std::path::Path| {
+        let mut args = vec!["run", "--test-guest", "counter", "--mem-mib", "32"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "--snapshot-after",
+            "300",
+            "--snapshot-to",
+            to.to_str().unwrap(),
+        ]);
+        let out = microvmm(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("snapshot of 1 vCPU(s) and 32 MiB"),
+            "{}",
+            text(&out.stderr)
+        );
+        out
+    };
+    let first = run(&[], &a);
+    assert!(text(&first.stdout).contains("counter: ready"));
+    // The restored guest does not boot again: no banner, and its counter goes on.
+    let second = run(&["--restore", a.to_str().unwrap()], &b);
+    assert!(
+        !text(&second.stdout).contains("counter: ready"),
+        "{}",
+        text(&second.stdout)
+    );
+    let at = vmm::guests::COUNTER.symbol("shared_counter").unwrap() as usize;
+    let counter = |d: &std::path::Path| {
+        let mem = std::fs::read(d.join("memory")).unwrap();
+        u64::from_le_bytes(mem[at..at + 8].try_into().unwrap())
+    };
+    let (ca, cb) = (counter(&a), counter(&b));
+    assert!(ca > 0 && cb > ca, "counter {ca} then {cb}");
+    // A corrupt snapshot is refused with a message.
+    std::fs::write(a.join("state"), b"MVMMSNAP garbage").unwrap();
+    let out = microvmm(&[
+        "run",
+        "--test-guest",
+        "counter",
+        "--restore",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("snapshot"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -12,7 +12,7 @@ use vmm::config::{
     ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, VsockConfig,
 };
 use vmm::guests;
-use vmm::{Machine, StopReason};
+use vmm::{Machine, MachineError, StopReason};
 
 /// Arguments of `microvmm run`.
 #[derive(Debug, clap::Args)]
@@ -65,6 +65,17 @@ pub struct RunArgs {
     /// Print boot and exit timings to stderr.
     #[arg(long)]
     timings: bool,
+    /// Start from a snapshot directory (written by --snapshot-to) instead of booting; the other
+    /// options give the devices (the same kinds as when it was saved) and the console.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// After this many milliseconds of running, pause the VM, write a snapshot to
+    /// --snapshot-to and end the VM.
+    #[arg(long, requires = "snapshot_to")]
+    snapshot_after: Option<u64>,
+    /// Snapshot directory for --snapshot-after.
+    #[arg(long, requires = "snapshot_after")]
+    snapshot_to: Option<PathBuf>,
 }
 
 fn console_target(s: &str) -> ConsoleTarget {
@@ -144,13 +155,36 @@ fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
 pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = machine_config(&args)?;
     let interactive = cfg.console == ConsoleTarget::Stdout;
-    let mut m = Machine::new(cfg, None)?;
-    m.boot()?;
+    let mut m = match &args.restore {
+        Some(dir) => Machine::restore_snapshot(cfg, None, dir)?,
+        None => {
+            let mut m = Machine::new(cfg, None)?;
+            m.boot()?;
+            m
+        }
+    };
     m.start()?;
     if interactive {
         forward_stdin(m.serial().clone());
     }
-    let reason = m.wait(None);
+    let reason = match (args.snapshot_after, &args.snapshot_to) {
+        (Some(ms), Some(dir)) => match m.wait(Some(Duration::from_millis(ms))) {
+            Err(MachineError::Timeout(_)) => {
+                m.pause()?;
+                let meta = m.save_snapshot(dir)?;
+                m.stop()?;
+                eprintln!(
+                    "microvmm: snapshot of {} vCPU(s) and {} MiB written to {}",
+                    meta.vcpus,
+                    meta.mem_size >> 20,
+                    dir.display()
+                );
+                Ok(StopReason::Stopped)
+            }
+            other => other,
+        },
+        _ => m.wait(None),
+    };
     let done = Instant::now();
     if args.timings {
         let t = m.timeline();
