@@ -67,10 +67,14 @@ pub enum Policy {
     PreferActive,
     /// Conflicts take the upgrade's content.
     PreferUpgrade,
-    /// Ranges are owned by one side; a write by the non-owner (that differs from the owner's
-    /// content) is a conflict, as is a differing write by both sides in an unowned range.
+    /// Ranges are owned by one side; a block the non-owner wrote is a conflict (unless the owner
+    /// wrote the same content), as is a differing write by both sides in an unowned range.
     /// Conflicts fail the merge.
     Ownership(OwnershipMap),
+    /// Classified as [`Policy::Ownership`], but each non-owner conflict is resolved to the owner's
+    /// side (its content, or the parent's where the owner did not write); conflicts in unowned
+    /// ranges still fail the merge. The report lists every conflict with its resolution.
+    OwnerWins(OwnershipMap),
     /// A callback decides each conflict.
     Resolver(Resolver),
 }
@@ -82,6 +86,7 @@ impl fmt::Debug for Policy {
             Self::PreferActive => f.write_str("PreferActive"),
             Self::PreferUpgrade => f.write_str("PreferUpgrade"),
             Self::Ownership(m) => f.debug_tuple("Ownership").field(m).finish(),
+            Self::OwnerWins(m) => f.debug_tuple("OwnerWins").field(m).finish(),
             Self::Resolver(_) => f.write_str("Resolver(..)"),
         }
     }
@@ -473,7 +478,7 @@ fn classify(
     policy: &Policy,
 ) -> Result<Classified, MergeError> {
     let ownership = match policy {
-        Policy::Ownership(m) => Some(m),
+        Policy::Ownership(m) | Policy::OwnerWins(m) => Some(m),
         _ => None,
     };
     let mut cuts: Vec<u64> = a_ext.iter().flat_map(|e| [e.offset, e.end()]).collect();
@@ -600,6 +605,15 @@ fn classify(
         };
         conflict.resolution = match policy {
             Policy::Fail | Policy::Ownership(_) => Resolution::Unresolved,
+            Policy::OwnerWins(_) => match conflict.reason {
+                ConflictReason::NonOwnerWrite {
+                    owner: Side::Active,
+                } => Resolution::Active,
+                ConflictReason::NonOwnerWrite {
+                    owner: Side::Upgrade,
+                } => Resolution::Upgrade,
+                ConflictReason::BothWrote => Resolution::Unresolved,
+            },
             Policy::PreferActive => Resolution::Active,
             Policy::PreferUpgrade => Resolution::Upgrade,
             Policy::Resolver(f) => f(&conflict),

@@ -416,3 +416,53 @@ fn interrupted_flatten_resumes_to_identical_image() {
         Base::open(&c.out).unwrap();
     }
 }
+
+#[test]
+fn owner_wins_resolves_non_owner_writes_to_the_owner() {
+    let c = setup(&[], &[]);
+    w(&c.b, 1, 1, 2); // B writes A's range; A did not: the parent's content wins
+    w(&c.a, 2, 1, 5); // both write A's range: A's content wins
+    w(&c.b, 2, 1, 6);
+    w(&c.a, 20, 1, 7); // A writes B's range, B wrote it too: B's content wins
+    w(&c.b, 20, 1, 8);
+    w(&c.a, 40, 1, 4); // unowned, only A: taken
+    let map = OwnershipMap::parse("active 0 64K\nupgrade 64K 64K\n").unwrap();
+    let r = merge::merge(
+        &c.a,
+        &c.b,
+        &c.out,
+        &MergeOptions {
+            policy: Policy::OwnerWins(map.clone()),
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(conflict_blocks(&r), vec![1, 2, 20]);
+    let res: Vec<Resolution> = r.conflicts.iter().map(|c| c.resolution).collect();
+    assert_eq!(
+        res,
+        vec![Resolution::Active, Resolution::Active, Resolution::Upgrade]
+    );
+    let out = Delta::open_read_only(&c.out).unwrap();
+    let b = blocks_of(&out);
+    assert_eq!(
+        (b[1], b[2], b[20], b[40]),
+        (base_byte(1), 5, 8, 4),
+        "owner's content, or the parent's where the owner did not write"
+    );
+    // A differing write by both sides in an unowned range still fails.
+    let c2 = setup(&[], &[]);
+    w(&c2.a, 45, 1, 1);
+    w(&c2.b, 45, 1, 2);
+    let err = merge::merge(
+        &c2.a,
+        &c2.b,
+        &c2.out,
+        &MergeOptions {
+            policy: Policy::OwnerWins(map),
+            ..MergeOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, MergeError::Conflicts(_)));
+}

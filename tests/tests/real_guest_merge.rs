@@ -29,8 +29,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use block::merge::{
-    self, Action, BlockState, ConflictReason, MergeError, MergeOptions, MergeReport, OwnershipMap,
-    Policy, Side,
+    self, BlockState, ConflictReason, MergeError, MergeOptions, MergeReport, OwnershipMap, Policy,
+    Resolution, Side,
 };
 use block::nbd::{Listener, NbdServer};
 use block::{BLOCK_SIZE, Base, Delta, Disk, ExtentKind, Layer};
@@ -303,10 +303,9 @@ fn check_conflicts(r: &MergeReport, a: &Delta, b: &Delta, owner: Option<Side>, v
     }
 }
 
-/// Merges with the ownership map: through `merge::merge` when the policy resolves non-owner
-/// writes; otherwise (the block crate's `Policy::Ownership` leaves them unresolved) by writing the
-/// dry run's plan plus the owner's side of each conflict into a new delta over the same parent.
-/// Returns the output (writable, for a catch-up) and the merge point (A's sequence number read).
+/// Merges with the ownership map, each non-owner conflict resolved to the owner
+/// (`Policy::OwnerWins`). Returns the output (writable, for a catch-up) and the merge point
+/// (A's sequence number read).
 fn merge_by_ownership(
     a: &Delta,
     b: &Delta,
@@ -315,50 +314,22 @@ fn merge_by_ownership(
     vol: &str,
 ) -> (Delta, u64) {
     let opts = MergeOptions {
-        policy: Policy::Ownership(map.clone()),
+        policy: Policy::OwnerWins(map.clone()),
         ..MergeOptions::default()
     };
-    match merge::merge(a, b, out, &opts) {
-        Ok(r) => (Delta::open(out).unwrap(), r.active_seq),
-        Err(MergeError::Conflicts(r)) => {
-            assert!(!out.exists(), "{vol}: a failed merge published output");
-            println!(
-                "{vol}: NOTE Policy::Ownership leaves {} non-owner conflict(s) unresolved; \
-                 applying the owner's side of each",
-                r.unresolved()
-            );
-            let merged = Delta::create(out, Arc::clone(a.parent())).unwrap();
-            let copy = |src: &Delta, off: u64, len: u64| {
-                let mut buf = vec![0u8; len as usize];
-                src.read_at(&mut buf, off).unwrap();
-                merged.write_at(&buf, off).unwrap();
-            };
-            for op in &r.plan {
-                match op.action {
-                    Action::Copy(Side::Active) => copy(a, op.offset, op.len),
-                    Action::Copy(Side::Upgrade) => copy(b, op.offset, op.len),
-                    Action::Zero => merged.write_zeroes(op.offset, op.len).unwrap(),
-                }
-            }
-            for c in &r.conflicts {
-                let ConflictReason::NonOwnerWrite { owner } = c.reason else {
-                    panic!("{vol}: unowned conflict {c:?}");
-                };
-                let (src, view) = match owner {
-                    Side::Active => (a, c.active),
-                    Side::Upgrade => (b, c.upgrade),
-                };
-                match view.state {
-                    BlockState::Inherited => {}
-                    BlockState::Data => copy(src, c.offset, c.len),
-                    BlockState::Zero => merged.write_zeroes(c.offset, c.len).unwrap(),
-                }
-            }
-            merged.flush().unwrap();
-            (merged, r.active_seq)
-        }
-        Err(e) => panic!("{vol}: merge failed: {e}"),
+    let r = merge::merge(a, b, out, &opts)
+        .unwrap_or_else(|e| panic!("{vol}: merge by ownership failed: {e}"));
+    for c in &r.conflicts {
+        let ConflictReason::NonOwnerWrite { owner } = c.reason else {
+            panic!("{vol}: unowned conflict {c:?}");
+        };
+        let want = match owner {
+            Side::Active => Resolution::Active,
+            Side::Upgrade => Resolution::Upgrade,
+        };
+        assert_eq!(c.resolution, want, "{vol}: {c:?}");
     }
+    (Delta::open(out).unwrap(), r.active_seq)
 }
 
 /// Writes a disk's content into a sparse raw file.
@@ -623,29 +594,22 @@ fn real_guests_upgrade_and_app_writes_merge_three_ways() {
     let (os_m, _, os_since) = &merged[0];
     let os_map = OwnershipMap::new(vec![(0, os_a.size(), Side::Upgrade)]).unwrap();
     let os_opts = MergeOptions {
-        policy: Policy::Ownership(os_map),
+        policy: Policy::OwnerWins(os_map),
         ..MergeOptions::default()
     };
-    match merge::catch_up(os_m, os_a, *os_since, os_b, &os_opts) {
-        Err(MergeError::Conflicts(r)) => {
-            assert!(
-                r.conflicts.iter().all(|c| c.reason
-                    == ConflictReason::NonOwnerWrite {
-                        owner: Side::Upgrade
-                    }),
-                "{r:?}"
-            );
-            println!(
-                "os: catch-up refused {} KiB of A's non-owner writes",
-                r.conflicting / 1024
-            );
-        }
-        Ok(r) => println!(
-            "os: catch-up resolved by ownership: {} KiB",
-            r.bytes_to_write / 1024
-        ),
-        Err(e) => panic!("os: catch-up failed: {e}"),
-    }
+    let r = merge::catch_up(os_m, os_a, *os_since, os_b, &os_opts).unwrap();
+    assert!(
+        r.conflicts.iter().all(|c| c.reason
+            == ConflictReason::NonOwnerWrite {
+                owner: Side::Upgrade
+            }
+            && c.resolution == Resolution::Upgrade),
+        "{r:?}"
+    );
+    println!(
+        "os: catch-up resolved {} KiB of A's non-owner writes to the owner (B)",
+        r.conflicting / 1024
+    );
     for blk in written_blocks(os_a).union(&written_blocks(os_b)) {
         assert_eq!(
             read_block(os_m, *blk),

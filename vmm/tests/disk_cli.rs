@@ -146,6 +146,21 @@ fn create_fork_merge_inspect() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stdout).contains("NonOwnerWrite"));
+    // --owner-wins resolves it to the owner (B) and merges.
+    let flat2 = t.path().join("flat2.img");
+    ok(&[
+        "merge",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&flat2),
+        "--ownership",
+        s(&own),
+        "--owner-wins",
+        "--flatten",
+    ]);
+    let img = std::fs::read(&flat2).unwrap();
+    assert_eq!([1, 2, 3].map(|i| img[i * BS]), [0xa1, 0xb2, 0xb3]);
 
     // Catch-up: a write A makes after the merge point lands in the output.
     let since = report["active_seq"].as_u64().unwrap();

@@ -97,6 +97,10 @@ pub struct PolicyArgs {
     /// Ownership map: lines `active|upgrade OFFSET LENGTH`; a non-owner write is a conflict.
     #[arg(long, value_name = "FILE", conflicts_with = "policy")]
     ownership: Option<PathBuf>,
+    /// With --ownership: resolve each non-owner conflict to the owner's side (still reported)
+    /// instead of failing; conflicts in unowned ranges still fail.
+    #[arg(long, requires = "ownership")]
+    owner_wins: bool,
     /// Plan and report only; write nothing.
     #[arg(long)]
     dry_run: bool,
@@ -297,7 +301,12 @@ fn policy_of(p: &PolicyArgs) -> Result<Policy, Box<dyn std::error::Error>> {
     if let Some(f) = &p.ownership {
         let text =
             std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
-        return Ok(Policy::Ownership(OwnershipMap::parse(&text)?));
+        let map = OwnershipMap::parse(&text)?;
+        return Ok(if p.owner_wins {
+            Policy::OwnerWins(map)
+        } else {
+            Policy::Ownership(map)
+        });
     }
     Ok(match p.policy {
         PolicyArg::Fail => Policy::Fail,
