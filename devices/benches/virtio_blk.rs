@@ -7,24 +7,13 @@ use std::sync::Arc;
 use block::{Base, Delta, Layer};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use devices::virtio::blk::{Block, ID_BYTES, process_queue};
-use devices::virtio::testing::{AVAIL, DATA, DESC, Driver, QSIZE, USED};
-use virtio_queue::{Queue, QueueT};
+use devices::virtio::testing::{DATA, Driver, queue};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Requests per measured batch (3 descriptors each; the test queue has 16).
 const BATCH: u64 = 4;
 /// Region of the disk the requests cycle over.
 const SPAN: u64 = 256 << 20;
-
-fn queue() -> Queue {
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    q
-}
 
 fn delta(dir: &std::path::Path) -> Arc<Delta> {
     let base = Base::create(&dir.join("base.img"), SPAN).unwrap();

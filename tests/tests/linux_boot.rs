@@ -68,6 +68,27 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
     std::fs::write(out, &o.stdout).map_err(|e| e.to_string())
 }
 
+/// A Linux guest with the console captured by the test, no disks, no vsock.
+fn linux_cfg(
+    vcpus: u8,
+    mem_mib: u64,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<&str>,
+) -> MachineConfig {
+    MachineConfig {
+        vcpus,
+        mem_mib,
+        kernel: KernelSource::File(kernel),
+        initrd,
+        cmdline: cmdline.map(str::to_string),
+        console: ConsoleTarget::Null,
+        disks: Vec::new(),
+        virtio_mmio_cmdline: false,
+        vsock: None,
+    }
+}
+
 #[test]
 fn linux_pvh_early_boot_sees_our_e820_and_acpi() {
     let test = "linux_pvh_early_boot_sees_our_e820_and_acpi";
@@ -90,17 +111,13 @@ fn linux_pvh_early_boot_sees_our_e820_and_acpi() {
         );
         return;
     }
-    let cfg = MachineConfig {
-        vcpus: 2,
-        mem_mib: 64,
-        kernel: KernelSource::File(vmlinux),
-        initrd: None,
-        cmdline: Some("console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=1".into()),
-        console: ConsoleTarget::Null,
-        disks: Vec::new(),
-        virtio_mmio_cmdline: false,
-        vsock: None,
-    };
+    let cfg = linux_cfg(
+        2,
+        64,
+        vmlinux,
+        None,
+        Some("console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=1"),
+    );
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
     let last = "smpboot: Allowing 2 CPUs";
@@ -136,17 +153,13 @@ fn linux_bzimage_decompressor_reads_our_zero_page() {
         println!("SKIP: {test}: no Debian kernel in /var/cache/microvmm/kernel");
         return;
     };
-    let cfg = MachineConfig {
-        vcpus: 1,
-        mem_mib: 128,
-        kernel: KernelSource::File(bz),
-        initrd: None,
-        cmdline: Some("console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr".into()),
-        console: ConsoleTarget::Null,
-        disks: Vec::new(),
-        virtio_mmio_cmdline: false,
-        vsock: None,
-    };
+    let cfg = linux_cfg(
+        1,
+        128,
+        bz,
+        None,
+        Some("console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr"),
+    );
     let mut vm = TestVm::boot(cfg).unwrap();
     let started = std::time::Instant::now();
     vm.machine.start().unwrap();
@@ -166,17 +179,7 @@ fn linux_boots_to_a_shell_on_hardware_kvm() {
         return;
     }
     let (kernel, initrd) = minimal_linux_image();
-    let cfg = MachineConfig {
-        vcpus: 2,
-        mem_mib: 512,
-        kernel: KernelSource::File(kernel),
-        initrd: Some(initrd),
-        cmdline: None,
-        console: ConsoleTarget::Null,
-        disks: Vec::new(),
-        virtio_mmio_cmdline: false,
-        vsock: None,
-    };
+    let cfg = linux_cfg(2, 512, kernel, Some(initrd), None);
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
     assert!(
@@ -254,21 +257,15 @@ fn linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm() {
     let delta_dir = dir.path().join("delta");
     drop(block::Delta::create(&delta_dir, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
     let cfg = MachineConfig {
-        vcpus: 2,
-        mem_mib: 512,
-        kernel: KernelSource::File(kernel),
-        initrd: Some(initrd),
-        cmdline: None,
-        console: ConsoleTarget::Null,
         disks: vec![vmm::config::DiskConfig {
             path: delta_dir.clone(),
             read_only: false,
         }],
-        virtio_mmio_cmdline: false,
         vsock: Some(vmm::config::VsockConfig {
             guest_cid: 3,
             uds_path: dir.path().join("v.sock"),
         }),
+        ..linux_cfg(2, 512, kernel, Some(initrd), None)
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
@@ -346,21 +343,21 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
     drop(block::Delta::create(&delta_dir, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
     let uds = dir.path().join("v.sock");
     let cfg = MachineConfig {
-        vcpus: 2,
-        mem_mib: 1024,
-        kernel: KernelSource::File(kernel.into()),
-        initrd: Some(initrd.into()),
-        cmdline: Some("console=ttyS0 panic=-1 microvmm.hostname=g1".into()),
-        console: ConsoleTarget::Null,
         disks: vec![vmm::config::DiskConfig {
             path: delta_dir,
             read_only: false,
         }],
-        virtio_mmio_cmdline: false,
         vsock: Some(vmm::config::VsockConfig {
             guest_cid: 3,
             uds_path: uds.clone(),
         }),
+        ..linux_cfg(
+            2,
+            1024,
+            kernel.into(),
+            Some(initrd.into()),
+            Some("console=ttyS0 panic=-1 microvmm.hostname=g1"),
+        )
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();

@@ -943,17 +943,7 @@ mod fuzz {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::virtio::testing::{AVAIL, DESC, QSIZE, RamDisk, USED, memory};
-
-    fn queue() -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_ready(true);
-        q
-    }
+    use crate::virtio::testing::{AVAIL, DESC, RamDisk, USED, memory, queue};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]

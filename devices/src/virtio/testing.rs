@@ -28,6 +28,19 @@ pub fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
+/// A ready queue 0 at the driver's ring addresses, for calling a device's queue processing
+/// directly (without a transport or worker thread).
+pub fn queue() -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    let mut q = virtio_queue::Queue::new(QSIZE).expect("QSIZE is a valid queue size");
+    q.set_size(QSIZE);
+    q.set_desc_table_address(Some(DESC as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_ready(true);
+    q
+}
+
 /// A test driver: plays the guest side of one transport, with up to three queues.
 #[derive(Debug)]
 pub struct Driver {
