@@ -68,6 +68,21 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
     std::fs::write(out, &o.stdout).map_err(|e| e.to_string())
 }
 
+/// Waits for the minimal image's init banner, then types `s` on the guest's serial console.
+fn type_at_shell(vm: &TestVm, s: &str) {
+    assert!(
+        vm.wait_serial("microvmm minimal guest:", Duration::from_secs(120)),
+        "no init banner:\n{}",
+        vm.serial_text()
+    );
+    vm.machine
+        .serial()
+        .lock()
+        .unwrap()
+        .enqueue_input(s.as_bytes())
+        .unwrap();
+}
+
 /// A Linux guest with the console captured by the test, no disks, no vsock.
 fn linux_cfg(
     vcpus: u8,
@@ -182,19 +197,7 @@ fn linux_boots_to_a_shell_on_hardware_kvm() {
     let cfg = linux_cfg(2, 512, kernel, Some(initrd), None);
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
-    assert!(
-        vm.wait_serial("microvmm minimal guest:", Duration::from_secs(120)),
-        "no init banner:\n{}",
-        vm.serial_text()
-    );
-    let type_line = |s: &str| {
-        vm.machine
-            .serial()
-            .lock()
-            .unwrap()
-            .enqueue_input(s.as_bytes())
-            .unwrap();
-    };
+    let type_line = |s: &str| type_at_shell(&vm, s);
     type_line("echo shell-$((40+2))\n");
     assert!(
         vm.wait_serial("shell-42", Duration::from_secs(30)),
@@ -269,19 +272,7 @@ fn linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm() {
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
-    assert!(
-        vm.wait_serial("microvmm minimal guest:", Duration::from_secs(120)),
-        "no init banner:\n{}",
-        vm.serial_text()
-    );
-    let type_line = |s: &str| {
-        vm.machine
-            .serial()
-            .lock()
-            .unwrap()
-            .enqueue_input(s.as_bytes())
-            .unwrap();
-    };
+    let type_line = |s: &str| type_at_shell(&vm, s);
     type_line(
         "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt && \
          echo from-guest > /mnt/guest.txt && sync && echo blk-$((6*7))\n",
