@@ -6,6 +6,9 @@
 //! `cargo test` runs 130 writer kills and 80 merger kills; the ignored
 //! `crash_many_kills` runs `BLOCK_CRASH_KILLS` (default 1000) of each.
 
+mod common;
+
+use common::dir_files;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -328,21 +331,6 @@ fn verify_writer(dir: &Path, round: u64, seed: u64, acked: Option<usize>, state:
         );
         state[b as usize] = seen;
     }
-}
-
-fn dir_files(p: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(p)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn merger_kills(kills: u64, seed: u64) {

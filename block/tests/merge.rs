@@ -1,6 +1,9 @@
 //! Three-way merge: property tests against a reference model, policies, dry run, flatten,
 //! catch-up and resumption.
 
+mod common;
+
+use common::dir_files;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -329,21 +332,6 @@ fn different_parents_and_existing_output_are_refused() {
     ));
 }
 
-fn dir_bytes(p: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(p)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn interrupted_merge_resumes_to_identical_output() {
     let c = setup(&[], &[]);
@@ -373,7 +361,7 @@ fn interrupted_merge_resumes_to_identical_output() {
         assert!(!c.out.exists(), "published before the end");
         let r = merge::merge(&c.a, &c.b, &c.out, &small).unwrap();
         assert!(r.resumed_from.is_some());
-        assert_eq!(dir_bytes(&c.out), dir_bytes(&reference));
+        assert_eq!(dir_files(&c.out), dir_files(&reference));
         // Re-running a finished merge is a no-op with the same result.
         let again = merge::merge(&c.a, &c.b, &c.out, &small).unwrap();
         assert_eq!(again.digest, r.digest);

@@ -11,6 +11,20 @@ pub use vmm::guests::kvm_or_skip;
 use vmm::guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::{Machine, MachineError};
 
+/// Test guest `guest` with one writable virtio-blk disk: a fresh delta (`dir/delta`) over an
+/// empty raw base of `size` bytes (`dir/base.img`).
+pub fn guest_with_fresh_delta(guest: &str, dir: &std::path::Path, size: u64) -> MachineConfig {
+    let base = block::Base::create(&dir.join("base.img"), size).expect("create base");
+    let parent = std::sync::Arc::new(block::Layer::Base(base));
+    drop(block::Delta::create(&dir.join("delta"), parent).expect("create delta"));
+    let mut cfg = MachineConfig::test_guest(guest);
+    cfg.disks = vec![vmm::config::DiskConfig {
+        path: dir.join("delta"),
+        read_only: false,
+    }];
+    cfg
+}
+
 /// Whether the host has hardware virtualization; prints `SKIP: <test>: <reason>` when not.
 pub fn hardware_kvm_or_skip(test: &str) -> bool {
     if !kvm_or_skip(test) {

@@ -451,24 +451,14 @@ fn expected_stamps(last: u64, blocks: u64, tag: u64) -> Vec<u64> {
 
 #[test]
 fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
-    use block::{Base, Delta, Layer};
-    use std::sync::Arc;
-    use vmm::config::DiskConfig;
+    use block::Delta;
     use vmm::guests::VIRTIO_BLK;
     if !kvm_or_skip("clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant") {
         return;
     }
     const BLOCKS: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
-    let base = Arc::new(Layer::Base(
-        Base::create(&dir.path().join("base.img"), 8 << 20).unwrap(),
-    ));
-    drop(Delta::create(&dir.path().join("delta"), base).unwrap());
-    let mut cfg = MachineConfig::test_guest("virtio_blk");
-    cfg.disks = vec![DiskConfig {
-        path: dir.path().join("delta"),
-        read_only: false,
-    }];
+    let cfg = microvmm_tests::guest_with_fresh_delta("virtio_blk", dir.path(), 8 << 20);
     let sym = |n| GuestAddress(VIRTIO_BLK.symbol(n).unwrap());
     let set = |m: &Machine, n, v: u64| m.memory().write_obj(v, sym(n)).unwrap();
     let get = |m: &Machine, n| m.memory().read_obj::<u64>(sym(n)).unwrap();

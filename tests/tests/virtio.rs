@@ -6,10 +6,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use block::{Base, Delta, ExtentKind, Layer};
+use block::{Base, Delta, ExtentKind};
 use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::StopReason;
@@ -28,15 +27,7 @@ fn guest_writes_through_virtio_blk_land_in_the_delta_journal() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let base = Arc::new(Layer::Base(
-        Base::create(&dir.path().join("base.img"), 8 << 20).unwrap(),
-    ));
-    drop(Delta::create(&dir.path().join("delta"), base).unwrap());
-    let mut cfg = MachineConfig::test_guest("virtio_blk");
-    cfg.disks = vec![DiskConfig {
-        path: dir.path().join("delta"),
-        read_only: false,
-    }];
+    let cfg = microvmm_tests::guest_with_fresh_delta("virtio_blk", dir.path(), 8 << 20);
     let mut vm = TestVm::boot(cfg).unwrap();
     set(&vm, VIRTIO_BLK.symbol("shared_sector").unwrap(), 2048);
     set(&vm, VIRTIO_BLK.symbol("shared_blocks").unwrap(), 5);
