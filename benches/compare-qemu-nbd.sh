@@ -17,7 +17,8 @@
 # Not run in CI; needs qemu-utils and bc (and qemu-system-x86 for part 2).
 #
 # Usage: benches/compare-qemu-nbd.sh [MiB per case, default 256]
-# Env: WORK (scratch dir, default /var/tmp/microvmm-compare-nbd), CARGO_TARGET_DIR.
+# Env: WORK (scratch dir, default /var/tmp/microvmm-compare-nbd), CARGO_TARGET_DIR, REPS (client
+# runs per server and case, default 3; medians are compared), SKIP_GUEST=1 (client part only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for tool in qemu-img qemu-nbd bc; do
@@ -56,7 +57,39 @@ bench() {
     qemu-img bench "${args[@]}" "$uri" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
 }
 
-printf '%-13s %10s %10s %7s\n' case "ours MB/s" "qemu MB/s" ratio
+# One client run on a fresh layer: prints the seconds. $1 = ours|qemu, $2 = bytes, $3 = step.
+run_once() {
+    local secs
+    if [ "$1" = ours ]; then
+        rm -rf "$WORK/d" "$WORK/ours.sock"
+        "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
+        "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
+        pids+=($!)
+        wait_sock "$WORK/ours.sock"
+        secs=$(bench "nbd+unix:///d?socket=$WORK/ours.sock" "$2" "$3")
+    else
+        # A fresh qcow2 overlay over the same base, writeback cache (qemu-nbd's default).
+        rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
+        qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
+        qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
+        pids+=($!)
+        wait_sock "$WORK/qemu.sock"
+        secs=$(bench "nbd+unix:///d?socket=$WORK/qemu.sock" "$2" "$3")
+    fi
+    kill -TERM "${pids[-1]}" 2>/dev/null || true
+    wait "${pids[-1]}" || true
+    # Start the next run with no dirty page cache left from this one.
+    sync
+    echo "$secs"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+
+# Each case runs REPS times per server, alternating which server goes first, so that a slow
+# moment of the (shared) machine hits both sides alike; the medians are compared.
+REPS=${REPS:-3}
+mb=$(echo "$MIB * 1048576 / 1000000" | bc -l)
+printf '%-13s %10s %10s %7s   %s\n' case "ours MB/s" "qemu MB/s" ratio "ratio per pair"
 for case in seq-4k seq-64k strided-4k strided-64k; do
     case $case in
     *-4k) bs=4096 ;;
@@ -64,32 +97,26 @@ for case in seq-4k seq-64k strided-4k strided-64k; do
     esac
     step=0
     case $case in strided-*) step=$((7919 * 4096)) ;; esac
-    # Ours: a fresh delta served by `microvmm disk serve`.
-    rm -rf "$WORK/d" "$WORK/ours.sock"
-    "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
-    "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
-    pids+=($!)
-    wait_sock "$WORK/ours.sock"
-    ours_s=$(bench "nbd+unix:///d?socket=$WORK/ours.sock" "$bs" "$step")
-    kill -TERM "${pids[-1]}" 2>/dev/null || true
-    wait "${pids[-1]}"
-    # qemu-nbd: a fresh qcow2 overlay over the same base, writeback cache (its default).
-    rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
-    qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
-    qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
-    pids+=($!)
-    wait_sock "$WORK/qemu.sock"
-    qemu_s=$(bench "nbd+unix:///d?socket=$WORK/qemu.sock" "$bs" "$step")
-    kill -TERM "${pids[-1]}" 2>/dev/null || true
-    wait "${pids[-1]}" || true
-    mb=$(echo "$MIB * 1048576 / 1000000" | bc -l)
-    printf '%-13s %10.1f %10.1f %6.2fx\n' "$case" "$(echo "$mb / $ours_s" | bc -l)" \
-        "$(echo "$mb / $qemu_s" | bc -l)" "$(echo "$qemu_s / $ours_s" | bc -l)"
+    ours=() qemu=() pairs=()
+    for rep in $(seq "$REPS"); do
+        if [ $((rep % 2)) -eq 1 ]; then
+            o=$(run_once ours "$bs" "$step")
+            q=$(run_once qemu "$bs" "$step")
+        else
+            q=$(run_once qemu "$bs" "$step")
+            o=$(run_once ours "$bs" "$step")
+        fi
+        ours+=("$o") qemu+=("$q")
+        pairs+=("$(printf '%.2f' "$(echo "$q / $o" | bc -l)")")
+    done
+    om=$(median "${ours[@]}") qm=$(median "${qemu[@]}")
+    printf '%-13s %10.1f %10.1f %6.2fx   %s\n' "$case" "$(echo "$mb / $om" | bc -l)" \
+        "$(echo "$mb / $qm" | bc -l)" "$(echo "$qm / $om" | bc -l)" "${pairs[*]}"
 done
 
 # --- in-guest workload ---
-if ! command -v qemu-system-x86_64 >/dev/null; then
-    echo "in-guest: skipped (qemu-system-x86_64 not installed)"
+if [ -n "${SKIP_GUEST:-}" ] || ! command -v qemu-system-x86_64 >/dev/null; then
+    echo "in-guest: skipped (SKIP_GUEST set or qemu-system-x86_64 not installed)"
     exit 0
 fi
 if ! mapfile -t img < <(bash guest/merge-build-image.sh 2>/dev/null | tail -n 5) || [ "${#img[@]}" -ne 5 ]; then

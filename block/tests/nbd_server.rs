@@ -352,3 +352,60 @@ fn shutdown_flushes_acknowledged_writes_and_stops_connections() {
     assert_eq!(c.read(&mut b).unwrap_or(0), 0);
     let _ = std::fs::remove_file(&dir);
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order_and_none_is_held_back() {
+    let disk = MemExport::new(4 << 20, false);
+    let srv = server(vec![("disk", Arc::clone(&disk))]);
+    let (mut c, h) = connect(&srv);
+    // A reply the server held back would hang the test: fail instead.
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    greet(&mut c);
+    go(&mut c, "disk");
+    // Writes of mixed sizes (some larger than the server's read and reply buffers), then reads
+    // of every one, all sent before any reply is read.
+    let sizes = [512u32, 4096, 65536, 131_072, 512, 300 * 1024, 8192];
+    let mut writes = Vec::new();
+    let mut off = 0u64;
+    for (i, &len) in sizes.iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|b| (b as usize * 31 + i) as u8).collect();
+        writes.push((off, data));
+        off += u64::from(len);
+    }
+    let sender = {
+        let mut c2 = c.try_clone().unwrap();
+        let writes = writes.clone();
+        std::thread::spawn(move || {
+            for (i, (off, data)) in writes.iter().enumerate() {
+                request(&mut c2, 0, WRITE, i as u64, *off, data.len() as u32, data);
+            }
+            for (i, (off, data)) in writes.iter().enumerate() {
+                request(
+                    &mut c2,
+                    0,
+                    READ,
+                    100 + i as u64,
+                    *off,
+                    data.len() as u32,
+                    &[],
+                );
+            }
+            request(&mut c2, 0, FLUSH, 200, 0, 0, &[]);
+        })
+    };
+    for i in 0..writes.len() {
+        assert_eq!(reply(&mut c), (0, i as u64));
+    }
+    for (i, (_, data)) in writes.iter().enumerate() {
+        assert_eq!(reply(&mut c), (0, 100 + i as u64));
+        let mut back = vec![0; data.len()];
+        c.read_exact(&mut back).unwrap();
+        assert!(back == *data, "read {i} differs");
+    }
+    assert_eq!(reply(&mut c), (0, 200));
+    sender.join().unwrap();
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+    request(&mut c, 0, DISC, 300, 0, 0, &[]);
+    assert_eq!(h.join().unwrap(), "ok");
+}

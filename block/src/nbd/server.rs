@@ -83,6 +83,80 @@ impl Conn for TcpStream {
     }
 }
 
+/// Replies held back at most (larger writes go straight to the socket).
+const REPLY_BUFFER: usize = 64 * 1024;
+/// Bytes read from the socket at once.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// A connection buffered both ways. Requests are read in large chunks (a pipelining client's
+/// requests arrive several per read), and replies are held until the next read would have to
+/// wait on the socket, so replies to pipelined requests leave in one send. Nothing is held
+/// while the server waits for the client.
+struct Buffered<'a, S: ?Sized> {
+    inner: &'a mut S,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rlen: usize,
+    wbuf: Vec<u8>,
+}
+
+impl<'a, S: Read + Write + ?Sized> Buffered<'a, S> {
+    fn new(inner: &'a mut S) -> Self {
+        Self {
+            inner,
+            rbuf: vec![0; READ_BUFFER].into_boxed_slice(),
+            rpos: 0,
+            rlen: 0,
+            wbuf: Vec::with_capacity(REPLY_BUFFER),
+        }
+    }
+
+    fn send_replies(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.inner.write_all(&self.wbuf)?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+impl<S: Read + Write + ?Sized> Read for Buffered<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.rpos == self.rlen {
+            // About to wait on the client: everything answered so far must be on its way.
+            self.send_replies()?;
+            self.inner.flush()?;
+            if out.len() >= self.rbuf.len() {
+                return self.inner.read(out);
+            }
+            self.rlen = self.inner.read(&mut self.rbuf)?;
+            self.rpos = 0;
+        }
+        let n = out.len().min(self.rlen - self.rpos);
+        out[..n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
+        self.rpos += n;
+        Ok(n)
+    }
+}
+
+impl<S: Read + Write + ?Sized> Write for Buffered<'_, S> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.wbuf.len() + data.len() > REPLY_BUFFER {
+            self.send_replies()?;
+            if data.len() > REPLY_BUFFER {
+                return self.inner.write(data);
+            }
+        }
+        self.wbuf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_replies()?;
+        self.inner.flush()
+    }
+}
+
 /// A connection thread and the way to stop its reads.
 struct ConnHandle {
     thread: JoinHandle<()>,
@@ -183,10 +257,13 @@ impl NbdServer {
 
     /// Serves one connection: handshake, then transmission until disconnect or EOF.
     pub fn handle<S: Read + Write + ?Sized>(&self, stream: &mut S) -> Result<(), NbdError> {
-        let Some(export) = self.handshake(stream)? else {
-            return Ok(());
+        let mut conn = Buffered::new(stream);
+        let served = match self.handshake(&mut conn)? {
+            Some(export) => transmission(export.as_ref(), &mut conn),
+            None => Ok(()),
         };
-        transmission(export.as_ref(), stream)
+        let flushed = conn.flush().map_err(|e| ProtoError::Io(e).into());
+        served.and(flushed)
     }
 
     /// Returns the export chosen by the client, or `None` if the client aborted.
