@@ -63,16 +63,7 @@ impl Base {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => BlockError::Exists {
-                    path: path.to_path_buf(),
-                },
-                _ => BlockError::Io {
-                    op: "create",
-                    path: path.to_path_buf(),
-                    source: e,
-                },
-            })?;
+            .map_err(BlockError::create(path))?;
         file.set_len(size).map_err(BlockError::io("resize", path))?;
         file.sync_all().map_err(BlockError::io("sync", path))?;
         drop(file);

@@ -58,6 +58,9 @@ struct WriteState {
     next_seq: u64,
     durable_seq: u64,
     frozen_seq: Option<u64>,
+    /// A freeze cut in memory ([`Delta::freeze_deferred`]) whose records (pending writes, FLUSH,
+    /// FORK) are not in the journal yet; the next flush writes them.
+    deferred: Option<Vec<Record>>,
 }
 
 /// A copy-on-write layer over a read-only parent. `Send + Sync`: share it with `Arc`.
@@ -71,6 +74,22 @@ pub struct Delta {
     index: RwLock<ExtentMap>,
     recovered_discarded: u64,
     lock: File,
+    /// For a child of a cut but uncommitted fork: the commit its first flush must complete.
+    commit: Option<Arc<crate::fork::ForkCommit>>,
+}
+
+/// A child directory made ready before its parent is frozen (see [`crate::prepare_fork`]):
+/// the data file and the journal exist and are durable; the meta is written at commit, into
+/// the held `meta.tmp`, which then becomes `meta`.
+#[derive(Debug)]
+pub(crate) struct PreparedChild {
+    pub(crate) dir: PathBuf,
+    id: [u8; 16],
+    size: u64,
+    data: File,
+    journal: Journal,
+    /// `meta.tmp`, locked exclusively; renamed to `meta` at commit.
+    pub(crate) pending_meta: File,
 }
 
 impl std::fmt::Debug for Delta {
@@ -107,16 +126,7 @@ impl Delta {
         let identity = parent.identity()?;
         let parent_path = std::fs::canonicalize(parent.path())
             .map_err(BlockError::io("resolve", parent.path()))?;
-        std::fs::create_dir(dir).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => BlockError::Exists {
-                path: dir.to_path_buf(),
-            },
-            _ => BlockError::Io {
-                op: "create",
-                path: dir.to_path_buf(),
-                source: e,
-            },
-        })?;
+        std::fs::create_dir(dir).map_err(BlockError::create(dir))?;
         let meta = DeltaMeta {
             format: DELTA_FORMAT.into(),
             version: 1,
@@ -188,6 +198,11 @@ impl Delta {
     /// commit before it instead of failing (records after it are lost).
     pub fn open_with(dir: &Path, writable: bool, repair: bool) -> Result<Self, BlockError> {
         let meta_path = dir.join(META_FILE);
+        if dir.is_dir() && !meta_path.exists() && meta::tmp_path(&meta_path).exists() {
+            return Err(BlockError::IncompleteFork {
+                path: dir.to_path_buf(),
+            });
+        }
         if !dir.is_dir() || !meta_path.exists() {
             return Err(BlockError::Io {
                 op: "open",
@@ -295,10 +310,12 @@ impl Delta {
                 next_seq: last + 1,
                 durable_seq: last,
                 frozen_seq,
+                deferred: None,
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
             lock,
+            commit: None,
         };
         if writable
             && frozen_seq.is_none()
@@ -489,6 +506,13 @@ impl Delta {
     }
 
     fn flush_locked(&self, st: &mut WriteState) -> Result<u64, BlockError> {
+        if let Some(commit) = &self.commit {
+            // Nothing of a fork child may be durable before the fork itself is.
+            commit.ensure()?;
+        }
+        if let Some(recs) = st.deferred.take() {
+            return self.complete_freeze(st, recs);
+        }
         if st.pending.is_empty() {
             return Ok(st.durable_seq);
         }
@@ -511,26 +535,163 @@ impl Delta {
         Ok(seq)
     }
 
+    /// Writes a deferred freeze: data fdatasync, then the pending records, FLUSH and FORK in
+    /// one journal append (and fdatasync).
+    fn complete_freeze(&self, st: &mut WriteState, recs: Vec<Record>) -> Result<u64, BlockError> {
+        let seq = st.frozen_seq.unwrap_or(st.durable_seq);
+        let written = self
+            .data
+            .sync_data()
+            .map_err(BlockError::io("sync", &self.dir))
+            .and_then(|()| {
+                st.journal
+                    .append(&recs)
+                    .map_err(|source| BlockError::Journal {
+                        path: self.dir.clone(),
+                        source,
+                    })
+            });
+        if let Err(e) = written {
+            st.deferred = Some(recs);
+            return Err(e);
+        }
+        st.durable_seq = seq;
+        crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
+        Ok(seq)
+    }
+
     /// Flushes and freezes the delta at its current sequence number (a FORK record); it is
     /// read-only from then on and can be a parent. Returns the frozen sequence number.
     pub fn freeze(&self) -> Result<u64, BlockError> {
-        if let Some(seq) = self.state().frozen_seq {
+        let seq = self.freeze_deferred()?;
+        self.flush()?;
+        Ok(seq)
+    }
+
+    /// Freezes the delta in memory only, without I/O: writes are refused from now on, and the
+    /// frozen sequence number (returned) is fixed, so [`Delta::identity`] answers. The FORK
+    /// record reaches the journal at the next [`Delta::flush`]; until then, a crash leaves the
+    /// delta unfrozen with its last flushed contents. Idempotent.
+    pub fn freeze_deferred(&self) -> Result<u64, BlockError> {
+        let mut st = self.state();
+        if let Some(seq) = st.frozen_seq {
             return Ok(seq);
         }
-        let mut st = self.writer()?;
-        self.flush_locked(&mut st)?;
-        let seq = st.next_seq;
-        st.journal
-            .append(&[Record::new(RecordKind::Fork, seq, 0, 0)])
-            .map_err(|source| BlockError::Journal {
+        if !self.writable {
+            return Err(BlockError::ReadOnly {
                 path: self.dir.clone(),
-                source,
-            })?;
+            });
+        }
+        let mut recs = std::mem::take(&mut st.pending);
+        if !recs.is_empty() {
+            recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
+            st.next_seq += 1;
+        }
+        let seq = st.next_seq;
+        recs.push(Record::new(RecordKind::Fork, seq, 0, 0));
         st.next_seq += 1;
-        st.durable_seq = seq;
         st.frozen_seq = Some(seq);
-        crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
+        st.deferred = Some(recs);
         Ok(seq)
+    }
+
+    /// Makes a child directory ready for a fork of a disk of `size` bytes: creates `dir` with
+    /// its data file and journal (durable) and a locked `meta.tmp`; see [`crate::prepare_fork`].
+    pub(crate) fn prepare_child(dir: &Path, size: u64) -> Result<PreparedChild, BlockError> {
+        let id =
+            crate::sys::random_id().map_err(BlockError::io("read", Path::new("/dev/urandom")))?;
+        std::fs::create_dir(dir).map_err(BlockError::create(dir))?;
+        let tmp = meta::tmp_path(&dir.join(META_FILE));
+        let pending_meta = File::create(&tmp).map_err(BlockError::io("create", &tmp))?;
+        if !crate::sys::try_lock(&pending_meta, true).map_err(BlockError::io("lock", dir))? {
+            return Err(BlockError::Locked {
+                path: dir.to_path_buf(),
+            });
+        }
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&data_path)
+            .map_err(BlockError::io("create", &data_path))?;
+        data.set_len(size)
+            .map_err(BlockError::io("resize", &data_path))?;
+        data.sync_all()
+            .map_err(BlockError::io("sync", &data_path))?;
+        let mut header = Record::new(RecordKind::Header, 0, size, 0);
+        header.aux = JOURNAL_VERSION;
+        header.tag = id;
+        let journal = Journal::create(&dir.join(JOURNAL_FILE), &header).map_err(|source| {
+            BlockError::Journal {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+        crate::sys::sync_dir(dir).map_err(BlockError::io("sync", dir))?;
+        let up = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::sys::sync_dir(up).map_err(BlockError::io("sync", up))?;
+        Ok(PreparedChild {
+            dir: dir.to_path_buf(),
+            id,
+            size,
+            data,
+            journal,
+            pending_meta,
+        })
+    }
+
+    /// The meta a prepared child gets over `parent` (whose identity must be fixed: a base, or
+    /// a delta frozen at least in memory).
+    pub(crate) fn child_meta(
+        child: &PreparedChild,
+        parent: &Layer,
+        parent_path: PathBuf,
+    ) -> Result<DeltaMeta, BlockError> {
+        Ok(DeltaMeta {
+            format: DELTA_FORMAT.into(),
+            version: 1,
+            uuid: meta::hex(&child.id),
+            size: child.size,
+            parent: ParentRef {
+                path: parent_path,
+                identity: parent.identity()?,
+            },
+            merged_from: None,
+        })
+    }
+
+    /// An empty writable delta on a prepared child, usable at once; its first flush completes
+    /// `commit` (which writes its meta). No I/O.
+    pub(crate) fn from_prepared(
+        child: PreparedChild,
+        meta: DeltaMeta,
+        parent: Arc<Layer>,
+        lock: File,
+        commit: Arc<crate::fork::ForkCommit>,
+    ) -> Self {
+        Self {
+            dir: child.dir,
+            meta,
+            parent,
+            data: child.data,
+            writable: true,
+            state: Mutex::new(WriteState {
+                journal: child.journal,
+                pending: Vec::new(),
+                next_seq: 1,
+                durable_seq: 0,
+                frozen_seq: None,
+                deferred: None,
+            }),
+            index: RwLock::new(ExtentMap::new()),
+            recovered_discarded: 0,
+            lock,
+            commit: Some(commit),
+        }
     }
 
     /// The identity children record (only a frozen delta has one).

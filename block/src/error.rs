@@ -97,6 +97,15 @@ pub enum BlockError {
         /// The layer.
         path: PathBuf,
     },
+    /// A delta directory whose creation or fork was never committed (the process stopped in
+    /// between). Nothing written to it was ever reported durable; remove it and fork again.
+    #[error(
+        "delta {path} was never committed (interrupted create or fork); nothing in it was durable: remove it"
+    )]
+    IncompleteFork {
+        /// The child directory.
+        path: PathBuf,
+    },
     /// The delta's journal could not be read or written.
     #[error("journal failure in delta {path}")]
     Journal {
@@ -109,6 +118,19 @@ pub enum BlockError {
 }
 
 impl BlockError {
+    /// Maps an error creating `path`: `Exists` if it is already there, else `Io`.
+    pub(crate) fn create(path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| match source.kind() {
+            io::ErrorKind::AlreadyExists => Self::Exists { path },
+            _ => Self::Io {
+                op: "create",
+                path,
+                source,
+            },
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_path_buf();
         move |source| Self::Io { op, path, source }

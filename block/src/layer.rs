@@ -1,7 +1,6 @@
 //! `Layer` (a base or a delta, as a parent or a disk), `fork`, and the `Disk` trait devices use.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::base::Base;
 use crate::delta::Delta;
@@ -77,17 +76,6 @@ impl Layer {
             Self::Base(_) => None,
         }
     }
-}
-
-/// Forks `parent`: freezes it (if it is a delta; a base is always read-only) and creates two
-/// empty children on it in the new directories `a` and `b`. O(1) in the disk size.
-pub fn fork(parent: Arc<Layer>, a: &Path, b: &Path) -> Result<(Delta, Delta), BlockError> {
-    if let Layer::Delta(d) = &*parent {
-        d.freeze()?;
-    }
-    let da = Delta::create(a, Arc::clone(&parent))?;
-    let db = Delta::create(b, parent)?;
-    Ok((da, db))
 }
 
 /// What a block device model (virtio-blk, an NBD server) needs from a disk.

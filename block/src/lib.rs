@@ -10,6 +10,7 @@ mod base;
 mod delta;
 mod error;
 mod extent;
+mod fork;
 pub mod journal;
 mod layer;
 pub mod merge;
@@ -21,7 +22,8 @@ pub use base::{Base, sidecar_path};
 pub use delta::{DATA_FILE, Delta, DeltaMeta, JOURNAL_FILE, META_FILE, ParentRef};
 pub use error::BlockError;
 pub use extent::{BLOCK_SIZE, Extent, ExtentKind, ExtentMap, coalesce};
-pub use layer::{Disk, Layer, fork};
+pub use fork::{ForkCommit, PreparedFork, fork, prepare_fork};
+pub use layer::{Disk, Layer};
 pub use meta::{Identity, LayerKind};
 
 /// Alignment required of I/O offsets and lengths.

@@ -67,19 +67,35 @@ pub fn unhex(s: &str) -> Option<[u8; 16]> {
 
 /// Writes `value` to `path` atomically and durably.
 pub(crate) fn write<T: Serialize>(path: &Path, value: &T) -> Result<(), BlockError> {
+    let tmp = tmp_path(path);
+    let mut f = File::create(&tmp).map_err(BlockError::io("create", &tmp))?;
+    write_via(&mut f, &tmp, path, value)
+}
+
+/// `path` with `.tmp` appended.
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    tmp.into()
+}
+
+/// Writes `value` into the empty file `f`, already open at `tmp`, syncs it, renames it to
+/// `path` and syncs the directory. The inode is kept, so a lock on `f` holds on `path`.
+pub(crate) fn write_via<T: Serialize>(
+    f: &mut File,
+    tmp: &Path,
+    path: &Path,
+    value: &T,
+) -> Result<(), BlockError> {
     let json = serde_json::to_string(value).map_err(|e| BlockError::BadMeta {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     let body = format!("{json}\ncrc32c:{:08x}\n", crc32c::crc32c(json.as_bytes()));
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = File::create(&tmp).map_err(BlockError::io("create", &tmp))?;
     f.write_all(body.as_bytes())
-        .map_err(BlockError::io("write", &tmp))?;
-    f.sync_all().map_err(BlockError::io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(BlockError::io("rename", &tmp))?;
+        .map_err(BlockError::io("write", tmp))?;
+    f.sync_all().map_err(BlockError::io("sync", tmp))?;
+    std::fs::rename(tmp, path).map_err(BlockError::io("rename", tmp))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -4,7 +4,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use block::{Base, BlockError, Delta, Layer, fork};
+use block::{Base, BlockError, Delta, Layer, fork, prepare_fork};
 
 const MIB: u64 = 1 << 20;
 
@@ -149,6 +149,115 @@ fn fork_freezes_and_children_diverge() {
         p2.write_at(&[0; 4096], 0),
         Err(BlockError::ReadOnly { .. })
     ));
+}
+
+/// A parent delta holding 0x22 in its first 8 KiB (flushed) over a 0x11 base.
+fn flushed_parent(dir: &Path) -> (Arc<Layer>, std::path::PathBuf) {
+    let base = base_with(dir, MIB, 0x11);
+    let p = dir.join("p");
+    let d = Delta::create(&p, base).unwrap();
+    d.write_at(&[0x22; 8192], 0).unwrap();
+    d.flush().unwrap();
+    (Arc::new(Layer::Delta(d)), p)
+}
+
+#[test]
+fn fork_in_phases_cuts_without_io_and_commits_in_order() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent, p) = flushed_parent(t.path());
+    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
+    let prepared = prepare_fork(Arc::clone(&parent), &ap, &bp).unwrap();
+    // Prepared: the parent still takes writes (they belong to the fork instant), and the
+    // children cannot be opened yet.
+    let pd = parent.as_delta().unwrap();
+    pd.write_at(&[0x33; 4096], 4096).unwrap();
+    assert!(matches!(
+        Delta::open(&ap),
+        Err(BlockError::IncompleteFork { .. })
+    ));
+    let (a, b, commit) = prepared.cut().unwrap();
+    assert!(!commit.is_committed());
+    assert!(matches!(
+        pd.write_at(&[0; 4096], 0),
+        Err(BlockError::ReadOnly { .. })
+    ));
+    // Cut, not committed: the children work at once and see the parent at the cut.
+    let at_cut = [vec![0x22; 4096], vec![0x33; 4096], vec![0x11; 4096]].concat();
+    assert!(same(&read(&a, 0, 12288), &at_cut));
+    assert!(same(&read(&b, 0, 12288), &at_cut));
+    a.write_at(&[0xaa; 4096], 8192).unwrap();
+    b.write_at(&[0xbb; 4096], 8192).unwrap();
+    // On disk nothing changed yet: the parent's journal has no FORK, the children no meta.
+    assert!(!ap.join("meta").exists() && !bp.join("meta").exists());
+    // A child's flush commits the whole fork first.
+    a.flush().unwrap();
+    assert!(commit.is_committed());
+    assert!(ap.join("meta").exists() && bp.join("meta").exists());
+    commit.commit().unwrap(); // idempotent
+    b.flush().unwrap();
+    drop((a, b, commit));
+    drop(parent);
+    let p2 = Delta::open(&p).unwrap();
+    assert!(p2.frozen_seq().is_some());
+    assert!(same(&read(&p2, 0, 12288), &at_cut));
+    drop(p2);
+    let a = Delta::open(&ap).unwrap();
+    let b = Delta::open(&bp).unwrap();
+    assert!(same(&read(&a, 8192, 4096), &vec![0xaa; 4096]));
+    assert!(same(&read(&b, 8192, 4096), &vec![0xbb; 4096]));
+    assert!(same(&read(&b, 0, 8192), &at_cut[..8192]));
+}
+
+#[test]
+fn a_cut_fork_lost_before_its_commit_loses_nothing_acknowledged() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent, p) = flushed_parent(t.path());
+    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
+    let (a, b, commit) = prepare_fork(Arc::clone(&parent), &ap, &bp)
+        .unwrap()
+        .cut()
+        .unwrap();
+    a.write_at(&[0xaa; 4096], 0).unwrap();
+    // The process goes away here (no destructor writes anything).
+    drop((a, b, commit, parent));
+    // The parent is as at its last flush and still writable; the children say what they are.
+    let p2 = Delta::open(&p).unwrap();
+    assert_eq!(p2.frozen_seq(), None);
+    assert!(same(&read(&p2, 0, 8192), &vec![0x22; 8192]));
+    for c in [&ap, &bp] {
+        assert!(matches!(
+            Delta::open(c),
+            Err(BlockError::IncompleteFork { .. })
+        ));
+    }
+    // Removing them and forking again works.
+    drop(p2);
+    std::fs::remove_dir_all(&ap).unwrap();
+    std::fs::remove_dir_all(&bp).unwrap();
+    let parent = Arc::new(Layer::Delta(Delta::open(&p).unwrap()));
+    let (a, _b) = fork(parent, &ap, &bp).unwrap();
+    assert!(same(&read(&a, 0, 8192), &vec![0x22; 8192]));
+}
+
+#[test]
+fn an_abandoned_or_failed_prepare_leaves_the_parent_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent, _p) = flushed_parent(t.path());
+    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
+    drop(prepare_fork(Arc::clone(&parent), &ap, &bp).unwrap());
+    assert!(!ap.exists() && !bp.exists());
+    std::fs::create_dir(&bp).unwrap();
+    assert!(matches!(
+        prepare_fork(Arc::clone(&parent), &ap, &bp),
+        Err(BlockError::Exists { .. })
+    ));
+    assert!(
+        !ap.exists(),
+        "the first child is removed when the second fails"
+    );
+    let pd = parent.as_delta().unwrap();
+    assert_eq!(pd.frozen_seq(), None);
+    pd.write_at(&[0x44; 4096], 0).unwrap();
 }
 
 #[test]

@@ -548,6 +548,22 @@ fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
     let parent = Delta::open_read_only(&dir.path().join("delta")).unwrap();
     let frozen: Vec<u64> = (0..BLOCKS).map(|j| stamp(&parent, j)).collect();
     assert_eq!(frozen, expected_stamps(last, BLOCKS, 0));
+    drop(parent);
+
+    // The fork was cut in the pause and committed after it: both children reopen from disk
+    // (meta written, parent frozen on disk) with everything flushed into them.
+    block::Disk::flush(clone_disk.as_ref()).unwrap();
+    block::Disk::flush(active_disk.as_ref()).unwrap();
+    drop((clone, clone_disk, active_disk, vm));
+    for (name, tag, last) in [("clone", 1, clone_last), ("active", 0, active_last)] {
+        let d = Delta::open(&dir.path().join(name)).unwrap();
+        let stamps: Vec<u64> = (0..BLOCKS).map(|j| stamp(&d, j)).collect();
+        assert_eq!(
+            stamps,
+            expected_stamps(last, BLOCKS, tag),
+            "{name} reopened"
+        );
+    }
 }
 
 #[test]

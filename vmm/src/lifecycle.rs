@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use block::Layer;
+use block::{ForkCommit, Layer, PreparedFork};
 use devices::legacy::SerialOutput;
 use devices::virtio::blk::DEVICE_TYPE_BLOCK;
 use devices::virtio::mmio::MmioTransport;
@@ -70,15 +70,21 @@ pub struct CloneTimeline {
     pub rounds: Vec<CloneRound>,
     /// Pages copied with the source paused.
     pub final_pages: u64,
+    /// Creating the disk fork children's files, before the pre-copy (the source runs).
+    pub disk_prepare: Duration,
     /// The final pause: from the pause request until the source runs again (last copy, vCPU
-    /// and device state, disk forks).
+    /// and device state, disk fork cuts).
     pub pause: Duration,
     /// Of which: copying the last dirty pages.
     pub final_copy: Duration,
     /// Of which: reading vCPU, VM and device state.
     pub capture: Duration,
-    /// Of which: forking and swapping disks.
+    /// Of which: cutting the disk forks (freezing each layer in memory) and swapping this
+    /// machine's devices onto their new children. No disk I/O.
     pub disk_fork: Duration,
+    /// Making the disk forks durable after the pause (parent freeze, children's meta; the
+    /// source runs, and its disk flushes wait for this).
+    pub disk_commit: Duration,
     /// Building the clone machine from the captured state (the source runs meanwhile).
     pub build: Duration,
     /// The whole clone.
@@ -154,7 +160,8 @@ fn copy_dirty(m: &Machine, dst: &GuestMemoryMmap) -> Result<u64, MachineError> {
     Ok(copied)
 }
 
-type ForkedDisks = (Vec<Arc<Layer>>, Vec<Arc<Layer>>);
+/// Per disk, in order: this machine's child, the clone's child, and the commit of their fork.
+type ForkedDisks = Vec<(Arc<Layer>, Arc<Layer>, Arc<ForkCommit>)>;
 type QueueGuards<'a> = Vec<MutexGuard<'a, virtio_queue::Queue>>;
 
 impl Machine {
@@ -343,25 +350,71 @@ impl Machine {
         }
         let t0 = Instant::now();
         let mut tl = CloneTimeline::default();
+        // The slow part of each disk fork (creating the children's files) happens now, while
+        // the source runs; a failure here changes nothing.
+        let tp = Instant::now();
+        let mut prepared = Vec::with_capacity(self.disks.len());
+        for (disk, (dir_mine, dir_theirs)) in self.disks.iter().zip(&opts.disk_dirs) {
+            let p = block::prepare_fork(disk.layer.clone(), dir_mine, dir_theirs).map_err(
+                |source| MachineError::Disk {
+                    path: disk.layer.path().to_owned(),
+                    source,
+                },
+            )?;
+            prepared.push(p);
+        }
+        tl.disk_prepare = tp.elapsed();
         let ram = GuestRam::new(self.vm.ram().size())?;
         let dst = ram.memory().clone();
 
         let was_logging = self.vm.dirty_logging();
         self.vm.set_dirty_logging(true)?;
-        let result = self.precopy_and_capture(&dst, &opts, &mut tl);
+        let result = self.precopy_and_capture(&dst, &opts, prepared, &mut tl);
         let logging_off = if was_logging {
             Ok(())
         } else {
             self.vm.set_dirty_logging(false)
         };
-        let (state, layers) = result?;
-        logging_off?;
+        let (state, forked) = result?;
+        // The forks are cut: make them durable while the source runs (its disk flushes wait
+        // for this, so nothing it writes is reported durable before its fork is).
+        let tc = Instant::now();
+        let mut theirs = Vec::with_capacity(forked.len());
+        let mut committed = Ok(());
+        for (mine, clone_child, commit) in forked {
+            if committed.is_ok() {
+                committed = commit.commit().map_err(|source| MachineError::Disk {
+                    path: mine.path().to_owned(),
+                    source,
+                });
+            }
+            theirs.push(clone_child);
+        }
+        tl.disk_commit = tc.elapsed();
+        let cleanup = |theirs: Vec<Arc<Layer>>| {
+            // The clone never ran: its children hold nothing; the source keeps its own.
+            for layer in theirs {
+                let dir = layer.path().to_owned();
+                drop(layer);
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        };
+        if let Err(e) = committed.and(logging_off.map_err(MachineError::from)) {
+            cleanup(theirs);
+            return Err(e);
+        }
 
         let tb = Instant::now();
         let CloneOptions {
             config, console, ..
         } = opts;
-        let clone = Machine::from_state(config, console, ram, Some(layers), &state)?;
+        let clone = match Machine::from_state(config, console, ram, Some(theirs.clone()), &state) {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup(theirs);
+                return Err(e);
+            }
+        };
         tl.build = tb.elapsed();
         tl.total = t0.elapsed();
         Ok((clone, tl))
@@ -371,8 +424,9 @@ impl Machine {
         &mut self,
         dst: &GuestMemoryMmap,
         opts: &CloneOptions,
+        prepared: Vec<PreparedFork>,
         tl: &mut CloneTimeline,
-    ) -> Result<(MachineState, Vec<Arc<Layer>>), MachineError> {
+    ) -> Result<(MachineState, ForkedDisks), MachineError> {
         // Round 0: clear both logs, then copy everything.
         let r0 = Instant::now();
         self.vm.dirty_log()?;
@@ -402,25 +456,39 @@ impl Machine {
 
         let p0 = Instant::now();
         self.pause()?;
-        let captured = self.final_phase(dst, opts, tl);
+        let mut forked = Vec::with_capacity(prepared.len());
+        let captured = self.final_phase(dst, prepared, &mut forked, tl);
         let resumed = self.resume();
         tl.pause = p0.elapsed();
-        let (state, (mine, theirs)) = captured?;
-        for (d, layer) in self.disks.iter_mut().zip(mine) {
-            d.layer = layer;
+        // Whatever was cut is this machine's disk now, even if a later step failed.
+        for (d, (mine, _, _)) in self.disks.iter_mut().zip(&forked) {
+            d.layer = mine.clone();
         }
-        resumed?;
-        Ok((state, theirs))
+        match captured.and_then(|state| resumed.map(|()| state)) {
+            Ok(state) => Ok((state, forked)),
+            Err(e) => {
+                for (mine, theirs, commit) in forked {
+                    // Keep the source's new child consistent on disk; drop the clone's.
+                    let _ = commit.commit();
+                    drop(mine);
+                    let dir = theirs.path().to_owned();
+                    drop(theirs);
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// With the vCPUs paused: hold the device workers, copy the last pages, capture state and
-    /// fork the disks.
+    /// cut the disk forks.
     fn final_phase(
         &self,
         dst: &GuestMemoryMmap,
-        opts: &CloneOptions,
+        prepared: Vec<PreparedFork>,
+        forked: &mut ForkedDisks,
         tl: &mut CloneTimeline,
-    ) -> Result<(MachineState, ForkedDisks), MachineError> {
+    ) -> Result<MachineState, MachineError> {
         self.with_devices_held(|transports, guards| {
             let c = Instant::now();
             tl.final_pages = copy_dirty(self, dst)?;
@@ -429,25 +497,26 @@ impl Machine {
             let state = self.capture_locked(transports, guards)?;
             tl.capture = k.elapsed();
             let f = Instant::now();
-            let forked = self.fork_disks(&opts.disk_dirs)?;
+            self.cut_disks(prepared, forked)?;
             tl.disk_fork = f.elapsed();
-            Ok((state, forked))
+            Ok(state)
         })
     }
 
-    /// Forks every attached disk; this machine's devices move to their first child. Returns
-    /// the first children (now this machine's) and the second (for the clone).
-    fn fork_disks(&self, dirs: &[(PathBuf, PathBuf)]) -> Result<ForkedDisks, MachineError> {
-        let mut mine = Vec::new();
-        let mut for_clone = Vec::new();
-        for (disk, (dir_mine, dir_theirs)) in self.disks.iter().zip(dirs) {
+    /// Cuts every prepared disk fork (no I/O) into `forked`; this machine's devices move to
+    /// their first child. After a failure part-way, the disks already cut stay on their new
+    /// children (their parents are frozen) and are in `forked`; the others are not forked.
+    fn cut_disks(
+        &self,
+        prepared: Vec<PreparedFork>,
+        forked: &mut ForkedDisks,
+    ) -> Result<(), MachineError> {
+        for (disk, p) in self.disks.iter().zip(prepared) {
             let err = |source| MachineError::Disk {
                 path: disk.layer.path().to_owned(),
                 source,
             };
-            // Flush the active layer before freezing it so its journal covers every write.
-            block::Disk::flush(disk.layer.as_ref()).map_err(err)?;
-            let (a, b) = block::fork(disk.layer.clone(), dir_mine, dir_theirs).map_err(err)?;
+            let (a, b, commit) = p.cut().map_err(err)?;
             let a = Arc::new(Layer::Delta(a));
             if disk.slot.swap(a.clone()).is_err() {
                 return Err(SnapshotError::Mismatch(format!(
@@ -456,9 +525,8 @@ impl Machine {
                 ))
                 .into());
             }
-            mine.push(a);
-            for_clone.push(Arc::new(Layer::Delta(b)));
+            forked.push((a, Arc::new(Layer::Delta(b)), commit));
         }
-        Ok((mine, for_clone))
+        Ok(())
     }
 }
