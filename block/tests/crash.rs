@@ -3,7 +3,11 @@
 //! completed flush is lost, no torn block is visible, and a resumed merge gives output
 //! byte-identical to an uninterrupted one.
 //!
-//! `cargo test` runs 130 writer kills and 80 merger kills; the ignored
+//! A third child forks a delta in phases (prepare, cut, commit) and is killed anywhere in
+//! them: the parent is then unfrozen with its flushed contents or frozen at the cut, and a
+//! child that opens has a frozen parent.
+//!
+//! `cargo test` runs 130 writer kills, 80 merger kills and 100 forker kills; the ignored
 //! `crash_many_kills` runs `BLOCK_CRASH_KILLS` (default 1000) of each.
 
 mod common;
@@ -17,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use block::merge::{self, MergeOptions, Policy};
-use block::{Base, Delta, Layer, fork};
+use block::{Base, BlockError, Delta, Layer, fork, prepare_fork};
 
 const BS: u64 = 4096;
 const BLOCKS: u64 = 256;
@@ -170,6 +174,7 @@ fn crash_child_entry() {
     match kind.as_str() {
         "writer" => writer_child(&dir, num("BLOCK_CRASH_ROUND"), num("BLOCK_CRASH_SEED")),
         "merger" => merger_child(&dir),
+        "forker" => forker_child(&dir),
         other => panic!("unknown child kind {other}"),
     }
 }
@@ -404,6 +409,157 @@ fn merger_kills(kills: u64, seed: u64) {
     assert!(resumed * 10 >= kills, "too few kills landed inside a merge");
 }
 
+/// Blocks the forker touches, and the versions it writes: 1 is flushed into the parent before
+/// the run; 2 is written to the parent before the prepare, 3 after it (both before the cut,
+/// never flushed by the child itself); 4 goes to child `a` after the cut.
+const FORK_BLOCKS: u64 = 32;
+
+/// Child: the phased fork of `dir/p` into `dir/a` and `dir/b`, printing each step done.
+fn forker_child(dir: &Path) {
+    use std::io::Write;
+    let say = |s: &str| {
+        let mut out = std::io::stdout();
+        writeln!(out, "{s}").unwrap();
+        out.flush().unwrap();
+    };
+    let parent = Arc::new(Layer::Delta(Delta::open(&dir.join("p")).expect("open p")));
+    let pd = parent.as_delta().unwrap();
+    say("START");
+    let write = |d: &Delta, v: u64, blocks: std::ops::Range<u64>| {
+        for b in blocks {
+            d.write_at(&pattern(b, v), b * BS).expect("write");
+        }
+    };
+    write(pd, 2, 0..FORK_BLOCKS / 2);
+    let prepared = prepare_fork(Arc::clone(&parent), &dir.join("a"), &dir.join("b")).unwrap();
+    write(pd, 3, FORK_BLOCKS / 4..FORK_BLOCKS * 3 / 4);
+    let (a, _b, commit) = prepared.cut().unwrap();
+    say("CUT");
+    write(&a, 4, FORK_BLOCKS / 2..FORK_BLOCKS);
+    commit.commit().unwrap();
+    say("COMMITTED");
+    a.flush().unwrap();
+    say("ACK");
+}
+
+/// The version each block of the parent shows at the cut.
+fn at_cut(b: u64) -> Seen {
+    let v = if (FORK_BLOCKS / 4..FORK_BLOCKS * 3 / 4).contains(&b) {
+        3
+    } else if b < FORK_BLOCKS / 2 {
+        2
+    } else {
+        1
+    };
+    Seen::Version(v)
+}
+
+fn forker_kills(kills: u64, seed: u64) {
+    let t = tempfile::tempdir().unwrap();
+    let base_path = t.path().join("base.img");
+    std::fs::File::create(&base_path)
+        .unwrap()
+        .set_len(FORK_BLOCKS * BS)
+        .unwrap();
+    let base = Arc::new(Layer::Base(Base::adopt(&base_path).unwrap()));
+    let setup = |dir: &Path| {
+        for c in ["p", "a", "b"] {
+            let _ = std::fs::remove_dir_all(dir.join(c));
+        }
+        let p = Delta::create(&dir.join("p"), Arc::clone(&base)).unwrap();
+        for b in 0..FORK_BLOCKS {
+            p.write_at(&pattern(b, 1), b * BS).unwrap();
+        }
+        p.flush().unwrap();
+    };
+    let read = |d: &Delta, b: u64| {
+        let mut buf = vec![0u8; BS as usize];
+        d.read_at(&mut buf, b * BS).unwrap();
+        decode(b, &buf).unwrap_or_else(|| panic!("block {b} is torn or garbage"))
+    };
+    setup(t.path());
+    let (out, exited, full) = kill_after(
+        "forker",
+        spawn("forker", t.path(), 0, 0),
+        Duration::from_secs(60),
+    );
+    assert!(exited && out.contains("ACK"), "{out}");
+    let mut r = Rng(seed | 1);
+    let (mut committed_runs, mut frozen_uncommitted, mut unfrozen) = (0, 0, 0);
+    for round in 0..kills {
+        setup(t.path());
+        let delay = Duration::from_micros(r.below(full.as_micros() as u64 * 11 / 10 + 1));
+        let (out, _, _) = kill_after("forker", spawn("forker", t.path(), 0, 0), delay);
+        let p = Delta::open(&t.path().join("p")).expect("the parent always reopens");
+        let frozen = p.frozen_seq().is_some();
+        if out.contains("COMMITTED") {
+            assert!(
+                frozen,
+                "round {round}: committed, but the parent is not frozen"
+            );
+        }
+        for b in 0..FORK_BLOCKS {
+            let seen = read(&p, b);
+            if frozen {
+                assert_eq!(seen, at_cut(b), "round {round}: frozen parent, block {b}");
+            } else {
+                let ok = [Seen::Version(1), Seen::Version(2), Seen::Version(3)];
+                assert!(ok.contains(&seen), "round {round}: block {b} {seen:?}");
+            }
+        }
+        drop(p);
+        for c in ["a", "b"] {
+            match Delta::open(&t.path().join(c)) {
+                Ok(d) => {
+                    assert!(
+                        frozen,
+                        "round {round}: child {c} opens over an unfrozen parent"
+                    );
+                    for b in 0..FORK_BLOCKS {
+                        let seen = read(&d, b);
+                        let acked = c == "a" && out.contains("ACK") && b >= FORK_BLOCKS / 2;
+                        let may_have_4 = c == "a" && b >= FORK_BLOCKS / 2;
+                        assert!(
+                            seen == at_cut(b) && !acked || may_have_4 && seen == Seen::Version(4),
+                            "round {round}: child {c} block {b} {seen:?}"
+                        );
+                    }
+                }
+                Err(BlockError::IncompleteFork { .. }) => {
+                    assert!(
+                        !out.contains("COMMITTED"),
+                        "round {round}: {c} lost its meta"
+                    );
+                }
+                // Killed inside prepare or before it: the directory may be partial or absent.
+                Err(_) if !out.contains("CUT") => {}
+                Err(e) => panic!("round {round}: child {c}: {e}"),
+            }
+        }
+        if out.contains("COMMITTED") {
+            committed_runs += 1;
+        } else if frozen {
+            frozen_uncommitted += 1;
+        } else {
+            unfrozen += 1;
+        }
+    }
+    eprintln!(
+        "forker: {kills} kills: {committed_runs} after the commit, {frozen_uncommitted} frozen but \
+         uncommitted, {unfrozen} with the parent unfrozen; full run {full:?}"
+    );
+    let _ = std::fs::remove_file(child_log("forker"));
+    assert!(
+        unfrozen > 0 && committed_runs < kills,
+        "kills must land before the commit too"
+    );
+}
+
+#[test]
+fn crash_forker_killed_100_times() {
+    forker_kills(100, 0x5eed_0003);
+}
+
 #[test]
 fn crash_writer_killed_130_times() {
     writer_kills(130, 0x5eed_0001);
@@ -423,4 +579,5 @@ fn crash_many_kills() {
         .unwrap_or(1000);
     writer_kills(n, 0x5eed_1001);
     merger_kills(n, 0x5eed_1002);
+    forker_kills(n, 0x5eed_1003);
 }
