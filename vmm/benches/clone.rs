@@ -3,7 +3,13 @@
 //! written per pass) and busy (4096 pages = 16 MiB rewritten in a loop), beside a baseline that
 //! pauses the VM, copies all of RAM into a new memfd and resumes (what a clone through a full
 //! snapshot costs at least). Prints `SKIP:` and measures nothing without /dev/kvm.
+//!
+//! `idle+disk` is the idle guest with a virtio-blk disk (a delta) attached: every clone also
+//! forks the disk, whose cut is inside the pause and whose commit comes after it.
 
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -15,9 +21,18 @@ use vmm::guests::{DIRTIER, kvm_or_skip};
 use vmm::machine::CloneOptions;
 use vmm::memory::GuestRam;
 
-fn dirtier(mem_mib: u64, pages: u64) -> Machine {
+fn dirtier(mem_mib: u64, pages: u64, disk: Option<&Path>) -> Machine {
     let mut cfg = MachineConfig::test_guest("dirtier");
     cfg.mem_mib = mem_mib;
+    if let Some(dir) = disk {
+        let base = block::Base::create(&dir.join("base.img"), 64 << 20).expect("base");
+        let delta = dir.join("d0");
+        drop(block::Delta::create(&delta, Arc::new(block::Layer::Base(base))).expect("delta"));
+        cfg.disks = vec![vmm::config::DiskConfig {
+            path: delta,
+            read_only: false,
+        }];
+    }
     let mut m = Machine::new(cfg, Some(SerialOutput::Sink)).expect("machine");
     m.boot().expect("boot");
     let sym = GuestAddress(DIRTIER.symbol("shared_dirty_pages").expect("symbol"));
@@ -32,13 +47,24 @@ fn dirtier(mem_mib: u64, pages: u64) -> Machine {
     m
 }
 
-fn clone_once(m: &mut Machine) -> vmm::machine::CloneTimeline {
+/// Fork generations so far (each clone of a VM with a disk forks it again).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+fn clone_once(m: &mut Machine, disk: Option<&Path>) -> vmm::machine::CloneTimeline {
     let mut cfg = MachineConfig::test_guest("dirtier");
     cfg.mem_mib = m.config().mem_mib;
     let mut opts = CloneOptions::new(cfg);
     opts.console = Some(SerialOutput::Sink);
+    if let Some(dir) = disk {
+        let n = FORKS.fetch_add(1, Ordering::Relaxed) + 1;
+        opts.disk_dirs = vec![(dir.join(format!("d{n}")), dir.join(format!("clone{n}")))];
+    }
     let (clone, tl) = m.clone_running(opts).expect("clone");
     drop(clone);
+    if let Some(dir) = disk {
+        let n = FORKS.load(Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(dir.join(format!("clone{n}")));
+    }
     tl
 }
 
@@ -70,21 +96,29 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(10))
         .measurement_time(Duration::from_secs(1));
     for &mib in &sizes {
-        for (load, pages) in [("idle", 0u64), ("busy", 4096)] {
-            let mut m = dirtier(mib, pages);
+        for (load, pages, with_disk) in [
+            ("idle", 0u64, false),
+            ("busy", 4096, false),
+            ("idle+disk", 0, true),
+        ] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let disk = with_disk.then_some(tmp.path());
+            let mut m = dirtier(mib, pages, disk);
             g.bench_function(BenchmarkId::new(format!("live_pause/{load}"), mib), |b| {
-                b.iter_custom(|n| (0..n).map(|_| clone_once(&mut m).pause).sum());
+                b.iter_custom(|n| (0..n).map(|_| clone_once(&mut m, disk).pause).sum());
             });
             g.bench_function(BenchmarkId::new(format!("live_total/{load}"), mib), |b| {
-                b.iter_custom(|n| (0..n).map(|_| clone_once(&mut m).total).sum());
+                b.iter_custom(|n| (0..n).map(|_| clone_once(&mut m, disk).total).sum());
             });
-            g.bench_function(
-                BenchmarkId::new(format!("stop_and_copy/{load}"), mib),
-                |b| {
-                    b.iter_custom(|n| (0..n).map(|_| stop_and_copy(&mut m)).sum());
-                },
-            );
-            let tl = clone_once(&mut m);
+            if !with_disk {
+                g.bench_function(
+                    BenchmarkId::new(format!("stop_and_copy/{load}"), mib),
+                    |b| {
+                        b.iter_custom(|n| (0..n).map(|_| stop_and_copy(&mut m)).sum());
+                    },
+                );
+            }
+            let tl = clone_once(&mut m, disk);
             println!("clone {mib} MiB {load}: {tl:?}");
             m.stop().expect("stop");
         }
