@@ -137,19 +137,40 @@ guest_bench() {
     set -- $line
     echo "$3 / 1000000 / ($4 / 100)" | bc -l
 }
-rm -rf "$WORK/d" "$WORK/ours.sock" "$WORK/ovl.qcow2" "$WORK/qemu.sock"
-"$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
-"$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
-pids+=($!)
-wait_sock "$WORK/ours.sock"
-ours=$(guest_bench "nbd+unix:///d?socket=$WORK/ours.sock")
-kill -TERM "${pids[-1]}" 2>/dev/null || true
-wait "${pids[-1]}" || true
-qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
-qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
-pids+=($!)
-wait_sock "$WORK/qemu.sock"
-qemu=$(guest_bench "nbd+unix:///d?socket=$WORK/qemu.sock")
-kill -TERM "${pids[-1]}" 2>/dev/null || true
-wait "${pids[-1]}" || true
-printf '%-13s %10.1f %10.1f %6.2fx\n' "guest-dd-64k" "$ours" "$qemu" "$(echo "$ours / $qemu" | bc -l)"
+# One guest run on a fresh layer: prints the guest-timed MB/s. $1 = ours|qemu.
+guest_once() {
+    local mbs
+    if [ "$1" = ours ]; then
+        rm -rf "$WORK/d" "$WORK/ours.sock"
+        "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
+        "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
+        pids+=($!)
+        wait_sock "$WORK/ours.sock"
+        mbs=$(guest_bench "nbd+unix:///d?socket=$WORK/ours.sock")
+    else
+        rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
+        qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
+        qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
+        pids+=($!)
+        wait_sock "$WORK/qemu.sock"
+        mbs=$(guest_bench "nbd+unix:///d?socket=$WORK/qemu.sock")
+    fi
+    kill -TERM "${pids[-1]}" 2>/dev/null || true
+    wait "${pids[-1]}" || true
+    sync
+    echo "$mbs"
+}
+ours=() qemu=() pairs=()
+for rep in $(seq "$REPS"); do
+    if [ $((rep % 2)) -eq 1 ]; then
+        o=$(guest_once ours)
+        q=$(guest_once qemu)
+    else
+        q=$(guest_once qemu)
+        o=$(guest_once ours)
+    fi
+    ours+=("$o") qemu+=("$q")
+    pairs+=("$(printf '%.2f' "$(echo "$o / $q" | bc -l)")")
+done
+om=$(median "${ours[@]}") qm=$(median "${qemu[@]}")
+printf '%-13s %10.1f %10.1f %6.2fx   %s\n' "guest-dd-64k" "$om" "$qm" "$(echo "$om / $qm" | bc -l)" "${pairs[*]}"
