@@ -79,14 +79,6 @@ fn read_only_raw_base_and_writable_raw_is_refused() {
     assert_eq!(vm.serial_text(), "virtio-blk: FAIL 10\n");
 }
 
-fn wait_for(path: &Path) {
-    let end = Instant::now() + LIMIT;
-    while !path.exists() {
-        assert!(Instant::now() < end, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn vsock_vm(dir: &Path, mode: u64, port: u64) -> TestVm {
     let mut cfg = MachineConfig::test_guest("virtio_vsock");
     cfg.vsock = Some(VsockConfig {
@@ -108,7 +100,7 @@ fn host_connects_to_a_guest_echo_server_over_vsock() {
     let mut vm = vsock_vm(dir.path(), 0, 1234);
     vm.machine.start().unwrap();
     // The host side listens once the guest driver has activated the device.
-    wait_for(&dir.path().join("v.sock"));
+    microvmm_tests::wait_for_path(&dir.path().join("v.sock"));
     let mut s = UnixStream::connect(dir.path().join("v.sock")).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
     s.write_all(b"CONNECT 1234\n").unwrap();

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod config;
 pub mod cpuid;
 pub mod guests;
+pub mod handover;
 pub mod layout;
 pub mod machine;
 pub mod memory;

@@ -17,6 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{Machine, MachineError, VmState};
 use crate::config::MachineConfig;
+use crate::handover::VsockHandover;
 use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::snapshot::{self, DeviceStates, MachineState, SnapshotError, SnapshotMeta, VcpuState};
 use crate::vcpu::Vcpu;
@@ -201,6 +202,7 @@ impl Machine {
                 .zip(guards)
                 .map(|(t, g)| t.state_locked(g))
                 .collect(),
+            vsock: None,
         };
         Ok(MachineState {
             vcpus,
@@ -244,10 +246,65 @@ impl Machine {
 
     /// Writes a snapshot of a paused machine into directory `dir` (see [`crate::snapshot`] for
     /// the format).
+    /// The devices stay held while memory is written, so no device worker writes guest RAM
+    /// after its state was captured. Vsock connections are not in it: a restore resets them.
     pub fn save_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, MachineError> {
         self.check_quiet()?;
-        let state = self.with_devices_held(|t, g| self.capture_locked(t, g))?;
-        Ok(snapshot::write_snapshot(dir, &state, self.vm.ram())?)
+        self.with_devices_held(|t, g| {
+            let state = self.capture_locked(t, g)?;
+            Ok(snapshot::write_snapshot(dir, &state, self.vm.ram())?)
+        })
+    }
+
+    /// Like [`Machine::save_snapshot`], but also takes the vsock connections out of this
+    /// machine, their states into the snapshot and their host sockets into the returned
+    /// [`VsockHandover`] (send it to the restoring process). This machine's guest loses them
+    /// (it would get RST if it went on): stop it. If writing the snapshot fails, the
+    /// connections are given back and nothing changes.
+    pub fn save_snapshot_handover(
+        &self,
+        dir: &Path,
+    ) -> Result<(SnapshotMeta, VsockHandover), MachineError> {
+        self.check_quiet()?;
+        self.with_devices_held(|t, g| {
+            let mut state = self.capture_locked(t, g)?;
+            let Some((conns, fds)) = self.vsock.as_ref().and_then(|h| h.export()) else {
+                let meta = snapshot::write_snapshot(dir, &state, self.vm.ram())?;
+                return Ok((meta, VsockHandover::default()));
+            };
+            state.devices.vsock = Some(conns.clone());
+            match snapshot::write_snapshot(dir, &state, self.vm.ram()) {
+                Ok(meta) => Ok((meta, VsockHandover { fds })),
+                Err(e) => {
+                    if let Some(h) = &self.vsock {
+                        // Cannot fail: the same connections, just taken out.
+                        let _ = h.import(conns, fds);
+                    }
+                    Err(e.into())
+                }
+            }
+        })
+    }
+
+    /// Builds a machine from a snapshot written by [`Machine::save_snapshot_handover`] with
+    /// the vsock sockets received from the saving process; the connections go on (no
+    /// transport reset). A handover whose socket count differs from the snapshot's connection
+    /// list is `HandoverError::Mismatch`.
+    pub fn restore_snapshot_handover(
+        cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        dir: &Path,
+        handover: VsockHandover,
+    ) -> Result<Self, MachineError> {
+        let (_, state, ram) = snapshot::read_snapshot(dir)?;
+        if state.devices.vsock.is_none() && !handover.is_empty() {
+            return Err(crate::handover::HandoverError::Mismatch(format!(
+                "{} sockets for a snapshot without vsock connections",
+                handover.len()
+            ))
+            .into());
+        }
+        Self::restore_from(cfg, console, ram, None, &state, Some(handover))
     }
 
     /// Builds a machine from a snapshot directory written by [`Machine::save_snapshot`]. `cfg`
@@ -265,15 +322,33 @@ impl Machine {
 
     /// Builds a machine on `ram` in saved `state` (optionally on already opened disks).
     pub fn from_state(
-        mut cfg: MachineConfig,
+        cfg: MachineConfig,
         console: Option<SerialOutput>,
         ram: GuestRam,
         layers: Option<Vec<Arc<Layer>>>,
         state: &MachineState,
     ) -> Result<Self, MachineError> {
+        Self::restore_from(cfg, console, ram, layers, state, None)
+    }
+
+    fn restore_from(
+        mut cfg: MachineConfig,
+        console: Option<SerialOutput>,
+        ram: GuestRam,
+        layers: Option<Vec<Arc<Layer>>>,
+        state: &MachineState,
+        handover: Option<VsockHandover>,
+    ) -> Result<Self, MachineError> {
         cfg.vcpus = u8::try_from(state.vcpus.len())
             .map_err(|_| SnapshotError::Mismatch(format!("{} vCPUs", state.vcpus.len())))?;
-        let mut m = Self::build(cfg, console, Some(ram), layers, Some(&state.devices))?;
+        let mut m = Self::build(
+            cfg,
+            console,
+            Some(ram),
+            layers,
+            Some(&state.devices),
+            handover,
+        )?;
         let types: Vec<u32> = m
             .transports
             .iter()

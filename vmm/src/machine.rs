@@ -155,6 +155,9 @@ pub enum MachineError {
     /// The guest ended with an error, or a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Handing vsock connections over failed.
+    #[error("vsock connection handover failed")]
+    Handover(#[from] crate::handover::HandoverError),
     /// Driving a vCPU thread failed.
     #[error(transparent)]
     VcpuHandle(#[from] VcpuHandleError),
@@ -246,6 +249,8 @@ pub struct Machine {
     virtio: Vec<VirtioMmioDesc>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<AttachedDisk>,
+    /// The vsock device's connections, if there is one.
+    vsock: Option<devices::virtio::vsock::VsockHandle>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     exit_tx: Sender<VcpuExitReport>,
@@ -334,17 +339,18 @@ impl Machine {
         console: Option<SerialOutput>,
         ram: Option<GuestRam>,
     ) -> Result<Self, MachineError> {
-        Self::build(cfg, console, ram, None, None)
+        Self::build(cfg, console, ram, None, None, None)
     }
 
     /// Builds a machine on optional existing RAM, optional already opened disks (instead of
-    /// `cfg.disks`) and optional saved legacy device state.
-    fn build(
+    /// `cfg.disks`), optional saved device state and the vsock sockets handed over with it.
+    pub(crate) fn build(
         mut cfg: MachineConfig,
         console: Option<SerialOutput>,
         ram: Option<GuestRam>,
         layers: Option<Vec<Arc<Layer>>>,
         saved: Option<&DeviceStates>,
+        handover: Option<crate::handover::VsockHandover>,
     ) -> Result<Self, MachineError> {
         if let Some(r) = &ram {
             cfg.mem_mib = r.size() >> 20;
@@ -432,6 +438,7 @@ impl Machine {
             },
             transports: Vec::new(),
             disks: Vec::new(),
+            vsock: None,
         };
         for (i, layer) in disks.into_iter().enumerate() {
             let dev = Block::new(layer.clone(), &format!("microvmm-disk{i}"));
@@ -441,10 +448,24 @@ impl Machine {
         }
         if let Some(v) = machine.cfg.vsock.clone() {
             let mut dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
-            if saved.is_some() {
+            match (saved.and_then(|d| d.vsock.clone()), handover) {
+                (Some(conns), Some(h)) => {
+                    // Restored with its connections handed over: they go on.
+                    if conns.conns.len() != h.fds.len() {
+                        return Err(crate::handover::HandoverError::Mismatch(format!(
+                            "{} connections in the snapshot, {} sockets handed over",
+                            conns.conns.len(),
+                            h.fds.len()
+                        ))
+                        .into());
+                    }
+                    dev = dev.with_connections(conns, h.fds);
+                }
                 // Restored or cloned: the host connections are gone and the CID may differ.
-                dev = dev.with_transport_reset();
+                _ if saved.is_some() => dev = dev.with_transport_reset(),
+                _ => {}
             }
+            machine.vsock = Some(dev.handle());
             machine.add_virtio(Box::new(dev))?;
         }
         Ok(machine)

@@ -161,6 +161,10 @@ pub struct DeviceStates {
     pub cmos: CmosState,
     /// Virtio-mmio transports in attach order.
     pub virtio: Vec<MmioState>,
+    /// The vsock connections handed over with this snapshot (their sockets travel separately,
+    /// see [`crate::handover`]); `None` when they were not, and a restore resets the transport.
+    #[serde(default)]
+    pub vsock: Option<devices::virtio::vsock::muxer::MuxerState>,
 }
 
 /// What a snapshot is of.

@@ -4,13 +4,14 @@ pub mod muxer;
 pub mod packet;
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::muxer::{Muxer, MuxerError};
+use self::muxer::{Muxer, MuxerError, MuxerState};
 use self::packet::{HDR_LEN, Header, MAX_PAYLOAD, PacketError};
 use super::{
     ActivateError, Activation, GuestMemory, INT_VRING, Interrupt, SharedQueue, VIRTIO_F_VERSION_1,
@@ -27,13 +28,46 @@ const EVQ: usize = 2;
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest drops its connections and re-reads its CID.
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
 
+/// The host side of an active device, shared by its worker and [`VsockHandle`]s. The worker
+/// takes this lock after any queue lock it needs and never waits for a queue while holding it.
+type SharedMuxer = Arc<Mutex<Option<Muxer>>>;
+
+fn lock_muxer(m: &SharedMuxer) -> MutexGuard<'_, Option<Muxer>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A virtio-vsock device whose host side listens at a Unix socket path.
 pub struct Vsock {
     cid: u64,
     uds_path: PathBuf,
     /// Send a transport-reset event when next activated (a restored or cloned device).
     reset_event: bool,
+    /// Connections to take over at the next activation (a handover from another process).
+    imported: Option<(MuxerState, Vec<OwnedFd>)>,
+    muxer: SharedMuxer,
     worker: Option<WorkerThread>,
+}
+
+/// A handle on a vsock device's host connections that the VMM keeps after handing the device
+/// to its transport: to move the connections to another process (a snapshot handover).
+#[derive(Debug, Clone)]
+pub struct VsockHandle(SharedMuxer);
+
+impl VsockHandle {
+    /// Takes every connection out of the active device, without resetting them (they are to
+    /// continue elsewhere): their states and host sockets. Hold the device's queues (pause
+    /// the VM and lock its transport) so that no packet is half-way. `None` if inactive.
+    pub fn export(&self) -> Option<(MuxerState, Vec<OwnedFd>)> {
+        lock_muxer(&self.0).as_mut().map(Muxer::export)
+    }
+
+    /// Gives connections to the active device (e.g. back, after a handover that failed).
+    pub fn import(&self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
+        match lock_muxer(&self.0).as_mut() {
+            Some(m) => m.import(state, fds),
+            None => Err(MuxerError::BadHandover("the device is not active".into())),
+        }
+    }
 }
 
 impl std::fmt::Debug for Vsock {
@@ -63,8 +97,24 @@ impl Vsock {
             cid,
             uds_path: uds_path.to_owned(),
             reset_event: false,
+            imported: None,
+            muxer: Arc::default(),
             worker: None,
         })
+    }
+
+    /// A handle on this device's connections.
+    pub fn handle(&self) -> VsockHandle {
+        VsockHandle(Arc::clone(&self.muxer))
+    }
+
+    /// Makes the next activation take over these connections (exported by another device,
+    /// with their host sockets in the same order) instead of posting a transport reset: for a
+    /// device restored from a snapshot whose connections were handed over.
+    pub fn with_connections(mut self, state: MuxerState, fds: Vec<OwnedFd>) -> Self {
+        self.reset_event = false;
+        self.imported = Some((state, fds));
+        self
     }
 
     /// Makes the next activation post a transport-reset event (as soon as the guest has an
@@ -112,16 +162,25 @@ impl VirtioDevice for Vsock {
                 got: a.queues.len(),
             });
         }
-        let muxer = Muxer::new(self.cid, &self.uds_path).map_err(|e| match e {
-            MuxerError::Bind { source, .. } => ActivateError::Worker(source),
+        let mut muxer = Muxer::new(self.cid, &self.uds_path).map_err(|e| match e {
+            MuxerError::Bind { source, .. } | MuxerError::HandoverSocket(source) => {
+                ActivateError::Worker(source)
+            }
+            e @ MuxerError::BadHandover(_) => ActivateError::Worker(std::io::Error::other(e)),
         })?;
+        if let Some((state, fds)) = self.imported.take() {
+            muxer
+                .import(state, fds)
+                .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))?;
+        }
+        *lock_muxer(&self.muxer) = Some(muxer);
         let mut w = Worker {
             cid: self.cid,
             mem: a.mem,
             queues: a.queues,
             events: a.queue_events,
             interrupt: a.interrupt,
-            muxer,
+            muxer: Arc::clone(&self.muxer),
             rx_starved: false,
             reset_pending: std::mem::take(&mut self.reset_event),
         };
@@ -135,6 +194,8 @@ impl VirtioDevice for Vsock {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+        // Closes the host sockets still held and removes the listening socket.
+        lock_muxer(&self.muxer).take();
     }
 }
 
@@ -166,7 +227,7 @@ struct Worker {
     queues: Vec<SharedQueue>,
     events: Vec<EventFd>,
     interrupt: Interrupt,
-    muxer: Muxer,
+    muxer: SharedMuxer,
     /// The guest gave no RX buffers last time we had something for it.
     rx_starved: bool,
     /// A transport-reset event is still to be posted.
@@ -190,16 +251,15 @@ impl Worker {
                     revents: 0,
                 })
                 .collect();
-            fds.extend(
-                self.muxer
-                    .poll_fds(!self.rx_starved)
-                    .into_iter()
-                    .map(|(fd, events)| libc::pollfd {
-                        fd,
-                        events,
-                        revents: 0,
-                    }),
-            );
+            let host_fds = lock_muxer(&self.muxer)
+                .as_ref()
+                .map(|m| m.poll_fds(!self.rx_starved))
+                .unwrap_or_default();
+            fds.extend(host_fds.into_iter().map(|(fd, events)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            }));
             // SAFETY: `fds` is a valid, initialised array of pollfd for the duration of the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
             if n < 0 {
@@ -216,7 +276,9 @@ impl Worker {
                 Ok(used) => notify |= used,
                 Err(()) => return self.interrupt.set_needs_reset(),
             }
-            self.muxer.service_host();
+            if let Some(m) = lock_muxer(&self.muxer).as_mut() {
+                m.service_host();
+            }
             match self.fill_rx() {
                 Ok(used) => notify |= used,
                 Err(()) => return self.interrupt.set_needs_reset(),
@@ -254,13 +316,16 @@ impl Worker {
     /// Consumes every TX chain; malformed packets are dropped (and counted as used).
     fn process_tx(&mut self) -> Result<bool, ()> {
         let mut q = self.queues[TXQ].lock().unwrap_or_else(|p| p.into_inner());
+        let mut muxer = lock_muxer(&self.muxer);
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
             if let Ok(mut reader) = chain.reader(&self.mem) {
                 let avail = reader.available_bytes();
-                if let Ok((h, payload)) = parse_tx(&mut reader, avail, self.cid) {
-                    self.muxer.handle_guest_packet(&h, &payload);
+                if let (Ok((h, payload)), Some(m)) =
+                    (parse_tx(&mut reader, avail, self.cid), muxer.as_mut())
+                {
+                    m.handle_guest_packet(&h, &payload);
                 }
             }
             q.add_used(&self.mem, head, 0).map_err(|_| ())?;
@@ -272,11 +337,15 @@ impl Worker {
     /// Delivers pending packets into RX buffers.
     fn fill_rx(&mut self) -> Result<bool, ()> {
         let mut q = self.queues[RXQ].lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock_muxer(&self.muxer);
+        let Some(muxer) = guard.as_mut() else {
+            return Ok(false);
+        };
         let mut used = false;
         self.rx_starved = false;
         loop {
             let Some(chain) = q.pop_descriptor_chain(&self.mem) else {
-                self.rx_starved = self.muxer.has_control() || self.muxer.connection_count() > 0;
+                self.rx_starved = muxer.has_control() || muxer.connection_count() > 0;
                 break;
             };
             let head = chain.head_index();
@@ -291,7 +360,7 @@ impl Worker {
                 used = true;
                 continue;
             }
-            let Some((h, payload)) = self.muxer.next_rx((cap - HDR_LEN).min(MAX_PAYLOAD)) else {
+            let Some((h, payload)) = muxer.next_rx((cap - HDR_LEN).min(MAX_PAYLOAD)) else {
                 q.go_to_previous_position();
                 break;
             };

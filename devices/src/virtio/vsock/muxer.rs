@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +32,13 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Errors of the vsock host side.
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
+    /// Handed-over connections do not fit: a different number of sockets than connections, a
+    /// duplicate or out-of-range port pair, a buffer over `BUF_ALLOC`, or too many connections.
+    #[error("invalid vsock connection handover: {0}")]
+    BadHandover(String),
+    /// A handed-over socket could not be set up.
+    #[error("handed-over vsock socket")]
+    HandoverSocket(#[source] io::Error),
     /// Binding the host socket failed.
     #[error("cannot listen on vsock host socket {path}")]
     Bind {
@@ -120,6 +127,47 @@ impl Conn {
 /// (host-side port, guest-side port).
 type Key = (u32, u32);
 
+/// One connection's state without its host socket, for a handover to another process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnState {
+    /// Host-side port.
+    pub host_port: u32,
+    /// Guest-side port.
+    pub guest_port: u32,
+    /// Data flows (false: the host asked and the guest has not answered yet).
+    pub established: bool,
+    /// Bytes from the guest not yet written to the host socket.
+    pub to_host: Vec<u8>,
+    /// Byte counters (wrapping), as in the virtio-vsock credit scheme.
+    pub rx_cnt: u32,
+    /// Bytes written to the host socket (our fwd_cnt).
+    pub fwd_cnt: u32,
+    /// fwd_cnt last told to the guest.
+    pub fwd_cnt_sent: u32,
+    /// Bytes sent to the guest.
+    pub tx_cnt: u32,
+    /// The guest's receive buffer.
+    pub peer_buf_alloc: u32,
+    /// The guest's consumed count.
+    pub peer_fwd_cnt: u32,
+    /// The host socket reached EOF.
+    pub host_eof: bool,
+    /// The guest will send no more.
+    pub guest_send_done: bool,
+}
+
+/// The connections of a muxer taken out for a handover: their states (to serialize) and, in
+/// the same order, their host sockets (to pass to the new owner).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct MuxerState {
+    /// Live connections.
+    pub conns: Vec<ConnState>,
+    /// Control packets not yet delivered to the guest (encoded headers).
+    pub control: Vec<Vec<u8>>,
+    /// Next host-side port to hand out.
+    pub next_host_port: u32,
+}
+
 /// The vsock host side: a listener for host-initiated connections and the live connections.
 #[derive(Debug)]
 pub struct Muxer {
@@ -170,6 +218,114 @@ impl Muxer {
     /// Number of live connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Takes every live connection out (no RST is sent: they continue elsewhere) with the
+    /// undelivered control packets; host sockets that have not sent their `CONNECT` line yet
+    /// are closed. Returns the states and, in the same order, the host sockets.
+    pub fn export(&mut self) -> (MuxerState, Vec<OwnedFd>) {
+        self.pending_host.clear();
+        self.cursor = None;
+        let mut fds = Vec::with_capacity(self.conns.len());
+        let conns = std::mem::take(&mut self.conns)
+            .into_iter()
+            .map(|((host_port, guest_port), c)| {
+                fds.push(OwnedFd::from(c.stream));
+                ConnState {
+                    host_port,
+                    guest_port,
+                    established: c.state == State::Established,
+                    to_host: c.to_host,
+                    rx_cnt: c.rx_cnt,
+                    fwd_cnt: c.fwd_cnt,
+                    fwd_cnt_sent: c.fwd_cnt_sent,
+                    tx_cnt: c.tx_cnt,
+                    peer_buf_alloc: c.peer_buf_alloc,
+                    peer_fwd_cnt: c.peer_fwd_cnt,
+                    host_eof: c.host_eof,
+                    guest_send_done: c.guest_send_done,
+                }
+            })
+            .collect();
+        let control = self
+            .control
+            .drain(..)
+            .map(|h| h.encode().to_vec())
+            .collect();
+        let state = MuxerState {
+            conns,
+            control,
+            next_host_port: self.next_host_port,
+        };
+        (state, fds)
+    }
+
+    /// Takes over connections exported by [`Muxer::export`] (possibly in another process):
+    /// `fds` are their host sockets, in order. Checked before anything changes.
+    pub fn import(&mut self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
+        let bad = |m: String| Err(MuxerError::BadHandover(m));
+        if state.conns.len() != fds.len() {
+            return bad(format!(
+                "{} connections but {} sockets",
+                state.conns.len(),
+                fds.len()
+            ));
+        }
+        if self.conns.len() + state.conns.len() > MAX_CONNECTIONS {
+            return bad(format!("more than {MAX_CONNECTIONS} connections"));
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for c in &state.conns {
+            let key = (c.host_port, c.guest_port);
+            if !keys.insert(key) || self.conns.contains_key(&key) {
+                return bad(format!("port pair {key:?} twice"));
+            }
+            if c.to_host.len() > BUF_ALLOC as usize {
+                return bad(format!(
+                    "{} bytes buffered toward the host",
+                    c.to_host.len()
+                ));
+            }
+        }
+        let mut control = Vec::with_capacity(state.control.len());
+        for h in &state.control {
+            let Ok(b) = <[u8; super::packet::HDR_LEN]>::try_from(h.as_slice()) else {
+                return bad(format!("a control packet of {} bytes", h.len()));
+            };
+            control.push(Header::decode(&b));
+        }
+        let mut streams = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let s = UnixStream::from(fd);
+            s.set_nonblocking(true)
+                .map_err(MuxerError::HandoverSocket)?;
+            streams.push(s);
+        }
+        for (c, stream) in state.conns.into_iter().zip(streams) {
+            let mut conn = Conn::new(
+                stream,
+                if c.established {
+                    State::Established
+                } else {
+                    State::HostConnecting
+                },
+            );
+            conn.to_host = c.to_host;
+            conn.rx_cnt = c.rx_cnt;
+            conn.fwd_cnt = c.fwd_cnt;
+            conn.fwd_cnt_sent = c.fwd_cnt_sent;
+            conn.tx_cnt = c.tx_cnt;
+            conn.peer_buf_alloc = c.peer_buf_alloc;
+            conn.peer_fwd_cnt = c.peer_fwd_cnt;
+            conn.host_eof = c.host_eof;
+            conn.guest_send_done = c.guest_send_done;
+            self.conns.insert((c.host_port, c.guest_port), conn);
+        }
+        self.control.extend(control);
+        if state.next_host_port >= FIRST_HOST_PORT {
+            self.next_host_port = state.next_host_port;
+        }
+        Ok(())
     }
 
     fn header(&self, key: Key, op: u16, flags: u32, len: u32) -> Header {
@@ -444,7 +600,94 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::packet::MAX_PAYLOAD;
     use super::*;
+    use std::time::Duration;
+
+    const CID: u64 = 3;
+
+    fn guest_packet(op: u16, host_port: u32, guest_port: u32, len: u32, fwd: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port: guest_port,
+            dst_port: host_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 64 * 1024,
+            fwd_cnt: fwd,
+        }
+    }
+
+    /// The next RW packet for the guest (waiting for host data to arrive).
+    fn next_data(m: &mut Muxer) -> (Header, Vec<u8>) {
+        for _ in 0..2000 {
+            match m.next_rx(MAX_PAYLOAD) {
+                Some((h, p)) if h.op == OP_RW => return (h, p),
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        panic!("no data for the guest");
+    }
+
+    #[test]
+    fn exported_connections_continue_in_another_muxer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_path, b_path) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+        // A host service the guest connects to (port 700).
+        let service = UnixListener::bind(format!("{}_700", a_path.display())).unwrap();
+        let mut a = Muxer::new(CID, &a_path).unwrap();
+        a.handle_guest_packet(&guest_packet(OP_REQUEST, 700, 5000, 0, 0), &[]);
+        let (mut host, _) = service.accept().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(a.next_rx(MAX_PAYLOAD).unwrap().0.op, OP_RESPONSE);
+        // Traffic both ways before the handover.
+        a.handle_guest_packet(&guest_packet(OP_RW, 700, 5000, 5, 0), b"hello");
+        let mut got = [0u8; 5];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        host.write_all(b"abc").unwrap();
+        let (h, p) = next_data(&mut a);
+        assert_eq!((h.len, p.as_slice()), (3, &b"abc"[..]));
+
+        let (state, fds) = a.export();
+        assert_eq!(a.connection_count(), 0);
+        assert_eq!(state.conns.len(), 1);
+        assert_eq!((state.conns[0].tx_cnt, state.conns[0].fwd_cnt), (3, 5));
+        // A wrong number of sockets is refused and changes nothing.
+        let mut b = Muxer::new(CID, &b_path).unwrap();
+        assert!(matches!(
+            b.import(state.clone(), Vec::new()),
+            Err(MuxerError::BadHandover(_))
+        ));
+        assert_eq!(b.connection_count(), 0);
+        // Through serialization, as in a snapshot.
+        let state: MuxerState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        b.import(state, fds).unwrap();
+        drop(a);
+        // The same host socket, the same counters: the stream goes on.
+        host.write_all(b"defg").unwrap();
+        let (h, p) = next_data(&mut b);
+        assert_eq!((h.src_port, h.dst_port), (700, 5000));
+        assert_eq!(p, b"defg");
+        assert_eq!(h.fwd_cnt, 5, "fwd_cnt carried over");
+        b.handle_guest_packet(&guest_packet(OP_RW, 700, 5000, 5, 7), b"world");
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"world");
+        // A duplicate import of the same ports is refused.
+        let (state, fds) = b.export();
+        let dup = state.clone();
+        b.import(state, fds).unwrap();
+        assert!(matches!(
+            b.import(dup, vec![OwnedFd::from(UnixStream::pair().unwrap().0)]),
+            Err(MuxerError::BadHandover(_))
+        ));
+    }
 
     #[test]
     fn connect_line_parsing() {
