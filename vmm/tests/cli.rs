@@ -165,3 +165,81 @@ fn snapshot_then_restore_in_a_new_process_continues_counting() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    if !kvm_or_skip("vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (snap, ho, uds1, uds2) = (p("snap"), p("ho.sock"), p("v1.sock"), p("v2.sock"));
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_microvmm"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The virtio_vsock guest's default: an echo server on port 1234.
+    let guest = ["run", "--test-guest", "virtio_vsock", "--vsock-cid", "42"];
+    let first = spawn(
+        &[
+            &guest[..],
+            &["--vsock-uds", &uds1, "--snapshot-after", "3000"],
+            &["--snapshot-to", &snap, "--handover", &ho],
+        ]
+        .concat(),
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(&uds1).exists() {
+        assert!(Instant::now() < end, "the vsock socket never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut host = UnixStream::connect(&uds1).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(host.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    let mut echo = |msg: &[u8]| {
+        host.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        host.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    echo(b"before the snapshot");
+    let second = spawn(
+        &[
+            &guest[..],
+            &["--vsock-uds", &uds2, "--console", "null"],
+            &["--restore", &snap, "--handover", &ho],
+        ]
+        .concat(),
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stderr).contains("handed 1 vsock connection(s) over"),
+        "{}",
+        text(&first.stderr)
+    );
+    // The first process is gone; the same socket talks to the restored guest.
+    echo(b"after the restore, in another process");
+    host.shutdown(std::net::Shutdown::Both).unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("took over 1 vsock connection(s)"),
+        "{}",
+        text(&second.stderr)
+    );
+}

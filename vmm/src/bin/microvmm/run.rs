@@ -1,6 +1,7 @@
 //! `microvmm run`.
 
 use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use vmm::config::{
     ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, VsockConfig,
 };
 use vmm::guests;
+use vmm::handover::VsockHandover;
 use vmm::{Machine, MachineError, StopReason};
 
 /// Arguments of `microvmm run`.
@@ -76,6 +78,60 @@ pub struct RunArgs {
     /// Snapshot directory for --snapshot-after.
     #[arg(long, requires = "snapshot_after")]
     snapshot_to: Option<PathBuf>,
+    /// Hand the vsock connections over with the snapshot through this Unix socket, so they go
+    /// on in the restoring process. With --snapshot-to: listen here after writing the snapshot
+    /// and send the connections' host sockets to the first client (waits up to 60 s). With
+    /// --restore: connect here (retrying up to 60 s) and take them over.
+    #[arg(long)]
+    handover: Option<PathBuf>,
+}
+
+/// How long `--handover` waits for the other process.
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects to the saving process's handover socket, retrying until it listens.
+fn receive_handover(path: &std::path::Path) -> Result<VsockHandover, Box<dyn std::error::Error>> {
+    let end = Instant::now() + HANDOVER_WAIT;
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= end => {
+                return Err(format!("no handover at {}: {e}", path.display()).into());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    s.set_read_timeout(Some(HANDOVER_WAIT))?;
+    Ok(VsockHandover::receive(&mut s)?)
+}
+
+/// Listens at `path` and sends `h` to the first client.
+fn send_handover(
+    path: &std::path::Path,
+    h: &VsockHandover,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let end = Instant::now() + HANDOVER_WAIT;
+    let mut s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(format!("nobody took the handover at {}: {e}", path.display()).into());
+            }
+        }
+    };
+    s.set_nonblocking(false)?;
+    let sent = h.send(&mut s);
+    let _ = std::fs::remove_file(path);
+    Ok(sent?)
 }
 
 fn console_target(s: &str) -> ConsoleTarget {
@@ -155,8 +211,18 @@ fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
 pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = machine_config(&args)?;
     let interactive = cfg.console == ConsoleTarget::Stdout;
+    if args.handover.is_some() && args.restore.is_none() && args.snapshot_to.is_none() {
+        return Err("--handover goes with --restore or --snapshot-to".into());
+    }
     let mut m = match &args.restore {
-        Some(dir) => Machine::restore_snapshot(cfg, None, dir)?,
+        Some(dir) => match &args.handover {
+            Some(path) => {
+                let h = receive_handover(path)?;
+                eprintln!("microvmm: took over {} vsock connection(s)", h.len());
+                Machine::restore_snapshot_handover(cfg, None, dir, h)?
+            }
+            None => Machine::restore_snapshot(cfg, None, dir)?,
+        },
         None => {
             let mut m = Machine::new(cfg, None)?;
             m.boot()?;
@@ -171,7 +237,13 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         (Some(ms), Some(dir)) => match m.wait(Some(Duration::from_millis(ms))) {
             Err(MachineError::Timeout(_)) => {
                 m.pause()?;
-                let meta = m.save_snapshot(dir)?;
+                let (meta, handover) = match &args.handover {
+                    Some(_) => {
+                        let (meta, h) = m.save_snapshot_handover(dir)?;
+                        (meta, Some(h))
+                    }
+                    None => (m.save_snapshot(dir)?, None),
+                };
                 m.stop()?;
                 eprintln!(
                     "microvmm: snapshot of {} vCPU(s) and {} MiB written to {}",
@@ -179,6 +251,10 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     meta.mem_size >> 20,
                     dir.display()
                 );
+                if let (Some(path), Some(h)) = (&args.handover, handover) {
+                    send_handover(path, &h)?;
+                    eprintln!("microvmm: handed {} vsock connection(s) over", h.len());
+                }
                 Ok(StopReason::Stopped)
             }
             other => other,
