@@ -97,16 +97,3 @@ impl TestVm {
         self.serial_text().contains(needle)
     }
 }
-
-/// Waits up to 60 s for `path` to exist (e.g. a socket a device binds when the guest activates it).
-pub fn wait_for_path(path: &std::path::Path) {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            std::time::Instant::now() < end,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}

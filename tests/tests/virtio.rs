@@ -3,8 +3,8 @@
 //!   back; the delta's journal then holds exactly those extents, durable;
 //! - `virtio_vsock` answers a connection from the host (echo), and connects out to the host.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Duration;
 
@@ -100,15 +100,7 @@ fn host_connects_to_a_guest_echo_server_over_vsock() {
     let mut vm = vsock_vm(dir.path(), 0, 1234);
     vm.machine.start().unwrap();
     // The host side listens once the guest driver has activated the device.
-    microvmm_tests::wait_for_path(&dir.path().join("v.sock"));
-    let mut s = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"CONNECT 1234\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(s.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("OK "), "{line:?}");
+    let mut s = vmm::guests::vsock_connect(&dir.path().join("v.sock"), 1234, LIMIT).unwrap();
     let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&msg).unwrap();
     let mut back = vec![0u8; msg.len()];

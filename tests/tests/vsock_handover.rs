@@ -3,7 +3,7 @@
 //! restoring process takes it (`Machine::restore_snapshot_handover`), and the host peer's
 //! stream goes on byte-exact, with bytes that were in flight at the snapshot, and no reset.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -87,15 +87,7 @@ fn vsock_connection_survives_snapshot_restore_in_a_new_process() {
         .write_obj(1234u64, sym("shared_port"))
         .unwrap();
     vm.machine.start().unwrap();
-    microvmm_tests::wait_for_path(&uds);
-    let mut host = UnixStream::connect(&uds).unwrap();
-    host.set_read_timeout(Some(LIMIT)).unwrap();
-    host.write_all(b"CONNECT 1234\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(host.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("OK "), "{line:?}");
+    let mut host = vmm::guests::vsock_connect(&uds, 1234, LIMIT).unwrap();
     // Some traffic, then bytes still in flight when the VM pauses.
     let first = pattern(0, 1000);
     host.write_all(&first).unwrap();

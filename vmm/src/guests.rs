@@ -68,6 +68,45 @@ pub enum GuestKitError {
     Disconnected,
 }
 
+/// The host side of a vsock connection to guest port `port` through the device's Unix socket
+/// `uds` (Firecracker's convention): waits up to `wait` for the socket to appear (the device
+/// binds it when the guest driver activates it), sends `CONNECT <port>`, reads the `OK` line.
+/// The stream gets `wait` as its read timeout.
+pub fn vsock_connect(
+    uds: &std::path::Path,
+    port: u32,
+    wait: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::{BufRead, BufReader, Write};
+    let end = std::time::Instant::now() + wait;
+    // The socket file appears at bind(), a moment before listen(): retry refusals too.
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() >= end => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{}: {e}", uds.display()),
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    s.set_read_timeout(Some(wait))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: nothing after the line may be consumed.
+    let mut line = Vec::new();
+    let mut r = BufReader::with_capacity(1, s.try_clone()?);
+    r.read_until(b'\n', &mut line)?;
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock connect to port {port} answered {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(s)
+}
+
 /// Whether /dev/kvm can be used; prints `SKIP: <test>: <reason>` when it cannot (for tests that
 /// boot guests).
 pub fn kvm_or_skip(test: &str) -> bool {

@@ -168,10 +168,9 @@ fn snapshot_then_restore_in_a_new_process_continues_counting() {
 
 #[test]
 fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::os::unix::net::UnixStream;
+    use std::io::{Read, Write};
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     if !kvm_or_skip("vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes") {
         return;
     }
@@ -196,20 +195,8 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
         ]
         .concat(),
     );
-    let end = Instant::now() + Duration::from_secs(60);
-    while !std::path::Path::new(&uds1).exists() {
-        assert!(Instant::now() < end, "the vsock socket never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut host = UnixStream::connect(&uds1).unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    host.write_all(b"CONNECT 1234\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(host.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("OK "), "{line:?}");
+    let mut host =
+        vmm::guests::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
     let mut echo = |msg: &[u8]| {
         host.write_all(msg).unwrap();
         let mut back = vec![0u8; msg.len()];
