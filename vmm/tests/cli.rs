@@ -190,7 +190,7 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
     let first = spawn(
         &[
             &guest[..],
-            &["--vsock-uds", &uds1, "--snapshot-after", "3000"],
+            &["--vsock-uds", &uds1, "--snapshot-after", "5000"],
             &["--snapshot-to", &snap, "--handover", &ho],
         ]
         .concat(),
