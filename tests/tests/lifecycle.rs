@@ -477,6 +477,30 @@ fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
     vm.machine.start().unwrap();
     wait_written(&vm.machine, 2 * BLOCKS);
 
+    // A clone whose disk fork cannot be prepared (the clone's directory exists) fails before
+    // anything changes: the disk is not frozen, the guest goes on writing it, nothing is left.
+    std::fs::create_dir(dir.path().join("clone")).unwrap();
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("virtio_blk"));
+    opts.disk_dirs = vec![(dir.path().join("active"), dir.path().join("clone"))];
+    let err = vm.machine.clone_running(opts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Disk {
+                source: block::BlockError::Exists { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!dir.path().join("active").exists());
+    let disk = vm.machine.disks()[0].layer.clone();
+    assert_eq!(disk.as_delta().unwrap().frozen_seq(), None);
+    let before = get(&vm.machine, "shared_written");
+    wait_written(&vm.machine, before + BLOCKS);
+    drop(disk);
+    std::fs::remove_dir(dir.path().join("clone")).unwrap();
+
     let mut opts = CloneOptions::new(MachineConfig::test_guest("virtio_blk"));
     opts.console = Some(SerialOutput::Sink);
     opts.disk_dirs = vec![(dir.path().join("active"), dir.path().join("clone"))];
