@@ -601,6 +601,13 @@ impl Delta {
         let id =
             crate::sys::random_id().map_err(BlockError::io("read", Path::new("/dev/urandom")))?;
         std::fs::create_dir(dir).map_err(BlockError::create(dir))?;
+        Self::prepare_files(dir, size, id).inspect_err(|_| {
+            // Nothing in it yet: leave no half-made directory behind.
+            let _ = std::fs::remove_dir_all(dir);
+        })
+    }
+
+    fn prepare_files(dir: &Path, size: u64, id: [u8; 16]) -> Result<PreparedChild, BlockError> {
         let tmp = meta::tmp_path(&dir.join(META_FILE));
         let pending_meta = File::create(&tmp).map_err(BlockError::io("create", &tmp))?;
         if !crate::sys::try_lock(&pending_meta, true).map_err(BlockError::io("lock", dir))? {

@@ -72,6 +72,17 @@ impl PreparedFork {
     /// makes the fork durable. Call [`ForkCommit::commit`] after the pause; a child's first
     /// flush also commits.
     pub fn cut(mut self) -> Result<(Delta, Delta, Arc<ForkCommit>), BlockError> {
+        // Everything that can fail comes before the freeze: a failed cut changes nothing (the
+        // prepared directories are removed when `self` drops).
+        let mut handles = Vec::with_capacity(2);
+        for c in self.children.iter().flatten() {
+            let dup = || {
+                c.pending_meta
+                    .try_clone()
+                    .map_err(BlockError::io("dup", &c.dir))
+            };
+            handles.push((dup()?, dup()?));
+        }
         if let Layer::Delta(d) = &*self.parent {
             d.freeze_deferred()?;
         }
@@ -81,19 +92,14 @@ impl PreparedFork {
             .expect("children are taken only by cut");
         let mut pending = Vec::with_capacity(2);
         let mut parts = Vec::with_capacity(2);
-        for c in [ca, cb] {
+        for (c, (file, lock)) in [ca, cb].into_iter().zip(handles) {
+            // Cannot fail now: the parent's identity is fixed (a base, or frozen above).
             let meta = Delta::child_meta(&c, &self.parent, self.parent_path.clone())?;
-            let dup = || {
-                c.pending_meta
-                    .try_clone()
-                    .map_err(BlockError::io("dup", &c.dir))
-            };
             pending.push(PendingMeta {
                 dir: c.dir.clone(),
                 meta: meta.clone(),
-                file: Some(dup()?),
+                file: Some(file),
             });
-            let lock = dup()?;
             parts.push((c, meta, lock));
         }
         let commit = Arc::new(ForkCommit {
@@ -146,6 +152,16 @@ impl ForkCommit {
         self.ensure()
     }
 
+    /// Leaves the child in `dir` out of the fork, for a caller about to delete it (a clone that
+    /// never ran): the commit then makes only the parent and the other child durable. Its
+    /// layer must not be used any more.
+    pub fn abandon(&self, dir: &Path) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|p| p.file.is_none() || p.dir != dir);
+    }
+
     /// True once the fork is durable.
     pub fn is_committed(&self) -> bool {
         self.state
@@ -174,10 +190,14 @@ impl ForkCommit {
                     meta::write_via(&mut f, &tmp, &path, &p.meta)
                 };
                 if let Err(e) = written {
-                    // Start over on the next try: the file may hold a partial body.
-                    let _ = f.set_len(0);
-                    use std::io::Seek;
-                    let _ = f.seek(std::io::SeekFrom::Start(0));
+                    if tmp.exists() {
+                        // Not renamed yet: start over on the next try (the file may hold a
+                        // partial body). Once renamed, the body is whole and only the
+                        // directory sync is left to retry.
+                        let _ = f.set_len(0);
+                        use std::io::Seek;
+                        let _ = f.seek(std::io::SeekFrom::Start(0));
+                    }
                     p.file = Some(f);
                     return Err(e);
                 }

@@ -240,6 +240,30 @@ fn a_cut_fork_lost_before_its_commit_loses_nothing_acknowledged() {
 }
 
 #[test]
+fn an_abandoned_child_is_left_out_of_the_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let (parent, p) = flushed_parent(t.path());
+    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
+    let (a, b, commit) = prepare_fork(Arc::clone(&parent), &ap, &bp)
+        .unwrap()
+        .cut()
+        .unwrap();
+    // The clone that would have used `b` never ran: it is removed before the commit.
+    commit.abandon(&bp);
+    drop(b);
+    std::fs::remove_dir_all(&bp).unwrap();
+    a.write_at(&[0xaa; 4096], 0).unwrap();
+    a.flush().unwrap();
+    assert!(commit.is_committed());
+    drop((a, commit, parent));
+    assert!(Delta::open(&p).unwrap().frozen_seq().is_some());
+    assert!(same(
+        &read(&Delta::open(&ap).unwrap(), 0, 4096),
+        &[0xaa; 4096]
+    ));
+}
+
+#[test]
 fn an_abandoned_or_failed_prepare_leaves_the_parent_untouched() {
     let t = tempfile::tempdir().unwrap();
     let (parent, _p) = flushed_parent(t.path());

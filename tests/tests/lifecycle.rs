@@ -704,3 +704,30 @@ fn snapshot_restores_in_a_new_process() {
         "{text}"
     );
 }
+
+#[test]
+fn clone_of_a_vm_with_a_read_only_disk_is_refused_up_front() {
+    if !kvm_or_skip("clone_of_a_vm_with_a_read_only_disk_is_refused_up_front") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    drop(block::Base::create(&dir.path().join("base.img"), 1 << 20).unwrap());
+    let mut cfg = MachineConfig::test_guest("counter");
+    cfg.disks = vec![vmm::config::DiskConfig {
+        path: dir.path().join("base.img"),
+        read_only: true,
+    }];
+    let mut vm = TestVm::boot(cfg).unwrap();
+    vm.machine.start().unwrap();
+    let mut opts = CloneOptions::new(MachineConfig::test_guest("counter"));
+    opts.disk_dirs = vec![(dir.path().join("a"), dir.path().join("b"))];
+    let err = vm.machine.clone_running(opts).unwrap_err();
+    assert!(
+        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        "{err:?}"
+    );
+    assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+    // The VM still runs.
+    wait_past(&vm.machine, peek(&vm.machine), "after the refused clone");
+    vm.machine.stop().unwrap();
+}

@@ -101,6 +101,23 @@ fn vsock_connection_survives_snapshot_restore_in_a_new_process() {
     let snap = dir.path().join("snap");
     let (_, handover) = vm.machine.save_snapshot_handover(&snap).unwrap();
     assert_eq!(handover.len(), 1, "one connection handed over");
+    // A handover that does not match the snapshot is refused before any VM is built.
+    for (cfg, fds) in [
+        (config(&dir.path().join("x.sock")), VsockHandover::default()),
+        (
+            MachineConfig::test_guest("virtio_vsock"),
+            VsockHandover::default(),
+        ),
+    ] {
+        let err = Machine::restore_snapshot_handover(cfg, None, &snap, fds).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                vmm::MachineError::Handover(vmm::handover::HandoverError::Mismatch(_))
+            ),
+            "{err:?}"
+        );
+    }
     vm.machine.stop().unwrap();
     drop(vm);
 

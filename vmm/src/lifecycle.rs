@@ -161,6 +161,15 @@ fn copy_dirty(m: &Machine, dst: &GuestMemoryMmap) -> Result<u64, MachineError> {
     Ok(copied)
 }
 
+/// Removes a fork child of a clone that never ran (it holds nothing), first taking it out of
+/// its fork's commit so that the source's child still commits.
+fn drop_clone_child(layer: Arc<Layer>, commit: &ForkCommit) {
+    let dir = layer.path().to_owned();
+    commit.abandon(&dir);
+    drop(layer);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Per disk, in order: this machine's child, the clone's child, and the commit of their fork.
 type ForkedDisks = Vec<(Arc<Layer>, Arc<Layer>, Arc<ForkCommit>)>;
 type QueueGuards<'a> = Vec<MutexGuard<'a, virtio_queue::Queue>>;
@@ -274,7 +283,12 @@ impl Machine {
             };
             state.devices.vsock = Some(conns.clone());
             match snapshot::write_snapshot(dir, &state, self.vm.ram()) {
-                Ok(meta) => Ok((meta, VsockHandover { fds })),
+                Ok(meta) => {
+                    if let Some(h) = &self.vsock {
+                        h.stop_listening();
+                    }
+                    Ok((meta, VsockHandover { fds }))
+                }
                 Err(e) => {
                     if let Some(h) = &self.vsock {
                         // Cannot fail: the same connections, just taken out.
@@ -297,12 +311,24 @@ impl Machine {
         handover: VsockHandover,
     ) -> Result<Self, MachineError> {
         let (_, state, ram) = snapshot::read_snapshot(dir)?;
-        if state.devices.vsock.is_none() && !handover.is_empty() {
-            return Err(crate::handover::HandoverError::Mismatch(format!(
-                "{} sockets for a snapshot without vsock connections",
-                handover.len()
-            ))
-            .into());
+        let mismatch =
+            |m: String| -> MachineError { crate::handover::HandoverError::Mismatch(m).into() };
+        match &state.devices.vsock {
+            None if !handover.is_empty() => {
+                return Err(mismatch(format!(
+                    "{} sockets for a snapshot without vsock connections",
+                    handover.len()
+                )));
+            }
+            Some(_) if cfg.vsock.is_none() => {
+                return Err(mismatch(
+                    "the snapshot has vsock connections, the config no vsock device".into(),
+                ));
+            }
+            Some(conns) => conns
+                .validate(handover.len())
+                .map_err(|e| mismatch(e.to_string()))?,
+            None => {}
         }
         Self::restore_from(cfg, console, ram, None, &state, Some(handover))
     }
@@ -423,6 +449,17 @@ impl Machine {
             ))
             .into());
         }
+        if let Some(d) = self
+            .disks
+            .iter()
+            .find(|d| block::Disk::is_read_only(d.layer.as_ref()))
+        {
+            return Err(SnapshotError::Mismatch(format!(
+                "disk {} is attached read-only: only writable deltas are forked for a clone",
+                d.layer.path().display()
+            ))
+            .into());
+        }
         let t0 = Instant::now();
         let mut tl = CloneTimeline::default();
         // The slow part of each disk fork (creating the children's files) happens now, while
@@ -455,6 +492,7 @@ impl Machine {
         // for this, so nothing it writes is reported durable before its fork is).
         let tc = Instant::now();
         let mut theirs = Vec::with_capacity(forked.len());
+        let mut commits = Vec::with_capacity(forked.len());
         let mut committed = Ok(());
         for (mine, clone_child, commit) in forked {
             if committed.is_ok() {
@@ -464,17 +502,16 @@ impl Machine {
                 });
             }
             theirs.push(clone_child);
+            commits.push(commit);
         }
         tl.disk_commit = tc.elapsed();
         let cleanup = |theirs: Vec<Arc<Layer>>| {
-            // The clone never ran: its children hold nothing; the source keeps its own.
-            for layer in theirs {
-                let dir = layer.path().to_owned();
-                drop(layer);
-                let _ = std::fs::remove_dir_all(dir);
+            for (layer, commit) in theirs.into_iter().zip(&commits) {
+                drop_clone_child(layer, commit);
             }
         };
         if let Err(e) = committed.and(logging_off.map_err(MachineError::from)) {
+            // The source keeps its children (a later flush of theirs retries the commit).
             cleanup(theirs);
             return Err(e);
         }
@@ -542,13 +579,11 @@ impl Machine {
         match captured.and_then(|state| resumed.map(|()| state)) {
             Ok(state) => Ok((state, forked)),
             Err(e) => {
-                for (mine, theirs, commit) in forked {
-                    // Keep the source's new child consistent on disk; drop the clone's.
+                for (_, theirs, commit) in forked {
+                    // Drop the clone's child; keep the source's consistent on disk (if this
+                    // commit fails, the source's next flush retries it).
+                    drop_clone_child(theirs, &commit);
                     let _ = commit.commit();
-                    drop(mine);
-                    let dir = theirs.path().to_owned();
-                    drop(theirs);
-                    let _ = std::fs::remove_dir_all(dir);
                 }
                 Err(e)
             }

@@ -61,6 +61,13 @@ impl VsockHandle {
         lock_muxer(&self.0).as_mut().map(Muxer::export)
     }
 
+    /// Stops the active device's host listener (after a completed handover).
+    pub fn stop_listening(&self) {
+        if let Some(m) = lock_muxer(&self.0).as_mut() {
+            m.stop_listening();
+        }
+    }
+
     /// Gives connections to the active device (e.g. back, after a handover that failed).
     pub fn import(&self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
         match lock_muxer(&self.0).as_mut() {
@@ -168,7 +175,9 @@ impl VirtioDevice for Vsock {
             }
             e @ MuxerError::BadHandover(_) => ActivateError::Worker(std::io::Error::other(e)),
         })?;
-        if let Some((state, fds)) = self.imported.take() {
+        let imported = self.imported.take();
+        let kick = imported.is_some();
+        if let Some((state, fds)) = imported {
             muxer
                 .import(state, fds)
                 .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))?;
@@ -183,6 +192,7 @@ impl VirtioDevice for Vsock {
             muxer: Arc::clone(&self.muxer),
             rx_starved: false,
             reset_pending: std::mem::take(&mut self.reset_event),
+            kick,
         };
         self.worker = Some(WorkerThread::spawn("virtio-vsock", move |kill| {
             w.run(kill);
@@ -232,10 +242,16 @@ struct Worker {
     rx_starved: bool,
     /// A transport-reset event is still to be posted.
     reset_pending: bool,
+    /// Interrupt the guest once at start: a snapshot may have been taken between the device's
+    /// last used-ring update and its interrupt (harmless if spurious).
+    kick: bool,
 }
 
 impl Worker {
     fn run(&mut self, kill: &EventFd) {
+        if std::mem::take(&mut self.kick) {
+            self.interrupt.trigger(INT_VRING);
+        }
         loop {
             match self.post_reset_event() {
                 Ok(true) => self.interrupt.trigger(INT_VRING),

@@ -156,6 +156,45 @@ pub struct ConnState {
     pub guest_send_done: bool,
 }
 
+impl MuxerState {
+    /// Checks a handed-over state (untrusted: it comes from a snapshot file) against `fds`
+    /// sockets: one per connection, no port pair twice, at most [`MAX_CONNECTIONS`], buffers
+    /// within [`BUF_ALLOC`], control packets of header size.
+    pub fn validate(&self, fds: usize) -> Result<(), MuxerError> {
+        let bad = |m: String| Err(MuxerError::BadHandover(m));
+        if self.conns.len() != fds {
+            return bad(format!(
+                "{} connections but {fds} sockets",
+                self.conns.len()
+            ));
+        }
+        if self.conns.len() > MAX_CONNECTIONS {
+            return bad(format!("more than {MAX_CONNECTIONS} connections"));
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for c in &self.conns {
+            let key = (c.host_port, c.guest_port);
+            if !keys.insert(key) {
+                return bad(format!("port pair {key:?} twice"));
+            }
+            if c.to_host.len() > BUF_ALLOC as usize {
+                return bad(format!(
+                    "{} bytes buffered toward the host",
+                    c.to_host.len()
+                ));
+            }
+        }
+        if let Some(h) = self
+            .control
+            .iter()
+            .find(|h| h.len() != super::packet::HDR_LEN)
+        {
+            return bad(format!("a control packet of {} bytes", h.len()));
+        }
+        Ok(())
+    }
+}
+
 /// The connections of a muxer taken out for a handover: their states (to serialize) and, in
 /// the same order, their host sockets (to pass to the new owner).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -173,7 +212,10 @@ pub struct MuxerState {
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
-    listener: UnixListener,
+    /// `None` once the connections were exported (the VM's host side moved elsewhere).
+    listener: Option<UnixListener>,
+    /// (device, inode) of the socket file this muxer bound, so that only it is unlinked.
+    socket_id: Option<(u64, u64)>,
     pending_host: Vec<(UnixStream, Vec<u8>)>,
     conns: BTreeMap<Key, Conn>,
     control: VecDeque<Header>,
@@ -184,7 +226,7 @@ pub struct Muxer {
 
 impl Drop for Muxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        self.unlink_socket();
     }
 }
 
@@ -206,7 +248,8 @@ impl Muxer {
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_owned(),
-            listener,
+            socket_id: file_id(uds_path),
+            listener: Some(listener),
             pending_host: Vec::new(),
             conns: BTreeMap::new(),
             control: VecDeque::new(),
@@ -263,37 +306,28 @@ impl Muxer {
     /// Takes over connections exported by [`Muxer::export`] (possibly in another process):
     /// `fds` are their host sockets, in order. Checked before anything changes.
     pub fn import(&mut self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
-        let bad = |m: String| Err(MuxerError::BadHandover(m));
-        if state.conns.len() != fds.len() {
-            return bad(format!(
-                "{} connections but {} sockets",
-                state.conns.len(),
-                fds.len()
-            ));
-        }
+        state.validate(fds.len())?;
         if self.conns.len() + state.conns.len() > MAX_CONNECTIONS {
-            return bad(format!("more than {MAX_CONNECTIONS} connections"));
+            return Err(MuxerError::BadHandover(format!(
+                "more than {MAX_CONNECTIONS} connections"
+            )));
         }
-        let mut keys = std::collections::BTreeSet::new();
-        for c in &state.conns {
-            let key = (c.host_port, c.guest_port);
-            if !keys.insert(key) || self.conns.contains_key(&key) {
-                return bad(format!("port pair {key:?} twice"));
-            }
-            if c.to_host.len() > BUF_ALLOC as usize {
-                return bad(format!(
-                    "{} bytes buffered toward the host",
-                    c.to_host.len()
-                ));
-            }
+        if let Some(c) = state
+            .conns
+            .iter()
+            .find(|c| self.conns.contains_key(&(c.host_port, c.guest_port)))
+        {
+            return Err(MuxerError::BadHandover(format!(
+                "port pair {:?} is already connected",
+                (c.host_port, c.guest_port)
+            )));
         }
-        let mut control = Vec::with_capacity(state.control.len());
-        for h in &state.control {
-            let Ok(b) = <[u8; super::packet::HDR_LEN]>::try_from(h.as_slice()) else {
-                return bad(format!("a control packet of {} bytes", h.len()));
-            };
-            control.push(Header::decode(&b));
-        }
+        let control: Vec<Header> = state
+            .control
+            .iter()
+            .filter_map(|h| <[u8; super::packet::HDR_LEN]>::try_from(h.as_slice()).ok())
+            .map(|b| Header::decode(&b))
+            .collect();
         let mut streams = Vec::with_capacity(fds.len());
         for fd in fds {
             let s = UnixStream::from(fd);
@@ -445,8 +479,8 @@ impl Muxer {
     /// Accepts host connections, reads their `CONNECT` lines, flushes buffered data to host
     /// sockets and notices host-side EOF. Call after the host fds polled readable/writable.
     pub fn service_host(&mut self) {
-        loop {
-            match self.listener.accept() {
+        while let Some(listener) = &self.listener {
+            match listener.accept() {
                 Ok((s, _)) => {
                     if self.pending_host.len() < MAX_PENDING_HOST && s.set_nonblocking(true).is_ok()
                     {
@@ -570,7 +604,11 @@ impl Muxer {
     /// can send to the guest (readable, when `want_data`), connections with buffered data
     /// toward the host (writable).
     pub fn poll_fds(&self, want_data: bool) -> Vec<(RawFd, i16)> {
-        let mut fds = vec![(self.listener.as_raw_fd(), libc::POLLIN)];
+        let mut fds: Vec<(RawFd, i16)> = self
+            .listener
+            .iter()
+            .map(|l| (l.as_raw_fd(), libc::POLLIN))
+            .collect();
         fds.extend(
             self.pending_host
                 .iter()
@@ -589,6 +627,34 @@ impl Muxer {
             }
         }
         fds
+    }
+}
+
+/// (device, inode) of the file at `path`.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl Muxer {
+    /// Stops taking host connections and removes the socket file (if still ours): after a
+    /// handover, new host connections belong to the process that took the VM over.
+    pub fn stop_listening(&mut self) {
+        self.listener = None;
+        self.pending_host.clear();
+        self.unlink_socket();
+    }
+
+    /// Removes the listening socket's file, unless it is no longer ours (another process may
+    /// have bound the same path since, e.g. the one that took the connections over).
+    fn unlink_socket(&mut self) {
+        if let Some(id) = self.socket_id.take()
+            && file_id(&self.uds_path) == Some(id)
+        {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
@@ -631,6 +697,23 @@ mod tests {
             }
         }
         panic!("no data for the guest");
+    }
+
+    #[test]
+    fn a_muxer_removes_only_its_own_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let mut a = Muxer::new(CID, &path).unwrap();
+        // Another process took the VM over and bound the same path.
+        a.stop_listening();
+        assert!(!path.exists());
+        let _theirs = UnixListener::bind(&path).unwrap();
+        drop(a);
+        assert!(path.exists(), "the new owner's socket file is left alone");
+        // A muxer that still owns its file removes it.
+        std::fs::remove_file(&path).unwrap();
+        drop(Muxer::new(CID, &path).unwrap());
+        assert!(!path.exists());
     }
 
     #[test]
