@@ -161,6 +161,26 @@ fn flushed_parent(dir: &Path) -> (Arc<Layer>, std::path::PathBuf) {
     (Arc::new(Layer::Delta(d)), p)
 }
 
+type CutFork = (
+    Arc<Layer>,
+    std::path::PathBuf,
+    [std::path::PathBuf; 2],
+    Delta,
+    Delta,
+    Arc<block::ForkCommit>,
+);
+
+/// [`flushed_parent`] in `dir`, its fork into `dir/a` and `dir/b` prepared and cut.
+fn cut_fork(dir: &Path) -> CutFork {
+    let (parent, p) = flushed_parent(dir);
+    let (ap, bp) = (dir.join("a"), dir.join("b"));
+    let (a, b, commit) = prepare_fork(Arc::clone(&parent), &ap, &bp)
+        .unwrap()
+        .cut()
+        .unwrap();
+    (parent, p, [ap, bp], a, b, commit)
+}
+
 #[test]
 fn fork_in_phases_cuts_without_io_and_commits_in_order() {
     let t = tempfile::tempdir().unwrap();
@@ -211,12 +231,7 @@ fn fork_in_phases_cuts_without_io_and_commits_in_order() {
 #[test]
 fn a_cut_fork_lost_before_its_commit_loses_nothing_acknowledged() {
     let t = tempfile::tempdir().unwrap();
-    let (parent, p) = flushed_parent(t.path());
-    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
-    let (a, b, commit) = prepare_fork(Arc::clone(&parent), &ap, &bp)
-        .unwrap()
-        .cut()
-        .unwrap();
+    let (parent, p, [ap, bp], a, b, commit) = cut_fork(t.path());
     a.write_at(&[0xaa; 4096], 0).unwrap();
     // The process goes away here (no destructor writes anything).
     drop((a, b, commit, parent));
@@ -242,12 +257,7 @@ fn a_cut_fork_lost_before_its_commit_loses_nothing_acknowledged() {
 #[test]
 fn an_abandoned_child_is_left_out_of_the_commit() {
     let t = tempfile::tempdir().unwrap();
-    let (parent, p) = flushed_parent(t.path());
-    let (ap, bp) = (t.path().join("a"), t.path().join("b"));
-    let (a, b, commit) = prepare_fork(Arc::clone(&parent), &ap, &bp)
-        .unwrap()
-        .cut()
-        .unwrap();
+    let (parent, p, [ap, bp], a, b, commit) = cut_fork(t.path());
     // The clone that would have used `b` never ran: it is removed before the commit.
     commit.abandon(&bp);
     drop(b);
