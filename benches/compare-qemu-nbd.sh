@@ -57,29 +57,38 @@ bench() {
     qemu-img bench "${args[@]}" "$uri" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
 }
 
-# One client run on a fresh layer: prints the seconds. $1 = ours|qemu, $2 = bytes, $3 = step.
-run_once() {
-    local secs
+# Starts server $1 (ours|qemu) on a fresh layer over the base and sets URI to its export (not
+# in a subshell: the server must be this shell's child, with its pid in `pids`).
+start_server() {
     if [ "$1" = ours ]; then
         rm -rf "$WORK/d" "$WORK/ours.sock"
         "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
         "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
-        pids+=($!)
-        wait_sock "$WORK/ours.sock"
-        secs=$(bench "nbd+unix:///d?socket=$WORK/ours.sock" "$2" "$3")
     else
         # A fresh qcow2 overlay over the same base, writeback cache (qemu-nbd's default).
         rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
         qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
         qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
-        pids+=($!)
-        wait_sock "$WORK/qemu.sock"
-        secs=$(bench "nbd+unix:///d?socket=$WORK/qemu.sock" "$2" "$3")
     fi
+    pids+=($!)
+    wait_sock "$WORK/$1.sock"
+    URI="nbd+unix:///d?socket=$WORK/$1.sock"
+}
+
+# Stops the server started last (ours flushes on SIGTERM) and syncs, so the next run starts
+# with no dirty page cache left from this one.
+stop_server() {
     kill -TERM "${pids[-1]}" 2>/dev/null || true
     wait "${pids[-1]}" || true
-    # Start the next run with no dirty page cache left from this one.
     sync
+}
+
+# One client run of server $1 on a fresh layer: prints the seconds. $2 = bytes, $3 = step.
+run_once() {
+    local secs
+    start_server "$1"
+    secs=$(bench "$URI" "$2" "$3")
+    stop_server
     echo "$secs"
 }
 
@@ -137,27 +146,12 @@ guest_bench() {
     set -- $line
     echo "$3 / 1000000 / ($4 / 100)" | bc -l
 }
-# One guest run on a fresh layer: prints the guest-timed MB/s. $1 = ours|qemu.
+# One guest run of server $1 on a fresh layer: prints the guest-timed MB/s.
 guest_once() {
     local mbs
-    if [ "$1" = ours ]; then
-        rm -rf "$WORK/d" "$WORK/ours.sock"
-        "$BIN" disk create -f delta -b "$WORK/base.img" "$WORK/d" >/dev/null
-        "$BIN" disk serve --socket "$WORK/ours.sock" --export "d=$WORK/d" 2>/dev/null &
-        pids+=($!)
-        wait_sock "$WORK/ours.sock"
-        mbs=$(guest_bench "nbd+unix:///d?socket=$WORK/ours.sock")
-    else
-        rm -f "$WORK/ovl.qcow2" "$WORK/qemu.sock"
-        qemu-img create -q -f qcow2 -b "$WORK/base.img" -F raw "$WORK/ovl.qcow2"
-        qemu-nbd -t -f qcow2 -x d -k "$WORK/qemu.sock" "$WORK/ovl.qcow2" &
-        pids+=($!)
-        wait_sock "$WORK/qemu.sock"
-        mbs=$(guest_bench "nbd+unix:///d?socket=$WORK/qemu.sock")
-    fi
-    kill -TERM "${pids[-1]}" 2>/dev/null || true
-    wait "${pids[-1]}" || true
-    sync
+    start_server "$1"
+    mbs=$(guest_bench "$URI")
+    stop_server
     echo "$mbs"
 }
 ours=() qemu=() pairs=()
