@@ -9,7 +9,7 @@
  * `shared_written` is g once the device completed it. Setting `shared_stop` ends the loop:
  * the guest reports `shared_written` and powers off.
  */
-#include "kit.h"
+#include "virtio_mmio.h"
 
 SHARED volatile u64 shared_mmio_base = 0xd0000000ul;
 SHARED volatile u64 shared_sector = 64;
@@ -19,14 +19,6 @@ SHARED volatile u64 shared_tag;
 SHARED volatile u64 shared_written;
 SHARED volatile u64 shared_stop;
 
-#define QSIZE 8
-#define F_NEXT 1
-#define F_WRITE 2
-
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
-struct used_elem { u32 id; u32 len; };
-struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
 struct req_hdr { u32 type; u32 reserved; u64 sector; };
 
 static struct desc descs[QSIZE] __attribute__((aligned(16)));
@@ -39,7 +31,6 @@ static u8 rbuf[4096] __attribute__((aligned(4096)));
 static u16 next_avail;
 
 static u64 base;
-static u32 rd(u64 off) { return mmio_read32(base + off); }
 static void wr(u64 off, u32 v) { mmio_write32(base + off, v); }
 
 static void fail(u64 step)
@@ -88,32 +79,11 @@ void guest_main(u64 cpu, u64 ncpus)
             cpu_relax();
     }
     base = shared_mmio_base;
-    if (rd(0x000) != 0x74726976 || rd(0x004) != 2 || rd(0x008) != 2)
-        fail(1);
-    wr(0x070, 0);
-    wr(0x070, 1);
-    wr(0x070, 1 | 2);
-    wr(0x014, 1);
-    if (!(rd(0x010) & 1)) /* VERSION_1 is bit 32 */
-        fail(2);
-    wr(0x024, 1);
-    wr(0x020, 1);
-    wr(0x024, 0);
-    wr(0x020, 1u << 9); /* FLUSH */
-    wr(0x070, 1 | 2 | 8);
-    if (!(rd(0x070) & 8))
-        fail(3);
-    wr(0x030, 0);
-    if (rd(0x034) < QSIZE)
-        fail(4);
-    wr(0x038, QSIZE);
-    wr(0x080, (u32)(u64)descs); wr(0x084, (u32)((u64)descs >> 32));
-    wr(0x090, (u32)(u64)&avail); wr(0x094, (u32)((u64)&avail >> 32));
-    wr(0x0a0, (u32)(u64)&used); wr(0x0a4, (u32)((u64)&used >> 32));
-    wr(0x044, 1);
-    wr(0x070, 1 | 2 | 8 | 4);
-    if (rd(0x070) & 0x40)
-        fail(5);
+    struct vq_addrs q = { descs, &avail, &used };
+    /* Steps 1..4 as virtio_mmio_init numbers them; FLUSH is feature bit 9. */
+    int step = virtio_mmio_init(base, 2, 1u << 9, &q, 1);
+    if (step)
+        fail((u64)step);
 
     u64 sector = shared_sector;
     u64 blocks = shared_blocks;

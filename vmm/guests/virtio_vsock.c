@@ -5,17 +5,15 @@
  * `shared_port`, send "ping from guest\n", expect "pong from host\n", shut down.
  * Prints "virtio-vsock: ok" or "virtio-vsock: FAIL <step>"; reports 0x50c0000 + step.
  */
-#include "kit.h"
+#include "virtio_mmio.h"
 
 SHARED volatile u64 shared_mmio_base = 0xd0000000ul;
 SHARED volatile u64 shared_mode = 0;
 SHARED volatile u64 shared_port = 1234;
 SHARED volatile u64 shared_echoed = 0;
 
-#define QSIZE 8
 #define NRX 4
 #define BUFSZ 4096
-#define F_WRITE 2
 #define HOST_CID 2
 #define OP_REQUEST 1
 #define OP_RESPONSE 2
@@ -25,10 +23,6 @@ SHARED volatile u64 shared_echoed = 0;
 #define OP_CREDIT_UPDATE 6
 #define OP_CREDIT_REQUEST 7
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
-struct used_elem { u32 id; u32 len; };
-struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
 struct hdr {
     u64 src_cid, dst_cid;
     u32 src_port, dst_port, len;
@@ -137,30 +131,13 @@ void guest_main(u64 cpu, u64 ncpus)
             cpu_relax();
     }
     base = shared_mmio_base;
-    if (rd(0x000) != 0x74726976 || rd(0x004) != 2 || rd(0x008) != 19)
-        fail(1);
-    wr(0x070, 0);
-    wr(0x070, 3);
-    wr(0x024, 1);
-    wr(0x020, 1); /* VERSION_1 */
-    wr(0x024, 0);
-    wr(0x020, 0);
-    wr(0x070, 11);
-    if (!(rd(0x070) & 8))
-        fail(2);
-    for (u32 i = 0; i < 3; i++) {
-        wr(0x030, i);
-        if (rd(0x034) < QSIZE)
-            fail(3);
-        wr(0x038, QSIZE);
-        wr(0x080, (u32)(u64)q[i].desc); wr(0x084, (u32)((u64)q[i].desc >> 32));
-        wr(0x090, (u32)(u64)&q[i].avail); wr(0x094, (u32)((u64)&q[i].avail >> 32));
-        wr(0x0a0, (u32)(u64)&q[i].used); wr(0x0a4, (u32)((u64)&q[i].used >> 32));
-        wr(0x044, 1);
-    }
-    wr(0x070, 15);
-    if (rd(0x070) & 0x40)
-        fail(4);
+    struct vq_addrs qa[3];
+    for (u32 i = 0; i < 3; i++)
+        qa[i] = (struct vq_addrs){ q[i].desc, &q[i].avail, &q[i].used };
+    /* Steps 1..4 as virtio_mmio_init numbers them. */
+    int step = virtio_mmio_init(base, 19, 0, qa, 3);
+    if (step)
+        fail((u64)step);
     cid = rd(0x100) | ((u64)rd(0x104) << 32);
     for (u16 i = 0; i < NRX; i++)
         post(0, i, (u64)rxbuf[i], sizeof(rxbuf[0]), F_WRITE);

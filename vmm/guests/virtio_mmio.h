@@ -1,0 +1,69 @@
+/*
+ * Shared part of the kit's polled virtio 1.x drivers (virtio-mmio, modern, no interrupts):
+ * split-ring layout with QSIZE entries per queue and the device bring-up sequence.
+ */
+#ifndef MICROVMM_VIRTIO_MMIO_H
+#define MICROVMM_VIRTIO_MMIO_H
+
+#include "kit.h"
+
+#define QSIZE 8
+#define F_NEXT 1
+#define F_WRITE 2
+
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
+struct used_elem { u32 id; u32 len; };
+struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
+
+/* Where one queue's three parts are. */
+struct vq_addrs { struct desc *desc; struct avail *avail; struct used *used; };
+
+static inline u32 vmmio_rd(u64 base, u64 off) { return mmio_read32(base + off); }
+static inline void vmmio_wr(u64 base, u64 off, u32 v) { mmio_write32(base + off, v); }
+
+/*
+ * Brings up the virtio-mmio device at `base`: checks magic, version 2 and `device_id`,
+ * acknowledges, checks that VERSION_1 is offered, accepts it plus the low feature bits
+ * `features`, sets FEATURES_OK, sets up `nq` queues of QSIZE entries at `q`, and sets
+ * DRIVER_OK. Returns 0, or the failing step: 1 identity, 2 no VERSION_1 or features refused,
+ * 3 queue too small, 4 the device wants a reset.
+ */
+static inline int virtio_mmio_init(u64 base, u32 device_id, u32 features,
+                                   const struct vq_addrs *q, u32 nq)
+{
+    if (vmmio_rd(base, 0x000) != 0x74726976 || vmmio_rd(base, 0x004) != 2 ||
+        vmmio_rd(base, 0x008) != device_id)
+        return 1;
+    vmmio_wr(base, 0x070, 0);
+    vmmio_wr(base, 0x070, 1 | 2);
+    vmmio_wr(base, 0x014, 1);
+    if (!(vmmio_rd(base, 0x010) & 1)) /* the device must offer VERSION_1 */
+        return 2;
+    vmmio_wr(base, 0x024, 1);
+    vmmio_wr(base, 0x020, 1); /* VERSION_1 is bit 32 */
+    vmmio_wr(base, 0x024, 0);
+    vmmio_wr(base, 0x020, features);
+    vmmio_wr(base, 0x070, 1 | 2 | 8);
+    if (!(vmmio_rd(base, 0x070) & 8))
+        return 2;
+    for (u32 i = 0; i < nq; i++) {
+        vmmio_wr(base, 0x030, i);
+        if (vmmio_rd(base, 0x034) < QSIZE)
+            return 3;
+        vmmio_wr(base, 0x038, QSIZE);
+        vmmio_wr(base, 0x080, (u32)(u64)q[i].desc);
+        vmmio_wr(base, 0x084, (u32)((u64)q[i].desc >> 32));
+        vmmio_wr(base, 0x090, (u32)(u64)q[i].avail);
+        vmmio_wr(base, 0x094, (u32)((u64)q[i].avail >> 32));
+        vmmio_wr(base, 0x0a0, (u32)(u64)q[i].used);
+        vmmio_wr(base, 0x0a4, (u32)((u64)q[i].used >> 32));
+        vmmio_wr(base, 0x044, 1);
+    }
+    vmmio_wr(base, 0x070, 1 | 2 | 8 | 4);
+    if (vmmio_rd(base, 0x070) & 0x40)
+        return 4;
+    return 0;
+}
+
+#endif
