@@ -149,27 +149,12 @@ impl Delta {
         meta: &DeltaMeta,
         records: &[Record],
     ) -> Result<(), BlockError> {
-        let data_path = dir.join(DATA_FILE);
-        let data = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(BlockError::io("create", &data_path))?;
-        data.set_len(meta.size)
-            .map_err(BlockError::io("resize", &data_path))?;
-        data.sync_all()
-            .map_err(BlockError::io("sync", &data_path))?;
-        let jpath = dir.join(JOURNAL_FILE);
-        let _ = std::fs::remove_file(&jpath);
-        let mut header = Record::new(RecordKind::Header, 0, meta.size, 0);
-        header.aux = JOURNAL_VERSION;
-        header.tag = meta::unhex(&meta.uuid).unwrap_or_default();
+        let id = meta::unhex(&meta.uuid).unwrap_or_default();
+        let (_, mut journal) = Self::create_data_and_journal(dir, meta.size, id)?;
         let jerr = |source| BlockError::Journal {
             path: dir.to_path_buf(),
             source,
         };
-        let mut journal = Journal::create(&jpath, &header).map_err(jerr)?;
         if !records.is_empty() {
             let mut all = records.to_vec();
             let seq = records.last().map_or(0, |r| r.seq) + 1;
@@ -182,6 +167,45 @@ impl Delta {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         crate::sys::sync_dir(up).map_err(BlockError::io("sync", up))
+    }
+
+    /// The journal's first record for a delta of `size` bytes with id `id`.
+    fn header_record(size: u64, id: [u8; 16]) -> Record {
+        let mut header = Record::new(RecordKind::Header, 0, size, 0);
+        header.aux = JOURNAL_VERSION;
+        header.tag = id;
+        header
+    }
+
+    /// Creates (or resizes, keeping its contents) the data file of `size` bytes, synced, and
+    /// a fresh journal holding only its header (an old journal is replaced).
+    fn create_data_and_journal(
+        dir: &Path,
+        size: u64,
+        id: [u8; 16],
+    ) -> Result<(File, Journal), BlockError> {
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(BlockError::io("create", &data_path))?;
+        data.set_len(size)
+            .map_err(BlockError::io("resize", &data_path))?;
+        data.sync_all()
+            .map_err(BlockError::io("sync", &data_path))?;
+        let jpath = dir.join(JOURNAL_FILE);
+        let _ = std::fs::remove_file(&jpath);
+        let journal =
+            Journal::create(&jpath, &Self::header_record(size, id)).map_err(|source| {
+                BlockError::Journal {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+        Ok((data, journal))
     }
 
     /// Opens a delta for reading and writing (recovering its journal).
@@ -359,9 +383,10 @@ impl Delta {
             })
             .collect();
         records.push(Record::new(RecordKind::Flush, st.durable_seq, 0, 0));
-        let mut header = Record::new(RecordKind::Header, 0, self.meta.size, 0);
-        header.aux = JOURNAL_VERSION;
-        header.tag = meta::unhex(&self.meta.uuid).unwrap_or_default();
+        let header = Self::header_record(
+            self.meta.size,
+            meta::unhex(&self.meta.uuid).unwrap_or_default(),
+        );
         st.journal = Journal::rewrite(&self.dir.join(JOURNAL_FILE), &header, &records).map_err(
             |source| BlockError::Journal {
                 path: self.dir.clone(),
@@ -615,26 +640,7 @@ impl Delta {
                 path: dir.to_path_buf(),
             });
         }
-        let data_path = dir.join(DATA_FILE);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&data_path)
-            .map_err(BlockError::io("create", &data_path))?;
-        data.set_len(size)
-            .map_err(BlockError::io("resize", &data_path))?;
-        data.sync_all()
-            .map_err(BlockError::io("sync", &data_path))?;
-        let mut header = Record::new(RecordKind::Header, 0, size, 0);
-        header.aux = JOURNAL_VERSION;
-        header.tag = id;
-        let journal = Journal::create(&dir.join(JOURNAL_FILE), &header).map_err(|source| {
-            BlockError::Journal {
-                path: dir.to_path_buf(),
-                source,
-            }
-        })?;
+        let (data, journal) = Self::create_data_and_journal(dir, size, id)?;
         crate::sys::sync_dir(dir).map_err(BlockError::io("sync", dir))?;
         let up = dir
             .parent()
