@@ -33,14 +33,7 @@ static u16 next_avail;
 static u64 base;
 static void wr(u64 off, u32 v) { mmio_write32(base + off, v); }
 
-static void fail(u64 step)
-{
-    serial_puts("virtio-blk: FAIL ");
-    serial_put_dec(step);
-    serial_putc('\n');
-    report(0xb10c0000ul + step);
-    poweroff();
-}
+static void fail(u64 step) { driver_fail("virtio-blk", 0xb10c0000ul, step); }
 
 /* Submits one request (header, optional 4 KiB data, status) and polls for its completion. */
 static u8 submit(u32 type, u64 sector, u8 *data, int device_writes)

@@ -19,6 +19,17 @@ struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event;
 /* Where one queue's three parts are. */
 struct vq_addrs { struct desc *desc; struct avail *avail; struct used *used; };
 
+/* Prints "<name>: FAIL <step>", reports `code + step` and powers off. */
+static inline __attribute__((noreturn)) void driver_fail(const char *name, u64 code, u64 step)
+{
+    serial_puts(name);
+    serial_puts(": FAIL ");
+    serial_put_dec(step);
+    serial_putc('\n');
+    report(code + step);
+    poweroff();
+}
+
 static inline u32 vmmio_rd(u64 base, u64 off) { return mmio_read32(base + off); }
 static inline void vmmio_wr(u64 base, u64 off, u32 v) { mmio_write32(base + off, v); }
 

@@ -46,14 +46,7 @@ static u32 fwd_cnt;
 static u32 rd(u64 off) { return mmio_read32(base + off); }
 static void wr(u64 off, u32 v) { mmio_write32(base + off, v); }
 
-static void fail(u64 step)
-{
-    serial_puts("virtio-vsock: FAIL ");
-    serial_put_dec(step);
-    serial_putc('\n');
-    report(0x50c0000ul + step);
-    poweroff();
-}
+static void fail(u64 step) { driver_fail("virtio-vsock", 0x50c0000ul, step); }
 
 static void post(int qi, u16 d, u64 addr, u32 len, u16 flags)
 {
