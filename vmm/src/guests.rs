@@ -78,20 +78,7 @@ pub fn vsock_connect(
     wait: Duration,
 ) -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::io::{BufRead, BufReader, Write};
-    let end = std::time::Instant::now() + wait;
-    // The socket file appears at bind(), a moment before listen(): retry refusals too.
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(uds) {
-            Ok(s) => break s,
-            Err(e) if std::time::Instant::now() >= end => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{}: {e}", uds.display()),
-                ));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let mut s = crate::handover::connect_retrying(uds, wait)?;
     s.set_read_timeout(Some(wait))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Byte by byte: nothing after the line may be consumed.

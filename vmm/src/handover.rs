@@ -108,6 +108,27 @@ impl VsockHandover {
     }
 }
 
+/// Connects to the Unix socket at `path`, retrying for up to `wait` while it is missing or not
+/// yet listening (its file appears at `bind`, a moment before `listen`).
+pub fn connect_retrying(
+    path: &std::path::Path,
+    wait: std::time::Duration,
+) -> std::io::Result<UnixStream> {
+    let end = std::time::Instant::now() + wait;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if std::time::Instant::now() >= end => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{}: {e}", path.display()),
+                ));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
 /// One `recvmsg` of a byte and up to `fds.len()` descriptors: (bytes, descriptors).
 fn recv_fds(
     sock: &UnixStream,

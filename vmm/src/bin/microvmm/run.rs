@@ -1,7 +1,7 @@
 //! `microvmm run`.
 
 use std::io::Read;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -91,16 +91,8 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 
 /// Connects to the saving process's handover socket, retrying until it listens.
 fn receive_handover(path: &std::path::Path) -> Result<VsockHandover, Box<dyn std::error::Error>> {
-    let end = Instant::now() + HANDOVER_WAIT;
-    let mut s = loop {
-        match UnixStream::connect(path) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= end => {
-                return Err(format!("no handover at {}: {e}", path.display()).into());
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let mut s = vmm::handover::connect_retrying(path, HANDOVER_WAIT)
+        .map_err(|e| format!("no handover at {}: {e}", path.display()))?;
     s.set_read_timeout(Some(HANDOVER_WAIT))?;
     Ok(VsockHandover::receive(&mut s)?)
 }
