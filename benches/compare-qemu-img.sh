@@ -18,7 +18,7 @@ patterns=("$@")
 ((${#patterns[@]})) || patterns=(random sequential)
 WORK=${WORK:-/var/tmp/microvmm-compare}
 TARGET=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p vmm --bin microvmm -p microvmm-benches --bin mkworkload
+cargo build --release -q -p microvmm --bin microvmm -p microvmm-benches --bin mkworkload
 BIN=$TARGET/release
 DIRTY_MB=$(echo "256 * 1048576 / 1000000" | bc -l)
 

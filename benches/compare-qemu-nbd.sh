@@ -27,7 +27,7 @@ done
 MIB=${1:-256}
 WORK=${WORK:-/var/tmp/microvmm-compare-nbd}
 TARGET=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p vmm --bin microvmm
+cargo build --release -q -p microvmm --bin microvmm
 BIN=$TARGET/release/microvmm
 SIZE_MIB=$((MIB * 4 > 1024 ? MIB * 4 : 1024))
 rm -rf "$WORK"
