@@ -61,7 +61,14 @@ struct WriteState {
     /// A freeze cut in memory ([`Delta::freeze_deferred`]) whose records (pending writes, FLUSH,
     /// FORK) are not in the journal yet; the next flush writes them.
     deferred: Option<Vec<Record>>,
+    /// Runs after the next flush made everything durable and before that flush returns
+    /// ([`Delta::set_flush_hook`]); dropped once it succeeded.
+    flush_hook: Option<FlushHook>,
 }
+
+/// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
+/// commit record, made durable after the data it covers).
+pub type FlushHook = Arc<dyn Fn() -> Result<(), BlockError> + Send + Sync>;
 
 /// A copy-on-write layer over a read-only parent. `Send + Sync`: share it with `Arc`.
 pub struct Delta {
@@ -335,6 +342,7 @@ impl Delta {
                 durable_seq: last,
                 frozen_seq,
                 deferred: None,
+                flush_hook: None,
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
@@ -526,11 +534,46 @@ impl Delta {
     /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
     /// record, then journal fdatasync. Returns the durable sequence number.
     pub fn flush(&self) -> Result<u64, BlockError> {
+        let (seq, hook) = {
+            let mut st = self.state();
+            let seq = self.flush_locked(&mut st)?;
+            (seq, st.flush_hook.clone())
+        };
+        if let Some(hook) = hook {
+            // Not under the state lock: the hook may wait for another thread that flushes
+            // this delta with [`Delta::flush_without_hook`].
+            hook()?;
+            let mut st = self.state();
+            if st
+                .flush_hook
+                .as_ref()
+                .is_some_and(|h| Arc::ptr_eq(h, &hook))
+            {
+                st.flush_hook = None;
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Like [`Delta::flush`], but does not run the flush hook: for the hook's owner, which
+    /// makes this delta durable before it lets the hook complete.
+    pub fn flush_without_hook(&self) -> Result<u64, BlockError> {
         let mut st = self.state();
         self.flush_locked(&mut st)
     }
 
+    /// Makes every later [`Delta::flush`] run `hook` after the delta's own records are durable
+    /// and before it returns, until the hook succeeds once: no flush is acknowledged before
+    /// that. A failing hook fails that flush; the next flush runs it again.
+    pub fn set_flush_hook(&self, hook: FlushHook) {
+        self.state().flush_hook = Some(hook);
+    }
+
     fn flush_locked(&self, st: &mut WriteState) -> Result<u64, BlockError> {
+        self.flush_records(st)
+    }
+
+    fn flush_records(&self, st: &mut WriteState) -> Result<u64, BlockError> {
         if let Some(commit) = &self.commit {
             // Nothing of a fork child may be durable before the fork itself is.
             commit.ensure()?;
@@ -699,6 +742,7 @@ impl Delta {
                 durable_seq: 0,
                 frozen_seq: None,
                 deferred: None,
+                flush_hook: None,
             }),
             index: RwLock::new(ExtentMap::new()),
             recovered_discarded: 0,

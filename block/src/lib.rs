@@ -19,7 +19,7 @@ pub mod nbd;
 mod sys;
 
 pub use base::{Base, sidecar_path};
-pub use delta::{DATA_FILE, Delta, DeltaMeta, JOURNAL_FILE, META_FILE, ParentRef};
+pub use delta::{DATA_FILE, Delta, DeltaMeta, FlushHook, JOURNAL_FILE, META_FILE, ParentRef};
 pub use error::BlockError;
 pub use extent::{BLOCK_SIZE, Extent, ExtentKind, ExtentMap, coalesce};
 pub use fork::{ForkCommit, PreparedFork, fork, prepare_fork};

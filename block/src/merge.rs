@@ -1031,6 +1031,24 @@ pub fn catch_up(
     upgrade: &Delta,
     opts: &MergeOptions,
 ) -> Result<MergeReport, MergeError> {
+    let report = catch_up_unflushed(out, active, since, upgrade, opts)?;
+    if !opts.dry_run {
+        out.flush()?;
+    }
+    Ok(report)
+}
+
+/// [`catch_up`] without the final flush of `out`: the writes are in `out` (readable at once)
+/// but become durable with `out`'s next flush. For a cutover, which must not wait for an
+/// fsync: the caller makes them durable later (e.g. the new VM's first flush, through
+/// [`Delta::set_flush_hook`] ordering).
+pub fn catch_up_unflushed(
+    out: &Delta,
+    active: &Delta,
+    since: u64,
+    upgrade: &Delta,
+    opts: &MergeOptions,
+) -> Result<MergeReport, MergeError> {
     check_parents(active, upgrade)?;
     if out.meta().parent.identity != active.meta().parent.identity {
         return Err(MergeError::OutputParent {
@@ -1075,7 +1093,6 @@ pub fn catch_up(
             }
         }
     }
-    out.flush()?;
     report.output = Some(out.path().to_path_buf());
     Ok(report)
 }

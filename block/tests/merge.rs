@@ -454,3 +454,62 @@ fn owner_wins_resolves_non_owner_writes_to_the_owner() {
     .unwrap_err();
     assert!(matches!(err, MergeError::Conflicts(_)));
 }
+
+#[test]
+fn unflushed_catch_up_is_readable_and_durable_only_after_a_flush() {
+    let c = setup(&[], &[]);
+    w(&c.a, 0, 2, 1);
+    let r = merge::merge(&c.a, &c.b, &c.out, &MergeOptions::default()).unwrap();
+    w(&c.a, 5, 1, 9);
+    c.a.flush().unwrap();
+    let out = Delta::open(&c.out).unwrap();
+    let durable = out.durable_seq();
+    let r2 = merge::catch_up_unflushed(&out, &c.a, r.active_seq, &c.b, &MergeOptions::default())
+        .unwrap();
+    assert_eq!(r2.bytes_to_write, BS);
+    assert_eq!(blocks_of(&out)[5], 9, "readable at once");
+    assert_eq!(out.durable_seq(), durable, "nothing flushed");
+    // Reopened without a flush, the catch-up is gone (it was never durable) ...
+    drop(out);
+    let out = Delta::open(&c.out).unwrap();
+    assert_eq!(blocks_of(&out)[5], base_byte(5));
+    // ... and after a flush it stays.
+    merge::catch_up_unflushed(&out, &c.a, r.active_seq, &c.b, &MergeOptions::default()).unwrap();
+    out.flush().unwrap();
+    drop(out);
+    assert_eq!(blocks_of(&Delta::open(&c.out).unwrap())[5], 9);
+}
+
+#[test]
+fn a_flush_hook_runs_after_the_records_and_gates_the_flush() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let c = setup(&[], &[]);
+    let calls = Arc::new(AtomicU32::new(0));
+    let (calls2, dir) = (calls.clone(), c.a.path().to_owned());
+    c.a.set_flush_hook(Arc::new(move || {
+        // The first call fails, the second succeeds.
+        if calls2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(block::BlockError::ReadOnly { path: dir.clone() });
+        }
+        Ok(())
+    }));
+    w(&c.a, 1, 1, 3);
+    // Without the hook: durable, the hook not run.
+    let seq = c.a.flush_without_hook().unwrap();
+    assert_eq!(c.a.durable_seq(), seq);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    w(&c.a, 2, 1, 4);
+    assert!(c.a.flush().is_err(), "a failing hook fails the flush");
+    assert_eq!(
+        c.a.durable_seq(),
+        c.a.last_seq(),
+        "the records were durable before the hook"
+    );
+    c.a.flush().unwrap();
+    c.a.flush().unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "run until it succeeded once"
+    );
+}

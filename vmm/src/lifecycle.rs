@@ -246,6 +246,39 @@ impl Machine {
         }
     }
 
+    /// Makes the running virtio-blk device of disk `index` serve `layer` from now on (same
+    /// size and writability), with its worker held off the queue, so no request is split
+    /// between the two; the machine's [`Machine::disks`] follow, so a later clone forks the
+    /// new layer. The machine must be paused (or booted, not started). Returns the layer it
+    /// served before.
+    pub fn replace_disk(
+        &mut self,
+        index: usize,
+        layer: Arc<Layer>,
+    ) -> Result<Arc<Layer>, MachineError> {
+        self.check_quiet()?;
+        let count = self.disks.len();
+        let disk = self
+            .disks
+            .get(index)
+            .ok_or(MachineError::NoSuchDisk { index, count })?;
+        let swapped = self.with_devices_held(|_, _| disk.slot.swap(layer.clone()));
+        if swapped.is_err() {
+            return Err(MachineError::DiskReplace {
+                index,
+                path: layer.path().to_owned(),
+            });
+        }
+        let old = std::mem::replace(&mut self.disks[index].layer, layer);
+        tracing::debug!(index, from = %old.path().display(), to = %self.disks[index].layer.path().display(), "disk replaced");
+        Ok(old)
+    }
+
+    /// The vsock device's host side (to move its connections and listener), if there is one.
+    pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
+        self.vsock.as_ref()
+    }
+
     /// The whole state (vCPUs, in-kernel devices, VMM devices) of a paused (or booted, not yet
     /// started) machine. Memory is not included: it is [`Machine::memory`].
     pub fn capture_state(&self) -> Result<MachineState, MachineError> {

@@ -182,6 +182,22 @@ pub enum MachineError {
     /// The guest did not stop in time.
     #[error("the guest is still running after {0:?}")]
     Timeout(Duration),
+    /// No attached disk has this index.
+    #[error("no disk {index} (the machine has {count})")]
+    NoSuchDisk {
+        /// Requested index.
+        index: usize,
+        /// Attached disks.
+        count: usize,
+    },
+    /// A replacement disk differs from the attached one in size or writability.
+    #[error("disk {index} cannot be replaced by {path}: it differs in size or writability")]
+    DiskReplace {
+        /// Disk index.
+        index: usize,
+        /// The replacement's path.
+        path: PathBuf,
+    },
     /// The command line is invalid.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::muxer::{Muxer, MuxerError, MuxerState};
+use self::muxer::{HostListener, Muxer, MuxerError, MuxerState};
 use self::packet::{HDR_LEN, Header, MAX_PAYLOAD, PacketError};
 use super::{
     ActivateError, Activation, GuestMemory, INT_VRING, Interrupt, SharedQueue, VIRTIO_F_VERSION_1,
@@ -45,34 +45,84 @@ pub struct Vsock {
     /// Connections to take over at the next activation (a handover from another process).
     imported: Option<(MuxerState, Vec<OwnedFd>)>,
     muxer: SharedMuxer,
+    wake: Arc<EventFd>,
     worker: Option<WorkerThread>,
 }
 
 /// A handle on a vsock device's host connections that the VMM keeps after handing the device
 /// to its transport: to move the connections to another process (a snapshot handover).
 #[derive(Debug, Clone)]
-pub struct VsockHandle(SharedMuxer);
+pub struct VsockHandle {
+    muxer: SharedMuxer,
+    /// Wakes the device's worker so that it polls moved connections and listeners at once.
+    wake: Arc<EventFd>,
+}
 
 impl VsockHandle {
     /// Takes every connection out of the active device, without resetting them (they are to
     /// continue elsewhere): their states and host sockets. Hold the device's queues (pause
     /// the VM and lock its transport) so that no packet is half-way. `None` if inactive.
     pub fn export(&self) -> Option<(MuxerState, Vec<OwnedFd>)> {
-        lock_muxer(&self.0).as_mut().map(Muxer::export)
+        lock_muxer(&self.muxer).as_mut().map(Muxer::export)
+    }
+
+    /// Like [`VsockHandle::export`], only the connections whose guest port is in
+    /// `guest_ports` (see [`Muxer::export_ports`]).
+    pub fn export_ports(&self, guest_ports: &[u32]) -> Option<(MuxerState, Vec<OwnedFd>)> {
+        lock_muxer(&self.muxer)
+            .as_mut()
+            .map(|m| m.export_ports(guest_ports))
     }
 
     /// Stops the active device's host listener (after a completed handover).
     pub fn stop_listening(&self) {
-        if let Some(m) = lock_muxer(&self.0).as_mut() {
+        if let Some(m) = lock_muxer(&self.muxer).as_mut() {
             m.stop_listening();
         }
     }
 
     /// Gives connections to the active device (e.g. back, after a handover that failed).
     pub fn import(&self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
-        match lock_muxer(&self.0).as_mut() {
+        let r = match lock_muxer(&self.muxer).as_mut() {
             Some(m) => m.import(state, fds),
             None => Err(MuxerError::BadHandover("the device is not active".into())),
+        };
+        self.wake();
+        r
+    }
+
+    /// Takes the active device's host listener out (see [`Muxer::take_listener`]); `None` if
+    /// the device is inactive or has none.
+    pub fn take_listener(&self) -> Option<HostListener> {
+        lock_muxer(&self.muxer)
+            .as_mut()
+            .and_then(Muxer::take_listener)
+    }
+
+    /// Makes the active device answer on `listener` (see [`Muxer::adopt_listener`]). Gives it
+    /// back if the device is inactive.
+    pub fn adopt_listener(&self, listener: HostListener) -> Result<(), HostListener> {
+        let r = match lock_muxer(&self.muxer).as_mut() {
+            Some(m) => {
+                m.adopt_listener(listener);
+                Ok(())
+            }
+            None => Err(listener),
+        };
+        self.wake();
+        r
+    }
+
+    /// Number of live connections of the active device (0 if inactive).
+    pub fn connection_count(&self) -> usize {
+        lock_muxer(&self.muxer)
+            .as_ref()
+            .map_or(0, Muxer::connection_count)
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::warn!("cannot wake the vsock worker: {e}");
         }
     }
 }
@@ -92,6 +142,9 @@ pub enum VsockError {
     /// CIDs 0..=2 are reserved (hypervisor, local, host).
     #[error("guest CID {0} is reserved; use 3 or above")]
     ReservedCid(u64),
+    /// The worker's wake-up eventfd could not be created.
+    #[error("cannot create the vsock worker's eventfd")]
+    Wake(#[source] std::io::Error),
 }
 
 impl Vsock {
@@ -106,13 +159,19 @@ impl Vsock {
             reset_event: false,
             imported: None,
             muxer: Arc::default(),
+            wake: Arc::new(
+                EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(VsockError::Wake)?,
+            ),
             worker: None,
         })
     }
 
     /// A handle on this device's connections.
     pub fn handle(&self) -> VsockHandle {
-        VsockHandle(Arc::clone(&self.muxer))
+        VsockHandle {
+            muxer: Arc::clone(&self.muxer),
+            wake: Arc::clone(&self.wake),
+        }
     }
 
     /// Makes the next activation take over these connections (exported by another device,
@@ -190,6 +249,7 @@ impl VirtioDevice for Vsock {
             events: a.queue_events,
             interrupt: a.interrupt,
             muxer: Arc::clone(&self.muxer),
+            wake: Arc::clone(&self.wake),
             rx_starved: false,
             reset_pending: std::mem::take(&mut self.reset_event),
             kick,
@@ -238,6 +298,8 @@ struct Worker {
     events: Vec<EventFd>,
     interrupt: Interrupt,
     muxer: SharedMuxer,
+    /// Written when connections or a listener were moved in from elsewhere.
+    wake: Arc<EventFd>,
     /// The guest gave no RX buffers last time we had something for it.
     rx_starved: bool,
     /// A transport-reset event is still to be posted.
@@ -258,7 +320,7 @@ impl Worker {
                 Ok(false) => {}
                 Err(()) => return self.interrupt.set_needs_reset(),
             }
-            let mut fds: Vec<libc::pollfd> = [kill.as_raw_fd()]
+            let mut fds: Vec<libc::pollfd> = [kill.as_raw_fd(), self.wake.as_raw_fd()]
                 .into_iter()
                 .chain(self.events.iter().map(AsRawFd::as_raw_fd))
                 .map(|fd| libc::pollfd {
@@ -284,7 +346,9 @@ impl Worker {
             if fds[0].revents != 0 {
                 return;
             }
-            for ev in &self.events {
+            // Reading a non-blocking eventfd only fails when it was not written (EAGAIN):
+            // nothing to clear then.
+            for ev in self.events.iter().chain(std::iter::once(&*self.wake)) {
                 let _ = ev.read();
             }
             let mut notify = false;

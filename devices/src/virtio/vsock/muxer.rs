@@ -207,6 +207,23 @@ pub struct MuxerState {
     pub next_host_port: u32,
 }
 
+/// A vsock device's host listener in transit between two devices of one process
+/// ([`Muxer::take_listener`], [`Muxer::adopt_listener`]).
+#[derive(Debug)]
+pub struct HostListener {
+    listener: UnixListener,
+    path: PathBuf,
+    socket_id: Option<(u64, u64)>,
+    pending: Vec<(UnixStream, Vec<u8>)>,
+}
+
+impl HostListener {
+    /// The socket path it listens on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The vsock host side: a listener for host-initiated connections and the live connections.
 #[derive(Debug)]
 pub struct Muxer {
@@ -303,6 +320,66 @@ impl Muxer {
         (state, fds)
     }
 
+    /// Like [`Muxer::export`], but only the connections whose guest-side port is in
+    /// `guest_ports` (and the undelivered control packets addressed to those ports): the
+    /// connections of one guest service, moved to another VM while the others stay.
+    pub fn export_ports(&mut self, guest_ports: &[u32]) -> (MuxerState, Vec<OwnedFd>) {
+        let keys: Vec<Key> = self
+            .conns
+            .keys()
+            .filter(|k| guest_ports.contains(&k.1))
+            .copied()
+            .collect();
+        let mut rest = std::mem::take(&mut self.conns);
+        for k in &keys {
+            if let Some(c) = rest.remove(k) {
+                self.conns.insert(*k, c);
+            }
+        }
+        let (keep, moved): (VecDeque<Header>, VecDeque<Header>) = self
+            .control
+            .drain(..)
+            .partition(|h| !guest_ports.contains(&h.dst_port));
+        self.control = moved;
+        let (state, fds) = self.export();
+        self.conns = rest;
+        self.control = keep;
+        (state, fds)
+    }
+
+    /// Takes the host listener out (with host connections still sending their `CONNECT`
+    /// line), so that another in-process device answers on this socket path from now on.
+    /// `None` if it was already taken or stopped.
+    pub fn take_listener(&mut self) -> Option<HostListener> {
+        let listener = self.listener.take()?;
+        Some(HostListener {
+            listener,
+            path: self.uds_path.clone(),
+            socket_id: self.socket_id.take(),
+            pending: std::mem::take(&mut self.pending_host),
+        })
+    }
+
+    /// Answers on another device's listener (from [`Muxer::take_listener`]) from now on:
+    /// host connections to its path reach this device's guest, and guest connections to port
+    /// P go to `<its path>_<P>`. This device's own listener is closed and its socket file
+    /// removed (if still ours); returns nothing to undo: give the listener back with
+    /// [`Muxer::take_listener`] on this device and `adopt_listener` on the other.
+    pub fn adopt_listener(&mut self, l: HostListener) {
+        self.listener = None;
+        self.pending_host.clear();
+        self.unlink_socket();
+        self.listener = Some(l.listener);
+        self.uds_path = l.path;
+        self.socket_id = l.socket_id;
+        self.pending_host = l.pending;
+    }
+
+    /// The path of the host socket this device answers on.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
     /// Takes over connections exported by [`Muxer::export`] (possibly in another process):
     /// `fds` are their host sockets, in order. Checked before anything changes.
     pub fn import(&mut self, state: MuxerState, fds: Vec<OwnedFd>) -> Result<(), MuxerError> {
@@ -327,6 +404,11 @@ impl Muxer {
             .iter()
             .filter_map(|h| <[u8; super::packet::HDR_LEN]>::try_from(h.as_slice()).ok())
             .map(|b| Header::decode(&b))
+            // Addressed to this guest (a clone's CID differs from its source's).
+            .map(|h| Header {
+                dst_cid: self.guest_cid,
+                ..h
+            })
             .collect();
         let mut streams = Vec::with_capacity(fds.len());
         for fd in fds {
@@ -770,6 +852,79 @@ mod tests {
             b.import(dup, vec![OwnedFd::from(UnixStream::pair().unwrap().0)]),
             Err(MuxerError::BadHandover(_))
         ));
+    }
+
+    /// Host-initiated connection to guest `port` through `path`; the muxer sees its REQUEST
+    /// and the guest answers RESPONSE. Returns the host stream and the connection's host port.
+    fn host_connect(m: &mut Muxer, path: &Path, port: u32) -> (UnixStream, u32) {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        for _ in 0..2000 {
+            m.service_host();
+            if let Some((h, _)) = m.next_rx(MAX_PAYLOAD) {
+                assert_eq!((h.op, h.dst_port), (OP_REQUEST, port));
+                let mut r = guest_packet(OP_RESPONSE, h.src_port, port, 0, 0);
+                r.src_port = port;
+                r.dst_port = h.src_port;
+                m.handle_guest_packet(&r, &[]);
+                m.service_host();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut line = [0u8; 3];
+                s.read_exact(&mut line).unwrap();
+                assert_eq!(&line, b"OK ");
+                let mut rest = Vec::new();
+                let mut b = [0u8; 1];
+                while b[0] != b'\n' {
+                    s.read_exact(&mut b).unwrap();
+                    rest.push(b[0]);
+                }
+                return (s, h.src_port);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no REQUEST for the guest");
+    }
+
+    #[test]
+    fn one_service_moves_to_another_muxer_with_the_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_path, b_path) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+        let mut a = Muxer::new(CID, &a_path).unwrap();
+        let mut b = Muxer::new(CID + 1, &b_path).unwrap();
+        let (mut svc, svc_port) = host_connect(&mut a, &a_path, 5000);
+        let (_agent, _) = host_connect(&mut a, &a_path, 1100);
+        assert_eq!(a.connection_count(), 2);
+        // A control packet for each port is pending; only the service's moves.
+        a.send_control((svc_port, 5000), OP_CREDIT_REQUEST, 0);
+        let (state, fds) = a.export_ports(&[5000]);
+        assert_eq!(state.conns.len(), 1);
+        assert_eq!(state.conns[0].guest_port, 5000);
+        assert_eq!(state.control.len(), 1);
+        assert_eq!(a.connection_count(), 1, "the agent connection stays");
+        let l = a.take_listener().unwrap();
+        assert_eq!(l.path(), a_path.as_path());
+        assert!(a.take_listener().is_none());
+        b.import(state, fds).unwrap();
+        b.adopt_listener(l);
+        assert!(!b_path.exists(), "b's own socket file is gone");
+        assert_eq!(b.uds_path(), a_path.as_path());
+        // The moved connection continues on b (its control packet first).
+        let (h, _) = b.next_rx(MAX_PAYLOAD).unwrap();
+        assert_eq!((h.op, h.dst_cid), (OP_CREDIT_REQUEST, CID + 1));
+        svc.write_all(b"req").unwrap();
+        let (h, p) = next_data(&mut b);
+        assert_eq!(
+            (h.src_port, h.dst_port, p.as_slice()),
+            (svc_port, 5000, &b"req"[..])
+        );
+        // New host connections to a's path now reach b's guest.
+        let (_new, _) = host_connect(&mut b, &a_path, 5000);
+        assert_eq!(b.connection_count(), 2);
+        // a no longer owns the socket file: dropping it leaves the file to b.
+        drop(a);
+        assert!(a_path.exists());
+        drop(b);
+        assert!(!a_path.exists());
     }
 
     #[test]
