@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod disk;
 mod run;
+mod upgrade;
 
 /// A KVM hypervisor with live guest-OS upgrade.
 #[derive(Debug, Parser)]
@@ -22,6 +23,8 @@ enum Command {
     /// Create, fork, inspect and merge copy-on-write disks.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Upgrade a running guest's OS live (without arguments: the embedded demo).
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => run::main(args),
         Command::Disk(cmd) => disk::main(cmd),
+        Command::Upgrade(args) => upgrade::main(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,117 @@
+//! `microvmm upgrade`: the live guest-OS upgrade. Without arguments, the embedded demo (the
+//! `service` test guest upgraded while a client keeps sending requests); with `--recover DIR`,
+//! the recovery of an upgrade whose process ended.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use ::upgrade::{Event, UpgradeOptions};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Options of `microvmm upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Print the report as JSON instead of the timeline table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the demo's files in this directory (default: a temporary directory, removed).
+    #[arg(long, conflicts_with = "recover")]
+    dir: Option<PathBuf>,
+    /// Recover the upgrade whose work directory is DIR after its process ended: print the disk
+    /// chain the VM boots from, remove the other side's layers.
+    #[arg(long, value_name = "DIR")]
+    recover: Option<PathBuf>,
+}
+
+/// A progress bar on stderr when it is a terminal.
+fn progress() -> Option<(ProgressBar, ::upgrade::EventFn)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:<16} [{bar:30}] {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let b = bar.clone();
+    let f: ::upgrade::EventFn = Arc::new(move |e: &Event| match *e {
+        Event::Phase(p) => {
+            b.set_message(p.name());
+            b.set_length(0);
+            b.set_position(0);
+        }
+        Event::MergeProgress { done, total, .. } => {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    });
+    Some((bar, f))
+}
+
+/// Runs `microvmm upgrade`.
+pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let Some(dir) = args.recover {
+        return match ::upgrade::recover(&dir)? {
+            None => {
+                println!("{}: no unfinished upgrade", dir.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(r) => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!(
+                        "upgrade {} (last phase: {}); the VM's disks:",
+                        if r.committed {
+                            "committed"
+                        } else {
+                            "not committed: rolled back"
+                        },
+                        r.last_phase.map_or("none", ::upgrade::Phase::name)
+                    );
+                    for d in &r.disks {
+                        println!("  {}", d.display());
+                    }
+                    for d in &r.removed {
+                        println!("removed {}", d.display());
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        };
+    }
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("microvmm-demo").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let bar = progress();
+    let outcome = ::upgrade::demo::run(&dir, |_, opts: &mut UpgradeOptions| {
+        opts.on_event = bar.as_ref().map(|(_, f)| f.clone());
+    });
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    let outcome = outcome?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print!("{}", outcome.report.table());
+        println!("{}", outcome.client.line());
+        println!(
+            "disk: OS version {}, {} log records, every acknowledged request once and in order",
+            outcome.os_version, outcome.log_records
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,74 @@
+//! How the orchestrator drives the guests: one small trait ([`GuestAgent`]) per connection
+//! to a guest's agent, made by an [`AgentConnector`]. The orchestrator knows nothing else about
+//! what runs in the guests; [`crate::service_agent`] implements it for the `service` test guest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which VM an agent connection talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The VM serving now.
+    Active,
+    /// The clone being upgraded.
+    Backup,
+}
+
+/// Where a guest agent listens: the VM's vsock host socket and the guest port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    /// The VM.
+    pub role: Role,
+    /// The vsock device's host-side Unix socket.
+    pub uds: PathBuf,
+    /// The agent's guest port.
+    pub port: u32,
+    /// Longest wait for one answer.
+    pub timeout: Duration,
+}
+
+/// Errors of a guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent did not answer in time.
+    #[error("guest agent timed out: {0}")]
+    Timeout(String),
+    /// The agent refused the request or the operation failed in the guest.
+    #[error("guest agent refused: {0}")]
+    Refused(String),
+    /// The connection failed.
+    #[error("guest agent connection failed: {0}")]
+    Connection(String),
+}
+
+/// A checkpointed workload, opaque to the orchestrator (the agent's own format).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadImage {
+    /// The image bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One connection to a guest's agent.
+pub trait GuestAgent: Send {
+    /// Runs a command in the guest; its exit code.
+    fn exec(&mut self, argv: &[String], timeout: Duration) -> Result<i32, AgentError>;
+    /// Stops the workload from changing its state (serving, writing its files); its
+    /// connections' incoming bytes are kept.
+    fn freeze(&mut self) -> Result<(), AgentError>;
+    /// Checkpoints the frozen workload.
+    fn checkpoint(&mut self) -> Result<WorkloadImage, AgentError>;
+    /// Restores a checkpointed workload in this guest.
+    fn restore(&mut self, image: &WorkloadImage) -> Result<(), AgentError>;
+    /// Gives the workload up for good (the old copy, after the commit).
+    fn release(&mut self) -> Result<(), AgentError>;
+    /// Undoes a freeze or checkpoint: the workload runs again here.
+    fn rollback(&mut self) -> Result<(), AgentError>;
+    /// A one-line status, for logs and checks.
+    fn status(&mut self) -> Result<String, AgentError>;
+}
+
+/// Makes agent connections.
+pub trait AgentConnector: Send + Sync {
+    /// Connects to the agent at `endpoint` and checks that it answers.
+    fn connect(&self, endpoint: &AgentEndpoint) -> Result<Box<dyn GuestAgent>, AgentError>;
+}

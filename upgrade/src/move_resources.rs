@@ -1,0 +1,77 @@
+//! Step 6: move the resources the process holds on the VMM side: the service's vsock
+//! connections (their states and host sockets, nothing reset) and the host listener, so a
+//! client's connection continues on the backup and new clients reach it. (Open files travel in
+//! the workload image; TCP connections through virtio-net move with the guest's network.)
+
+use vmm::Machine;
+
+use crate::StepError;
+use crate::phase::Phase;
+use crate::session::{Resources, ResourcesAt, Session};
+
+/// Takes the service's connections and the listener off `vm`'s vsock device.
+pub(crate) fn take(vm: &Machine, ports: &[u32]) -> Result<Resources, StepError> {
+    let h = vm
+        .vsock()
+        .ok_or_else(|| StepError::Resources("the VM has no active vsock device".into()))?;
+    Ok(Resources {
+        conns: h.export_ports(ports),
+        listener: h.take_listener(),
+    })
+}
+
+/// Gives resources to `vm`'s vsock device; on failure they stay in `res` (what was given stays
+/// given).
+pub(crate) fn give(vm: &Machine, res: &mut Resources) -> Result<(), StepError> {
+    let h = vm
+        .vsock()
+        .ok_or_else(|| StepError::Resources("the VM has no active vsock device".into()))?;
+    if let Some((state, fds)) = res.conns.take() {
+        h.import(state, fds)
+            .map_err(|e| StepError::Resources(format!("cannot import connections: {e}")))?;
+    }
+    if let Some(l) = res.listener.take()
+        && let Err(l) = h.adopt_listener(l)
+    {
+        res.listener = Some(l);
+        return Err(StepError::Resources(
+            "the vsock device is not active".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// At the freeze: the resources leave the active VM.
+pub(crate) fn detach(s: &mut Session<'_>, active: &Machine) -> Result<(), StepError> {
+    if s.plan.workload.vsock_ports.is_empty() {
+        return Ok(());
+    }
+    s.resources = take(active, &s.plan.workload.vsock_ports)?;
+    s.resources_at = ResourcesAt::InTransit;
+    Ok(())
+}
+
+/// Step 6 proper: with the backup paused, its devices take the resources; the cutover limit is
+/// checked last (exceeded: roll back, before the commit point).
+pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
+    s.enter(Phase::MoveResources)?;
+    s.backup()?.pause()?;
+    if s.resources_at == ResourcesAt::InTransit {
+        let mut res = std::mem::take(&mut s.resources);
+        let r = match s.backup.as_ref() {
+            Some(b) => give(b, &mut res),
+            None => Err(StepError::Internal("no backup VM".into())),
+        };
+        s.resources = res;
+        r?;
+        s.resources_at = ResourcesAt::Backup;
+    }
+    if let Some(start) = s.cutover_start {
+        let elapsed = start.elapsed();
+        let limit = std::time::Duration::from_millis(s.plan.limits.max_cutover_ms);
+        if elapsed > limit {
+            return Err(StepError::CutoverLimit { elapsed, limit });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The state one upgrade carries from phase to phase, and what rollback needs to know.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use block::Layer;
+use block::merge::Policy;
+use devices::virtio::vsock::muxer::{HostListener, MuxerState};
+use vmm::Machine;
+
+use crate::agent::{GuestAgent, WorkloadImage};
+use crate::journal::{Journal, Record};
+use crate::phase::Phase;
+use crate::plan::UpgradePlan;
+use crate::report::{PhaseTiming, UpgradeReport};
+use crate::{Event, StepError, UpgradeOptions};
+
+/// One disk's layers during the upgrade.
+pub(crate) struct DiskSet {
+    pub(crate) original: PathBuf,
+    pub(crate) active_dir: PathBuf,
+    pub(crate) backup_dir: PathBuf,
+    pub(crate) merged_dir: PathBuf,
+    pub(crate) policy: Policy,
+    /// The active VM's fork child (after the clone).
+    pub(crate) active: Option<Arc<Layer>>,
+    /// The backup's fork child.
+    pub(crate) backup: Option<Arc<Layer>>,
+    /// The merge output.
+    pub(crate) merged: Option<Arc<Layer>>,
+    /// The active delta's sequence number up to which the output has its writes.
+    pub(crate) since: u64,
+}
+
+/// The service's VMM resources taken off a VM's devices, in transit.
+#[derive(Default)]
+pub(crate) struct Resources {
+    pub(crate) conns: Option<(MuxerState, Vec<OwnedFd>)>,
+    pub(crate) listener: Option<HostListener>,
+}
+
+/// Where the service's resources are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ResourcesAt {
+    Active,
+    InTransit,
+    Backup,
+}
+
+/// Holds the backup's first disk flush until the commit record is durable.
+#[derive(Default)]
+pub(crate) struct CommitGate {
+    state: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+impl CommitGate {
+    pub(crate) fn open(&self, r: Result<(), String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+
+    /// Waits (at most `limit`) for the commit; its result.
+    pub(crate) fn wait(&self, limit: Duration) -> Result<(), String> {
+        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, limit, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+            .unwrap_or_else(|| Err(format!("the upgrade did not commit within {limit:?}")))
+    }
+}
+
+pub(crate) struct Session<'a> {
+    pub(crate) plan: &'a UpgradePlan,
+    pub(crate) opts: &'a UpgradeOptions,
+    pub(crate) work: PathBuf,
+    pub(crate) journal: Journal,
+    pub(crate) report: UpgradeReport,
+    pub(crate) disks: Vec<DiskSet>,
+    pub(crate) backup: Option<Machine>,
+    pub(crate) active_agent: Option<Box<dyn GuestAgent>>,
+    pub(crate) backup_agent: Option<Box<dyn GuestAgent>>,
+    /// The active VM's workload is frozen (or checkpointed).
+    pub(crate) frozen: bool,
+    pub(crate) resources: Resources,
+    pub(crate) resources_at: ResourcesAt,
+    pub(crate) image: Option<WorkloadImage>,
+    pub(crate) cutover_start: Option<Instant>,
+    pub(crate) gate: Arc<CommitGate>,
+    pub(crate) phase: Phase,
+    pub(crate) phase_start: Instant,
+    pub(crate) start: Instant,
+}
+
+impl Session<'_> {
+    /// Records the transition to `phase` (durably, before acting on it) and closes the
+    /// previous phase's timing.
+    pub(crate) fn enter(&mut self, phase: Phase) -> Result<(), StepError> {
+        self.close_phase();
+        self.journal
+            .append(&Record::Phase { phase })
+            .map_err(StepError::Journal)?;
+        self.phase = phase;
+        self.phase_start = Instant::now();
+        tracing::info!(phase = phase.name(), "upgrade phase");
+        self.event(Event::Phase(phase));
+        self.fault(phase)
+    }
+
+    pub(crate) fn close_phase(&mut self) {
+        if let Some(last) = self.report.phases.last_mut()
+            && last.phase == self.phase
+        {
+            last.duration = self.phase_start.elapsed();
+            return;
+        }
+        self.report.phases.push(PhaseTiming {
+            phase: self.phase,
+            duration: self.phase_start.elapsed(),
+            pages: 0,
+            bytes: 0,
+            conflicts: 0,
+        });
+    }
+
+    /// The current phase's timing entry (created on first use).
+    pub(crate) fn timing(&mut self) -> &mut PhaseTiming {
+        if self
+            .report
+            .phases
+            .last()
+            .is_none_or(|p| p.phase != self.phase)
+        {
+            self.report.phases.push(PhaseTiming {
+                phase: self.phase,
+                duration: Duration::ZERO,
+                pages: 0,
+                bytes: 0,
+                conflicts: 0,
+            });
+        }
+        let last = self.report.phases.len() - 1;
+        &mut self.report.phases[last]
+    }
+
+    pub(crate) fn event(&self, e: Event) {
+        if let Some(f) = &self.opts.on_event {
+            f(&e);
+        }
+    }
+
+    /// A failure injected at the start of `phase` (for tests and drills).
+    pub(crate) fn fault(&self, phase: Phase) -> Result<(), StepError> {
+        if self.opts.fail_at == Some(phase) {
+            return Err(StepError::Injected(phase));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn backup(&mut self) -> Result<&mut Machine, StepError> {
+        self.backup
+            .as_mut()
+            .ok_or_else(|| StepError::Internal("no backup VM".into()))
+    }
+
+    pub(crate) fn active_agent(&mut self) -> Result<&mut Box<dyn GuestAgent>, StepError> {
+        self.active_agent
+            .as_mut()
+            .ok_or_else(|| StepError::Internal("no active agent".into()))
+    }
+
+    pub(crate) fn backup_agent(&mut self) -> Result<&mut Box<dyn GuestAgent>, StepError> {
+        self.backup_agent
+            .as_mut()
+            .ok_or_else(|| StepError::Internal("no backup agent".into()))
+    }
+}
