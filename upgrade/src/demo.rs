@@ -25,7 +25,7 @@ pub enum DemoError {
     Setup(String),
     /// The upgrade failed.
     #[error(transparent)]
-    Upgrade(#[from] UpgradeError),
+    Upgrade(#[from] Box<UpgradeError>),
     /// The client saw an error.
     #[error("client: {0}")]
     Client(String),
@@ -59,6 +59,11 @@ pub struct ClientStats {
     pub out_of_order: u64,
     /// The first error, if any.
     pub first_error: Option<String>,
+    /// The upgrade phase during which the longest gap ended (`before`/`after` the upgrade).
+    pub gap_phase: Option<String>,
+    /// When the longest gap ended.
+    #[serde(skip)]
+    pub gap_end: Option<Instant>,
 }
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -69,8 +74,11 @@ impl ClientStats {
     /// The line the demo prints.
     pub fn line(&self) -> String {
         format!(
-            "client gap: {:.2} ms (longest time between two replies), {} requests, {} errors, {} out of order",
+            "client gap: {:.2} ms (longest time between two replies{}), {} requests, {} errors, {} out of order",
             self.gap.as_secs_f64() * 1e3,
+            self.gap_phase
+                .as_ref()
+                .map_or(String::new(), |p| format!(", ending in phase {p}")),
             self.requests,
             self.errors,
             self.out_of_order
@@ -108,7 +116,10 @@ impl Client {
                     match c.request(value) {
                         Ok(r) => {
                             let now = Instant::now();
-                            st.gap = st.gap.max(now - last);
+                            if now - last > st.gap {
+                                st.gap = now - last;
+                                st.gap_end = Some(now);
+                            }
                             last = now;
                             st.requests += 1;
                             if r.seq != expect_seq {
@@ -279,12 +290,37 @@ pub fn run(
     let mut plan = plan(&dir.join("upgrade"));
     let mut opts = UpgradeOptions::new(Arc::new(ServiceConnector));
     tune(&mut plan, &mut opts);
+    // Note when each phase starts, to tell where the client's longest gap was.
+    let phases: Arc<Mutex<Vec<(Instant, crate::Phase)>>> = Arc::default();
+    let (user, seen) = (opts.on_event.clone(), phases.clone());
+    opts.on_event = Some(Arc::new(move |e: &crate::Event| {
+        if let crate::Event::Phase(p) = e {
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((Instant::now(), *p));
+        }
+        if let Some(f) = &user {
+            f(e);
+        }
+    }));
     let upgraded = crate::run(&mut vm.machine, &plan, &opts);
     // Keep serving a little after the upgrade (or the rollback).
     let n = client.answered();
     client.wait_for(n + 50, Duration::from_secs(10));
-    let (stats, acked) = client.finish();
-    let report = upgraded?;
+    let (mut stats, acked) = client.finish();
+    if let Some(end) = stats.gap_end {
+        let phases = phases.lock().unwrap_or_else(|p| p.into_inner());
+        stats.gap_phase = Some(
+            phases
+                .iter()
+                .rev()
+                .find(|(t, _)| *t <= end)
+                .map_or("before the upgrade".to_string(), |(_, p)| {
+                    p.name().to_string()
+                }),
+        );
+    }
+    let report = upgraded.map_err(Box::new)?;
     let state = finish(&mut vm.machine)?;
     if stats.errors > 0 || stats.out_of_order > 0 {
         return Err(DemoError::Client(format!(

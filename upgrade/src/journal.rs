@@ -219,10 +219,19 @@ pub struct Recovery {
     pub removed: Vec<PathBuf>,
 }
 
+/// Removes a layer directory (or whatever file is in its place); true if something was there.
+pub(crate) fn remove_path(p: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).map(|()| true),
+        Ok(_) => std::fs::remove_file(p).map(|()| true),
+    }
+}
+
 fn remove_layer(path: &Path, removed: &mut Vec<PathBuf>) -> Result<(), JournalError> {
     for p in [path.to_owned(), staging(path)] {
-        if std::fs::symlink_metadata(&p).is_ok() {
-            std::fs::remove_dir_all(&p).map_err(io("remove", &p))?;
+        if remove_path(&p).map_err(io("remove", &p))? {
             removed.push(p);
         }
     }

@@ -194,7 +194,7 @@ pub enum UpgradeError {
         rolled_back: bool,
         /// What went wrong.
         #[source]
-        cause: StepError,
+        cause: Box<StepError>,
         /// Rollback steps that failed.
         rollback_errors: Vec<String>,
     },
@@ -317,7 +317,7 @@ pub fn run(
             return Err(UpgradeError::Failed {
                 phase,
                 rolled_back: true,
-                cause,
+                cause: Box::new(cause),
                 rollback_errors,
             });
         }
@@ -328,7 +328,7 @@ pub fn run(
         return Err(UpgradeError::Failed {
             phase: s.phase,
             rolled_back: false,
-            cause,
+            cause: Box::new(cause),
             rollback_errors: Vec::new(),
         });
     }

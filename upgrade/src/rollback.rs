@@ -38,10 +38,10 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Vec<String> {
         }
     }
     // The backup goes away first, so the restored copy can never serve.
-    if let Some(mut b) = s.backup.take() {
-        if let Err(e) = b.stop() {
-            note("stopping the backup", &e);
-        }
+    if let Some(mut b) = s.backup.take()
+        && let Err(e) = b.stop()
+    {
+        note("stopping the backup", &e);
     }
     s.backup_agent = None;
     if s.frozen
@@ -58,9 +58,7 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Vec<String> {
         let mut staging = d.merged_dir.as_os_str().to_owned();
         staging.push(".merging");
         for p in [d.backup_dir.clone(), d.merged_dir.clone(), staging.into()] {
-            if std::fs::symlink_metadata(&p).is_ok()
-                && let Err(e) = std::fs::remove_dir_all(&p)
-            {
+            if let Err(e) = crate::journal::remove_path(&p) {
                 note(&format!("removing {}", p.display()), &e);
             }
         }

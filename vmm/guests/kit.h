@@ -30,5 +30,9 @@ static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+/* Idle hint (port 0x518, `vmm::vcpu::IDLE_PORT`): nothing to do right now; the vCPU thread
+ * gives its host CPU away for a moment (CPL3 cannot `hlt`). Use in polling loops that found
+ * no work, so that idle guests do not take a host CPU each. */
+static inline void idle(void) { outb(0x518, 0); }
 
 #endif

@@ -24,6 +24,12 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 use crate::memory::GuestMemoryMmap;
 use crate::regs::{self, BootEntry, RegsError};
 
+/// Port whose writes are an idle hint: the guest waits for work (the test-guest kit's guests
+/// run at CPL3, where `hlt` faults, and would otherwise spin on a host CPU).
+pub const IDLE_PORT: u16 = 0x518;
+/// How long a vCPU thread sleeps on an idle hint (the timer slack adds ~50 us).
+const IDLE_SLEEP: std::time::Duration = std::time::Duration::from_micros(20);
+
 /// Errors of a vCPU: setup failures and the guest events that end a VM with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -398,6 +404,12 @@ impl Vcpu {
                         data.fill(0xff);
                     }
                     After::Done(RunOutcome::Continue)
+                }
+                VcpuExit::IoOut(IDLE_PORT, _) => {
+                    // The guest has nothing to do (a CPL3 test guest cannot `hlt`): give the
+                    // host CPU to other threads for a moment, as a halted vCPU would.
+                    std::thread::sleep(IDLE_SLEEP);
+                    After::CheckPower
                 }
                 VcpuExit::IoOut(port, data) => {
                     if !self.io.pio.write(u64::from(port), data) {

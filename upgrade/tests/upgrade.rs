@@ -1,0 +1,549 @@
+//! The live upgrade of the `service` test guest: the demo end to end, a failure injected in
+//! each phase before the commit point (rolled back, nothing lost, nothing left), real failures
+//! (commands, conflicts, merge I/O, checkpoint, restore, cutover limit), and the orchestrating
+//! process killed at random moments (recovery finds one consistent disk chain).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use upgrade::agent::{AgentConnector, AgentEndpoint, AgentError, GuestAgent, Role, WorkloadImage};
+use upgrade::demo::{self, Client};
+use upgrade::journal::{self, Record};
+use upgrade::plan::{MergePolicy, Owner, UpgradePlan};
+use upgrade::service_agent::ServiceConnector;
+use upgrade::service_guest::{self, ServiceClient};
+use upgrade::{Phase, UpgradeError, UpgradeOptions};
+
+/// The tests count the process's threads and fds: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// What the process's fds point at and its threads' names, for a failing comparison.
+fn resources() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    std::fs::read_link(e.path()).map_or("?".into(), |p| p.display().to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.extend(
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        std::fs::read_to_string(e.path().join("comm"))
+                            .map_or("?".into(), |c| format!("thread {}", c.trim()))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    );
+    v.sort();
+    v
+}
+
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = walk(dir);
+    v.sort();
+    v
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn demo_upgrades_the_service_guest_while_its_client_keeps_getting_answers() {
+    if !vmm::guests::kvm_or_skip("demo_upgrades_the_service_guest") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let o = demo::run(dir.path(), |_, _| {}).unwrap();
+    println!("{}{}", o.report.table(), o.client.line());
+    let phases: Vec<Phase> = o.report.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Prepare,
+            Phase::Clone,
+            Phase::UpgradeBackup,
+            Phase::Merge,
+            Phase::Freeze,
+            Phase::Checkpoint,
+            Phase::PauseBackup,
+            Phase::MoveProcess,
+            Phase::MoveResources,
+            Phase::Resume,
+            Phase::Commit,
+            Phase::Done
+        ]
+    );
+    assert_eq!(o.os_version, 2);
+    assert_eq!((o.client.errors, o.client.out_of_order), (0, 0));
+    assert!(o.client.requests >= 100, "{}", o.client.line());
+    assert_eq!(
+        o.log_records as u64, o.client.requests,
+        "every request logged once"
+    );
+    assert!(o.report.clone_pause > Duration::ZERO && o.report.cutover > Duration::ZERO);
+    assert!(o.report.image_bytes > 0);
+    assert!(o.report.merge_rounds.iter().any(|r| r.kind == "merge"));
+    assert!(
+        o.report
+            .merge_rounds
+            .iter()
+            .any(|r| r.kind == "final catch-up")
+    );
+    // The VM's disk is the merged layer; the fork children are gone; the journal is done.
+    let work = dir.path().join("upgrade");
+    assert_eq!(o.report.disks, vec![work.join("disk0-merged")]);
+    assert!(!work.join("disk0-active").exists() && !work.join("disk0-backup").exists());
+    let recs = journal::read(&work.join(journal::JOURNAL_FILE)).unwrap();
+    assert!(recs.contains(&Record::Commit));
+    assert_eq!(recs.last(), Some(&Record::Done));
+    // A finished upgrade needs no recovery, and its chain is the merged one.
+    let r = upgrade::recover(&work).unwrap().unwrap();
+    assert!(r.committed && r.removed.is_empty());
+    let table = o.report.table();
+    for p in &phases {
+        assert!(table.contains(p.name()), "{table}");
+    }
+}
+
+/// A connector whose agents fail on purpose.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Checkpoint,
+    CorruptImage,
+}
+
+struct Faulty(Fault);
+
+struct FaultyAgent {
+    inner: Box<dyn GuestAgent>,
+    fault: Fault,
+    role: Role,
+}
+
+impl AgentConnector for Faulty {
+    fn connect(&self, ep: &AgentEndpoint) -> Result<Box<dyn GuestAgent>, AgentError> {
+        Ok(Box::new(FaultyAgent {
+            inner: ServiceConnector.connect(ep)?,
+            fault: self.0,
+            role: ep.role,
+        }))
+    }
+}
+
+impl GuestAgent for FaultyAgent {
+    fn exec(&mut self, argv: &[String], t: Duration) -> Result<i32, AgentError> {
+        self.inner.exec(argv, t)
+    }
+    fn freeze(&mut self) -> Result<(), AgentError> {
+        self.inner.freeze()
+    }
+    fn checkpoint(&mut self) -> Result<WorkloadImage, AgentError> {
+        if let Fault::Checkpoint = self.fault {
+            return Err(AgentError::Refused("checkpoint failure injected".into()));
+        }
+        self.inner.checkpoint()
+    }
+    fn restore(&mut self, image: &WorkloadImage) -> Result<(), AgentError> {
+        let mut image = image.clone();
+        if let (Fault::CorruptImage, Role::Backup) = (self.fault, self.role) {
+            let mid = image.bytes.len() / 2;
+            image.bytes[mid] ^= 0x40;
+        }
+        self.inner.restore(&image)
+    }
+    fn release(&mut self) -> Result<(), AgentError> {
+        self.inner.release()
+    }
+    fn rollback(&mut self) -> Result<(), AgentError> {
+        self.inner.rollback()
+    }
+    fn status(&mut self) -> Result<String, AgentError> {
+        self.inner.status()
+    }
+}
+
+/// Boots the demo VM with a client, runs an upgrade that must fail in `phase` and roll back,
+/// and checks that the client never noticed, the disk holds every acknowledged request, the
+/// active VM's chain is its own, and nothing of the backup is left.
+fn rolls_back(
+    name: &str,
+    phase: Phase,
+    tune: impl FnOnce(&Path, &mut UpgradePlan, &mut UpgradeOptions),
+) {
+    if !vmm::guests::kvm_or_skip(name) {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = demo::boot(dir.path()).unwrap();
+    let client = Client::start(&vm.uds, service_guest::DEFAULT_SERVICE_PORT).unwrap();
+    assert!(client.wait_for(30, Duration::from_secs(10)));
+    let work = dir.path().join("upgrade");
+    let mut plan = demo::plan(&work);
+    let mut opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    tune(&work, &mut plan, &mut opts);
+    let before = (count("/proc/self/fd"), count("/proc/self/task"));
+    let res_before = resources();
+    let files_before = listing(dir.path());
+    let err = upgrade::run(&mut vm.machine, &plan, &opts).unwrap_err();
+    println!("{name}: {err}");
+    match &err {
+        UpgradeError::Failed {
+            phase: p,
+            rolled_back,
+            rollback_errors,
+            ..
+        } => {
+            assert_eq!(*p, phase, "{err:?}");
+            assert!(*rolled_back);
+            assert!(rollback_errors.is_empty(), "{rollback_errors:?}");
+        }
+        e => panic!("{e:?}"),
+    }
+    // The client goes on.
+    let n = client.answered();
+    assert!(
+        client.wait_for(n + 30, Duration::from_secs(10)),
+        "the service answers after the rollback"
+    );
+    // Nothing of the backup is left: threads, fds, files (the upgrade's journal aside).
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(client.answered() > n + 30, "the client still runs");
+    let mut after = (count("/proc/self/fd"), count("/proc/self/task"));
+    if phase > Phase::Clone {
+        // The active VM's disk is its fork child now: its data, journal and meta are open
+        // besides the (frozen) parent's.
+        after.0 -= 3;
+    }
+    let res_after = resources();
+    let gone: Vec<_> = res_before
+        .iter()
+        .filter(|r| !res_after.contains(r))
+        .collect();
+    let new: Vec<_> = res_after
+        .iter()
+        .filter(|r| !res_before.contains(r))
+        .collect();
+    assert_eq!(
+        after, before,
+        "(fds, threads) before and after: gone {gone:?}, new {new:?}"
+    );
+    let (stats, acked) = client.finish();
+    assert_eq!(
+        (stats.errors, stats.out_of_order),
+        (0, 0),
+        "{} {:?}",
+        stats.line(),
+        stats.first_error
+    );
+    let journal_file = work.join(journal::JOURNAL_FILE);
+    let mut left: Vec<PathBuf> = listing(dir.path())
+        .into_iter()
+        .filter(|p| !files_before.contains(p))
+        .collect();
+    left.retain(|p| {
+        *p != journal_file
+            && *p != work
+            && !p.starts_with(work.join("disk0-active"))
+            && !p.ends_with("backup.console")
+    });
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // The active VM's chain: its fork child (or, failing before the clone, its own delta).
+    let layer = vm.machine.disks()[0].layer.clone();
+    if phase > Phase::Clone {
+        assert_eq!(layer.path(), work.join("disk0-active"));
+        let parent = layer.as_delta().unwrap().parent().path().to_owned();
+        assert_eq!(parent, vm.disk);
+    } else {
+        assert_eq!(layer.path(), vm.disk);
+    }
+    let recs = journal::read(&journal_file).unwrap();
+    assert!(!recs.contains(&Record::Commit));
+    assert_eq!(recs.last(), Some(&Record::Done));
+    let state = demo::finish(&mut vm.machine).unwrap();
+    service_guest::check_log(&state.records, &acked).unwrap();
+    assert_eq!(state.os_version, 1, "the active VM's OS is unchanged");
+}
+
+#[test]
+fn a_failure_injected_in_each_phase_rolls_back() {
+    for phase in [
+        Phase::Prepare,
+        Phase::Clone,
+        Phase::UpgradeBackup,
+        Phase::Merge,
+        Phase::Freeze,
+        Phase::Checkpoint,
+        Phase::PauseBackup,
+        Phase::MoveProcess,
+        Phase::MoveResources,
+        Phase::Resume,
+    ] {
+        rolls_back(&format!("injected_{}", phase.name()), phase, |_, _, o| {
+            o.fail_at = Some(phase);
+        });
+    }
+}
+
+#[test]
+fn a_clone_that_cannot_fork_its_disk_rolls_back() {
+    rolls_back("clone_fails", Phase::Clone, |work, _, _| {
+        // The backup child's directory is taken.
+        std::fs::create_dir_all(work.join("disk0-backup")).unwrap();
+    });
+}
+
+#[test]
+fn a_failing_backup_command_rolls_back() {
+    rolls_back("command_fails", Phase::UpgradeBackup, |_, p, _| {
+        p.commands[0].argv = vec!["false".into()];
+    });
+}
+
+#[test]
+fn a_backup_command_past_its_timeout_rolls_back() {
+    rolls_back("command_times_out", Phase::UpgradeBackup, |_, p, _| {
+        p.commands[0].argv = vec!["sleep".into(), "5000".into()];
+        p.commands[0].timeout_ms = 300;
+    });
+}
+
+#[test]
+fn an_unresolved_conflict_rolls_back_before_writing() {
+    rolls_back("conflict", Phase::Merge, |_, p, _| {
+        // The OS region belongs to the active side now: the upgrade's write there conflicts.
+        p.disks[0].ownership[0].owner = Owner::Active;
+        p.disks[0].policy = MergePolicy::Ownership;
+    });
+}
+
+#[test]
+fn a_merge_io_error_rolls_back() {
+    rolls_back("merge_io", Phase::Merge, |work, _, _| {
+        // The merge's staging directory cannot be created.
+        std::fs::create_dir_all(work).unwrap();
+        std::fs::write(work.join("disk0-merged.merging"), b"in the way").unwrap();
+    });
+}
+
+#[test]
+fn a_failed_checkpoint_rolls_back() {
+    rolls_back("checkpoint_fails", Phase::Checkpoint, |_, _, o| {
+        o.connector = Arc::new(Faulty(Fault::Checkpoint));
+    });
+}
+
+#[test]
+fn a_restore_the_backup_refuses_rolls_back() {
+    rolls_back("restore_fails", Phase::MoveProcess, |_, _, o| {
+        o.connector = Arc::new(Faulty(Fault::CorruptImage));
+    });
+}
+
+#[test]
+fn a_cutover_over_its_limit_rolls_back_after_moving_the_connections() {
+    rolls_back("cutover_limit", Phase::MoveResources, |_, p, _| {
+        p.limits.max_cutover_ms = 1;
+    });
+}
+
+#[test]
+fn invalid_plans_are_refused_with_the_field_named() {
+    if !vmm::guests::kvm_or_skip("invalid_plans") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = demo::boot(dir.path()).unwrap();
+    let opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    let base = demo::plan(&dir.path().join("upgrade"));
+    type Change = Box<dyn Fn(&mut UpgradePlan)>;
+    let cases: Vec<(&str, Change)> = vec![
+        ("disks", Box::new(|p| p.disks.push(Default::default()))),
+        (
+            "disks[0].ownership[0].len",
+            Box::new(|p| p.disks[0].ownership[0].len = Some(upgrade::plan::Size(1000))),
+        ),
+        ("commands[0].argv", Box::new(|p| p.commands[0].argv.clear())),
+        (
+            "limits.max_cutover_ms",
+            Box::new(|p| p.limits.max_cutover_ms = 0),
+        ),
+        (
+            "workload.vsock_ports",
+            Box::new(|p| p.workload.vsock_ports.push(1100)),
+        ),
+    ];
+    for (field, change) in cases {
+        let mut p = base.clone();
+        change(&mut p);
+        let e = upgrade::run(&mut vm.machine, &p, &opts).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+        assert!(!dir.path().join("upgrade").exists(), "nothing started");
+    }
+    let e = UpgradePlan::from_json(
+        r#"{"disks": [], "workload": {"agent_port": 1, "bogus": 2}}"#,
+        Path::new("p.json"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("bogus"), "{e}");
+    vm.machine.stop().unwrap();
+}
+
+// --- crash of the orchestrating process ---
+
+const CHILD_ENV: &str = "UPGRADE_CRASH_DIR";
+
+/// Entry point of the child process of the crash test: boots the demo VM in the given
+/// directory, says `ready`, upgrades it when `go` appears, then serves until killed.
+#[test]
+#[ignore = "child process entry of the crash test"]
+fn crash_child_entry() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut vm = demo::boot(&dir).unwrap();
+    println!("ready");
+    while !dir.join("go").exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let plan = demo::plan(&dir.join("upgrade"));
+    let r = upgrade::run(
+        &mut vm.machine,
+        &plan,
+        &UpgradeOptions::new(Arc::new(ServiceConnector)),
+    );
+    println!("upgraded: {}", r.is_ok());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
+    if !vmm::guests::kvm_or_skip("orchestrator_killed") {
+        return;
+    }
+    let _g = serial();
+    let kills: u64 = std::env::var("UPGRADE_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut committed = 0;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    for round in 0..kills {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child_entry",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("ready") {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+                "child died"
+            );
+        }
+        let uds = dir.path().join("service.vsock");
+        let mut c = ServiceClient::connect(
+            &uds,
+            service_guest::DEFAULT_SERVICE_PORT,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        c.set_timeout(Duration::from_secs(5));
+        let acked: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+        let acked2 = acked.clone();
+        let client = std::thread::spawn(move || {
+            let mut v = round;
+            loop {
+                v = v.wrapping_mul(6364136223846793005).wrapping_add(1);
+                match c.request(v) {
+                    Ok(r) => acked2.lock().unwrap().push((r.seq, v)),
+                    Err(_) => return,
+                }
+            }
+        });
+        std::fs::write(dir.path().join("go"), b"").unwrap();
+        // The upgrade takes ~0.2-0.5 s here: kill anywhere in it (and a little after).
+        std::thread::sleep(Duration::from_micros(rng % 600_000));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        client.join().unwrap();
+        let acked = acked.lock().unwrap().clone();
+        let work = dir.path().join("upgrade");
+        let disk = match upgrade::recover(&work).unwrap() {
+            None => dir.path().join("disk"),
+            Some(r) => {
+                committed += u64::from(r.committed);
+                assert_eq!(r.disks.len(), 1);
+                // Exactly one chain: the losing side's layers are gone.
+                let others = ["disk0-active", "disk0-backup", "disk0-merged"]
+                    .map(|n| work.join(n))
+                    .into_iter()
+                    .filter(|p| *p != r.disks[0] && p.exists())
+                    .collect::<Vec<_>>();
+                assert!(others.is_empty(), "round {round}: left {others:?}");
+                r.disks[0].clone()
+            }
+        };
+        let layer = block::Layer::open(&disk).unwrap();
+        let state = service_guest::read_disk_state(&layer).unwrap();
+        service_guest::check_log(&state.records, &acked)
+            .unwrap_or_else(|e| panic!("round {round}: chain {}: {e}", disk.display()));
+        // A second recovery changes nothing.
+        if let Some(r) = upgrade::recover(&work).unwrap() {
+            assert!(r.removed.is_empty());
+        }
+    }
+    println!("{kills} kills, {committed} after the commit point");
+    assert!(
+        committed > 0 && committed < kills,
+        "kills landed on both sides of the commit"
+    );
+}
