@@ -354,3 +354,45 @@ pub fn finish(m: &mut Machine) -> Result<service_guest::DiskState, DemoError> {
         .ok_or_else(|| DemoError::Disk("no disk".into()))?;
     service_guest::read_disk_state(layer.as_ref()).map_err(|e| DemoError::Disk(e.to_string()))
 }
+
+/// The baseline a user has without the live upgrade: a stop-and-copy cutover of the same VM
+/// (pause, snapshot with the vsock connections handed over, the old VM stopped, a new VM
+/// restored from the snapshot, started), with the same client running. Returns the client's
+/// view (its gap is the stop-and-copy's) and the cutover's own duration.
+pub fn stop_and_copy(dir: &Path) -> Result<(ClientStats, Duration), DemoError> {
+    let mut vm = boot(dir)?;
+    let client = Client::start(&vm.uds, service_guest::DEFAULT_SERVICE_PORT)?;
+    if !client.wait_for(50, Duration::from_secs(10)) {
+        return Err(DemoError::Client("the service does not answer".into()));
+    }
+    let snap = dir.join("snapshot");
+    let cfg = vm.machine.config().clone();
+    let t = Instant::now();
+    vm.machine.pause().map_err(setup("pause"))?;
+    let (_, handover) = vm
+        .machine
+        .save_snapshot_handover(&snap)
+        .map_err(setup("snapshot"))?;
+    vm.machine.stop().map_err(setup("stop"))?;
+    // The disk is the same delta: the old VM lets go of it first.
+    let DemoVm { machine, .. } = vm;
+    drop(machine);
+    let serial = SharedBuffer::default();
+    let mut m = Machine::restore_snapshot_handover(
+        cfg,
+        Some(SerialOutput::Buffer(serial)),
+        &snap,
+        handover,
+    )
+    .map_err(setup("restore"))?;
+    m.start().map_err(setup("start"))?;
+    let cutover = t.elapsed();
+    let n = client.answered();
+    client.wait_for(n + 50, Duration::from_secs(10));
+    let (stats, _) = client.finish();
+    m.stop().map_err(setup("stop"))?;
+    if stats.errors > 0 || stats.out_of_order > 0 {
+        return Err(DemoError::Client(stats.line()));
+    }
+    Ok((stats, cutover))
+}
