@@ -301,6 +301,7 @@ pub fn run(
         image: None,
         cutover_start: None,
         gate: Arc::new(CommitGate::default()),
+        flushing: Vec::new(),
         phase: Phase::Prepare,
         phase_start: now,
         start,

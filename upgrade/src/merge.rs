@@ -148,5 +148,18 @@ pub(crate) fn final_catch_up(s: &mut Session<'_>) -> Result<(), StepError> {
         s.disks[i].since = r.active_seq;
         record(s, i, "final catch-up", &r, t);
     }
+    // Make them durable off the cutover path: the commit record waits for these.
+    for d in &s.disks {
+        if let Some(m) = d.merged.clone() {
+            let h = std::thread::Builder::new()
+                .name("upgrade-flush".into())
+                .spawn(move || match m.as_delta() {
+                    Some(d) => d.flush_without_hook(),
+                    None => Ok(0),
+                })
+                .map_err(|e| StepError::Internal(format!("cannot start a flush thread: {e}")))?;
+            s.flushing.push(h);
+        }
+    }
     Ok(())
 }

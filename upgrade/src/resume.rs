@@ -29,6 +29,7 @@ pub(crate) fn commit(s: &mut Session<'_>) -> Result<(), StepError> {
     s.enter(Phase::Commit)?;
     let t = Instant::now();
     let r = (|| {
+        s.join_flushes()?;
         for d in &s.disks {
             if let Some(m) = d.merged.as_ref().and_then(|l| l.as_delta()) {
                 m.flush_without_hook().map_err(StepError::Block)?;

@@ -52,6 +52,9 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Vec<String> {
             Err(e) => note("thawing the workload", &e),
         }
     }
+    if let Err(e) = s.join_flushes() {
+        note("flushing the merged layers", &e);
+    }
     for d in &mut s.disks {
         d.backup = None;
         d.merged = None;

@@ -91,12 +91,29 @@ pub(crate) struct Session<'a> {
     pub(crate) image: Option<WorkloadImage>,
     pub(crate) cutover_start: Option<Instant>,
     pub(crate) gate: Arc<CommitGate>,
+    /// Flushes of the merged layers started after the last catch-up, off the cutover path.
+    pub(crate) flushing: Vec<std::thread::JoinHandle<Result<u64, block::BlockError>>>,
     pub(crate) phase: Phase,
     pub(crate) phase_start: Instant,
     pub(crate) start: Instant,
 }
 
 impl Session<'_> {
+    /// Waits for the background flushes of the merged layers; the first error.
+    pub(crate) fn join_flushes(&mut self) -> Result<(), StepError> {
+        let mut r = Ok(());
+        for h in self.flushing.drain(..) {
+            let one = h
+                .join()
+                .map_err(|_| StepError::Internal("a flush thread panicked".into()))
+                .and_then(|f| f.map(|_| ()).map_err(StepError::Block));
+            if r.is_ok() {
+                r = one;
+            }
+        }
+        r
+    }
+
     /// Records the transition to `phase` (durably, before acting on it) and closes the
     /// previous phase's timing.
     pub(crate) fn enter(&mut self, phase: Phase) -> Result<(), StepError> {
