@@ -20,6 +20,13 @@ pub struct UpgradeArgs {
     /// Keep the demo's files in this directory (default: a temporary directory, removed).
     #[arg(long, conflicts_with = "recover")]
     dir: Option<PathBuf>,
+    /// Upgrade the demo VM with this plan (JSON; see `microvmm upgrade --print-plan`) instead
+    /// of the built-in one. Its `work_dir`, if absent, is `<dir>/upgrade`.
+    #[arg(long, conflicts_with = "recover")]
+    plan: Option<PathBuf>,
+    /// Print the demo's built-in plan as JSON (a starting point for --plan) and exit.
+    #[arg(long, conflicts_with_all = ["recover", "plan"])]
+    print_plan: bool,
     /// Recover the upgrade whose work directory is DIR after its process ended: print the disk
     /// chain the VM boots from, remove the other side's layers.
     #[arg(long, value_name = "DIR")]
@@ -84,6 +91,15 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         };
     }
+    if args.print_plan {
+        let plan = ::upgrade::demo::plan(std::path::Path::new("upgrade"));
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let file_plan = match &args.plan {
+        Some(p) => Some(::upgrade::UpgradePlan::load(p)?),
+        None => None,
+    };
     let tmp;
     let dir = match &args.dir {
         Some(d) => {
@@ -96,7 +112,12 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     let bar = progress();
-    let outcome = ::upgrade::demo::run(&dir, |_, opts: &mut UpgradeOptions| {
+    let work = dir.join("upgrade");
+    let outcome = ::upgrade::demo::run(&dir, |plan, opts: &mut UpgradeOptions| {
+        if let Some(mut p) = file_plan {
+            p.work_dir.get_or_insert(work);
+            *plan = p;
+        }
         opts.on_event = bar.as_ref().map(|(_, f)| f.clone());
     });
     if let Some((b, _)) = &bar {
