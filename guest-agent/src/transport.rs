@@ -51,6 +51,14 @@ pub enum Endpoint {
         /// Port.
         port: u32,
     },
+    /// A guest port behind a VMM's vsock host socket (microvmm, Firecracker): connect to the
+    /// Unix socket, send `CONNECT <port>`, read `OK <host port>`. Host side only.
+    VsockUds {
+        /// The vsock device's host-side Unix socket.
+        path: std::path::PathBuf,
+        /// The guest port.
+        port: u32,
+    },
 }
 
 impl fmt::Display for Endpoint {
@@ -58,6 +66,7 @@ impl fmt::Display for Endpoint {
         match self {
             Self::Tcp(a) => write!(f, "tcp:{a}"),
             Self::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Self::VsockUds { path, port } => write!(f, "vsock-uds:{}:{port}", path.display()),
         }
     }
 }
@@ -74,6 +83,16 @@ impl FromStr for Endpoint {
                 .next()
                 .ok_or_else(bad)?;
             return Ok(Self::Tcp(addr));
+        }
+        if let Some(rest) = s.strip_prefix("vsock-uds:") {
+            let (path, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            if path.is_empty() {
+                return Err(bad());
+            }
+            return Ok(Self::VsockUds {
+                path: path.into(),
+                port: port.parse().map_err(|_| bad())?,
+            });
         }
         if let Some(rest) = s.strip_prefix("vsock:") {
             let parts: Vec<&str> = rest.split(':').collect();
@@ -327,6 +346,10 @@ pub fn listen(ep: &Endpoint) -> Result<Box<dyn Transport>, TransportError> {
         Endpoint::Vsock { cid, port } => {
             Ok(Box::new(VsockTransport::bind(cid, port).map_err(err)?))
         }
+        Endpoint::VsockUds { .. } => Err(err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a vsock-uds endpoint is the host side of a VMM's vsock device; agents listen on vsock:PORT",
+        ))),
     }
 }
 
@@ -337,6 +360,9 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Box<dyn Connection>, 
         source,
     };
     match *ep {
+        Endpoint::VsockUds { ref path, port } => {
+            Ok(Box::new(connect_uds(path, port, timeout).map_err(err)?))
+        }
         Endpoint::Tcp(a) => {
             let s = TcpStream::connect_timeout(&a, timeout).map_err(err)?;
             s.set_nodelay(true).map_err(err)?;
@@ -348,6 +374,40 @@ pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Box<dyn Connection>, 
             Ok(Box::new(VsockStream(File::from(fd))))
         }
     }
+}
+
+/// The host side of Firecracker's vsock convention: connect to `path`, send `CONNECT <port>`,
+/// read the `OK <host port>` line (byte by byte: nothing after it may be consumed), within
+/// `timeout`.
+fn connect_uds(path: &std::path::Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        if line.len() > 64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "over-long CONNECT answer",
+            ));
+        }
+        s.read_exact(&mut b)?;
+        line.push(b[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "vsock CONNECT {port} answered {:?}",
+                String::from_utf8_lossy(&line).trim_end()
+            ),
+        ));
+    }
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -371,7 +431,24 @@ mod tests {
             "vsock:3:5".parse::<Endpoint>().unwrap(),
             Endpoint::Vsock { cid: 3, port: 5 }
         );
-        for bad in ["", "udp:1", "tcp:nope", "vsock:", "vsock:a", "vsock:1:2:3"] {
+        assert_eq!(
+            "vsock-uds:/run/v:m.sock:1024".parse::<Endpoint>().unwrap(),
+            Endpoint::VsockUds {
+                path: "/run/v:m.sock".into(),
+                port: 1024
+            }
+        );
+        for bad in [
+            "",
+            "udp:1",
+            "tcp:nope",
+            "vsock:",
+            "vsock:a",
+            "vsock:1:2:3",
+            "vsock-uds:/x",
+            "vsock-uds::5",
+            "vsock-uds:/x:p",
+        ] {
             assert!(
                 matches!(bad.parse::<Endpoint>(), Err(TransportError::BadEndpoint(_))),
                 "{bad}"

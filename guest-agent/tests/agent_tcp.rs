@@ -169,7 +169,7 @@ fn restore_rejects_unsafe_paths_and_foreign_data_files() {
     // A stream that ends early (connection dropped mid-file) leaves no partial data file behind.
     let mut c = TcpStream::connect(match ep {
         Endpoint::Tcp(a) => a,
-        Endpoint::Vsock { .. } => unreachable!(),
+        Endpoint::Vsock { .. } | Endpoint::VsockUds { .. } => unreachable!(),
     })
     .unwrap();
     write_message(
@@ -210,7 +210,7 @@ fn malformed_input_gets_typed_protocol_errors() {
     let (ep, _d) = start_agent();
     let addr = match ep {
         Endpoint::Tcp(a) => a,
-        Endpoint::Vsock { .. } => unreachable!(),
+        Endpoint::Vsock { .. } | Endpoint::VsockUds { .. } => unreachable!(),
     };
     // Valid frame, bad JSON: error response, connection stays usable.
     let mut s = TcpStream::connect(addr).unwrap();
@@ -296,4 +296,50 @@ fn restarted_agent_takes_over_the_workload_state() {
     }
     // SAFETY: kill(2) on the process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// A stand-in for a VMM's vsock host socket: accepts Unix connections, answers `CONNECT
+/// <port>` with `OK`, refuses other ports, and hands the stream to the agent.
+fn start_vsock_uds_agent(dir: &std::path::Path, agent_port: u32) -> std::path::PathBuf {
+    use std::io::{BufRead, BufReader};
+    let path = dir.join("vm.vsock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let agent = Agent::new(AgentConfig {
+        work_dir: dir.join("agent"),
+    });
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut line = String::new();
+            let mut r = BufReader::with_capacity(1, s.try_clone().unwrap());
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            if line.trim_end() != format!("CONNECT {agent_port}") {
+                continue; // dropped: the client sees EOF
+            }
+            s.write_all(b"OK 1073741824\n").unwrap();
+            let agent = Arc::clone(&agent);
+            thread::spawn(move || agent.handle_connection(Box::new(s)));
+        }
+    });
+    path
+}
+
+#[test]
+fn host_reaches_an_agent_through_a_vmm_vsock_socket_and_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = start_vsock_uds_agent(dir.path(), 1024);
+    let ep: Endpoint = format!("vsock-uds:{}:1024", path.display())
+        .parse()
+        .unwrap();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    c.reconnect(Duration::from_secs(5)).unwrap();
+    assert_eq!(c.exec(&["echo", "hi"], None).unwrap().stdout, "hi\n");
+    // A port nobody serves: the CONNECT is refused, a typed error.
+    let other: Endpoint = format!("vsock-uds:{}:7", path.display()).parse().unwrap();
+    assert!(AgentClient::connect(&other, Duration::from_secs(2)).is_err());
+    // And the listen side is refused: agents listen on vsock:PORT.
+    assert!(transport::listen(&ep).is_err());
 }
