@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::agent::error_chain;
 use crate::protocol::{
-    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FrameKind, OutputStream, ProtocolError,
-    Request, Response, WorkloadSpec, read_frame, read_message, write_frame, write_message,
+    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileHeader, FrameKind, OutputStream,
+    ProtocolError, Request, Response, WorkloadSpec, read_frame, read_message, write_frame,
+    write_message,
 };
 use crate::transport::{self, Connection, Endpoint, TransportError};
 
@@ -486,5 +487,207 @@ fn copy_stream(
                 .into());
             }
         }
+    }
+}
+
+/// A checkpoint held by the host between the source's dump and the target's restore (for an
+/// orchestrator that does other work in between, e.g. switching the target's disks): the
+/// workload's spec and task list and every streamed file with its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CheckpointImage {
+    /// The workload as the source ran it.
+    pub spec: Option<WorkloadSpec>,
+    /// PIDs and TIDs of the dumped tree.
+    pub tree: Vec<u32>,
+    /// Files in stream order: header and contents.
+    pub files: Vec<(FileHeader, Vec<u8>)>,
+    /// The checkpoint's measurements.
+    pub stats: CheckpointStats,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ImageIndex {
+    spec: Option<WorkloadSpec>,
+    tree: Vec<u32>,
+    files: Vec<FileHeader>,
+    stats: CheckpointStats,
+}
+
+/// Magic of an encoded [`CheckpointImage`].
+const IMAGE_MAGIC: &[u8; 8] = b"MVGAIMG1";
+
+impl CheckpointImage {
+    /// Encodes the image: magic, u32 LE index length, JSON index (spec, tree, file headers,
+    /// stats), then each file's contents in order.
+    pub fn encode(&self) -> Vec<u8> {
+        let index = ImageIndex {
+            spec: self.spec.clone(),
+            tree: self.tree.clone(),
+            files: self.files.iter().map(|(h, _)| h.clone()).collect(),
+            stats: self.stats.clone(),
+        };
+        let json = serde_json::to_vec(&index).unwrap_or_default();
+        let mut out = Vec::with_capacity(
+            12 + json.len() + self.files.iter().map(|(_, d)| d.len()).sum::<usize>(),
+        );
+        out.extend_from_slice(IMAGE_MAGIC);
+        out.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(&json);
+        for (_, d) in &self.files {
+            out.extend_from_slice(d);
+        }
+        out
+    }
+
+    /// Decodes [`CheckpointImage::encode`]'s format; anything malformed (magic, lengths,
+    /// sizes that do not add up) is `HostError::Unexpected`.
+    pub fn decode(b: &[u8]) -> Result<Self, HostError> {
+        let bad = |why: &str| HostError::Unexpected(format!("bad checkpoint image: {why}"));
+        if b.len() < 12 || &b[..8] != IMAGE_MAGIC {
+            return Err(bad("magic"));
+        }
+        let n = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        let json = b.get(12..12 + n).ok_or_else(|| bad("index length"))?;
+        let index: ImageIndex = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
+        let mut pos = 12 + n;
+        let mut files = Vec::with_capacity(index.files.len());
+        for h in index.files {
+            let len = usize::try_from(h.size).map_err(|_| bad("file size"))?;
+            let end = pos.checked_add(len).ok_or_else(|| bad("file size"))?;
+            let data = b.get(pos..end).ok_or_else(|| bad("file size"))?.to_vec();
+            pos = end;
+            files.push((h, data));
+        }
+        if pos != b.len() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self {
+            spec: index.spec,
+            tree: index.tree,
+            files,
+            stats: index.stats,
+        })
+    }
+}
+
+impl AgentClient {
+    /// Checkpoints the workload and receives every image into host memory (the workload stays
+    /// stopped on the source until [`AgentClient::release`] or [`AgentClient::rollback`]).
+    pub fn checkpoint_image(
+        &mut self,
+        opts: &CheckpointOpts,
+    ) -> Result<CheckpointImage, HostError> {
+        self.send(&Request::Checkpoint { opts: opts.clone() })?;
+        let (spec, tree) = match self.recv()? {
+            Response::CheckpointBegin { spec, tree } => (spec, tree),
+            r => return Err(unexpected(&r)),
+        };
+        let mut files = Vec::new();
+        loop {
+            match self.recv()? {
+                Response::File(h) => {
+                    let mut data = Vec::new();
+                    loop {
+                        let fr = read_frame(&mut *self.conn)?;
+                        match fr.kind {
+                            FrameKind::Data => data.extend_from_slice(&fr.payload),
+                            FrameKind::End => break,
+                            FrameKind::Message => {
+                                return Err(ProtocolError::Unexpected {
+                                    expected: "data or end",
+                                    got: fr.kind,
+                                }
+                                .into());
+                            }
+                        }
+                    }
+                    files.push((h, data));
+                }
+                Response::CheckpointDone { stats } => {
+                    return Ok(CheckpointImage {
+                        spec: Some(spec),
+                        tree,
+                        files,
+                        stats,
+                    });
+                }
+                r => return Err(unexpected(&r)),
+            }
+        }
+    }
+
+    /// Restores a held checkpoint on this (target) agent; the restored root PID. On failure the
+    /// target has undone its part (service address, guard, partial files).
+    pub fn restore_image(&mut self, img: &CheckpointImage) -> Result<u32, HostError> {
+        let spec = img
+            .spec
+            .clone()
+            .ok_or_else(|| HostError::Unexpected("checkpoint image without a spec".into()))?;
+        self.send(&Request::Restore {
+            spec,
+            tree: img.tree.clone(),
+            fault: None,
+        })?;
+        for (h, data) in &img.files {
+            self.send(&Request::File(h.clone()))?;
+            for chunk in data.chunks(256 << 10) {
+                write_frame(&mut *self.conn, FrameKind::Data, chunk)?;
+            }
+            write_frame(&mut *self.conn, FrameKind::End, &[])?;
+        }
+        self.send(&Request::EndOfImages)?;
+        match self.recv()? {
+            Response::Restored { pid, .. } => Ok(pid),
+            r => Err(unexpected(&r)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+    use crate::protocol::FileKind;
+
+    #[test]
+    fn checkpoint_images_round_trip_and_malformed_ones_are_refused() {
+        let img = CheckpointImage {
+            spec: None,
+            tree: vec![20000, 20001],
+            files: vec![
+                (
+                    FileHeader {
+                        kind: FileKind::Image,
+                        name: "final/core-20000.img".into(),
+                        size: 5,
+                        mode: 0o600,
+                        link: None,
+                    },
+                    b"hello".to_vec(),
+                ),
+                (
+                    FileHeader {
+                        kind: FileKind::Data,
+                        name: "/data/x".into(),
+                        size: 0,
+                        mode: 0o644,
+                        link: None,
+                    },
+                    Vec::new(),
+                ),
+            ],
+            stats: CheckpointStats::default(),
+        };
+        let b = img.encode();
+        assert_eq!(CheckpointImage::decode(&b).unwrap(), img);
+        assert!(CheckpointImage::decode(&b[..b.len() - 1]).is_err(), "short");
+        let mut long = b.clone();
+        long.push(0);
+        assert!(CheckpointImage::decode(&long).is_err(), "trailing");
+        let mut magic = b.clone();
+        magic[0] ^= 1;
+        assert!(CheckpointImage::decode(&magic).is_err());
+        let mut index_len = b;
+        index_len[8] = 0xff;
+        assert!(CheckpointImage::decode(&index_len).is_err());
     }
 }

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_agent::host::{AgentClient, HandoffError, HandoffOpts, HostError, handoff};
+use guest_agent::host::{
+    AgentClient, CheckpointImage, HandoffError, HandoffOpts, HostError, handoff,
+};
 use guest_agent::protocol::{CheckpointOpts, ErrorKind, Fault, ServiceAddr, WorkloadSpec};
 use guest_agent::transport::Endpoint;
 
@@ -807,6 +809,36 @@ fn run_suite(img: &Images) {
         rows.push((label, report, gap));
         on_a = !on_a;
     }
+    // Two more moves with the checkpoint held by the host between the dump and the restore
+    // (what the upgrade orchestrator does, switching the target's disks in between): A->B, B->A.
+    let mut held_gaps = vec![];
+    for (from_a, dst_host) in [(true, "guest-b"), (false, "guest-a")] {
+        let (src, dst) = if from_a {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        let mark = client.snapshot().len();
+        let t = Instant::now();
+        let img = src
+            .checkpoint_image(&CheckpointOpts::default())
+            .expect("checkpoint held by the host");
+        let held = CheckpointImage::decode(&img.encode()).expect("decode the held image");
+        assert_eq!(held, img);
+        let restored = dst.restore_image(&held).expect("restore the held image");
+        src.release().expect("release the source");
+        assert_eq!(restored, pid, "restored under its own root PID");
+        client.wait_replies_from(dst_host, 3);
+        let gap = max_gap(&client.snapshot(), mark);
+        println!(
+            "held image -> {dst_host}: {} files, {} KiB, restored after {} ms, client gap {} ms",
+            held.files.len(),
+            held.encode().len() / 1024,
+            t.elapsed().as_millis(),
+            gap.as_millis()
+        );
+        held_gaps.push(gap);
+    }
 
     // Same connection throughout, no error (an RST would have failed a read), exact data file.
     let replies = client.stop();
@@ -875,15 +907,15 @@ fn run_suite(img: &Images) {
         "B still supervises a workload"
     );
     println!(
-        "process tree after four moves: {} tasks (at start: {})",
+        "process tree after six moves: {} tasks (at start: {})",
         tree_end.len(),
         tree.len()
     );
     let hosts: Vec<&str> = replies.iter().map(|r| r.host.as_str()).collect();
     let switches = hosts.windows(2).filter(|w| w[0] != w[1]).count();
-    assert_eq!(switches, 4, "expected A->B->A->B->A");
+    assert_eq!(switches, 6, "expected A->B->A->B->A->B->A");
     println!(
-        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, fault4 {} ms, {}",
+        "summary: {} requests on one connection, gaps: fault1 {} ms, fault2 {} ms, fault3 {} ms, fault4 {} ms, {}, held images {:?}",
         replies.len(),
         gap_f1.as_millis(),
         gap_f2.as_millis(),
@@ -892,7 +924,8 @@ fn run_suite(img: &Images) {
         rows.iter()
             .map(|(l, _, g)| format!("{l} {} ms", g.as_millis()))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        held_gaps
     );
     drop((ga, gb));
 }

@@ -20,10 +20,12 @@
 //! of the process, [`journal::recover`] tells which disk chain is the VM's.
 //!
 //! The guests are driven through [`agent::GuestAgent`]; [`service_agent`] implements it for the
-//! `service` test guest ([`service_guest`]), which the embedded demo upgrades.
+//! `service` test guest ([`service_guest`]), which the embedded demo upgrades, and
+//! [`criu_agent`] for Linux guests running `guest-agent` (CRIU).
 
 pub mod agent;
 mod clone;
+pub mod criu_agent;
 pub mod demo;
 pub mod journal;
 mod merge;
