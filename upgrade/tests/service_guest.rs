@@ -1,7 +1,9 @@
 //! The `service` test guest under KVM (`vmm/guests/service.c`, host side
 //! `upgrade::service_guest`): it serves checked, logged requests over vsock; its agent runs
 //! commands, freezes and rolls back; a live clone of it goes standby on the transport reset and
-//! takes over the service state from a checkpoint; bad agent input gets `err` answers.
+//! takes over the service state from a checkpoint, and the live connections themselves move to
+//! it (exported from the source's vsock device, imported into the clone's); bad agent input gets
+//! `err` answers.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,11 +72,13 @@ impl ServiceVm {
     }
 
     fn client(&self) -> ServiceClient {
-        ServiceClient::connect(&self.uds, DEFAULT_SERVICE_PORT, LIMIT).unwrap()
+        ServiceClient::connect(&self.uds, DEFAULT_SERVICE_PORT, LIMIT)
+            .unwrap_or_else(|e| panic!("service connect: {e:?}\n{}", self.serial_text()))
     }
 
     fn agent(&self) -> ServiceAgent {
-        ServiceAgent::connect(&self.uds, DEFAULT_AGENT_PORT, LIMIT).unwrap()
+        ServiceAgent::connect(&self.uds, DEFAULT_AGENT_PORT, LIMIT)
+            .unwrap_or_else(|e| panic!("agent connect: {e:?}\n{}", self.serial_text()))
     }
 
     /// A `shared_*` variable of the guest (read through the RAM memfd: the first region starts
@@ -199,8 +203,13 @@ fn serves_checked_requests_and_logs_them_durably() {
     let total = acked.len() as u64;
     assert_eq!((st.seq, st.conns), (total, 2));
     assert_eq!(st.checksum, client.acked().1);
-    drop(other);
-    // The closed connection is gone from the guest.
+    // Up to four connections at once; a fifth is refused.
+    let more: Vec<ServiceClient> = (0..2).map(|_| vm.client()).collect();
+    assert_eq!(status_of(&mut agent).conns, 4);
+    let fifth = ServiceClient::connect(&vm.uds, DEFAULT_SERVICE_PORT, Duration::from_secs(2));
+    assert!(fifth.is_err(), "a fifth connection");
+    drop((more, other));
+    // The closed connections are gone from the guest.
     let end = Instant::now() + LIMIT;
     while status_of(&mut agent).conns != 1 {
         assert!(Instant::now() < end, "the closed connection stays");
@@ -313,6 +322,8 @@ fn freeze_holds_requests_and_rollback_answers_them() {
         client.read_reply(),
         Err(ServiceGuestError::Timeout(_))
     ));
+    // A frozen service takes no new connection.
+    assert!(ServiceClient::connect(&vm.uds, DEFAULT_SERVICE_PORT, Duration::from_secs(2)).is_err());
     assert_eq!(client.in_flight(), 5);
     let st = status_of(&mut agent);
     assert_eq!((st.mode, st.seq, st.conns), (Mode::Frozen, 10, 1));
@@ -346,25 +357,53 @@ fn freeze_holds_requests_and_rollback_answers_them() {
 
     // Frozen with more than the guest's 4 KiB window in flight: nothing is lost.
     agent.freeze().unwrap();
-    let mut sent = Vec::new();
-    for _ in 0..400 {
-        let seq = client.acked().0 + 1 + client.in_flight() as u64;
-        let v = value(seq, 9);
-        client.send_request(v).unwrap();
-        sent.push((seq, v));
-    }
+    let first = client.acked().0 + 1;
+    let sent: Vec<(u64, u64)> = (first..first + 400).map(|s| (s, value(s, 9))).collect();
+    let values: Vec<u64> = sent.iter().map(|&(_, v)| v).collect();
+    assert_eq!(client.send_requests(&values).unwrap(), first);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(status_of(&mut agent).seq, 20);
     agent.rollback().unwrap();
     let t = Instant::now();
+    client.set_timeout(Duration::from_secs(5));
     for &(seq, _) in &sent {
-        assert_eq!(client.read_reply().unwrap().seq, seq);
+        match client.read_reply() {
+            Ok(r) => assert_eq!(r.seq, seq),
+            Err(e) => panic!(
+                "DEBUG {seq}: {e:?} status {:?} serial {}",
+                agent.status(),
+                vm.serial_text()
+            ),
+        }
     }
     println!(
         "400 held requests answered {:?} after rollback",
         t.elapsed()
     );
     acked.extend(sent);
+
+    // Half a request received before the freeze is held in the guest and in its checkpoint;
+    // the other half, sent while frozen, waits in the host socket; after the rollback the
+    // request is whole and answered.
+    let (seq, ck) = client.acked();
+    let v = value(seq + 1, 10);
+    let mut req = (seq + 1).to_le_bytes().to_vec();
+    req.extend_from_slice(&v.to_le_bytes());
+    client.send_bytes(&req[..8]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    agent.freeze().unwrap();
+    client.send_bytes(&req[8..]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let image = ServiceImage::decode(&agent.checkpoint().unwrap()).unwrap();
+    assert_eq!(image.conns[0].pending, req[..8].to_vec());
+    assert_eq!(image.conns[0].rx_cnt(), acked.len() as u32 * 16 + 8);
+    agent.rollback().unwrap();
+    let r = client.read_raw().unwrap();
+    assert_eq!(
+        (r.seq, r.checksum),
+        (seq + 1, next_checksum(ck, seq + 1, v))
+    );
+    acked.push((seq + 1, v));
 
     vm.machine.stop().unwrap();
     let state = read_disk_state(vm.machine.disks()[0].layer.as_ref()).unwrap();
@@ -425,6 +464,11 @@ fn a_clone_goes_standby_and_takes_over_from_a_checkpoint() {
     // A standby guest takes no service connection.
     assert!(ServiceClient::connect(&b.uds, DEFAULT_SERVICE_PORT, Duration::from_secs(2)).is_err());
 
+    // The upgrade runs in the standby copy; it touches only the clone's OS region.
+    assert_eq!(b_agent.exec(&["upgrade".to_string()], LIMIT).unwrap(), 0);
+    assert_eq!(status_of(&mut b_agent).version, 2);
+    assert_eq!(status_of(&mut a_agent).version, 1);
+
     // A goes on serving meanwhile.
     serve_n(&mut client, 20, 11, &mut acked);
     assert!(matches!(
@@ -481,10 +525,10 @@ fn a_clone_goes_standby_and_takes_over_from_a_checkpoint() {
     b_machine.stop().unwrap();
     a_machine.stop().unwrap();
     let b_state = read_disk_state(b_machine.disks()[0].layer.as_ref()).unwrap();
-    assert_eq!(b_state.records.len(), 100);
+    assert_eq!((b_state.os_version, b_state.records.len()), (2, 100));
     check_log(&b_state.records, &acked[..100]).unwrap();
     let a_state = read_disk_state(a_machine.disks()[0].layer.as_ref()).unwrap();
-    assert_eq!(a_state.records.len(), 120);
+    assert_eq!((a_state.os_version, a_state.records.len()), (1, 120));
     check_log(&a_state.records, &acked).unwrap();
 }
 
@@ -550,4 +594,118 @@ fn bad_agent_input_gets_err_answers_and_the_service_goes_on() {
     let st = status_of(&mut agent);
     assert_eq!((st.mode, st.seq), (Mode::Serving, 10));
     assert_eq!(vm.shared("shared_requests"), 10);
+}
+
+#[test]
+fn live_connections_move_to_a_restored_clone_and_go_on() {
+    if !vmm::guests::kvm_or_skip("live_connections_move_to_a_restored_clone_and_go_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ServiceVm::start(dir.path(), "a", 3);
+    let mut c1 = a.client();
+    let mut acked = Vec::new();
+    serve_n(&mut c1, 50, 20, &mut acked);
+    let mut c2 = a.client().with_start(c1.acked().0, c1.acked().1);
+    serve_n(&mut c2, 10, 21, &mut acked);
+    let (seq, ck) = c2.acked();
+    let mut a_agent = a.agent();
+
+    let b_uds = dir.path().join("b.sock");
+    let mut opts = CloneOptions::new(ServiceVmConfig::config(
+        &dir.path().join("a").join("disk"),
+        &b_uds,
+        4,
+        64,
+    ));
+    let b_serial = SharedBuffer::default();
+    opts.console = Some(SerialOutput::Buffer(b_serial.clone()));
+    opts.disk_dirs = vec![(dir.path().join("a-disk"), dir.path().join("b-disk"))];
+    let (mut b_machine, _) = a.machine.clone_running(opts).unwrap();
+    b_machine.start().unwrap();
+    let mut b = ServiceVm {
+        machine: b_machine,
+        serial: b_serial,
+        uds: b_uds,
+    };
+    let mut b_agent = b.agent();
+    let end = Instant::now() + LIMIT;
+    while status_of(&mut b_agent).mode != Mode::Standby {
+        assert!(Instant::now() < end, "{}", b.serial_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // The cutover, as the orchestrator does it. c1 has half a request in the guest, and sends
+    // the other half during the cutover.
+    let v = value(seq + 1, 22);
+    let mut req = (seq + 1).to_le_bytes().to_vec();
+    req.extend_from_slice(&v.to_le_bytes());
+    c1.send_bytes(&req[..8]).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let t = Instant::now();
+    a_agent.freeze().unwrap();
+    let (state, fds) = a
+        .machine
+        .vsock()
+        .unwrap()
+        .export_ports(&[DEFAULT_SERVICE_PORT])
+        .unwrap();
+    c1.send_bytes(&req[8..]).unwrap();
+    let image_bytes = a_agent.checkpoint().unwrap();
+    let image = ServiceImage::decode(&image_bytes).unwrap();
+    assert_eq!((image.seq, image.checksum), (seq, ck));
+    assert_eq!((state.conns.len(), image.conns.len()), (2, 2));
+    // A consistent cut: the guest holds exactly what the device sent it, and the device has
+    // exactly what the guest sent.
+    for c in &image.conns {
+        let d = state
+            .conns
+            .iter()
+            .find(|d| (d.guest_port, d.host_port) == (c.guest_port, c.host_port))
+            .unwrap();
+        assert_eq!(c.rx_cnt(), d.tx_cnt, "{c:?} vs {d:?}");
+        assert_eq!(c.tx_cnt, d.rx_cnt, "{c:?} vs {d:?}");
+    }
+    assert_eq!(
+        image.conns.iter().map(|c| c.pending.len()).sum::<usize>(),
+        8
+    );
+    assert_eq!(b_agent.restore(&image_bytes).unwrap(), seq);
+    b.machine.pause().unwrap();
+    b.machine.vsock().unwrap().import(state, fds).unwrap();
+    b.machine.resume().unwrap();
+
+    // c1's request is answered by B.
+    let r = c1.read_raw().unwrap();
+    println!(
+        "cutover: freeze to first answer from the clone {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        (r.seq, r.checksum),
+        (seq + 1, next_checksum(ck, seq + 1, v))
+    );
+    acked.push((seq + 1, v));
+    a_agent.release().unwrap();
+    // Both connections go on with B.
+    c2.set_start(r.seq, r.checksum);
+    serve_n(&mut c2, 10, 23, &mut acked);
+    c1.set_start(c2.acked().0, c2.acked().1);
+    serve_n(&mut c1, 10, 24, &mut acked);
+    let st = status_of(&mut b_agent);
+    assert_eq!(
+        (st.mode, st.seq, st.checksum, st.conns),
+        (Mode::Serving, seq + 21, c1.acked().1, 2)
+    );
+    assert_eq!(b.shared("shared_requests"), 21);
+    let st = status_of(&mut a_agent);
+    assert_eq!((st.mode, st.seq, st.conns), (Mode::Released, seq, 0));
+    assert_eq!(a.shared("shared_mode"), Mode::Released.shared_value());
+
+    // B's log continues A's: nothing was served between the clone and the freeze.
+    b.machine.stop().unwrap();
+    a.machine.stop().unwrap();
+    let state = read_disk_state(b.machine.disks()[0].layer.as_ref()).unwrap();
+    assert_eq!(state.records.len(), acked.len());
+    check_log(&state.records, &acked).unwrap();
 }

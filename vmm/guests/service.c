@@ -32,7 +32,7 @@
  * Connections created by `restore` belong to host sockets the VMM moves into this VM's device
  * around that time (before or after the agent's answer). Until the device shows it knows such a
  * connection (any packet on it other than RST), nothing is sent on it but a CREDIT_REQUEST
- * every 20 ms (its RST answers are ignored); after 10 s without that it is dropped silently.
+ * every 5 ms (its RST answers are ignored); after 30 s without that it is dropped silently.
  * In STANDBY, packets for unknown connections to the service port (other than REQUEST) are
  * ignored rather than answered with RST, so the move may also come before `restore`.
  */
@@ -662,6 +662,10 @@ static void rx_poll(void)
         if (e.len >= HDR_LEN) {
             struct hdr h;
             memcpy(&h, rxbuf[e.id], HDR_LEN);
+            /* A device that posts a transport reset does so before any packet for the new CID,
+             * but possibly just after the look at the event queue above: look again. */
+            if (h.dst_cid != cid)
+                poll_events();
             if (h.len <= BUFSZ && HDR_LEN + h.len <= e.len && h.type == 1 &&
                 h.src_cid == HOST_CID && h.dst_cid == cid)
                 handle_packet(&h, rxbuf[e.id] + HDR_LEN);
@@ -866,6 +870,7 @@ static void image_restore(void)
     checksum = rd64(image + 24);
     next_slot = rd64(image + 32);
     shared_seq = last_seq;
+    shared_requests = 0;
     u32 count = rd32(image + 12);
     u64 off = IMAGE_HEAD;
     for (u32 i = 0; i < count; i++) {
@@ -881,7 +886,7 @@ static void image_restore(void)
         memcpy(c->buf, p + IMAGE_CONN, c->len);
         c->unconfirmed = 1;
         c->probe_at = rdtsc();
-        c->give_up_at = deadline_ms(10000);
+        c->give_up_at = deadline_ms(30000);
         off += IMAGE_CONN + c->len;
     }
 }
@@ -898,7 +903,7 @@ static void probe_restored(void)
             drop_conn(i);
         } else if (past(c->probe_at)) {
             conn_ctrl(c, OP_CREDIT_REQUEST, 0);
-            c->probe_at = deadline_ms(20);
+            c->probe_at = deadline_ms(5);
         }
     }
 }
