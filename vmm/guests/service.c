@@ -315,7 +315,7 @@ static int blk_request(u32 type, u64 sector, u8 *data, u32 len)
     while (vq_used_idx(&bq) != bq.next_avail) {
         if (past(end))
             return -1;
-        cpu_relax();
+        idle(); /* the host is writing: leave it the CPU */
     }
     barrier();
     return bstatus;
@@ -647,6 +647,9 @@ static void handle_packet(const struct hdr *h, const u8 *payload)
     }
 }
 
+/* RX packets handled so far (the main loop idles when a pass handled none). */
+static u64 rx_handled;
+
 /* Takes every used RX buffer (and event), handles its packet and posts the buffer again. */
 static void rx_poll(void)
 {
@@ -672,6 +675,7 @@ static void rx_poll(void)
         }
         vq_post(v, (u16)e.id, (u64)rxbuf[e.id], sizeof(rxbuf[0]), F_WRITE);
         reposted = 1;
+        rx_handled++;
     }
     if (reposted)
         vmmio_wr(vsock_base, 0x50, 0);
@@ -1227,7 +1231,7 @@ void guest_main(u64 cpu, u64 ncpus)
     (void)ncpus;
     if (cpu != 0) {
         for (;;)
-            cpu_relax();
+            idle();
     }
     calibrate_tsc();
     blk_base = shared_blk_base;
@@ -1241,6 +1245,7 @@ void guest_main(u64 cpu, u64 ncpus)
     say_dec(last_seq);
     say("\n");
     for (;;) {
+        u64 before = rx_handled;
         rx_poll();
         probe_restored();
         for (int i = 0; i < MAX_CONNS; i++)
@@ -1249,6 +1254,7 @@ void guest_main(u64 cpu, u64 ncpus)
         for (int i = 0; i < MAX_CONNS; i++)
             if (conns[i].kind == K_AGENT)
                 agent_conn(i);
-        cpu_relax();
+        if (rx_handled == before)
+            idle(); /* nothing arrived: give the host CPU away for a moment */
     }
 }

@@ -417,7 +417,11 @@ impl Muxer {
                 .map_err(MuxerError::HandoverSocket)?;
             streams.push(s);
         }
+        let mut established = Vec::new();
         for (c, stream) in state.conns.into_iter().zip(streams) {
+            if c.established {
+                established.push((c.host_port, c.guest_port));
+            }
             let mut conn = Conn::new(
                 stream,
                 if c.established {
@@ -438,6 +442,12 @@ impl Muxer {
             self.conns.insert((c.host_port, c.guest_port), conn);
         }
         self.control.extend(control);
+        // Ask the guest for its credit on each connection: a guest that took its side of the
+        // connections over (a restored process, a cloned VM) learns this way that the device
+        // knows them now, and its answer reopens its receive window at once.
+        for key in established {
+            self.send_control(key, OP_CREDIT_REQUEST, 0);
+        }
         if state.next_host_port >= FIRST_HOST_PORT {
             self.next_host_port = state.next_host_port;
         }
