@@ -27,6 +27,14 @@ pub struct UpgradeArgs {
     /// Print the demo's built-in plan as JSON (a starting point for --plan) and exit.
     #[arg(long, conflicts_with_all = ["recover", "plan"])]
     print_plan: bool,
+    /// Boot this VM (a Firecracker-style JSON config: a Linux guest with `guest-agent` on
+    /// vsock) instead of the demo VM, start the plan's `workload.spec` through its agent, and
+    /// upgrade it with --plan (required), the workload moved with CRIU. Needs hardware KVM.
+    #[arg(long, requires = "plan", conflicts_with_all = ["recover", "dir"])]
+    config: Option<PathBuf>,
+    /// With --config: how long the guest may take to boot until its agent answers, seconds.
+    #[arg(long, default_value_t = 180, requires = "config")]
+    boot_timeout: u64,
     /// Recover the upgrade whose work directory is DIR after its process ended: print the disk
     /// chain the VM boots from, remove the other side's layers.
     #[arg(long, value_name = "DIR")]
@@ -96,6 +104,9 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if let (Some(config), Some(plan)) = (&args.config, &args.plan) {
+        return linux(config, plan, args.boot_timeout, args.json);
+    }
     let file_plan = match &args.plan {
         Some(p) => Some(::upgrade::UpgradePlan::load(p)?),
         None => None,
@@ -134,5 +145,68 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             outcome.os_version, outcome.log_records
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--config VM --plan PLAN`: a Linux guest upgraded with its workload moved by CRIU.
+fn linux(
+    config: &std::path::Path,
+    plan_path: &std::path::Path,
+    boot_timeout: u64,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use guest_agent::host::AgentClient;
+    use guest_agent::protocol::WorkloadSpec;
+    use guest_agent::transport::Endpoint;
+
+    let cfg = vmm::config::FileConfig::load(config)?;
+    let plan = ::upgrade::UpgradePlan::load(plan_path)?;
+    let vsock = cfg
+        .vsock
+        .clone()
+        .ok_or("the VM config has no vsock device: the guest agent is reached over vsock")?;
+    let spec: Option<WorkloadSpec> = match &plan.workload.spec {
+        Some(v) => Some(
+            serde_json::from_value(v.clone())
+                .map_err(|e| format!("plan field `workload.spec`: {e}"))?,
+        ),
+        None => None,
+    };
+    if vmm::cpuid::HostKvm::detect() == vmm::cpuid::HostKvm::Emulating {
+        eprintln!(
+            "microvmm: warning: this host's KVM emulates guest kernel code (no VT-x/AMD-V): a Linux \
+             guest boots far too slowly here"
+        );
+    }
+    let mut machine = vmm::Machine::new(cfg, None)?;
+    machine.boot()?;
+    machine.start()?;
+    let ep = Endpoint::VsockUds {
+        path: vsock.uds_path.clone(),
+        port: plan.workload.agent_port,
+    };
+    let mut agent =
+        AgentClient::connect_retry(&ep, std::time::Duration::from_secs(boot_timeout))?;
+    if let Some(spec) = &spec {
+        let pid = agent.start(spec)?;
+        eprintln!("microvmm: workload started in the guest, pid {pid}");
+    }
+    drop(agent);
+    let bar = progress();
+    let mut opts = UpgradeOptions::new(Arc::new(::upgrade::criu_agent::CriuConnector::default()));
+    opts.on_event = bar.as_ref().map(|(_, f)| f.clone());
+    let report = ::upgrade::run(&mut machine, &plan, &opts);
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    // The upgraded VM serves on; this process is its VMM until the guest stops.
+    let stop = machine.wait(None)?;
+    eprintln!("microvmm: guest stopped: {stop:?}");
     Ok(ExitCode::SUCCESS)
 }
