@@ -26,7 +26,16 @@ fn map(e: ServiceGuestError) -> AgentError {
     match e {
         ServiceGuestError::Refused(m) => AgentError::Refused(m),
         ServiceGuestError::Timeout(m) => AgentError::Timeout(format!("no answer within {m:?}")),
-        e => AgentError::Connection(e.to_string()),
+        e => {
+            // The whole chain: "cannot connect ...: <the OS error>".
+            let mut text = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                text.push_str(&format!(": {c}"));
+                src = c.source();
+            }
+            AgentError::Connection(text)
+        }
     }
 }
 
