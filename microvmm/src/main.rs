@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod api;
+mod ctl;
 mod disk;
 mod run;
 mod upgrade;
@@ -19,12 +21,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a VM (with no kernel given, the embedded test guest).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Create, fork, inspect and merge copy-on-write disks.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
     /// Upgrade a running guest's OS live (without arguments: the embedded demo).
     Upgrade(upgrade::UpgradeArgs),
+    /// Control a running `microvmm run --api-socket`.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,9 +38,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => run::main(*args),
         Command::Disk(cmd) => disk::main(cmd),
         Command::Upgrade(args) => upgrade::main(args),
+        Command::Ctl(args) => ctl::main(args),
     };
     match result {
         Ok(code) => code,

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// Print boot and exit timings to stderr.
     #[arg(long)]
     timings: bool,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket: status, pause/resume,
+    /// snapshots, live upgrades (`microvmm ctl`, `microvmm upgrade --api-socket`).
+    #[arg(long, conflicts_with_all = ["snapshot_after", "snapshot_to"])]
+    api_socket: Option<PathBuf>,
     /// Start from a snapshot directory (written by --snapshot-to) instead of booting; the other
     /// options give the devices (the same kinds as when it was saved) and the console.
     #[arg(long)]
@@ -224,6 +228,9 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     m.start()?;
     if interactive {
         forward_stdin(m.serial().clone());
+    }
+    if let Some(path) = &args.api_socket {
+        return crate::api::run_until_stopped(m, path);
     }
     let reason = match (args.snapshot_after, &args.snapshot_to) {
         (Some(ms), Some(dir)) => match m.wait(Some(Duration::from_millis(ms))) {

@@ -35,6 +35,10 @@ pub struct UpgradeArgs {
     /// With --config: how long the guest may take to boot until its agent answers, seconds.
     #[arg(long, default_value_t = 180, requires = "config")]
     boot_timeout: u64,
+    /// Upgrade the VM of a running `microvmm run --api-socket PATH` with --plan (required):
+    /// start it through the API, follow it, print its timeline. Ctrl-C asks whether to cancel.
+    #[arg(long, requires = "plan", conflicts_with_all = ["recover", "dir", "config"])]
+    api_socket: Option<PathBuf>,
     /// Recover the upgrade whose work directory is DIR after its process ended: print the disk
     /// chain the VM boots from, remove the other side's layers.
     #[arg(long, value_name = "DIR")]
@@ -103,6 +107,9 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let plan = ::upgrade::demo::plan(std::path::Path::new("upgrade"));
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    if let (Some(sock), Some(plan)) = (&args.api_socket, &args.plan) {
+        return through_api(sock, plan, args.json);
     }
     if let (Some(config), Some(plan)) = (&args.config, &args.plan) {
         return linux(config, plan, args.boot_timeout, args.json);
@@ -185,8 +192,7 @@ fn linux(
         path: vsock.uds_path.clone(),
         port: plan.workload.agent_port,
     };
-    let mut agent =
-        AgentClient::connect_retry(&ep, std::time::Duration::from_secs(boot_timeout))?;
+    let mut agent = AgentClient::connect_retry(&ep, std::time::Duration::from_secs(boot_timeout))?;
     if let Some(spec) = &spec {
         let pid = agent.start(spec)?;
         eprintln!("microvmm: workload started in the guest, pid {pid}");
@@ -209,4 +215,96 @@ fn linux(
     let stop = machine.wait(None)?;
     eprintln!("microvmm: guest stopped: {stop:?}");
     Ok(ExitCode::SUCCESS)
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_sig: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C set [`INTERRUPTED`] instead of ending the process.
+fn catch_sigint() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that only stores to an atomic (async-signal
+    // safe) and an emptied mask is a valid argument; the old action is not needed.
+    let r = unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigint as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGINT, &act, std::ptr::null_mut())
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `--api-socket S --plan P`: the upgrade runs in the `microvmm run` process that owns the VM.
+fn through_api(
+    sock: &std::path::Path,
+    plan_path: &std::path::Path,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use crate::ctl::request;
+    // Checked here first, so that a bad plan names its field before anything is sent.
+    let plan = ::upgrade::UpgradePlan::load(plan_path)?;
+    let body = serde_json::to_value(&plan)?;
+    request(sock, "PUT", "/upgrade", Some(&body))?;
+    catch_sigint()?;
+    let bar = progress();
+    let mut asked = false;
+    let status = loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (_, st) = request(sock, "GET", "/upgrade", None)?;
+        if let Some((b, f)) = &bar {
+            if let Ok(p) = serde_json::from_value::<::upgrade::Phase>(st["phase"].clone()) {
+                f(&Event::Phase(p));
+            }
+            if let (Some(done), Some(total)) = (
+                st["progress"]["done"].as_u64(),
+                st["progress"]["total"].as_u64(),
+            ) {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        }
+        if st["state"] != "running" {
+            break st;
+        }
+        if INTERRUPTED.swap(false, std::sync::atomic::Ordering::SeqCst) && !asked {
+            asked = true;
+            eprint!("\ncancel the upgrade (rolls back unless past its commit point)? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if answer.trim().eq_ignore_ascii_case("y") {
+                match request(sock, "DELETE", "/upgrade", None) {
+                    Ok(_) => eprintln!("microvmm: cancelling"),
+                    Err(e) => eprintln!("microvmm: {e}"),
+                }
+            }
+        }
+    };
+    if let Some((b, _)) = &bar {
+        b.finish_and_clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    }
+    match status["state"].as_str() {
+        Some("succeeded") => {
+            if !json {
+                let report: ::upgrade::UpgradeReport =
+                    serde_json::from_value(status["report"].clone())?;
+                print!("{}", report.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!(
+            "the upgrade {}: {}",
+            other.unwrap_or("ended"),
+            status["error"].as_str().unwrap_or("(no message)")
+        )
+        .into()),
+    }
 }

@@ -52,8 +52,7 @@ fn plans_from_files_are_checked_and_a_failing_plan_rolls_back() {
     let o = microvmm(&["upgrade", "--print-plan"]);
     let (plan, _) = text(&o);
     assert!(o.status.success());
-    let parsed =
-        upgrade::UpgradePlan::from_json(&plan, std::path::Path::new("printed")).unwrap();
+    let parsed = upgrade::UpgradePlan::from_json(&plan, std::path::Path::new("printed")).unwrap();
     assert_eq!(parsed.workload.agent_port, 1100);
     let dir = tempfile::tempdir().unwrap();
     // A misspelt field is named.

@@ -85,12 +85,16 @@ pub struct UpgradeOptions {
     pub on_event: Option<EventFn>,
     /// Fail at the start of this phase (tests and drills of the rollback path).
     pub fail_at: Option<Phase>,
+    /// Set to cancel: the upgrade rolls back at its next phase boundary before the commit
+    /// point (from the resume of the backup on, there is no way back and it is ignored).
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for UpgradeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpgradeOptions")
             .field("fail_at", &self.fail_at)
+            .field("cancel", &self.cancel)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +106,7 @@ impl UpgradeOptions {
             connector,
             on_event: None,
             fail_at: None,
+            cancel: None,
         }
     }
 }
@@ -172,6 +177,9 @@ pub enum StepError {
     /// A failure injected through [`UpgradeOptions::fail_at`].
     #[error("failure injected at phase {0}")]
     Injected(Phase),
+    /// Cancelled through [`UpgradeOptions::cancel`].
+    #[error("cancelled")]
+    Cancelled,
     /// An internal inconsistency (a bug).
     #[error("internal error: {0}")]
     Internal(String),
@@ -285,6 +293,18 @@ pub fn run(
             })
             .collect(),
     };
+    if let Some(d) = disks.iter().find(|d| d.merged_dir.exists()) {
+        return Err(PlanError::Field {
+            field: "work_dir".into(),
+            reason: format!(
+                "{} already holds {} (from an earlier upgrade): give this upgrade its own work \
+                 directory (or leave work_dir out: the default is beside the VM's current disk)",
+                work.display(),
+                d.merged_dir.display()
+            ),
+        }
+        .into());
+    }
     let journal = Journal::create(&work, &begin).map_err(UpgradeError::Start)?;
     let now = Instant::now();
     let mut s = Session {

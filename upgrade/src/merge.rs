@@ -66,6 +66,9 @@ pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
         record(s, i, "merge", &r, t);
         // Catch-up rounds until one is small.
         for _ in 0..s.plan.limits.max_catch_up_rounds {
+            if s.cancelled() {
+                return Err(StepError::Cancelled);
+            }
             if Instant::now() > deadline {
                 return Err(StepError::Timeout {
                     what: "merge and catch-up",
@@ -109,7 +112,7 @@ fn conflict_or(disk: usize) -> impl Fn(MergeError) -> StepError {
 fn record(s: &mut Session<'_>, disk: usize, kind: &'static str, r: &MergeReport, t: Instant) {
     let round = MergeRound {
         disk,
-        kind,
+        kind: kind.to_string(),
         bytes: r.bytes_to_write,
         conflicts: conflicts(r),
         duration: t.elapsed(),

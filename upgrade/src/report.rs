@@ -5,17 +5,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::phase::Phase;
 
 /// One phase's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PhaseTiming {
     /// The phase.
     pub phase: Phase,
     /// How long it took.
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub duration: Duration,
     /// Guest pages copied (clone).
     pub pages: u64,
@@ -26,18 +26,18 @@ pub struct PhaseTiming {
 }
 
 /// One merge or catch-up round.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeRound {
     /// Disk index.
     pub disk: usize,
     /// `merge`, `catch-up` or `final catch-up`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Bytes written to the output.
     pub bytes: u64,
     /// Conflicts (resolved by the policy).
     pub conflicts: u64,
     /// Duration.
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub duration: Duration,
 }
 
@@ -54,25 +54,25 @@ impl MergeRound {
 }
 
 /// The report of a finished upgrade.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct UpgradeReport {
     /// Each phase, in order.
     pub phases: Vec<PhaseTiming>,
     /// The live clone's pause of the active VM.
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub clone_pause: Duration,
     /// Pre-copy rounds of the clone (pages each).
     pub clone_rounds: Vec<u64>,
     /// Merge and catch-up rounds.
     pub merge_rounds: Vec<MergeRound>,
     /// From freezing the workload to resuming the backup.
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub cutover: Duration,
     /// The commit record's durability after the resume (outside the cutover).
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub commit: Duration,
     /// The whole upgrade.
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(serialize_with = "ser_ms", deserialize_with = "de_ms")]
     pub total: Duration,
     /// The VM's disks now (the merged layers).
     pub disks: Vec<PathBuf>,
@@ -82,6 +82,11 @@ pub struct UpgradeReport {
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+fn de_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let ms = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(ms / 1e3).map_err(serde::de::Error::custom)
 }
 
 fn ms(d: Duration) -> String {

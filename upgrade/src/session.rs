@@ -170,12 +170,24 @@ impl Session<'_> {
         }
     }
 
-    /// A failure injected at the start of `phase` (for tests and drills).
+    /// A failure injected at the start of `phase` (for tests and drills), or a cancellation
+    /// (honoured up to the resume, the last phase before the commit point).
     pub(crate) fn fault(&self, phase: Phase) -> Result<(), StepError> {
         if self.opts.fail_at == Some(phase) {
             return Err(StepError::Injected(phase));
         }
+        if phase <= Phase::Resume && self.cancelled() {
+            return Err(StepError::Cancelled);
+        }
         Ok(())
+    }
+
+    /// Whether the upgrade was asked to stop.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     pub(crate) fn backup(&mut self) -> Result<&mut Machine, StepError> {

@@ -547,3 +547,18 @@ fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
         "kills landed on both sides of the commit"
     );
 }
+
+#[test]
+fn a_cancel_during_the_merge_rolls_back_before_the_cutover() {
+    // Seen between two merge rounds.
+    rolls_back("cancelled", Phase::Merge, |_, _, o| {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let set = flag.clone();
+        o.cancel = Some(flag);
+        o.on_event = Some(Arc::new(move |e: &upgrade::Event| {
+            if *e == upgrade::Event::Phase(Phase::Merge) {
+                set.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }));
+    });
+}

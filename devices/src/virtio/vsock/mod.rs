@@ -113,6 +113,14 @@ impl VsockHandle {
         r
     }
 
+    /// The host socket path the active device answers on (another device's, after
+    /// [`VsockHandle::adopt_listener`]); `None` if inactive.
+    pub fn uds_path(&self) -> Option<PathBuf> {
+        lock_muxer(&self.muxer)
+            .as_ref()
+            .map(|m| m.uds_path().to_owned())
+    }
+
     /// Number of live connections of the active device (0 if inactive).
     pub fn connection_count(&self) -> usize {
         lock_muxer(&self.muxer)
