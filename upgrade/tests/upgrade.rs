@@ -562,3 +562,27 @@ fn a_cancel_during_the_merge_rolls_back_before_the_cutover() {
         }));
     });
 }
+
+#[test]
+fn a_backup_restarted_into_its_new_kernel_takes_the_workload_over() {
+    if !vmm::guests::kvm_or_skip("backup_restarted") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The backup reboots (here into the same test guest) on its upgraded disk after the
+    // commands; the fresh guest reads the new OS version from its disk.
+    let o = demo::run(dir.path(), |p, _| {
+        p.restart = Some(upgrade::plan::Restart {
+            kernel: vmm::config::KernelSource::TestGuest("service".into()),
+            initrd: None,
+            cmdline: None,
+        });
+    })
+    .unwrap();
+    println!("{}{}", o.report.table(), o.client.line());
+    assert_eq!(o.os_version, 2);
+    assert_eq!((o.client.errors, o.client.out_of_order), (0, 0));
+    let console = std::fs::read_to_string(dir.path().join("upgrade/backup.console")).unwrap();
+    assert!(console.contains("service: ready version=2"), "{console}");
+}

@@ -978,7 +978,10 @@ static void cmd_exec(int ci, char **argv, int argc)
 static void cmd_restore(int ci, char **argv, int argc)
 {
     struct text t = { out_buf, 0, sizeof(out_buf) };
-    if (mode != MODE_STANDBY) {
+    /* A standby clone, or a copy freshly booted (e.g. a backup restarted into its new kernel)
+     * that has served nothing and holds no service connection. */
+    int fresh = mode == MODE_SERVING && shared_requests == 0 && count_kind(K_SERVICE) == 0;
+    if (mode != MODE_STANDBY && !fresh) {
         agent_reply(ci, "err not standby");
         return;
     }
