@@ -30,6 +30,12 @@ pub struct Base {
     identity: Identity,
 }
 
+/// Opens a raw image read-only; anything but a regular file (a FIFO would block the open, a
+/// device has no length) is [`BlockError::NotRegularFile`].
+fn open_image(path: &Path) -> Result<File, BlockError> {
+    BlockError::open_regular(OpenOptions::new().read(true), path)
+}
+
 /// The identity sidecar of a raw image: `<path>.identity`.
 pub fn sidecar_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -56,18 +62,30 @@ fn fingerprint(file: &File, size: u64, path: &Path) -> Result<u64, BlockError> {
 
 impl Base {
     /// Creates a sparse, all-zero raw image of `size` bytes and its identity.
+    /// A failure leaves nothing behind (neither the image nor its sidecar).
     pub fn create(path: &Path, size: u64) -> Result<Self, BlockError> {
         crate::check_size(size)?;
+        let sidecar = sidecar_path(path);
+        if sidecar.exists() {
+            // Left by an earlier image of this name: it would be taken as the new one's.
+            return Err(BlockError::Exists { path: sidecar });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(BlockError::create(path))?;
-        file.set_len(size).map_err(BlockError::io("resize", path))?;
-        file.sync_all().map_err(BlockError::io("sync", path))?;
+        let made = file
+            .set_len(size)
+            .map_err(BlockError::io("resize", path))
+            .and_then(|()| file.sync_all().map_err(BlockError::io("sync", path)));
         drop(file);
-        Self::adopt(path)
+        made.and_then(|()| Self::adopt(path)).inspect_err(|_| {
+            // Both files are ours: the image was created above, the sidecar did not exist.
+            let _ = std::fs::remove_file(&sidecar);
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// Gives an existing raw image an identity (writes the sidecar) and opens it.
@@ -76,7 +94,7 @@ impl Base {
         if sidecar_path(path).exists() {
             return Self::open(path);
         }
-        let file = File::open(path).map_err(BlockError::io("open", path))?;
+        let file = open_image(path)?;
         let size = file.metadata().map_err(BlockError::io("stat", path))?.len();
         crate::check_size(size)?;
         let uuid = meta::hex(
@@ -96,7 +114,7 @@ impl Base {
     /// Opens a raw image read-only and checks it against its identity sidecar.
     pub fn open(path: &Path) -> Result<Self, BlockError> {
         let sidecar = sidecar_path(path);
-        let file = File::open(path).map_err(BlockError::io("open", path))?;
+        let file = open_image(path)?;
         if !sidecar.exists() {
             return Err(BlockError::MissingIdentity {
                 path: path.to_path_buf(),
@@ -171,7 +189,7 @@ impl Base {
 
 /// Writes the identity sidecar `sidecar` for the raw image at `image` with the given UUID.
 pub(crate) fn write_identity(image: &Path, sidecar: &Path, uuid: &str) -> Result<(), BlockError> {
-    let file = File::open(image).map_err(BlockError::io("open", image))?;
+    let file = open_image(image)?;
     let size = file
         .metadata()
         .map_err(BlockError::io("stat", image))?

@@ -11,13 +11,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentKind, ExtentMap};
 use crate::journal::{JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
-use crate::layer::Layer;
+use crate::journal::{JournalError, MAX_SEQ};
+use crate::layer::{Chain, Layer};
 use crate::meta::{self, Identity, LayerKind};
 use crate::{BLOCK_SIZE, check_io};
 
 const DELTA_FORMAT: &str = "microvmm-delta";
 /// A writable open compacts a journal with more records than this (and 4x its extents).
-const AUTO_COMPACT_RECORDS: usize = 1 << 16;
+const AUTO_COMPACT_RECORDS: u64 = 1 << 16;
 /// File names inside a delta directory.
 pub const META_FILE: &str = "meta";
 /// The sparse data file.
@@ -50,6 +51,22 @@ pub struct DeltaMeta {
     /// For a merge output: the merge digest (hex) that produced it.
     #[serde(default)]
     pub merged_from: Option<String>,
+    /// For a merge output: the deltas merged into it (a catch-up checks it is given the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_inputs: Option<MergeInputs>,
+}
+
+/// The inputs of the merge that produced a delta (its provenance).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeInputs {
+    /// UUID of the active VM's delta.
+    pub active: String,
+    /// The active delta's last sequence number the merge read (the first merge point).
+    pub active_seq: u64,
+    /// UUID of the upgrade's delta.
+    pub upgrade: String,
+    /// The upgrade delta's last sequence number the merge read.
+    pub upgrade_seq: u64,
 }
 
 struct WriteState {
@@ -131,6 +148,7 @@ impl Delta {
         merged_from: Option<String>,
     ) -> Result<Self, BlockError> {
         let identity = parent.identity()?;
+        parent.check_child_depth(dir)?;
         let parent_path = std::fs::canonicalize(parent.path())
             .map_err(BlockError::io("resolve", parent.path()))?;
         std::fs::create_dir(dir).map_err(BlockError::create(dir))?;
@@ -144,9 +162,14 @@ impl Delta {
                 identity,
             },
             merged_from,
+            merge_inputs: None,
         };
-        Self::init_files(dir, &meta, &[])?;
-        Self::open_with(dir, true, false)
+        Self::init_files(dir, &meta, &[])
+            .and_then(|()| Self::open_with(dir, true, false))
+            .inspect_err(|_| {
+                // The directory is ours (just created) and nothing in it was ever acknowledged.
+                let _ = std::fs::remove_dir_all(dir);
+            })
     }
 
     /// Writes data/journal/meta files of a delta into an existing directory. `records` (already
@@ -228,6 +251,17 @@ impl Delta {
     /// Opens a delta. With `repair`, mid-journal corruption truncates the journal at the last
     /// commit before it instead of failing (records after it are lost).
     pub fn open_with(dir: &Path, writable: bool, repair: bool) -> Result<Self, BlockError> {
+        Self::open_in(dir, writable, repair, &mut Chain::default())
+    }
+
+    /// Opens the delta at `dir` as a layer of the chain being opened (its parents are opened
+    /// into the same `chain`, which refuses loops and runaway depth).
+    pub(crate) fn open_in(
+        dir: &Path,
+        writable: bool,
+        repair: bool,
+        chain: &mut Chain,
+    ) -> Result<Self, BlockError> {
         let meta_path = dir.join(META_FILE);
         if dir.is_dir() && !meta_path.exists() && meta::tmp_path(&meta_path).exists() {
             return Err(BlockError::IncompleteFork {
@@ -241,6 +275,7 @@ impl Delta {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         }
+        chain.enter(dir)?;
         let meta: DeltaMeta = meta::read(&meta_path)?;
         if meta.format != DELTA_FORMAT || meta.version != 1 || meta::unhex(&meta.uuid).is_none() {
             return Err(BlockError::BadMeta {
@@ -248,6 +283,7 @@ impl Delta {
                 reason: format!("not a {DELTA_FORMAT} v1 meta"),
             });
         }
+        chain.enter_uuid(&meta.uuid, dir)?;
         crate::check_size(meta.size)?;
         let jerr = |source| BlockError::Journal {
             path: dir.to_path_buf(),
@@ -256,7 +292,7 @@ impl Delta {
         // Lock (on `meta`, which is never replaced) before replaying: a writable open zeroes
         // a torn journal tail, and compaction replaces the journal file.
         let jpath = dir.join(JOURNAL_FILE);
-        let lock = File::open(&meta_path).map_err(BlockError::io("open", &meta_path))?;
+        let lock = BlockError::open_regular(OpenOptions::new().read(true), &meta_path)?;
         // A lock can be held for a moment by a process forked elsewhere in this program
         // before it execs (the fd is close-on-exec): retry briefly before giving up.
         let mut tries = 0;
@@ -273,14 +309,29 @@ impl Delta {
             // A compaction interrupted before its rename.
             let _ = std::fs::remove_file(crate::journal::compact_path(&jpath));
         }
-        let (journal, replay) = Journal::open(&jpath, writable, repair).map_err(jerr)?;
+        // The index is built as the journal is read (its committed records are not collected).
+        let mut index = ExtentMap::new();
+        let mut frozen_seq = None;
+        let mut last = 0;
+        let (journal, replay) = Journal::open(&jpath, writable, repair, |r| {
+            match r.kind {
+                RecordKind::Write => index.insert(r.offset, r.len, ExtentKind::Data, r.seq),
+                RecordKind::Zero | RecordKind::Discard => {
+                    index.insert(r.offset, r.len, ExtentKind::Zero, r.seq);
+                }
+                RecordKind::Fork => frozen_seq = Some(r.seq),
+                _ => {}
+            }
+            last = r.seq;
+        })
+        .map_err(jerr)?;
         if Some(replay.header.tag) != meta::unhex(&meta.uuid) || replay.header.offset != meta.size {
             return Err(BlockError::BadMeta {
                 path: meta_path,
                 reason: "journal header does not match meta".into(),
             });
         }
-        let parent = Arc::new(Layer::open(&meta.parent.path)?);
+        let parent = Arc::new(Layer::open_in(&meta.parent.path, chain)?);
         let found = parent.identity()?;
         if found != meta.parent.identity {
             return Err(BlockError::IdentityMismatch {
@@ -290,11 +341,8 @@ impl Delta {
             });
         }
         let data_path = dir.join(DATA_FILE);
-        let data = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&data_path)
-            .map_err(BlockError::io("open", &data_path))?;
+        let data =
+            BlockError::open_regular(OpenOptions::new().read(true).write(writable), &data_path)?;
         let data_len = data
             .metadata()
             .map_err(BlockError::io("stat", &data_path))?
@@ -306,29 +354,14 @@ impl Delta {
             });
         }
         let Replay {
-            committed,
+            committed: records,
             discarded_bytes,
             ..
         } = replay;
-        let mut index = ExtentMap::new();
-        let mut frozen_seq = None;
-        let mut last = 0;
-        for r in &committed {
-            match r.kind {
-                RecordKind::Write => index.insert(r.offset, r.len, ExtentKind::Data, r.seq),
-                RecordKind::Zero | RecordKind::Discard => {
-                    index.insert(r.offset, r.len, ExtentKind::Zero, r.seq);
-                }
-                RecordKind::Fork => frozen_seq = Some(r.seq),
-                _ => {}
-            }
-            last = r.seq;
-        }
         if frozen_seq.is_some() && writable {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
-        let records = committed.len();
         let delta = Self {
             dir: dir.to_path_buf(),
             meta,
@@ -352,7 +385,7 @@ impl Delta {
         if writable
             && frozen_seq.is_none()
             && records > AUTO_COMPACT_RECORDS
-            && records > 4 * delta.extent_count()
+            && records > 4 * delta.extent_count() as u64
         {
             delta.compact()?;
         }
@@ -418,7 +451,31 @@ impl Delta {
         Ok(st)
     }
 
-    fn record(&self, st: &mut WriteState, kind: RecordKind, offset: u64, len: u64) {
+    /// Refuses an operation that needs `n` more sequence numbers than are left below
+    /// [`MAX_SEQ`] (never in practice: the journal refuses a crafted one at open).
+    fn reserve_seqs(&self, st: &WriteState, n: u64) -> Result<(), BlockError> {
+        if st.next_seq.saturating_add(n - 1) > MAX_SEQ {
+            return Err(BlockError::Journal {
+                path: self.dir.clone(),
+                source: JournalError::SequenceLimit {
+                    path: self.dir.join(JOURNAL_FILE),
+                    seq: st.next_seq,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a change; fails only when the sequence numbers run out (one must stay for the
+    /// FLUSH that commits it).
+    fn record(
+        &self,
+        st: &mut WriteState,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
+        self.reserve_seqs(st, 2)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         st.pending.push(Record::new(kind, seq, offset, len));
@@ -431,6 +488,7 @@ impl Delta {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(offset, len, ek, seq);
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset` (512-byte aligned), falling through to the parent
@@ -480,6 +538,8 @@ impl Delta {
         if len == 0 {
             return Ok(());
         }
+        // Before the data file changes: a write that cannot be recorded must not land.
+        self.reserve_seqs(st, 2)?;
         let (start, end) = (align_down(offset), align_up(offset + len));
         let err = BlockError::io("write", &self.dir);
         if start == offset && end == offset + len {
@@ -496,8 +556,7 @@ impl Delta {
             tmp[at..at + buf.len()].copy_from_slice(buf);
             self.data.write_all_at(&tmp, start).map_err(err)?;
         }
-        self.record(st, RecordKind::Write, start, end - start);
-        Ok(())
+        self.record(st, RecordKind::Write, start, end - start)
     }
 
     /// Makes `[offset, offset + len)` read as zeros (partial blocks are written as zero data).
@@ -514,6 +573,8 @@ impl Delta {
     fn zero_range(&self, offset: u64, len: u64, kind: RecordKind) -> Result<(), BlockError> {
         check_io(offset, len, self.meta.size)?;
         let mut st = self.writer()?;
+        // Up to three records (two partial edges and the range) and their FLUSH.
+        self.reserve_seqs(&st, 4)?;
         let (start, end) = (align_up(offset), align_down(offset + len));
         if start >= end {
             if kind == RecordKind::Zero {
@@ -527,8 +588,7 @@ impl Delta {
         }
         crate::sys::punch_hole(&self.data, start, end - start)
             .map_err(BlockError::io("punch", &self.dir))?;
-        self.record(&mut st, kind, start, end - start);
-        Ok(())
+        self.record(&mut st, kind, start, end - start)
     }
 
     /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
@@ -650,6 +710,8 @@ impl Delta {
                 path: self.dir.clone(),
             });
         }
+        // Room for the FLUSH of pending records and the FORK.
+        self.reserve_seqs(&st, 2)?;
         let mut recs = std::mem::take(&mut st.pending);
         if !recs.is_empty() {
             recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
@@ -717,6 +779,7 @@ impl Delta {
                 identity: parent.identity()?,
             },
             merged_from: None,
+            merge_inputs: None,
         })
     }
 

@@ -60,7 +60,9 @@ pub enum BlockError {
         path: PathBuf,
     },
     /// A raw image has no identity sidecar.
-    #[error("raw image {path} has no identity file {sidecar} (create it with `Base::adopt`)")]
+    #[error(
+        "raw image {path} has no identity file {sidecar} (give it one with `microvmm disk create -f raw --adopt {path}`)"
+    )]
     MissingIdentity {
         /// The image.
         path: PathBuf,
@@ -106,6 +108,28 @@ pub enum BlockError {
         /// The child directory.
         path: PathBuf,
     },
+    /// A layer's parent chain comes back to a layer already in it (a `meta` naming the delta
+    /// itself or one of its descendants as parent).
+    #[error("the parent chain loops: {path} is its own ancestor")]
+    ChainLoop {
+        /// The layer met twice.
+        path: PathBuf,
+    },
+    /// A parent chain with more layers than [`crate::MAX_CHAIN_DEPTH`].
+    #[error("the parent chain at {path} is more than {max} layers deep")]
+    ChainTooDeep {
+        /// The layer that would go past the limit.
+        path: PathBuf,
+        /// The limit.
+        max: usize,
+    },
+    /// A file of a layer (an image, a `meta`, `data` or `journal`) is a FIFO, device, socket or
+    /// directory; it is refused before it is read (a FIFO would block the open).
+    #[error("{path} is not a regular file")]
+    NotRegularFile {
+        /// The file.
+        path: PathBuf,
+    },
     /// The delta's journal could not be read or written.
     #[error("journal failure in delta {path}")]
     Journal {
@@ -134,5 +158,21 @@ impl BlockError {
     pub(crate) fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_path_buf();
         move |source| Self::Io { op, path, source }
+    }
+
+    /// Opens `path` with `opts`, refusing anything but a regular file (without blocking: a
+    /// FIFO is opened non-blocking, then refused).
+    pub(crate) fn open_regular(
+        opts: &mut std::fs::OpenOptions,
+        path: &std::path::Path,
+    ) -> Result<std::fs::File, Self> {
+        let file = crate::sys::open_nonblocking(opts, path).map_err(Self::io("open", path))?;
+        let meta = file.metadata().map_err(Self::io("stat", path))?;
+        if !meta.is_file() {
+            return Err(Self::NotRegularFile {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(file)
     }
 }

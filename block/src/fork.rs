@@ -41,6 +41,7 @@ pub fn prepare_fork(parent: Arc<Layer>, a: &Path, b: &Path) -> Result<PreparedFo
             path: parent.path().to_path_buf(),
         });
     }
+    parent.check_child_depth(a)?;
     let size = parent.size();
     let ca = Delta::prepare_child(a, size)?;
     let cb = match Delta::prepare_child(b, size) {

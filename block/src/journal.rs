@@ -6,7 +6,7 @@
 //! record, and refuses (typed error) a journal whose damage is followed by valid records.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,12 @@ pub const RECORD_MAGIC: u32 = 0x4d56_4a31;
 const PREALLOCATE: u64 = 256 << 10;
 /// Version of the journal format (stored in the header's `aux`).
 pub const JOURNAL_VERSION: u64 = 1;
+/// Largest sequence number a journal may hold. A record above it is refused at open
+/// ([`JournalError::SequenceLimit`]) instead of letting the next number wrap past `u64::MAX`
+/// (which would make the next committed batch look like damage and drop it at reopen); a
+/// delta refuses writes that would need a number above it. 2^62 changes are never reached
+/// by counting.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// Errors of journal reading and writing.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,15 @@ pub enum JournalError {
         path: PathBuf,
         /// Offset of the first damaged record.
         offset: u64,
+    },
+    /// A record carries a sequence number above [`MAX_SEQ`] (a crafted journal), or a delta
+    /// ran out of sequence numbers.
+    #[error("journal {path}: sequence number {seq} is above the limit {MAX_SEQ}")]
+    SequenceLimit {
+        /// The journal file.
+        path: PathBuf,
+        /// The sequence number.
+        seq: u64,
     },
     /// A record's fields are inconsistent (checksum right, content wrong).
     #[error("journal {path} has an invalid record at byte {offset}: {reason}")]
@@ -178,17 +193,68 @@ impl Record {
     }
 }
 
-/// What recovery found in a journal.
+/// What recovery found in a journal (the committed records themselves went to the caller's
+/// `apply`, one at a time).
 #[derive(Debug)]
 pub struct Replay {
     /// The header record.
     pub header: Record,
-    /// Committed records after the header, in order (commit records included).
-    pub committed: Vec<Record>,
+    /// Number of committed records after the header (commit records included).
+    pub committed: u64,
     /// Byte length of the committed prefix (header included).
     pub committed_len: u64,
     /// Bytes after the committed prefix (uncommitted records or a torn tail).
     pub discarded_bytes: u64,
+}
+
+/// Bytes of journal read at once by recovery: its memory use, whatever the journal's size.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads a journal's record slots through one fixed buffer (mostly front to back).
+struct Slots<'a> {
+    file: &'a File,
+    path: &'a Path,
+    /// Whole records in the file.
+    slots: u64,
+    buf: Vec<u8>,
+    /// First slot in `buf`, and how many it holds.
+    first: u64,
+    held: u64,
+}
+
+impl<'a> Slots<'a> {
+    fn new(file: &'a File, path: &'a Path, size: u64) -> Self {
+        Self {
+            file,
+            path,
+            slots: size / RECORD_SIZE as u64,
+            buf: vec![0; READ_CHUNK],
+            first: 0,
+            held: 0,
+        }
+    }
+
+    /// The raw bytes of slot `i` (`i < self.slots`).
+    fn raw(&mut self, i: u64) -> Result<[u8; RECORD_SIZE], JournalError> {
+        if i < self.first || i >= self.first + self.held {
+            let per = (READ_CHUNK / RECORD_SIZE) as u64;
+            let n = per.min(self.slots - i);
+            let len = n as usize * RECORD_SIZE;
+            self.file
+                .read_exact_at(&mut self.buf[..len], i * RECORD_SIZE as u64)
+                .map_err(Journal::io(self.path))?;
+            (self.first, self.held) = (i, n);
+        }
+        let at = (i - self.first) as usize * RECORD_SIZE;
+        let mut b = [0u8; RECORD_SIZE];
+        b.copy_from_slice(&self.buf[at..at + RECORD_SIZE]);
+        Ok(b)
+    }
+
+    /// The record in slot `i`, `None` if it does not decode.
+    fn record(&mut self, i: u64) -> Result<Option<Record>, JournalError> {
+        Ok(Record::decode(&self.raw(i)?))
+    }
 }
 
 /// An append-only journal file.
@@ -243,25 +309,35 @@ impl Journal {
         Ok(j)
     }
 
-    /// Opens and replays a delta journal. `repair` accepts mid-journal damage (keeping the
+    /// Opens and replays a delta journal: `apply` gets each committed record after the header,
+    /// in order (commit records included). `repair` accepts mid-journal damage (keeping the
     /// committed prefix before it) instead of failing with [`JournalError::Corrupt`].
-    pub fn open(path: &Path, writable: bool, repair: bool) -> Result<(Self, Replay), JournalError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(Self::io(path))?;
-        let mut bytes = Vec::new();
-        (&file).read_to_end(&mut bytes).map_err(Self::io(path))?;
-        let size = bytes.len() as u64;
-        let slots = size / RECORD_SIZE as u64;
-        let read = |i: u64| -> Result<Option<Record>, JournalError> {
-            let at = (i * RECORD_SIZE as u64) as usize;
-            let mut b = [0u8; RECORD_SIZE];
-            b.copy_from_slice(&bytes[at..at + RECORD_SIZE]);
-            Ok(Record::decode(&b))
-        };
-        let header = match if slots > 0 { read(0)? } else { None } {
+    ///
+    /// Memory use is bounded whatever the journal's size: it is read a chunk at a time, once to
+    /// find and check the committed prefix, then again to hand its records to `apply`.
+    pub fn open(
+        path: &Path,
+        writable: bool,
+        repair: bool,
+        mut apply: impl FnMut(&Record),
+    ) -> Result<(Self, Replay), JournalError> {
+        let file =
+            crate::sys::open_nonblocking(OpenOptions::new().read(true).write(writable), path)
+                .map_err(Self::io(path))?;
+        let meta = file.metadata().map_err(Self::io(path))?;
+        if !meta.is_file() {
+            return Err(JournalError::Io {
+                path: path.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        let size = meta.len();
+        let mut slots = Slots::new(&file, path, size);
+        let header = match if slots.slots > 0 {
+            slots.record(0)?
+        } else {
+            None
+        } {
             Some(h) if h.kind == RecordKind::Header && h.seq == 0 => h,
             _ => {
                 return Err(JournalError::BadHeader {
@@ -275,13 +351,18 @@ impl Journal {
                 version: header.aux,
             });
         }
-        let mut committed = Vec::new();
-        let mut pending = Vec::new();
+        // Pass 1: where the committed prefix ends, every record in it checked.
         let mut committed_slots = 1u64;
         let mut last_seq = 0u64;
         let mut i = 1u64;
-        while i < slots {
-            let Some(r) = read(i)? else { break };
+        while i < slots.slots {
+            let Some(r) = slots.record(i)? else { break };
+            if r.seq > MAX_SEQ {
+                return Err(JournalError::SequenceLimit {
+                    path: path.to_path_buf(),
+                    seq: r.seq,
+                });
+            }
             // Sequence numbers never go down (a compacted journal repeats one per extent).
             if r.seq < last_seq || r.kind == RecordKind::Header || r.kind as u8 >= 0x20 {
                 break;
@@ -307,17 +388,15 @@ impl Journal {
                 }
             }
             last_seq = r.seq;
-            pending.push(r);
             i += 1;
             if matches!(r.kind, RecordKind::Flush | RecordKind::Fork) {
-                committed.append(&mut pending);
                 committed_slots = i;
             }
         }
-        if i < slots && !repair {
+        if i < slots.slots && !repair {
             // Damage at slot i: a torn tail unless a valid record follows.
-            for k in i + 1..slots {
-                if let Some(r) = read(k)?
+            for k in i + 1..slots.slots {
+                if let Some(r) = slots.record(k)?
                     && r.seq > last_seq
                     && r.kind != RecordKind::Header
                 {
@@ -328,17 +407,23 @@ impl Journal {
                 }
             }
         }
+        // Pass 2: the committed records, in order (the lock the caller holds keeps writers
+        // out, so they are the ones checked above; a record that no longer decodes is damage).
+        for k in 1..committed_slots {
+            let r = slots.record(k)?.ok_or_else(|| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                offset: k * RECORD_SIZE as u64,
+            })?;
+            apply(&r);
+        }
         let committed_len = committed_slots * RECORD_SIZE as u64;
         // After the committed prefix: zeros (space preallocated by `append`) and possibly
         // uncommitted records or a torn write, which are discarded (zeroed when writable).
-        let tail = &bytes[committed_len as usize..];
-        let discarded_bytes = tail
-            .iter()
-            .rposition(|&b| b != 0)
-            .map_or(0, |i| i as u64 + 1);
+        let discarded_bytes = last_nonzero_after(&file, path, committed_len, size)?
+            .map_or(0, |end| end - committed_len);
         let replay = Replay {
             header,
-            committed,
+            committed: committed_slots - 1,
             committed_len,
             discarded_bytes,
         };
@@ -349,9 +434,15 @@ impl Journal {
             allocated: size,
         };
         if writable && discarded_bytes > 0 {
-            j.file
-                .write_all_at(&vec![0u8; discarded_bytes as usize], committed_len)
-                .map_err(Self::io(path))?;
+            let zeros = vec![0u8; READ_CHUNK.min(discarded_bytes as usize)];
+            let mut at = committed_len;
+            while at < committed_len + discarded_bytes {
+                let n = (committed_len + discarded_bytes - at).min(zeros.len() as u64) as usize;
+                j.file
+                    .write_all_at(&zeros[..n], at)
+                    .map_err(Self::io(path))?;
+                at += n as u64;
+            }
             j.file.sync_data().map_err(Self::io(path))?;
         }
         Ok((j, replay))
@@ -392,6 +483,29 @@ impl Journal {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// The end (offset + 1) of the last non-zero byte of `[from, size)` of `file`, read a chunk
+/// at a time; `None` if the range is all zeros.
+fn last_nonzero_after(
+    file: &File,
+    path: &Path,
+    from: u64,
+    size: u64,
+) -> Result<Option<u64>, JournalError> {
+    let mut buf = vec![0u8; READ_CHUNK.min(size.saturating_sub(from) as usize)];
+    let mut last = None;
+    let mut at = from;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(Journal::io(path))?;
+        if let Some(p) = buf[..n].iter().rposition(|&b| b != 0) {
+            last = Some(at + p as u64 + 1);
+        }
+        at += n as u64;
+    }
+    Ok(last)
 }
 
 /// Where [`Journal::rewrite`] builds the new journal (a leftover is ignored and removed).

@@ -1,11 +1,59 @@
 //! `Layer` (a base or a delta, as a parent or a disk), `fork`, and the `Disk` trait devices use.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::base::Base;
 use crate::delta::Delta;
 use crate::error::BlockError;
 use crate::meta::Identity;
+
+/// Most layers a disk chain may have, base included: a deeper chain is refused at open
+/// ([`BlockError::ChainTooDeep`]), and so is a delta created or forked at the limit.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// The layers met so far while opening one chain, child first: a layer met twice (a parent
+/// chain that loops) and a chain deeper than [`MAX_CHAIN_DEPTH`] are refused before the
+/// recursion can run away.
+#[derive(Debug, Default)]
+pub(crate) struct Chain {
+    /// (device, inode) of each layer's file or directory.
+    files: Vec<(u64, u64)>,
+    /// UUIDs of the deltas.
+    uuids: Vec<String>,
+}
+
+impl Chain {
+    /// Records the layer at `path`; fails if it is already in the chain or the chain is full.
+    pub(crate) fn enter(&mut self, path: &Path) -> Result<(), BlockError> {
+        let m = std::fs::metadata(path).map_err(BlockError::io("stat", path))?;
+        if self.files.contains(&(m.dev(), m.ino())) {
+            return Err(BlockError::ChainLoop {
+                path: path.to_path_buf(),
+            });
+        }
+        if self.files.len() >= MAX_CHAIN_DEPTH {
+            return Err(BlockError::ChainTooDeep {
+                path: path.to_path_buf(),
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        self.files.push((m.dev(), m.ino()));
+        Ok(())
+    }
+
+    /// Records a delta's UUID; a second delta with the same one (a copy of a layer used as
+    /// its own ancestor) is a loop too.
+    pub(crate) fn enter_uuid(&mut self, uuid: &str, path: &Path) -> Result<(), BlockError> {
+        if self.uuids.iter().any(|u| u == uuid) {
+            return Err(BlockError::ChainLoop {
+                path: path.to_path_buf(),
+            });
+        }
+        self.uuids.push(uuid.to_owned());
+        Ok(())
+    }
+}
 
 /// A layer of a disk chain.
 #[derive(Debug)]
@@ -20,11 +68,41 @@ pub enum Layer {
 impl Layer {
     /// Opens a layer read-only: a directory is a delta, a file a raw base.
     pub fn open(path: &Path) -> Result<Self, BlockError> {
+        Self::open_in(path, &mut Chain::default())
+    }
+
+    /// Opens the parent layer at `path` of a chain being opened.
+    pub(crate) fn open_in(path: &Path, chain: &mut Chain) -> Result<Self, BlockError> {
         if path.is_dir() {
-            Delta::open_read_only(path).map(Self::Delta)
+            Delta::open_in(path, false, false, chain).map(Self::Delta)
         } else {
-            Base::open(path).map(Self::Base)
+            let base = Base::open(path)?;
+            chain.enter(path)?;
+            Ok(Self::Base(base))
         }
+    }
+
+    /// Number of layers in the chain from this one down to the base (1 for a base).
+    pub fn depth(&self) -> usize {
+        let mut n = 1;
+        let mut layer = self;
+        while let Self::Delta(d) = layer {
+            n += 1;
+            layer = d.parent();
+        }
+        n
+    }
+
+    /// Refuses a new child of this layer (created or forked into `child`) whose chain would
+    /// be deeper than [`MAX_CHAIN_DEPTH`].
+    pub(crate) fn check_child_depth(&self, child: &Path) -> Result<(), BlockError> {
+        if self.depth() >= MAX_CHAIN_DEPTH {
+            return Err(BlockError::ChainTooDeep {
+                path: child.to_path_buf(),
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        Ok(())
     }
 
     /// Opens a layer for writing where that means something: a delta read-write, a base

@@ -19,11 +19,13 @@ pub mod nbd;
 mod sys;
 
 pub use base::{Base, sidecar_path};
-pub use delta::{DATA_FILE, Delta, DeltaMeta, FlushHook, JOURNAL_FILE, META_FILE, ParentRef};
+pub use delta::{
+    DATA_FILE, Delta, DeltaMeta, FlushHook, JOURNAL_FILE, META_FILE, MergeInputs, ParentRef,
+};
 pub use error::BlockError;
 pub use extent::{BLOCK_SIZE, Extent, ExtentKind, ExtentMap, coalesce};
 pub use fork::{ForkCommit, PreparedFork, fork, prepare_fork};
-pub use layer::{Disk, Layer};
+pub use layer::{Disk, Layer, MAX_CHAIN_DEPTH};
 pub use meta::{Identity, LayerKind};
 
 /// Alignment required of I/O offsets and lengths.

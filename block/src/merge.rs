@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::base::{Base, write_identity};
-use crate::delta::{DATA_FILE, Delta, DeltaMeta};
+use crate::delta::{DATA_FILE, Delta, DeltaMeta, MergeInputs};
 use crate::error::BlockError;
 use crate::extent::{BLOCK_SIZE, Extent, ExtentKind};
 use crate::journal::{self, JournalError, Record, RecordKind};
@@ -349,6 +349,19 @@ pub enum MergeError {
     OutputParent {
         /// The output.
         path: PathBuf,
+    },
+    /// The catch-up target was not produced by a merge of these two deltas (its meta records
+    /// no merge, or a merge of other inputs).
+    #[error("{path} is not the merge output of {active} and {upgrade}: {reason}")]
+    NotMergeOutput {
+        /// The delta given as the output.
+        path: PathBuf,
+        /// The active delta given.
+        active: PathBuf,
+        /// The upgrade delta given.
+        upgrade: PathBuf,
+        /// What does not match.
+        reason: String,
     },
     /// The ownership map is malformed.
     #[error("ownership map line {line}: {reason}")]
@@ -868,6 +881,12 @@ pub fn merge(
             let meta = DeltaMeta {
                 uuid: report.digest.clone(),
                 merged_from: Some(report.digest.clone()),
+                merge_inputs: Some(MergeInputs {
+                    active: active.meta().uuid.clone(),
+                    active_seq: report.active_seq,
+                    upgrade: upgrade.meta().uuid.clone(),
+                    upgrade_seq: report.upgrade_seq,
+                }),
                 ..active.meta().clone()
             };
             Delta::init_files(&staging, &meta, &records)?;
@@ -1020,6 +1039,34 @@ fn copy_parent(parent: &Layer, w: &mut Writer<'_>, from: u64) -> Result<(), Merg
     Ok(())
 }
 
+/// Checks that `out` is the published output of a merge of `active` and `upgrade`: its meta
+/// names a merge digest (which is also its UUID) and these two deltas as the merge's inputs.
+fn check_provenance(out: &Delta, active: &Delta, upgrade: &Delta) -> Result<(), MergeError> {
+    let m = out.meta();
+    let reason = match (&m.merged_from, &m.merge_inputs) {
+        (None, _) => "it was not produced by a merge".to_owned(),
+        (Some(d), _) if *d != m.uuid => format!("its uuid {} is not its merge digest {d}", m.uuid),
+        (Some(_), None) => "its meta does not record the merge's inputs".to_owned(),
+        (Some(_), Some(i)) if i.active != active.meta().uuid => format!(
+            "it merged active delta {}, not {}",
+            i.active,
+            active.meta().uuid
+        ),
+        (Some(_), Some(i)) if i.upgrade != upgrade.meta().uuid => format!(
+            "it merged upgrade delta {}, not {}",
+            i.upgrade,
+            upgrade.meta().uuid
+        ),
+        (Some(_), Some(_)) => return Ok(()),
+    };
+    Err(MergeError::NotMergeOutput {
+        path: out.path().to_path_buf(),
+        active: active.path().to_path_buf(),
+        upgrade: upgrade.path().to_path_buf(),
+        reason,
+    })
+}
+
 /// Applies the writes `active` made after sequence `since` (the previous merge point, e.g.
 /// [`MergeReport::active_seq`]) to the published merge output `out`, classifying them against
 /// `upgrade` with the same policy. Journaled and flushed in `out`. The report's `active_seq`
@@ -1055,6 +1102,7 @@ pub fn catch_up_unflushed(
             path: out.path().to_path_buf(),
         });
     }
+    check_provenance(out, active, upgrade)?;
     let (a_seq, a_map) = active.snapshot();
     let (b_seq, b_map) = upgrade.snapshot();
     let a_ext = a_map.changed_since(since);

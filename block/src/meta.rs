@@ -3,13 +3,16 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::BlockError;
+
+/// Largest metadata file read (a real one is a few hundred bytes).
+const MAX_META_LEN: u64 = 64 << 10;
 
 /// What kind of layer an identity names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +112,16 @@ pub(crate) fn read<T: DeserializeOwned>(path: &Path) -> Result<T, BlockError> {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     };
-    let bytes = std::fs::read(path).map_err(BlockError::io("read", path))?;
+    let mut bytes = Vec::new();
+    let file = BlockError::open_regular(std::fs::OpenOptions::new().read(true), path)?;
+    // A metadata file is one short line and its checksum: anything long is not one.
+    (&file)
+        .take(MAX_META_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(BlockError::io("read", path))?;
+    if bytes.len() as u64 > MAX_META_LEN {
+        return Err(bad("larger than a metadata file can be"));
+    }
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("not UTF-8"))?;
     let mut lines = text.lines();
     let json = lines.next().ok_or_else(|| bad("empty"))?;

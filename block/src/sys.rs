@@ -159,6 +159,16 @@ pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
     Err(err)
 }
 
+/// Opens `path` with `O_NONBLOCK` added, so that opening a FIFO does not wait for a writer
+/// (the flag changes nothing for a regular file). Check the file type before reading.
+pub(crate) fn open_nonblocking(
+    opts: &mut std::fs::OpenOptions,
+    path: &std::path::Path,
+) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    opts.custom_flags(libc::O_NONBLOCK).open(path)
+}
+
 /// fsyncs a directory so that entries created or renamed in it are durable.
 pub(crate) fn sync_dir(path: &std::path::Path) -> io::Result<()> {
     File::open(path)?.sync_all()

@@ -1,180 +1,15 @@
 //! NBD server tests: a raw protocol client in the test, malformed input, shutdown, and qemu-io interop.
 
+mod nbd_common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use block::nbd::Listener;
 use block::nbd::proto::*;
-use block::nbd::{Listener, NbdServer};
-use block::{BlockError, Disk};
-
-/// In-memory export that keeps a "durable" copy updated only by flush.
-struct MemExport {
-    data: Mutex<Vec<u8>>,
-    durable: Mutex<Vec<u8>>,
-    flushes: AtomicUsize,
-    read_only: bool,
-}
-
-impl MemExport {
-    fn new(size: usize, read_only: bool) -> Arc<Self> {
-        Arc::new(Self {
-            data: Mutex::new(vec![0; size]),
-            durable: Mutex::new(vec![0; size]),
-            flushes: AtomicUsize::new(0),
-            read_only,
-        })
-    }
-}
-
-impl Disk for MemExport {
-    fn size(&self) -> u64 {
-        self.data.lock().unwrap().len() as u64
-    }
-    fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-    fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), BlockError> {
-        let v = self.data.lock().unwrap();
-        b.copy_from_slice(&v[o as usize..o as usize + b.len()]);
-        Ok(())
-    }
-    fn write_at(&self, d: &[u8], o: u64) -> Result<(), BlockError> {
-        let mut v = self.data.lock().unwrap();
-        v[o as usize..o as usize + d.len()].copy_from_slice(d);
-        Ok(())
-    }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), BlockError> {
-        let mut v = self.data.lock().unwrap();
-        v[o as usize..(o + l) as usize].fill(0);
-        Ok(())
-    }
-    fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
-        self.write_zeroes(o, l)
-    }
-    fn flush(&self) -> Result<(), BlockError> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        let d = self.data.lock().unwrap().clone();
-        *self.durable.lock().unwrap() = d;
-        Ok(())
-    }
-}
-
-fn server(exports: Vec<(&str, Arc<MemExport>)>) -> Arc<NbdServer> {
-    Arc::new(
-        NbdServer::new(
-            exports
-                .into_iter()
-                .map(|(n, e)| (n.to_owned(), e as Arc<dyn Disk>))
-                .collect(),
-        )
-        .unwrap(),
-    )
-}
-
-/// Connects an in-process client to `srv.handle` over a socket pair.
-fn connect(srv: &Arc<NbdServer>) -> (UnixStream, std::thread::JoinHandle<String>) {
-    let (client, mut conn) = UnixStream::pair().unwrap();
-    let srv = Arc::clone(srv);
-    let h = std::thread::spawn(move || match srv.handle(&mut conn) {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("err: {e}"),
-    });
-    (client, h)
-}
-
-fn read_u32s(c: &mut UnixStream) -> u32 {
-    read_u32(c).unwrap()
-}
-
-/// Reads the server greeting and sends client flags.
-fn greet(c: &mut UnixStream) {
-    assert_eq!(read_u64(c).unwrap(), NBD_MAGIC);
-    assert_eq!(read_u64(c).unwrap(), IHAVEOPT);
-    let flags = read_u16(c).unwrap();
-    assert_eq!(flags & FLAG_FIXED_NEWSTYLE, FLAG_FIXED_NEWSTYLE);
-    c.write_all(&(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES).to_be_bytes())
-        .unwrap();
-}
-
-fn send_option(c: &mut UnixStream, code: u32, data: &[u8]) {
-    let mut b = Vec::new();
-    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&code.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    c.write_all(&b).unwrap();
-}
-
-/// Reads one option reply: (option, type, data).
-fn option_reply(c: &mut UnixStream) -> (u32, u32, Vec<u8>) {
-    assert_eq!(read_u64(c).unwrap(), OPT_REPLY_MAGIC);
-    let opt = read_u32s(c);
-    let ty = read_u32s(c);
-    let len = read_u32s(c);
-    let mut d = vec![0; len as usize];
-    c.read_exact(&mut d).unwrap();
-    (opt, ty, d)
-}
-
-fn go_payload(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        d.extend_from_slice(&i.to_be_bytes());
-    }
-    d
-}
-
-/// Performs NBD_OPT_GO and returns (size, transmission flags).
-fn go(c: &mut UnixStream, name: &str) -> (u64, u16) {
-    send_option(c, OPT_GO, &go_payload(name, &[INFO_BLOCK_SIZE]));
-    let mut export = None;
-    loop {
-        let (opt, ty, d) = option_reply(c);
-        assert_eq!(opt, OPT_GO);
-        match ty {
-            REP_INFO if u16::from_be_bytes([d[0], d[1]]) == INFO_EXPORT => {
-                let size = u64::from_be_bytes(d[2..10].try_into().unwrap());
-                let flags = u16::from_be_bytes([d[10], d[11]]);
-                export = Some((size, flags));
-            }
-            REP_INFO => {}
-            REP_ACK => return export.expect("INFO_EXPORT before ACK"),
-            other => panic!("unexpected reply {other:#x}"),
-        }
-    }
-}
-
-fn request(c: &mut UnixStream, flags: u16, cmd: u16, cookie: u64, off: u64, len: u32, data: &[u8]) {
-    let mut h = Vec::with_capacity(28 + data.len());
-    h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    h.extend_from_slice(&flags.to_be_bytes());
-    h.extend_from_slice(&cmd.to_be_bytes());
-    h.extend_from_slice(&cookie.to_be_bytes());
-    h.extend_from_slice(&off.to_be_bytes());
-    h.extend_from_slice(&len.to_be_bytes());
-    h.extend_from_slice(data);
-    c.write_all(&h).unwrap();
-}
-
-/// Reads a simple reply: (error, cookie).
-fn reply(c: &mut UnixStream) -> (u32, u64) {
-    assert_eq!(read_u32(c).unwrap(), SIMPLE_REPLY_MAGIC);
-    let err = read_u32(c).unwrap();
-    let cookie = read_u64(c).unwrap();
-    (err, cookie)
-}
-
-const READ: u16 = 0;
-const WRITE: u16 = 1;
-const DISC: u16 = 2;
-const FLUSH: u16 = 3;
-const TRIM: u16 = 4;
-const ZEROES: u16 = 6;
+use nbd_common::*;
 
 #[test]
 fn write_read_flush_trim_zeroes_round_trip() {
@@ -407,5 +242,168 @@ fn pipelined_requests_are_answered_in_order_and_none_is_held_back() {
     sender.join().unwrap();
     assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
     request(&mut c, 0, DISC, 300, 0, 0, &[]);
+    assert_eq!(h.join().unwrap(), "ok");
+}
+
+/// A client that asks for replies and stops reading them blocks its connection thread in a
+/// send; stopping the server still returns in bounded time, with the exports flushed.
+#[test]
+fn stop_returns_in_bounded_time_when_a_client_stopped_reading() {
+    let (disk, srv) = limited(block::nbd::NbdLimits {
+        shutdown_grace: std::time::Duration::from_secs(1),
+        ..Default::default()
+    });
+    let (sock, serving) = serve_unix(&srv, "stuck");
+    let mut c = UnixStream::connect(&sock).unwrap();
+    greet(&mut c);
+    go(&mut c, "disk");
+    request(&mut c, 0, WRITE, 1, 0, 4096, &[0x42; 4096]);
+    assert_eq!(reply(&mut c), (0, 1));
+    // 64 MiB of READ replies asked for, none read.
+    for i in 0..64 {
+        request(&mut c, 0, READ, 10 + i, 0, 1 << 20, &[]);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    srv.shutdown_flag().store(true, Ordering::SeqCst);
+    let r = serving
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("stopping the server hung on a client that does not read");
+    assert_eq!(r, Ok(()));
+    // The grace (1 s), then the sockets are shut down and the threads end at once.
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(disk.durable.lock().unwrap()[..4096], [0x42; 4096]);
+    drop(c);
+    let _ = std::fs::remove_file(&sock);
+}
+
+fn limited(limits: block::nbd::NbdLimits) -> (Arc<MemExport>, Arc<block::nbd::NbdServer>) {
+    let disk = MemExport::new(1 << 20, false);
+    let export: Arc<dyn block::Disk> = Arc::clone(&disk) as Arc<dyn block::Disk>;
+    let srv = block::nbd::NbdServer::with_limits(vec![("disk".to_owned(), export)], limits);
+    (disk, Arc::new(srv.unwrap()))
+}
+
+/// True if the server closes `c` without a greeting (the client was refused).
+fn refused(c: &mut UnixStream) -> bool {
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    matches!(c.read(&mut b), Ok(0))
+}
+
+#[test]
+fn clients_over_the_connection_limit_are_refused() {
+    let limits = block::nbd::NbdLimits {
+        max_connections: 2,
+        ..Default::default()
+    };
+    assert_eq!(
+        block::nbd::NbdLimits::default().max_connections,
+        block::nbd::DEFAULT_MAX_CONNECTIONS
+    );
+    let (_, srv) = limited(limits);
+    let (sock, serving) = serve_unix(&srv, "limit");
+    let mut a = UnixStream::connect(&sock).unwrap();
+    greet(&mut a);
+    go(&mut a, "disk");
+    let mut b = UnixStream::connect(&sock).unwrap();
+    greet(&mut b);
+    go(&mut b, "disk");
+    let mut c = UnixStream::connect(&sock).unwrap();
+    assert!(
+        refused(&mut c),
+        "a third client was served over a limit of 2"
+    );
+    // The two served clients work on.
+    request(&mut b, 0, WRITE, 1, 0, 512, &[5; 512]);
+    assert_eq!(reply(&mut b), (0, 1));
+    // Once one leaves, a new client is served.
+    request(&mut a, 0, DISC, 2, 0, 0, &[]);
+    drop(a);
+    let start = std::time::Instant::now();
+    let mut d = loop {
+        let mut d = UnixStream::connect(&sock).unwrap();
+        d.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut magic = [0u8; 8];
+        if d.read_exact(&mut magic).is_ok() {
+            assert_eq!(u64::from_be_bytes(magic), NBD_MAGIC);
+            break d;
+        }
+        assert!(start.elapsed().as_secs() < 20, "no slot freed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut rest = [0u8; 10];
+    d.read_exact(&mut rest).unwrap();
+    d.write_all(&(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    go(&mut d, "disk");
+    srv.shutdown_flag().store(true, Ordering::SeqCst);
+    assert_eq!(
+        serving
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap(),
+        Ok(())
+    );
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// A connection thread that cannot be started (here: a stack no address space can hold)
+/// refuses that client; the server goes on and stops cleanly.
+#[test]
+fn a_connection_thread_that_cannot_start_refuses_the_client() {
+    let limits = block::nbd::NbdLimits {
+        thread_stack: 1 << 50,
+        ..Default::default()
+    };
+    let (disk, srv) = limited(limits);
+    let (sock, serving) = serve_unix(&srv, "spawn");
+    for _ in 0..3 {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        assert!(refused(&mut c));
+    }
+    assert!(serving.try_recv().is_err(), "the server ended");
+    srv.shutdown_flag().store(true, Ordering::SeqCst);
+    assert_eq!(
+        serving
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap(),
+        Ok(())
+    );
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// READ replies and WRITE payloads larger than the I/O chunk, at offsets that are not chunk
+/// (or 4 KiB) aligned, arrive whole; an error in a WRITE past the end still consumes the
+/// payload so the connection stays in step.
+#[test]
+fn large_requests_are_streamed_intact() {
+    let disk = MemExport::new(8 << 20, false);
+    let srv = server(vec![("disk", Arc::clone(&disk))]);
+    let (mut c, h) = connect(&srv);
+    greet(&mut c);
+    go(&mut c, "disk");
+    let chunk = block::nbd::IO_CHUNK;
+    let len = 3 * chunk + 1536;
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+    let off = 4096 * 3 + 512;
+    request(&mut c, 0, WRITE, 1, off as u64, len as u32, &data);
+    assert_eq!(reply(&mut c), (0, 1));
+    assert_eq!(disk.data.lock().unwrap()[off..off + len], data[..]);
+    request(&mut c, 0, READ, 2, off as u64, len as u32, &[]);
+    assert_eq!(reply(&mut c), (0, 2));
+    let mut back = vec![0u8; len];
+    c.read_exact(&mut back).unwrap();
+    assert!(back == data);
+    // Past the end: refused, payload skipped, next request fine.
+    request(&mut c, 0, WRITE, 3, (8 << 20) - 4096, len as u32, &data);
+    assert_eq!(reply(&mut c), (ENOSPC, 3));
+    request(&mut c, 0, READ, 4, 0, 512, &[]);
+    assert_eq!(reply(&mut c), (0, 4));
+    let mut b = [0u8; 512];
+    c.read_exact(&mut b).unwrap();
+    request(&mut c, 0, DISC, 5, 0, 0, &[]);
     assert_eq!(h.join().unwrap(), "ok");
 }

@@ -1,7 +1,7 @@
 //! `microvmm disk ...`: create, fork, inspect and merge copy-on-write disks (shaped like
 //! `qemu-img`).
 
-use std::io::{IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -10,11 +10,67 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use block::merge::{self, MergeError, MergeOptions, MergeReport, OwnershipMap, Policy, ProgressFn};
-use block::nbd::{Listener, NbdServer};
-use block::{Base, Delta, Layer};
+use block::nbd::{Listener, NbdLimits, NbdServer};
+use block::{Base, BlockError, Delta, Layer};
 
 /// Exit code when a merge stops on unresolved conflicts.
 const EXIT_CONFLICTS: u8 = 2;
+/// Exit code when the reader of standard output went away (`... | head`): the status a shell
+/// shows for a process killed by SIGPIPE, which is how other Unix tools end there.
+const EXIT_BROKEN_PIPE: u8 = 128 + 13;
+
+/// Errors of `microvmm disk` itself (a layer's own errors come from `block`).
+#[derive(Debug, thiserror::Error)]
+pub enum DiskCliError {
+    /// Writing to standard output failed (a full disk, a closed pipe).
+    #[error("cannot write to standard output")]
+    Stdout(#[source] io::Error),
+    /// A `--export` layer cannot be opened.
+    #[error("cannot serve export {name}={path}", path = .path.display())]
+    Export {
+        /// Export name.
+        name: String,
+        /// The layer.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<BlockError>,
+    },
+    /// A file named by an option cannot be read.
+    #[error("cannot read {option} {path}", path = .path.display())]
+    Read {
+        /// The option.
+        option: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The listening socket cannot be set up.
+    #[error("cannot listen on {place}")]
+    Listen {
+        /// `unix:PATH` or `tcp:ADDR`.
+        place: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `writeln!` to the command's output; a failure is [`DiskCliError::Stdout`].
+macro_rules! out {
+    ($w:expr, $($arg:tt)*) => {
+        writeln!($w, $($arg)*).map_err(DiskCliError::Stdout)
+    };
+}
+
+/// A line on stderr; a failure to write it is not an error of the command.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// Subcommands of `microvmm disk`.
 #[derive(Debug, clap::Subcommand)]
@@ -156,16 +212,42 @@ pub struct ServeArgs {
     /// Listen on this TCP port of 127.0.0.1.
     #[arg(long, value_name = "N")]
     port: Option<u16>,
+    /// Serve at most this many clients at once (more are refused).
+    #[arg(long, value_name = "N", default_value_t = block::nbd::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// An export: `NAME=LAYER` (a delta is served read-write, a base read-only) or
     /// `NAME=LAYER,ro`. Repeatable; the first one is also the default export.
     #[arg(long = "export", value_name = "NAME=LAYER[,ro]", required = true)]
     exports: Vec<String>,
 }
 
-/// Runs one `microvmm disk` subcommand.
+/// Runs one `microvmm disk` subcommand. Its output goes to stdout: an error writing it is
+/// an error of the command (exit status 1), except that a reader gone away (`| head`) ends it
+/// quietly with status 141, as SIGPIPE ends other Unix tools.
 pub fn main(cmd: DiskCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let result = run(cmd, &mut out).and_then(|code| {
+        out.flush().map_err(DiskCliError::Stdout)?;
+        Ok(code)
+    });
+    match result {
+        Err(e)
+            if matches!(
+                e.downcast_ref::<DiskCliError>(),
+                Some(DiskCliError::Stdout(io)) if io.kind() == io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Ok(ExitCode::from(EXIT_BROKEN_PIPE))
+        }
+        r => r,
+    }
+}
+
+fn run(cmd: DiskCommand, out: &mut dyn Write) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cmd {
-        DiskCommand::Create(a) => create(a),
+        DiskCommand::Create(a) => create(a, out),
         DiskCommand::Fork {
             parent,
             child_a,
@@ -173,22 +255,23 @@ pub fn main(cmd: DiskCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } => {
             let p = Arc::new(Layer::open_writable(&parent)?);
             let (a, b) = block::fork(p, &child_a, &child_b)?;
-            println!(
+            out!(
+                out,
                 "forked {}: {} and {}",
                 parent.display(),
                 a.path().display(),
                 b.path().display()
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
-        DiskCommand::Inspect(a) => inspect(&a),
-        DiskCommand::Merge(a) => run_merge(&a),
-        DiskCommand::CatchUp(a) => run_catch_up(&a),
+        DiskCommand::Inspect(a) => inspect(&a, out),
+        DiskCommand::Merge(a) => run_merge(&a, out),
+        DiskCommand::CatchUp(a) => run_catch_up(&a, out),
         DiskCommand::Serve(a) => serve(&a),
     }
 }
 
-fn create(a: CreateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn create(a: CreateArgs, out: &mut dyn Write) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match a.format {
         Format::Raw => {
             let base = if a.adopt {
@@ -198,22 +281,24 @@ fn create(a: CreateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let size = merge::parse_size(size).ok_or_else(|| format!("bad size {size:?}"))?;
                 Base::create(&a.file, size)?
             };
-            println!(
+            out!(
+                out,
                 "created raw {} size {} uuid {}",
                 a.file.display(),
                 base.size(),
                 base.identity().uuid
-            );
+            )?;
         }
         Format::Delta => {
             let parent = a.backing.ok_or("a delta needs a parent: -b PARENT")?;
             let d = Delta::create(&a.file, Arc::new(Layer::open(&parent)?))?;
-            println!(
+            out!(
+                out,
                 "created delta {} over {} uuid {}",
                 a.file.display(),
                 parent.display(),
                 d.meta().uuid
-            );
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -234,30 +319,34 @@ fn human(n: u64) -> String {
     }
 }
 
-fn inspect(a: &InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let layer = Layer::open(&a.file)?;
-    print_layer(&layer, 0);
+    print_layer(out, &layer, 0)?;
     if let (Some(since), Layer::Delta(d)) = (a.since, &layer) {
-        println!("changed since seq {since}:");
+        out!(out, "changed since seq {since}:")?;
         for e in d.changed_since(since) {
-            println!(
+            out!(
+                out,
                 "  offset {:>14} len {:>12} {:?} seq {}",
-                e.offset, e.len, e.kind, e.seq
-            );
+                e.offset,
+                e.len,
+                e.kind,
+                e.seq
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_layer(layer: &Layer, depth: usize) {
+fn print_layer(out: &mut dyn Write, layer: &Layer, depth: usize) -> Result<(), DiskCliError> {
     let pad = "  ".repeat(depth);
     match layer {
         Layer::Base(b) => {
-            println!("{pad}image: {}", b.path().display());
-            println!("{pad}format: raw (read-only base)");
-            println!("{pad}virtual size: {}", human(b.size()));
-            println!("{pad}uuid: {}", b.identity().uuid);
-            println!("{pad}fingerprint: {:#010x}", b.identity().check);
+            out!(out, "{pad}image: {}", b.path().display())?;
+            out!(out, "{pad}format: raw (read-only base)")?;
+            out!(out, "{pad}virtual size: {}", human(b.size()))?;
+            out!(out, "{pad}uuid: {}", b.identity().uuid)?;
+            out!(out, "{pad}fingerprint: {:#010x}", b.identity().check)?;
         }
         Layer::Delta(d) => {
             let (seq, index) = d.snapshot();
@@ -266,41 +355,47 @@ fn print_layer(layer: &Layer, depth: usize) {
                 .filter(|e| e.kind == block::ExtentKind::Data)
                 .map(|e| e.len)
                 .sum();
-            println!("{pad}image: {}", d.path().display());
-            println!("{pad}format: delta");
-            println!("{pad}virtual size: {}", human(d.size()));
-            println!("{pad}uuid: {}", d.meta().uuid);
+            out!(out, "{pad}image: {}", d.path().display())?;
+            out!(out, "{pad}format: delta")?;
+            out!(out, "{pad}virtual size: {}", human(d.size()))?;
+            out!(out, "{pad}uuid: {}", d.meta().uuid)?;
             match d.frozen_seq() {
-                Some(s) => println!("{pad}state: frozen at seq {s}"),
-                None => println!("{pad}state: writable"),
+                Some(s) => out!(out, "{pad}state: frozen at seq {s}")?,
+                None => out!(out, "{pad}state: writable")?,
             }
-            println!("{pad}last seq: {seq}");
-            println!("{pad}journal: {} bytes", d.journal_len());
+            out!(out, "{pad}last seq: {seq}")?;
+            out!(out, "{pad}journal: {} bytes", d.journal_len())?;
             if d.recovered_discarded_bytes() > 0 {
-                println!(
+                out!(
+                    out,
                     "{pad}uncommitted journal tail ignored: {} bytes",
                     d.recovered_discarded_bytes()
-                );
+                )?;
             }
-            println!(
+            out!(
+                out,
                 "{pad}extents: {} (data {}, zero {})",
                 index.len(),
                 human(data),
                 human(index.bytes() - data)
-            );
+            )?;
             if let Some(m) = &d.meta().merged_from {
-                println!("{pad}merge output: digest {m}");
+                out!(out, "{pad}merge output: digest {m}")?;
             }
-            println!("{pad}backing file:");
-            print_layer(d.parent(), depth + 1);
+            out!(out, "{pad}backing file:")?;
+            print_layer(out, d.parent(), depth + 1)?;
         }
     }
+    Ok(())
 }
 
 fn policy_of(p: &PolicyArgs) -> Result<Policy, Box<dyn std::error::Error>> {
     if let Some(f) = &p.ownership {
-        let text =
-            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        let text = std::fs::read_to_string(f).map_err(|source| DiskCliError::Read {
+            option: "--ownership",
+            path: f.clone(),
+            source,
+        })?;
         let map = OwnershipMap::parse(&text)?;
         return Ok(if p.owner_wins {
             Policy::OwnerWins(map)
@@ -350,18 +445,32 @@ fn progress_fn(when: &str) -> Result<Option<ProgressFn>, Box<dyn std::error::Err
     }))))
 }
 
-fn print_report(r: &MergeReport, json: bool) {
+fn print_report(out: &mut dyn Write, r: &MergeReport, json: bool) -> Result<(), DiskCliError> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
-        return;
+        out!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(r).unwrap_or_default()
+        )?;
+        return Ok(());
     }
-    println!("active seq {} upgrade seq {}", r.active_seq, r.upgrade_seq);
-    println!(
+    out!(
+        out,
+        "active seq {} upgrade seq {}",
+        r.active_seq,
+        r.upgrade_seq
+    )?;
+    out!(
+        out,
         "only active {} | only upgrade {} | identical {} | conflicting {}",
-        r.only_active, r.only_upgrade, r.identical, r.conflicting
-    );
+        r.only_active,
+        r.only_upgrade,
+        r.identical,
+        r.conflicting
+    )?;
     for c in &r.conflicts {
-        println!(
+        out!(
+            out,
             "conflict offset {} len {} {:?}: active {:?} crc32c {:08x}, upgrade {:?} crc32c {:08x} -> {:?}",
             c.offset,
             c.len,
@@ -371,34 +480,39 @@ fn print_report(r: &MergeReport, json: bool) {
             c.upgrade.state,
             c.upgrade.crc32c,
             c.resolution
-        );
+        )?;
     }
-    println!(
+    out!(
+        out,
         "plan: {} steps, {} to write",
         r.plan.len(),
         human(r.bytes_to_write)
-    );
+    )?;
     if let Some((phase, step)) = r.resumed_from {
-        println!("resumed an interrupted merge at phase {phase} step {step}");
+        out!(
+            out,
+            "resumed an interrupted merge at phase {phase} step {step}"
+        )?;
     }
     match &r.output {
-        Some(o) => println!("output: {} (digest {})", o.display(), r.digest),
-        None => println!("dry run: nothing written"),
+        Some(o) => out!(out, "output: {} (digest {})", o.display(), r.digest),
+        None => out!(out, "dry run: nothing written"),
     }
 }
 
 fn finish(
+    out: &mut dyn Write,
     result: Result<MergeReport, MergeError>,
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match result {
         Ok(r) => {
-            print_report(&r, json);
+            print_report(out, &r, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Err(MergeError::Conflicts(r)) => {
-            print_report(&r, json);
-            eprintln!(
+            print_report(out, &r, json)?;
+            note!(
                 "microvmm: {} unresolved conflict(s); nothing written",
                 r.unresolved()
             );
@@ -412,7 +526,7 @@ fn open_input(p: &Path) -> Result<Delta, Box<dyn std::error::Error>> {
     Ok(Delta::open_read_only(p)?)
 }
 
-fn run_merge(a: &MergeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn run_merge(a: &MergeArgs, out: &mut dyn Write) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let active = open_input(&a.active)?;
     let upgrade = open_input(&a.upgrade)?;
     let opts = MergeOptions {
@@ -423,12 +537,16 @@ fn run_merge(a: &MergeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ..MergeOptions::default()
     };
     finish(
+        out,
         merge::merge(&active, &upgrade, &a.output, &opts),
         a.policy.json,
     )
 }
 
-fn run_catch_up(a: &CatchUpArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn run_catch_up(
+    a: &CatchUpArgs,
+    w: &mut dyn Write,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let out = Delta::open(&a.output)?;
     let active = open_input(&a.active)?;
     let upgrade = open_input(&a.upgrade)?;
@@ -439,6 +557,7 @@ fn run_catch_up(a: &CatchUpArgs) -> Result<ExitCode, Box<dyn std::error::Error>>
         ..MergeOptions::default()
     };
     finish(
+        w,
         merge::catch_up(&out, &active, a.since, &upgrade, &opts),
         a.policy.json,
     )
@@ -499,31 +618,39 @@ fn serve(a: &ServeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } else {
             Layer::open_writable(&path)
         }
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|source| DiskCliError::Export {
+            name: name.clone(),
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
         exports.push((name, Arc::new(layer)));
     }
     let summary: Vec<String> = exports
         .iter()
         .map(|(n, d)| format!("{n}{}", if d.is_read_only() { " (ro)" } else { "" }))
         .collect();
-    let server = Arc::new(NbdServer::new(exports)?);
+    let limits = NbdLimits {
+        max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
+        ..NbdLimits::default()
+    };
+    let server = Arc::new(NbdServer::with_limits(exports, limits)?);
     install_stop_handler()?;
+    let listen_err = |place: String| move |source| DiskCliError::Listen { place, source };
     let (listener, place) = match (&a.socket, a.port) {
-        (Some(p), _) => (
-            Listener::Unix(
-                UnixListener::bind(p).map_err(|e| format!("cannot bind {}: {e}", p.display()))?,
-            ),
-            format!("unix:{}", p.display()),
-        ),
+        (Some(p), _) => {
+            let place = format!("unix:{}", p.display());
+            let l = UnixListener::bind(p).map_err(listen_err(place.clone()))?;
+            (Listener::Unix(l), place)
+        }
         (None, Some(port)) => {
             let l = TcpListener::bind(("127.0.0.1", port))
-                .map_err(|e| format!("cannot bind 127.0.0.1:{port}: {e}"))?;
+                .map_err(listen_err(format!("tcp:127.0.0.1:{port}")))?;
             let place = format!("tcp:{}", l.local_addr()?);
             (Listener::Tcp(l), place)
         }
         (None, None) => return Err("give --socket or --port".into()),
     };
-    eprintln!("serving {} on {place}", summary.join(", "));
+    note!("serving {} on {place}", summary.join(", "));
     let flag = server.shutdown_flag();
     let watcher = std::thread::spawn(move || {
         while !STOP_SERVING.load(Ordering::SeqCst) && !flag.load(Ordering::SeqCst) {
@@ -538,7 +665,7 @@ fn serve(a: &ServeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     result?;
-    eprintln!("stopped; every export flushed");
+    note!("stopped; every export flushed");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -594,6 +721,7 @@ mod serve_tests {
         let args = ServeArgs {
             socket: Some(sock.clone()),
             port: None,
+            max_connections: 4,
             exports: vec![
                 format!("disk={}", dir.path().join("d").display()),
                 format!("base={},ro", dir.path().join("base").display()),

@@ -48,7 +48,8 @@ pub struct RunArgs {
     #[arg(long, requires = "vsock_uds")]
     vsock_cid: Option<u64>,
     /// Host Unix socket of the vsock device: connect and send `CONNECT <port>` to reach a guest
-    /// port; guest connections to port P reach `<path>_<P>`.
+    /// port; guest connections to port P reach `<path>_<P>`. A stale socket file there is
+    /// replaced; any other file, or a socket in use, is an error.
     #[arg(long, requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
     /// Serial console: `stdout`, `null`, or a file path.
@@ -61,8 +62,12 @@ pub struct RunArgs {
     /// Also put `virtio_mmio.device=` entries on the command line.
     #[arg(long)]
     virtio_mmio_cmdline: bool,
-    /// Firecracker-style JSON config file (replaces the other options).
-    #[arg(long, conflicts_with_all = ["kernel", "test_guest"])]
+    /// Firecracker-style JSON config file (replaces the machine options: giving one of them
+    /// too is an error, not silently ignored).
+    #[arg(long, conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "disk", "disk_ro", "vsock_cid",
+        "vsock_uds", "console", "test_guest", "virtio_mmio_cmdline",
+    ])]
     config: Option<PathBuf>,
     /// Print boot and exit timings to stderr.
     #[arg(long)]
@@ -176,6 +181,16 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::E
     })
 }
 
+/// Refuses, before any VM is built, a vsock socket path the device could not listen on (it
+/// binds it only when the guest activates it, where a failure would go unnoticed): an
+/// existing file that is not a stale socket, a socket in use, a directory that does not exist.
+fn check_vsock_socket(cfg: &MachineConfig) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(v) = &cfg.vsock {
+        devices::virtio::vsock::muxer::check_host_socket(&v.uds_path)?;
+    }
+    Ok(())
+}
+
 /// Feeds the VMM's stdin to the guest's COM1 from a background thread (ends at EOF).
 fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
     let _ = std::thread::Builder::new()
@@ -215,11 +230,18 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Some(path) => {
                 let h = receive_handover(path)?;
                 eprintln!("microvmm: took over {} vsock connection(s)", h.len());
+                // Only now: the saving process may have used the same socket path until it
+                // handed its connections over.
+                check_vsock_socket(&cfg)?;
                 Machine::restore_snapshot_handover(cfg, None, dir, h)?
             }
-            None => Machine::restore_snapshot(cfg, None, dir)?,
+            None => {
+                check_vsock_socket(&cfg)?;
+                Machine::restore_snapshot(cfg, None, dir)?
+            }
         },
         None => {
+            check_vsock_socket(&cfg)?;
             let mut m = Machine::new(cfg, None)?;
             m.boot()?;
             m

@@ -230,3 +230,54 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
         text(&second.stderr)
     );
 }
+
+#[test]
+fn config_file_refuses_the_options_it_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.json");
+    std::fs::write(&cfg, r#"{"test_guest": "hello"}"#).unwrap();
+    for extra in [
+        &["--vcpus", "2"][..],
+        &["--mem-mib", "64"],
+        &["--disk", "/x"],
+        &["--cmdline", "x"],
+        &["--console", "null"],
+    ] {
+        let mut args = vec!["run", "--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = microvmm(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains("cannot be used with"), "{extra:?}: {err}");
+    }
+}
+
+#[test]
+fn a_vsock_socket_path_that_cannot_be_used_fails_run() {
+    if !kvm_or_skip("a_vsock_socket_path_that_cannot_be_used_fails_run") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file at the path is neither replaced nor ignored.
+    let file = dir.path().join("precious");
+    std::fs::write(&file, b"keep me").unwrap();
+    let guest = [
+        "run",
+        "--test-guest",
+        "hello",
+        "--vsock-cid",
+        "3",
+        "--vsock-uds",
+    ];
+    let out = microvmm(&[&guest[..], &[file.to_str().unwrap()]].concat());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // A socket that cannot be bound (no such directory).
+    let missing = dir.path().join("no/such/dir/v.sock");
+    let out = microvmm(&[&guest[..], &[missing.to_str().unwrap()]].concat());
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot listen on vsock host socket"), "{err}");
+}

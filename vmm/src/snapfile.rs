@@ -20,6 +20,8 @@ pub const MAGIC: &[u8; 8] = b"MVMMSNAP";
 pub const VERSION: u32 = 1;
 /// Largest section accepted when reading (memory is stored beside the file, not in it).
 pub const MAX_SECTION: u64 = 256 << 20;
+/// Largest state file read (checked before it is read into memory).
+pub const MAX_FILE: u64 = 4 * MAX_SECTION;
 
 /// Errors of reading or writing a snapshot file.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,16 @@ pub enum SnapshotFileError {
     /// A section header is malformed (bad name, duplicate, oversized).
     #[error("snapshot section header malformed: {0}")]
     BadSection(String),
+    /// The file is larger than [`MAX_FILE`] (refused before it is read).
+    #[error("snapshot file {path} is {len} bytes, more than the {max} a snapshot state can be")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A required section is missing.
     #[error("snapshot has no section {0:?}")]
     MissingSection(String),
@@ -124,10 +136,43 @@ pub struct SnapshotReader {
 impl SnapshotReader {
     /// Reads and verifies `path`.
     pub fn open(path: &Path) -> Result<Self, SnapshotFileError> {
-        let bytes = std::fs::read(path).map_err(|source| SnapshotFileError::Io {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io_err = |source| SnapshotFileError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // Non-blocking: a FIFO in place of the file must not hang the open.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io_err)?;
+        let m = f.metadata().map_err(io_err)?;
+        if !m.is_file() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        if m.len() > MAX_FILE {
+            return Err(SnapshotFileError::TooLarge {
+                path: path.to_owned(),
+                len: m.len(),
+                max: MAX_FILE,
+            });
+        }
+        let mut bytes = Vec::new();
+        (&f).take(MAX_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io_err)?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Err(SnapshotFileError::TooLarge {
+                path: path.to_owned(),
+                len: bytes.len() as u64,
+                max: MAX_FILE,
+            });
+        }
         if bytes.len() < 8 || &bytes[..8] != MAGIC {
             return Err(SnapshotFileError::BadMagic(path.to_owned()));
         }
@@ -264,6 +309,16 @@ mod tests {
             &[9; 1000][..]
         );
         std::fs::write(dir.join("junk"), b"hello world, not a snapshot").unwrap();
+        // A state file larger than any snapshot's is refused before it is read (here 64 GiB
+        // of holes: reading it would allocate 64 GiB).
+        let big = dir.join("big");
+        let f = File::create(&big).unwrap();
+        f.set_len(64 << 30).unwrap();
+        drop(f);
+        assert!(matches!(
+            SnapshotReader::open(&big),
+            Err(SnapshotFileError::TooLarge { .. })
+        ));
         assert!(matches!(
             SnapshotReader::open(&dir.join("junk")),
             Err(SnapshotFileError::BadMagic(_))

@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use devices::legacy::{CmosState, I8042State, SerialDeviceState};
@@ -400,38 +401,162 @@ pub fn write_memory(ram: &GuestRam, path: &Path) -> Result<u32, SnapshotError> {
 }
 
 /// Reads a memory file into fresh guest RAM, checking its size and CRC32C.
+///
+/// Nothing is allocated before the file is known good: the size the state claims must be a
+/// valid RAM size (at most [`layout::MAX_MEM_SIZE`](crate::layout::MAX_MEM_SIZE)) and the
+/// memory file's length, and the file's checksum is verified in a first pass that reads only
+/// its data (holes count as zeros without being read). Then the RAM is created and only the
+/// file's non-zero pages are copied in (zero pages stay unallocated), the checksum being
+/// computed again in case the file changed in between.
 pub fn read_memory(path: &Path, meta: &SnapshotMeta) -> Result<GuestRam, SnapshotError> {
     let io_err = |source| SnapshotError::Memory {
         path: path.to_owned(),
         source,
     };
-    let mut f = File::open(path).map_err(io_err)?;
+    let mismatch = |what: String| SnapshotError::MemoryMismatch {
+        path: path.to_owned(),
+        what,
+    };
+    let size = meta.mem_size;
+    if !(crate::layout::MIN_MEM_SIZE..=crate::layout::MAX_MEM_SIZE).contains(&size)
+        || !size.is_multiple_of(PAGE as u64)
+    {
+        return Err(SnapshotError::Mismatch(format!(
+            "the state's memory size {size} is not a valid RAM size"
+        )));
+    }
+    let f = open_regular(path).map_err(io_err)?;
     let len = f.metadata().map_err(io_err)?.len();
-    if len != meta.mem_size {
-        return Err(SnapshotError::MemoryMismatch {
-            path: path.to_owned(),
-            what: format!("{len} bytes, the state says {}", meta.mem_size),
-        });
+    if len != size {
+        return Err(mismatch(format!("{len} bytes, the state says {size}")));
     }
-    let ram = GuestRam::new(meta.mem_size).map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
-    let mut dst = ram.memfd().as_ref();
-    let mut crc = 0u32;
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < len {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        f.read_exact(&mut buf[..n]).map_err(io_err)?;
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
-        dst.write_all(&buf[..n]).map_err(io_err)?;
-        off += n as u64;
-    }
+    let crc = walk_memory(&f, len, &mut buf, |_, _| Ok(())).map_err(io_err)?;
     if crc != meta.mem_crc {
-        return Err(SnapshotError::MemoryMismatch {
-            path: path.to_owned(),
-            what: format!("CRC32C {crc:#010x}, the state says {:#010x}", meta.mem_crc),
-        });
+        return Err(mismatch(format!(
+            "CRC32C {crc:#010x}, the state says {:#010x}",
+            meta.mem_crc
+        )));
+    }
+    let ram = GuestRam::new(size).map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+    let dst = ram.memfd();
+    let crc = walk_memory(&f, len, &mut buf, |off, data| {
+        for (i, page) in data.chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                dst.write_all_at(page, off + (i * PAGE) as u64)?;
+            }
+        }
+        Ok(())
+    })
+    .map_err(io_err)?;
+    if crc != meta.mem_crc {
+        return Err(mismatch("changed while it was read".to_owned()));
     }
     Ok(ram)
+}
+
+/// Opens a file read-only, refusing (without blocking on a FIFO) anything but a regular file.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// Passes the data of the first `len` bytes of `f` to `each` (offset, bytes) a buffer at a
+/// time and returns the CRC32C of those bytes, holes counted as zeros without being read.
+fn walk_memory(
+    f: &File,
+    len: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<u32> {
+    let mut crc = 0u32;
+    let mut pos = 0u64;
+    while pos < len {
+        let (data, hole) = match next_data(f, pos)? {
+            None => (len, len),
+            Some(d) if d >= len => (len, len),
+            Some(d) => (d, next_hole(f, d)?.min(len)),
+        };
+        crc = crc32c_append_zeros(crc, data - pos);
+        let mut off = data;
+        while off < hole {
+            let n = (hole - off).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off)?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            each(off, &buf[..n])?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(crc)
+}
+
+/// `crc` extended by `n` zero bytes, in O(log n) (zero runs of a sparse file are not read).
+fn crc32c_append_zeros(crc: u32, n: u64) -> u32 {
+    const PIECE: usize = PAGE;
+    let zeros = [0u8; PIECE];
+    let rem = (n % PIECE as u64) as usize;
+    let mut out = crc32c::crc32c_append(crc, &zeros[..rem]);
+    let mut pieces = n / PIECE as u64;
+    let (mut run_crc, mut run_len) = (crc32c::crc32c(&zeros), PIECE);
+    while pieces > 0 {
+        if pieces & 1 == 1 {
+            out = crc32c::crc32c_combine(out, run_crc, run_len);
+        }
+        pieces >>= 1;
+        if pieces > 0 {
+            run_crc = crc32c::crc32c_combine(run_crc, run_crc, run_len);
+            run_len *= 2;
+        }
+    }
+    out
+}
+
+/// The next offset at or after `from` holding data, `None` past the last data. A file system
+/// without `SEEK_DATA` reports everything as data.
+fn next_data(f: &File, from: u64) -> std::io::Result<Option<u64>> {
+    match lseek(f, from, libc::SEEK_DATA) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(from)),
+        r => r,
+    }
+}
+
+/// The next hole at or after `from` (the end of the file counts as one).
+fn next_hole(f: &File, from: u64) -> std::io::Result<u64> {
+    match lseek(f, from, libc::SEEK_HOLE) {
+        Ok(Some(h)) => Ok(h),
+        Err(e) if e.raw_os_error() != Some(libc::EINVAL) => Err(e),
+        _ => Ok(u64::MAX),
+    }
+}
+
+/// `lseek(2)`; `Ok(None)` for ENXIO (no data or hole at or after `from`).
+fn lseek(f: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(from)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek takes an fd owned by `f` (open for the call) and integers. The file
+    // position it moves is not used here (all reads are positional).
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
 }
 
 /// Writes a snapshot directory: `state` and `memory`.
@@ -479,4 +604,97 @@ pub fn read_snapshot(dir: &Path) -> Result<(SnapshotMeta, MachineState, GuestRam
     }
     let ram = read_memory(&dir.join(MEMORY_FILE), &meta)?;
     Ok((meta, state, ram))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(size: u64, crc: u32) -> SnapshotMeta {
+        SnapshotMeta {
+            mem_size: size,
+            mem_crc: crc,
+            vcpus: 1,
+            virtio_types: Vec::new(),
+        }
+    }
+
+    /// A crafted memory file: as long as the state claims (1 TiB), all holes (so it costs no
+    /// disk), with a checksum that does not match. Refused at once, before any guest RAM
+    /// exists (before the fix, the whole claimed size was filled before the check).
+    #[test]
+    fn a_crafted_memory_file_is_refused_before_guest_ram_is_filled() {
+        const CLAIM: u64 = crate::layout::MAX_MEM_SIZE;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        File::create(&path).unwrap().set_len(CLAIM).unwrap();
+        let start = std::time::Instant::now();
+        let err = read_memory(&path, &meta(CLAIM, 0x1234_5678)).unwrap_err();
+        assert!(matches!(err, SnapshotError::MemoryMismatch { .. }), "{err}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // Sizes the state cannot mean are refused before the file is looked at.
+        for bad in [0, 4096, (2 << 20) + 1, CLAIM + 4096] {
+            let err = read_memory(&path, &meta(bad, 0)).unwrap_err();
+            assert!(matches!(err, SnapshotError::Mismatch(_)), "{bad}: {err}");
+        }
+        // So is a memory "file" that is a FIFO (it would block the open).
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = read_memory(&fifo, &meta(4 << 20, 0)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Memory { .. }), "{err}");
+    }
+
+    /// Data, holes, and data blocks of zeros come back as they were; a changed byte is caught.
+    #[test]
+    fn memory_files_round_trip_and_corruption_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MEMORY_FILE);
+        let size = 8u64 << 20;
+        let ram = GuestRam::new(size).unwrap();
+        let src = ram.memfd();
+        src.write_all_at(&[0xab; 4096], 0).unwrap();
+        src.write_all_at(&[0x01; 100], 3 << 20).unwrap();
+        src.write_all_at(&[0x7f; 8192], size - 8192).unwrap();
+        let crc = write_memory(&ram, &path).unwrap();
+        // A block of zeros stored as data (not a hole) reads the same.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0; 4096], 5 << 20).unwrap();
+        drop(f);
+        let back = read_memory(&path, &meta(size, crc)).unwrap();
+        let (mut a, mut b) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+        ram.memfd().read_exact_at(&mut a, 0).unwrap();
+        back.memfd().read_exact_at(&mut b, 0).unwrap();
+        assert!(a == b);
+        assert_eq!(crc, crc32c::crc32c(&a));
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x02], (3 << 20) + 50).unwrap();
+        drop(f);
+        assert!(matches!(
+            read_memory(&path, &meta(size, crc)),
+            Err(SnapshotError::MemoryMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn zero_runs_extend_a_crc_like_zero_bytes() {
+        for n in [
+            0u64,
+            1,
+            511,
+            4096,
+            4097,
+            3 * 4096 + 5,
+            1 << 20,
+            (1 << 20) + 4095,
+        ] {
+            let direct = crc32c::crc32c_append(0x1234, &vec![0u8; n as usize]);
+            assert_eq!(crc32c_append_zeros(0x1234, n), direct, "{n}");
+        }
+    }
 }

@@ -7,4 +7,7 @@
 pub mod proto;
 mod server;
 
-pub use server::{Listener, NbdError, NbdServer};
+pub use server::{
+    CONNECTION_BUFFER_BOUND, DEFAULT_MAX_CONNECTIONS, IO_CHUNK, Listener, NbdError, NbdLimits,
+    NbdServer,
+};

@@ -1,4 +1,13 @@
 //! An NBD server: fixed newstyle handshake, several named exports, one thread per connection.
+//!
+//! Bounds (see [`NbdLimits`]): at most `max_connections` clients are served at once (others
+//! are accepted and closed at once); each connection holds at most
+//! [`CONNECTION_BUFFER_BOUND`] bytes of buffers whatever its requests (READ data and WRITE
+//! payloads are streamed [`IO_CHUNK`] bytes at a time), plus its thread's stack. A failing
+//! `accept` (e.g. `EMFILE`) is retried after a back-off while the connected clients are
+//! served on; a connection thread that cannot be started refuses that client. At stop, the
+//! connections get `shutdown_grace` to finish; then their sockets are shut down (a client
+//! that stopped reading no longer holds the stop), and the exports are flushed.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -7,7 +16,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::{self, Command, ProtoError, Request};
 use crate::{BlockError, Disk};
@@ -39,6 +48,60 @@ pub enum NbdError {
     /// No export was configured.
     #[error("an NBD server needs at least one export")]
     NoExports,
+    /// Reading the export failed after part of the READ reply was sent: a simple reply cannot
+    /// carry the error any more, so the connection is closed.
+    #[error("reading the export at offset {offset} failed in the middle of a reply")]
+    ReadFailed {
+        /// Offset of the chunk that failed.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: BlockError,
+    },
+}
+
+/// Default [`NbdLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// READ data and WRITE payloads go through a buffer of this size, however large the request.
+pub const IO_CHUNK: usize = 256 * 1024;
+/// Replies held back at most (larger writes go straight to the socket).
+const REPLY_BUFFER: usize = 64 * 1024;
+/// Bytes read from the socket at once.
+const READ_BUFFER: usize = 256 * 1024;
+/// Most buffer memory one connection holds (request and reply buffers, the I/O chunk and a
+/// reply header, a handshake option); the delta layer may add a chunk-sized read-modify-write
+/// buffer while a WRITE that is not 4 KiB aligned is applied.
+pub const CONNECTION_BUFFER_BOUND: usize =
+    READ_BUFFER + REPLY_BUFFER + 16 + IO_CHUNK + proto::MAX_OPTION_LEN as usize;
+/// First and longest wait before `accept` is tried again after it failed.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// At stop, how long connection threads get to end once their sockets are shut down.
+const STOP_AFTER_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// Limits of a server ([`NbdServer::with_limits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Most clients served at once; a client beyond it is accepted and closed at once.
+    pub max_connections: usize,
+    /// At stop, how long connections may take to finish the request they are in and send its
+    /// reply before their sockets are shut down.
+    pub shutdown_grace: Duration,
+    /// A reply the client does not take within this time (it stopped reading) closes its
+    /// connection; `None` waits forever.
+    pub write_timeout: Option<Duration>,
+    /// Stack size of a connection thread.
+    pub thread_stack: usize,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_grace: Duration::from_secs(5),
+            write_timeout: Some(Duration::from_secs(60)),
+            thread_stack: 2 << 20,
+        }
+    }
 }
 
 /// The set of exports and the shutdown flag shared by all connections.
@@ -46,6 +109,7 @@ pub struct NbdServer {
     exports: BTreeMap<String, Arc<dyn Disk>>,
     default_export: String,
     shutdown: Arc<AtomicBool>,
+    limits: NbdLimits,
 }
 
 impl std::fmt::Debug for NbdServer {
@@ -53,40 +117,52 @@ impl std::fmt::Debug for NbdServer {
         f.debug_struct("NbdServer")
             .field("exports", &self.exports.keys().collect::<Vec<_>>())
             .field("default_export", &self.default_export)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-/// A connected stream the server can serve and later shut down from another thread.
+/// A connected stream the server can serve and shut down from another thread.
 trait Conn: Read + Write + Send + 'static {
-    fn shutdown_read(&self);
-    fn clone_handle(&self) -> io::Result<Box<dyn Fn() + Send>>;
+    /// A second handle on the socket, to shut it down from the accepting thread.
+    fn control(&self) -> io::Result<Box<dyn ConnControl>>;
+    fn set_send_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+/// Shuts a connection's socket down (waking its thread from a blocked read or send).
+trait ConnControl: Send {
+    fn close(&self, how: Shutdown);
 }
 
 impl Conn for UnixStream {
-    fn shutdown_read(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+    fn control(&self) -> io::Result<Box<dyn ConnControl>> {
+        Ok(Box::new(self.try_clone()?))
     }
-    fn clone_handle(&self) -> io::Result<Box<dyn Fn() + Send>> {
-        let s = self.try_clone()?;
-        Ok(Box::new(move || s.shutdown_read()))
+    fn set_send_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
+    }
+}
+
+impl ConnControl for UnixStream {
+    fn close(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
     }
 }
 
 impl Conn for TcpStream {
-    fn shutdown_read(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+    fn control(&self) -> io::Result<Box<dyn ConnControl>> {
+        Ok(Box::new(self.try_clone()?))
     }
-    fn clone_handle(&self) -> io::Result<Box<dyn Fn() + Send>> {
-        let s = self.try_clone()?;
-        Ok(Box::new(move || s.shutdown_read()))
+    fn set_send_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
     }
 }
 
-/// Replies held back at most (larger writes go straight to the socket).
-const REPLY_BUFFER: usize = 64 * 1024;
-/// Bytes read from the socket at once.
-const READ_BUFFER: usize = 256 * 1024;
+impl ConnControl for TcpStream {
+    fn close(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+}
 
 /// A connection buffered both ways. Requests are read in large chunks (a pipelining client's
 /// requests arrive several per read), and replies are held until the next read would have to
@@ -157,10 +233,10 @@ impl<S: Read + Write + ?Sized> Write for Buffered<'_, S> {
     }
 }
 
-/// A connection thread and the way to stop its reads.
+/// A connection thread and its socket.
 struct ConnHandle {
     thread: JoinHandle<()>,
-    stop: Box<dyn Fn() + Send>,
+    socket: Box<dyn ConnControl>,
 }
 
 /// A listening socket of either family.
@@ -173,14 +249,29 @@ pub enum Listener {
 }
 
 impl NbdServer {
-    /// Builds a server over `exports` (name, export); the first one is also served under the empty name.
+    /// Builds a server over `exports` (name, export); the first one is also served under the
+    /// empty name. Default [`NbdLimits`].
     pub fn new(exports: Vec<(String, Arc<dyn Disk>)>) -> Result<Self, NbdError> {
+        Self::with_limits(exports, NbdLimits::default())
+    }
+
+    /// Like [`NbdServer::new`], with the given limits.
+    pub fn with_limits(
+        exports: Vec<(String, Arc<dyn Disk>)>,
+        limits: NbdLimits,
+    ) -> Result<Self, NbdError> {
         let default_export = exports.first().ok_or(NbdError::NoExports)?.0.clone();
         Ok(Self {
             exports: exports.into_iter().collect(),
             default_export,
             shutdown: Arc::new(AtomicBool::new(false)),
+            limits,
         })
+    }
+
+    /// The server's limits.
+    pub fn limits(&self) -> &NbdLimits {
+        &self.limits
     }
 
     /// The flag that stops [`NbdServer::serve`] when set (e.g. from a SIGTERM handler).
@@ -200,7 +291,9 @@ impl NbdServer {
     }
 
     /// Accepts connections until the shutdown flag is set, then stops reading new requests,
-    /// lets in-flight requests finish, and flushes every export so that nothing written is lost.
+    /// lets in-flight requests finish (for up to [`NbdLimits::shutdown_grace`], then shuts the
+    /// sockets down), and flushes every export so that nothing acknowledged is lost. A failed
+    /// `accept` is retried after a back-off; the connected clients are served meanwhile.
     pub fn serve(self: &Arc<Self>, listener: Listener) -> Result<(), NbdError> {
         match &listener {
             Listener::Unix(l) => l.set_nonblocking(true),
@@ -208,6 +301,8 @@ impl NbdServer {
         }
         .map_err(NbdError::Listen)?;
         let mut conns: Vec<ConnHandle> = Vec::new();
+        // While `accept` fails: the next wait before trying again.
+        let mut backoff: Option<Duration> = None;
         while !self.shutdown.load(Ordering::SeqCst) {
             let accepted: io::Result<Box<dyn Conn>> = match &listener {
                 Listener::Unix(l) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
@@ -216,22 +311,42 @@ impl NbdServer {
                     Box::new(s) as Box<dyn Conn>
                 }),
             };
+            conns.retain(|c| !c.thread.is_finished());
             match accepted {
-                Ok(stream) => conns.extend(self.spawn_conn(stream)),
+                Ok(stream) => {
+                    if backoff.take().is_some() {
+                        log(format_args!("accepting connections again"));
+                    }
+                    if conns.len() >= self.limits.max_connections {
+                        log(format_args!(
+                            "{} connections already: client refused",
+                            conns.len()
+                        ));
+                        drop(stream);
+                    } else {
+                        conns.extend(self.spawn_conn(stream));
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(NbdError::Listen(e)),
+                Err(e) => {
+                    // Out of descriptors or memory, or a client gone before it was accepted:
+                    // the waiting clients wait a little, the connected ones are served on.
+                    let wait = match backoff {
+                        None => {
+                            log(format_args!("accept failed ({e}); retrying"));
+                            ACCEPT_BACKOFF.0
+                        }
+                        Some(w) => (w * 2).min(ACCEPT_BACKOFF.1),
+                    };
+                    backoff = Some(wait);
+                    self.sleep_unless_stopped(wait);
+                }
             }
-            conns.retain(|c| !c.thread.is_finished());
         }
-        for c in &conns {
-            (c.stop)();
-        }
-        for c in conns {
-            let _ = c.thread.join();
-        }
+        self.stop_connections(conns);
         for (name, export) in &self.exports {
             if !export.is_read_only() {
                 export.flush().map_err(|source| NbdError::ShutdownFlush {
@@ -243,16 +358,80 @@ impl NbdServer {
         Ok(())
     }
 
+    fn sleep_unless_stopped(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.shutdown.load(Ordering::SeqCst) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10).min(d));
+        }
+    }
+
+    /// Stops every connection in bounded time: reads are shut down (a connection ends after
+    /// the request it is in); after the grace period the sockets are shut down both ways, which
+    /// fails a send blocked on a client that stopped reading. A thread still busy after that is
+    /// inside the export (a slow disk) and is left to end on its own.
+    fn stop_connections(&self, mut conns: Vec<ConnHandle>) {
+        for c in &conns {
+            c.socket.close(Shutdown::Read);
+        }
+        join_finished(&mut conns, Instant::now() + self.limits.shutdown_grace);
+        if conns.is_empty() {
+            return;
+        }
+        log(format_args!(
+            "{} connection(s) still busy after {:?}: closing their sockets",
+            conns.len(),
+            self.limits.shutdown_grace
+        ));
+        for c in &conns {
+            c.socket.close(Shutdown::Both);
+        }
+        join_finished(&mut conns, Instant::now() + STOP_AFTER_SHUTDOWN);
+        if !conns.is_empty() {
+            log(format_args!(
+                "{} connection(s) still inside an export; not waiting for them",
+                conns.len()
+            ));
+        }
+    }
+
+    /// Starts the thread of a new connection; `None` (the client refused, its socket closed)
+    /// if that is not possible.
     fn spawn_conn(self: &Arc<Self>, stream: Box<dyn Conn>) -> Option<ConnHandle> {
-        let stop = stream.clone_handle().ok()?;
-        let server = Arc::clone(self);
-        let thread = std::thread::spawn(move || {
-            let mut stream = stream;
-            if let Err(e) = server.handle(&mut stream) {
-                log_conn_error(&e);
+        let socket = match stream.control() {
+            Ok(s) => s,
+            Err(e) => {
+                log(format_args!(
+                    "cannot set up a connection ({e}); client refused"
+                ));
+                return None;
             }
-        });
-        Some(ConnHandle { thread, stop })
+        };
+        if let Err(e) = stream.set_send_timeout(self.limits.write_timeout) {
+            log(format_args!(
+                "cannot set a send timeout ({e}); client refused"
+            ));
+            return None;
+        }
+        let server = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .stack_size(self.limits.thread_stack)
+            .spawn(move || {
+                let mut stream = stream;
+                if let Err(e) = server.handle(&mut stream) {
+                    log_conn_error(&e);
+                }
+            });
+        match spawned {
+            Ok(thread) => Some(ConnHandle { thread, socket }),
+            Err(e) => {
+                // The closure, and with it the stream, is dropped: the client sees EOF.
+                log(format_args!(
+                    "cannot start a connection thread ({e}); client refused"
+                ));
+                None
+            }
+        }
     }
 
     /// Serves one connection: handshake, then transmission until disconnect or EOF.
@@ -356,14 +535,45 @@ impl NbdServer {
     }
 }
 
+/// Joins the threads that end before `deadline`; those still running stay in `conns`.
+fn join_finished(conns: &mut Vec<ConnHandle>, deadline: Instant) {
+    loop {
+        let (done, busy): (Vec<_>, Vec<_>) = std::mem::take(conns)
+            .into_iter()
+            .partition(|c| c.thread.is_finished());
+        for c in done {
+            let _ = c.thread.join();
+        }
+        *conns = busy;
+        if conns.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A line on stderr (dropped if stderr is gone: logging never fails the server).
+fn log(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr(), "nbd: {msg}");
+}
+
 fn log_conn_error(e: &NbdError) {
     // Client disconnects are normal; anything else is worth a line on stderr.
     if let NbdError::Protocol(ProtoError::Io(io)) = e
-        && io.kind() == io::ErrorKind::UnexpectedEof
+        && matches!(
+            io.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe
+        )
     {
         return;
     }
-    eprintln!("nbd: connection closed: {e}");
+    let mut line = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        line += &format!(": {cause}");
+        source = cause.source();
+    }
+    log(format_args!("connection closed: {line}"));
 }
 
 fn reply_err<S: Write + ?Sized>(s: &mut S, option: u32, err: u32) -> Result<(), NbdError> {
@@ -408,7 +618,8 @@ fn check_range(export: &dyn Disk, req: &Request) -> Option<u32> {
 }
 
 fn transmission<S: Read + Write + ?Sized>(export: &dyn Disk, s: &mut S) -> Result<(), NbdError> {
-    // One buffer holds a READ reply (16-byte header, then the data) or a WRITE payload.
+    // READ data and WRITE payloads pass through this buffer (a reply header, then one chunk),
+    // allocated at the first request that needs it and never grown.
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let mut hdr = [0u8; 28];
@@ -418,7 +629,6 @@ fn transmission<S: Read + Write + ?Sized>(export: &dyn Disk, s: &mut S) -> Resul
             Err(e) => return Err(ProtoError::Io(e).into()),
         }
         let req = proto::parse_request(&hdr)?;
-        let len = req.length as usize;
         let error = match req.command {
             Command::Disconnect => return Ok(()),
             Command::Read => {
@@ -427,17 +637,9 @@ fn transmission<S: Read + Write + ?Sized>(export: &dyn Disk, s: &mut S) -> Resul
                 } else if let Some(err) = check_range(export, &req) {
                     err
                 } else {
-                    buf.resize(16 + len, 0);
-                    match export.read_at(&mut buf[16..], req.offset) {
-                        Ok(()) => {
-                            let mut head = Vec::with_capacity(16);
-                            proto::write_simple_reply(&mut head, 0, req.cookie)
-                                .map_err(ProtoError::Io)?;
-                            buf[..16].copy_from_slice(&head);
-                            s.write_all(&buf).map_err(ProtoError::Io)?;
-                            continue;
-                        }
-                        Err(e) => errno_of(&e),
+                    match read_reply(export, s, &req, chunk_buffer(&mut buf))? {
+                        None => continue,
+                        Some(err) => err,
                     }
                 }
             }
@@ -448,19 +650,12 @@ fn transmission<S: Read + Write + ?Sized>(export: &dyn Disk, s: &mut S) -> Resul
                         .map_err(ProtoError::Io)?;
                     return Ok(());
                 }
-                buf.resize(len, 0);
-                s.read_exact(&mut buf).map_err(ProtoError::Io)?;
-                if export.is_read_only() {
-                    proto::EPERM
-                } else if let Some(err) = check_range(export, &req) {
-                    err
+                let refused = if export.is_read_only() {
+                    Some(proto::EPERM)
                 } else {
-                    status(
-                        export
-                            .write_at(&buf, req.offset)
-                            .and_then(|()| fua(export, &req)),
-                    )
-                }
+                    check_range(export, &req)
+                };
+                write_request(export, s, &req, refused, chunk_buffer(&mut buf))?
             }
             Command::Flush => status(export.flush()),
             Command::Trim | Command::WriteZeroes => {
@@ -482,6 +677,98 @@ fn transmission<S: Read + Write + ?Sized>(export: &dyn Disk, s: &mut S) -> Resul
         };
         proto::write_simple_reply(s, error, req.cookie).map_err(ProtoError::Io)?;
     }
+}
+
+/// The connection's I/O buffer: a 16-byte reply header, then [`IO_CHUNK`] bytes.
+fn chunk_buffer(buf: &mut Vec<u8>) -> &mut [u8] {
+    if buf.is_empty() {
+        buf.resize(16 + IO_CHUNK, 0);
+    }
+    buf
+}
+
+/// Length of the chunk of a request at `offset` with `left` bytes to go: at most
+/// [`IO_CHUNK`], ending on a 4 KiB boundary when it can (so that a delta does not
+/// read-modify-write the blocks at chunk edges).
+fn chunk_len(offset: u64, left: u64) -> usize {
+    const ALIGN: u64 = 4096;
+    let end = offset.saturating_add(IO_CHUNK as u64) / ALIGN * ALIGN;
+    let n = if end > offset {
+        end - offset
+    } else {
+        IO_CHUNK as u64
+    };
+    n.min(left) as usize
+}
+
+/// Answers a READ, streaming the data a chunk at a time behind the reply header. Returns the
+/// error to answer with if the first chunk cannot be read (nothing sent yet); a later failure
+/// cannot be told in a simple reply and ends the connection ([`NbdError::ReadFailed`]).
+fn read_reply<S: Write + ?Sized>(
+    export: &dyn Disk,
+    s: &mut S,
+    req: &Request,
+    buf: &mut [u8],
+) -> Result<Option<u32>, NbdError> {
+    let len = u64::from(req.length);
+    let mut pos = 0u64;
+    loop {
+        let n = chunk_len(req.offset + pos, len - pos);
+        let (head, data) = buf.split_at_mut(16);
+        if let Err(e) = export.read_at(&mut data[..n], req.offset + pos) {
+            if pos == 0 {
+                return Ok(Some(errno_of(&e)));
+            }
+            return Err(NbdError::ReadFailed {
+                offset: req.offset + pos,
+                source: e,
+            });
+        }
+        let out = if pos == 0 {
+            // The header leaves with the first chunk.
+            let mut h = Vec::with_capacity(16);
+            proto::write_simple_reply(&mut h, 0, req.cookie).map_err(ProtoError::Io)?;
+            head.copy_from_slice(&h);
+            &buf[..16 + n]
+        } else {
+            &buf[16..16 + n]
+        };
+        s.write_all(out).map_err(ProtoError::Io)?;
+        pos += n as u64;
+        if pos >= len {
+            return Ok(None);
+        }
+    }
+}
+
+/// Takes a WRITE's payload a chunk at a time, writing each to the export unless the request is
+/// `refused` (or an earlier chunk failed): the payload is always read whole, so the connection
+/// stays in step. Returns the reply's error number.
+fn write_request<S: Read + ?Sized>(
+    export: &dyn Disk,
+    s: &mut S,
+    req: &Request,
+    refused: Option<u32>,
+    buf: &mut [u8],
+) -> Result<u32, NbdError> {
+    let len = u64::from(req.length);
+    let mut error = refused;
+    let mut pos = 0u64;
+    while pos < len {
+        let n = chunk_len(req.offset.saturating_add(pos), len - pos);
+        let data = &mut buf[16..16 + n];
+        s.read_exact(data).map_err(ProtoError::Io)?;
+        if error.is_none()
+            && let Err(e) = export.write_at(data, req.offset + pos)
+        {
+            error = Some(errno_of(&e));
+        }
+        pos += n as u64;
+    }
+    Ok(match error {
+        Some(e) => e,
+        None => status(fua(export, req)),
+    })
 }
 
 /// Honours the FUA flag: the request is durable before it is acknowledged.

@@ -248,12 +248,11 @@ impl Drop for Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` (a stale socket file there is replaced).
+    /// Listens on `uds_path`. A stale socket file there (nobody listening) is replaced; any
+    /// other file, and a socket in use, is refused ([`MuxerError::Bind`]).
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
         let bind = || -> io::Result<UnixListener> {
-            if std::fs::symlink_metadata(uds_path).is_ok() {
-                std::fs::remove_file(uds_path)?;
-            }
+            free_socket_path(uds_path)?;
             let l = UnixListener::bind(uds_path)?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -723,6 +722,126 @@ impl Muxer {
 }
 
 /// (device, inode) of the file at `path`.
+/// Checks, before a VM is built, that its vsock device will be able to listen at `path` (the
+/// device binds it only when the guest driver activates it, too late for the error to reach
+/// whoever started the VM): frees the path as [`Muxer::new`] does, binds it once, and removes
+/// that socket again.
+pub fn check_host_socket(path: &Path) -> Result<(), MuxerError> {
+    let probe = || -> io::Result<()> {
+        free_socket_path(path)?;
+        let l = UnixListener::bind(path)?;
+        let ours = file_id(path);
+        drop(l);
+        if ours.is_some() && file_id(path) == ours {
+            std::fs::remove_file(path)?;
+        }
+        Ok(())
+    };
+    probe().map_err(|source| MuxerError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Makes `path` free for a listening socket: nothing there, or a stale socket file (nobody
+/// listens on it), which is removed. Refused: a file of any other type (it is not ours to
+/// delete) and a socket something listens on (another VM's, say).
+fn free_socket_path(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !kind.is_socket() {
+        let what = if kind.is_file() {
+            "a regular file"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_symlink() {
+            "a symbolic link"
+        } else {
+            "a special file"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("the path is {what}, not a socket; refusing to replace it"),
+        ));
+    }
+    if socket_is_live(path)? {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "a process is listening on this socket",
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// True if something accepts connections on the Unix socket at `path`; false if the socket is
+/// stale (connection refused) or gone. The connect does not block (a listener that does not
+/// accept, its backlog full, counts as live).
+fn socket_is_live(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let mut addr = libc::sockaddr_un {
+        sun_family: libc::AF_UNIX as libc::sa_family_t,
+        sun_path: [0; 108],
+    };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let fd = nonblocking_unix_socket()?;
+    match connect_unix(&fd, &addr) {
+        Ok(()) => Ok(true),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ECONNREFUSED | libc::ENOENT) => Ok(false),
+            Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(true),
+            _ => Err(e),
+        },
+    }
+}
+
+/// A new non-blocking, close-on-exec Unix stream socket.
+fn nonblocking_unix_socket() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket() takes only integers; its result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor just created that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `connect(2)` of `fd` to `addr`.
+fn connect_unix(fd: &OwnedFd, addr: &libc::sockaddr_un) -> io::Result<()> {
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket; `addr` points to an initialized `sockaddr_un` of `len`
+    // bytes that lives across the call and is only read.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn file_id(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path)
@@ -789,6 +908,32 @@ mod tests {
             }
         }
         panic!("no data for the guest");
+    }
+
+    #[test]
+    fn only_a_stale_socket_at_the_path_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file is refused and left as it was.
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = Muxer::new(CID, &file).unwrap_err();
+        assert!(matches!(err, MuxerError::Bind { .. }), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // So is a directory.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(Muxer::new(CID, &sub).is_err());
+        assert!(sub.is_dir());
+        // A socket somebody listens on is in use: refused, still listening.
+        let live = dir.path().join("live.sock");
+        let listener = UnixListener::bind(&live).unwrap();
+        assert!(Muxer::new(CID, &live).is_err());
+        assert!(UnixStream::connect(&live).is_ok());
+        // A stale socket (its listener gone, the file left behind) is replaced.
+        drop(listener);
+        let m = Muxer::new(CID, &live).unwrap();
+        assert!(UnixStream::connect(&live).is_ok());
+        drop(m);
     }
 
     #[test]
