@@ -153,6 +153,11 @@ impl Client {
         self.acked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Whether the client is still sending (it stops at its first error).
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Waits until at least `n` requests were answered (or `limit` passes).
     pub fn wait_for(&self, n: usize, limit: Duration) -> bool {
         let end = Instant::now() + limit;

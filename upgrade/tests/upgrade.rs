@@ -222,7 +222,10 @@ fn rolls_back(
             rollback_errors,
             ..
         } => {
-            assert_eq!(*p, phase, "{err:?}");
+            if *p != phase {
+                let console = std::fs::read_to_string(work.join("backup.console"));
+                panic!("failed in {p:?}, expected {phase:?}: {err:?}\nbackup console: {console:?}");
+            }
             assert!(*rolled_back);
             assert!(rollback_errors.is_empty(), "{rollback_errors:?}");
         }
@@ -236,7 +239,7 @@ fn rolls_back(
     );
     // Nothing of the backup is left: threads, fds, files (the upgrade's journal aside).
     std::thread::sleep(Duration::from_millis(100));
-    assert!(client.answered() > n + 30, "the client still runs");
+    assert!(client.running(), "the client still runs");
     let mut after = (count("/proc/self/fd"), count("/proc/self/task"));
     if phase > Phase::Clone {
         // The active VM's disk is its fork child now: its data, journal and meta are open

@@ -543,6 +543,9 @@ impl VirtioDevice for Block {
             got: 0,
         })?;
         let notify = queue_events.remove(0);
+        // Requests may already wait in the ring (a device restored from a snapshot, or a
+        // clone's, whose guest notified the source device): look at the queue once at start.
+        notify.write(1).map_err(ActivateError::Worker)?;
         let disk = self.disk.clone();
         let id = self.id;
         self.worker = Some(WorkerThread::spawn("virtio-blk", move |kill| {
@@ -661,6 +664,36 @@ mod tests {
                 .all(|&b| b == 0x5a)
         );
         assert!(first.data.lock().unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn requests_waiting_in_the_ring_at_activation_are_served_without_a_kick() {
+        // As in a restored or cloned VM: the guest made the request available (and notified
+        // another device), then this device is activated on the same rings.
+        let disk = RamDisk::new(1 << 20, false);
+        let mut d = Driver::new(Box::new(Block::new(disk.clone(), "disk-0")));
+        d.wr(0x70, 1 | 2);
+        d.wr(0x24, 1);
+        d.wr(0x20, 1);
+        d.wr(0x70, 1 | 2 | 8);
+        d.wr(0x30, 0);
+        use crate::virtio::testing::{AVAIL, DESC, QSIZE, USED};
+        d.wr(0x38, u32::from(QSIZE));
+        d.set_addr(0x80, DESC);
+        d.set_addr(0x90, AVAIL);
+        d.set_addr(0xa0, USED);
+        d.wr(0x44, 1);
+        d.mem.write_slice(&[0x77; 512], GuestAddress(BUF)).unwrap();
+        header(&d, T_OUT, 0);
+        d.add_chain(&[(HDR, 16, false), (BUF, 512, false), (STATUS, 1, true)]);
+        d.wr(0x70, 1 | 2 | 8 | 4);
+        assert_eq!(
+            d.wait_used(0, 1).len(),
+            1,
+            "served without a queue notification"
+        );
+        assert_eq!(status(&d), S_OK);
+        assert!(disk.data.lock().unwrap()[..512].iter().all(|&b| b == 0x77));
     }
 
     #[test]

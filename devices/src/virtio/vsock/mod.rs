@@ -262,6 +262,11 @@ impl VirtioDevice for Vsock {
             reset_pending: std::mem::take(&mut self.reset_event),
             kick,
         };
+        // Packets may already wait in the rings (a restored or cloned device): one pass at
+        // start.
+        if let Err(e) = self.wake.write(1) {
+            tracing::warn!("cannot wake the vsock worker: {e}");
+        }
         self.worker = Some(WorkerThread::spawn("virtio-vsock", move |kill| {
             w.run(kill);
         })?);
