@@ -100,6 +100,8 @@ pub struct Delta {
     lock: File,
     /// For a child of a cut but uncommitted fork: the commit its first flush must complete.
     commit: Option<Arc<crate::fork::ForkCommit>>,
+    /// Flushes that wrote journal records (metrics).
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 /// A child directory made ready before its parent is frozen (see [`crate::prepare_fork`]):
@@ -381,6 +383,7 @@ impl Delta {
             recovered_discarded: discarded_bytes,
             lock,
             commit: None,
+            flushes: std::sync::atomic::AtomicU64::new(0),
         };
         if writable
             && frozen_seq.is_none()
@@ -660,6 +663,8 @@ impl Delta {
         }
         st.next_seq += 1;
         st.durable_seq = seq;
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(seq)
     }
 
@@ -811,6 +816,7 @@ impl Delta {
             recovered_discarded: 0,
             lock,
             commit: Some(commit),
+            flushes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -892,6 +898,11 @@ impl Delta {
     /// Journal bytes dropped by recovery at open (uncommitted records or a torn tail).
     pub fn recovered_discarded_bytes(&self) -> u64 {
         self.recovered_discarded
+    }
+
+    /// Flushes since open that made writes durable (each one journal append and fdatasync).
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Journal length in bytes.

@@ -14,6 +14,10 @@ mod upgrade;
 #[derive(Debug, Parser)]
 #[command(name = "microvmm", version, about)]
 struct Cli {
+    /// Write the log (API requests, upgrade phases, state changes) to this file instead of
+    /// stderr, at the level `RUST_LOG` gives (default `info`; on stderr the default is errors).
+    #[arg(long, global = true, value_name = "FILE")]
+    log: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,11 +36,36 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    match &cli.log {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init(),
+            Err(e) => {
+                eprintln!(
+                    "microvmm: error: cannot open the log file {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        },
+        // On stderr only what RUST_LOG asks for (errors by default).
+        None => tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Disk(cmd) => disk::main(cmd),

@@ -32,6 +32,8 @@ fn run_service(dir: &Path, disk: &Path, name: &str, extra: &[&str]) -> Run {
     let api = dir.join(format!("{name}.api"));
     let uds = dir.join(format!("{name}.vsock"));
     let child = Command::new(BIN)
+        .arg("--log")
+        .arg(dir.join(format!("{name}.log")))
         .args([
             "run",
             "--test-guest",
@@ -211,6 +213,34 @@ fn api_pause_resume_snapshot_status_and_bad_requests() {
     assert!(
         m["api_requests"].as_u64().unwrap() >= 115 && m["api_errors"].as_u64().unwrap() >= 11,
         "{m}"
+    );
+    // The VM's own counters: exits, device requests, journal flushes (one per served request).
+    let vmm = &m["vm"];
+    assert!(vmm["vcpu_exits"]["mmio_write"].as_u64().unwrap() > 0, "{m}");
+    let dev = |t: u64| {
+        vmm["virtio"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_type"] == t)
+            .unwrap()["counters"]
+            .clone()
+    };
+    assert!(dev(2)["requests"].as_u64().unwrap() >= 40, "blk: {m}");
+    assert!(dev(19)["requests"].as_u64().unwrap() >= 21, "vsock TX: {m}");
+    assert!(
+        dev(19)["bytes_in"].as_u64().unwrap() >= 21 * 16,
+        "vsock TX bytes: {m}"
+    );
+    assert!(
+        vmm["disks"][0]["journal_flushes"].as_u64().unwrap() >= 21,
+        "{m}"
+    );
+    // Every request went to the log file.
+    let log = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
+    assert!(
+        log.contains("API request") && log.contains("/metrics"),
+        "{log}"
     );
     c.request(99).unwrap();
     // `microvmm ctl` speaks the same API.

@@ -273,6 +273,7 @@ pub struct Machine {
     exit_rx: Receiver<VcpuExitReport>,
     state: VmState,
     timeline: Timeline,
+    exits: Arc<crate::vcpu::ExitCounters>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -452,6 +453,7 @@ impl Machine {
                 started: None,
                 stopped: None,
             },
+            exits: Arc::default(),
             transports: Vec::new(),
             disks: Vec::new(),
             vsock: None,
@@ -665,7 +667,13 @@ impl Machine {
             mmio: self.mmio.clone(),
             power: self.power.clone(),
             memory: self.memory().clone(),
+            exits: Arc::clone(&self.exits),
         }
+    }
+
+    /// How often the vCPUs exited, by kind.
+    pub fn exit_counters(&self) -> &crate::vcpu::ExitCounters {
+        &self.exits
     }
 
     /// Starts every vCPU thread running the guest.

@@ -212,6 +212,40 @@ pub struct VcpuIo {
     pub power: Arc<PowerControl>,
     /// Guest memory (to read instruction bytes for error reports).
     pub memory: GuestMemoryMmap,
+    /// Exit counters shared by the machine's vCPUs.
+    pub exits: Arc<ExitCounters>,
+}
+
+/// How many times the machine's vCPUs left `KVM_RUN`, by kind (for metrics).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: std::sync::atomic::AtomicU64,
+    /// Port writes (idle hints excluded).
+    pub io_out: std::sync::atomic::AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: std::sync::atomic::AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: std::sync::atomic::AtomicU64,
+    /// Idle hints (port [`IDLE_PORT`]).
+    pub idle: std::sync::atomic::AtomicU64,
+    /// Signals (pause, tasks) and everything else.
+    pub other: std::sync::atomic::AtomicU64,
+}
+
+impl ExitCounters {
+    /// `(kind, count)` pairs.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("io_in", self.io_in.load(Relaxed)),
+            ("io_out", self.io_out.load(Relaxed)),
+            ("mmio_read", self.mmio_read.load(Relaxed)),
+            ("mmio_write", self.mmio_write.load(Relaxed)),
+            ("idle", self.idle.load(Relaxed)),
+            ("other", self.other.load(Relaxed)),
+        ]
+    }
 }
 
 /// One vCPU.
@@ -313,6 +347,7 @@ impl Vcpu {
                 op: "KVM_SET_CPUID2",
                 source,
             })?;
+        crate::cpuid::set_boot_xcr0(&self.fd, cpuid);
         regs::setup_vcpu(&self.fd, entry, id, count)
             .map_err(|source| VcpuError::Regs { id, source })?;
         if runnable {
@@ -397,33 +432,42 @@ impl Vcpu {
             Unhandled(String),
         }
         let id = self.id;
+        let counters = Arc::clone(&self.io.exits);
+        let count = |c: &std::sync::atomic::AtomicU64| {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
         let after = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    count(&counters.io_in);
                     if !self.io.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     After::Done(RunOutcome::Continue)
                 }
                 VcpuExit::IoOut(IDLE_PORT, _) => {
+                    count(&counters.idle);
                     // The guest has nothing to do (a CPL3 test guest cannot `hlt`): give the
                     // host CPU to other threads for a moment, as a halted vCPU would.
                     std::thread::sleep(IDLE_SLEEP);
                     After::CheckPower
                 }
                 VcpuExit::IoOut(port, data) => {
+                    count(&counters.io_out);
                     if !self.io.pio.write(u64::from(port), data) {
                         tracing::trace!(port, ?data, "write to unclaimed port");
                     }
                     After::CheckPower
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    count(&counters.mmio_read);
                     if !self.io.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                     After::Done(RunOutcome::Continue)
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    count(&counters.mmio_write);
                     if !self.io.mmio.write(addr, data) {
                         tracing::trace!(addr, ?data, "write to unclaimed MMIO");
                     }
@@ -433,7 +477,10 @@ impl Vcpu {
                 VcpuExit::Shutdown => After::Shutdown,
                 VcpuExit::InternalError => After::Internal,
                 VcpuExit::FailEntry(reason, _) => After::FailEntry(reason),
-                VcpuExit::Intr => After::Done(RunOutcome::Interrupted),
+                VcpuExit::Intr => {
+                    count(&counters.other);
+                    After::Done(RunOutcome::Interrupted)
+                }
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => {
                     After::Done(RunOutcome::Stop(VcpuStop::Power(PowerEvent::PowerOff)))
                 }

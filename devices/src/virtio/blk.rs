@@ -422,6 +422,7 @@ pub struct Block {
     config: [u8; 60],
     features: u64,
     worker: Option<WorkerThread>,
+    counters: Arc<super::DeviceCounters>,
 }
 
 impl std::fmt::Debug for Block {
@@ -467,6 +468,7 @@ impl Block {
             config,
             features,
             worker: None,
+            counters: Arc::default(),
         }
     }
 
@@ -548,8 +550,11 @@ impl VirtioDevice for Block {
         notify.write(1).map_err(ActivateError::Worker)?;
         let disk = self.disk.clone();
         let id = self.id;
+        let counters = Arc::clone(&self.counters);
         self.worker = Some(WorkerThread::spawn("virtio-blk", move |kill| {
-            worker(&queue, &mem, &disk, &id, &notify, kill, &interrupt);
+            worker(
+                &queue, &mem, &disk, &id, &notify, kill, &interrupt, &counters,
+            );
         })?);
         Ok(())
     }
@@ -559,8 +564,13 @@ impl VirtioDevice for Block {
             w.stop();
         }
     }
+
+    fn counters(&self) -> Option<Arc<super::DeviceCounters>> {
+        Some(Arc::clone(&self.counters))
+    }
 }
 
+#[allow(clippy::too_many_arguments)] // the worker's whole context, passed once
 fn worker(
     queue: &SharedQueue,
     mem: &GuestMemory,
@@ -569,6 +579,7 @@ fn worker(
     notify: &EventFd,
     kill: &EventFd,
     interrupt: &Interrupt,
+    counters: &super::DeviceCounters,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -582,7 +593,13 @@ fn worker(
         let _ = notify.read();
         let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
         let disk = disk.get();
-        match process_queue(&mut q, mem, disk.as_ref(), id, &mut buf) {
+        let before = q.next_used();
+        let result = process_queue(&mut q, mem, disk.as_ref(), id, &mut buf);
+        super::DeviceCounters::add(
+            &counters.requests,
+            u64::from(q.next_used().wrapping_sub(before)),
+        );
+        match result {
             Ok(true) => interrupt.trigger(INT_VRING),
             Ok(false) => {}
             Err(_) => {

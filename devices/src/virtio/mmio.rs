@@ -216,6 +216,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The device's request counters, if it keeps any.
+    pub fn counters(&self) -> Option<std::sync::Arc<super::DeviceCounters>> {
+        self.device.counters()
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status

@@ -143,6 +143,37 @@ pub enum ActivateError {
     Worker(#[source] std::io::Error),
 }
 
+/// Request counters of one device, shared between the device and its worker (metrics).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Requests (blk) or packets from the guest (vsock TX) completed.
+    pub requests: std::sync::atomic::AtomicU64,
+    /// Payload bytes from the guest (blk writes, vsock TX).
+    pub bytes_in: std::sync::atomic::AtomicU64,
+    /// Packets to the guest (vsock RX).
+    pub deliveries: std::sync::atomic::AtomicU64,
+    /// Payload bytes to the guest (blk reads, vsock RX).
+    pub bytes_out: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceCounters {
+    /// Adds `n` to a counter.
+    pub fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `(name, value)` pairs.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("requests", self.requests.load(Relaxed)),
+            ("bytes_in", self.bytes_in.load(Relaxed)),
+            ("deliveries", self.deliveries.load(Relaxed)),
+            ("bytes_out", self.bytes_out.load(Relaxed)),
+        ]
+    }
+}
+
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 19 = vsock).
@@ -159,6 +190,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device's worker (the driver wrote 0 to Status, or the VM is torn down).
     fn reset(&mut self);
+    /// The device's request counters, if it keeps any (metrics).
+    fn counters(&self) -> Option<Arc<DeviceCounters>> {
+        None
+    }
 }
 
 /// A device's worker thread and the eventfd that stops it.

@@ -47,6 +47,7 @@ pub struct Vsock {
     muxer: SharedMuxer,
     wake: Arc<EventFd>,
     worker: Option<WorkerThread>,
+    counters: Arc<super::DeviceCounters>,
 }
 
 /// A handle on a vsock device's host connections that the VMM keeps after handing the device
@@ -171,6 +172,7 @@ impl Vsock {
                 EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(VsockError::Wake)?,
             ),
             worker: None,
+            counters: Arc::default(),
         })
     }
 
@@ -258,6 +260,7 @@ impl VirtioDevice for Vsock {
             interrupt: a.interrupt,
             muxer: Arc::clone(&self.muxer),
             wake: Arc::clone(&self.wake),
+            counters: Arc::clone(&self.counters),
             rx_starved: false,
             reset_pending: std::mem::take(&mut self.reset_event),
             kick,
@@ -271,6 +274,10 @@ impl VirtioDevice for Vsock {
             w.run(kill);
         })?);
         Ok(())
+    }
+
+    fn counters(&self) -> Option<Arc<super::DeviceCounters>> {
+        Some(Arc::clone(&self.counters))
     }
 
     fn reset(&mut self) {
@@ -313,6 +320,7 @@ struct Worker {
     muxer: SharedMuxer,
     /// Written when connections or a listener were moved in from elsewhere.
     wake: Arc<EventFd>,
+    counters: Arc<super::DeviceCounters>,
     /// The guest gave no RX buffers last time we had something for it.
     rx_starved: bool,
     /// A transport-reset event is still to be posted.
@@ -418,6 +426,8 @@ impl Worker {
                 if let (Ok((h, payload)), Some(m)) =
                     (parse_tx(&mut reader, avail, self.cid), muxer.as_mut())
                 {
+                    super::DeviceCounters::add(&self.counters.requests, 1);
+                    super::DeviceCounters::add(&self.counters.bytes_in, payload.len() as u64);
                     m.handle_guest_packet(&h, &payload);
                 }
             }
@@ -459,6 +469,8 @@ impl Worker {
             };
             let ok = writer.write_all(&h.encode()).is_ok() && writer.write_all(&payload).is_ok();
             let len = if ok {
+                super::DeviceCounters::add(&self.counters.deliveries, 1);
+                super::DeviceCounters::add(&self.counters.bytes_out, payload.len() as u64);
                 (HDR_LEN + payload.len()) as u32
             } else {
                 0
