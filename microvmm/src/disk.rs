@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use block::merge::{self, MergeError, MergeOptions, MergeReport, OwnershipMap, Policy, ProgressFn};
 use block::nbd::{Listener, NbdLimits, NbdServer};
@@ -410,7 +410,8 @@ fn policy_of(p: &PolicyArgs) -> Result<Policy, Box<dyn std::error::Error>> {
     })
 }
 
-/// A progress line on stderr, redrawn at most once per percent.
+/// The merge's progress bar on stderr (indicatif): on a terminal, or for outputs over 64 MiB
+/// (`auto`), or always; `never` draws nothing.
 fn progress_fn(when: &str) -> Result<Option<ProgressFn>, Box<dyn std::error::Error>> {
     let tty = std::io::stderr().is_terminal();
     let force = match when {
@@ -421,28 +422,64 @@ fn progress_fn(when: &str) -> Result<Option<ProgressFn>, Box<dyn std::error::Err
             return Err(format!("--progress must be always, never or auto, not {other:?}").into());
         }
     };
-    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let target = if tty {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        // indicatif hides bars on a non-terminal; a plain line writer keeps them when asked.
+        indicatif::ProgressDrawTarget::term_like(Box::new(StderrLines))
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(None, target);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "    ({percent:>3}/100%) [{bar:25}] {bytes} / {total_bytes} ({bytes_per_sec})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>-"),
+    );
     Ok(Some(ProgressFn(Arc::new(move |done, total| {
         if total == 0 || !(force || tty || total > 64 << 20) {
             return;
         }
-        let pct = done * 100 / total;
-        if last.swap(pct, Ordering::Relaxed) == pct {
-            return;
+        bar.set_length(total);
+        bar.set_position(done);
+        if done >= total && !bar.is_finished() {
+            bar.finish();
         }
-        let bar = "#".repeat((pct / 4) as usize);
-        let mut e = std::io::stderr();
-        let _ = write!(
-            e,
-            "\r    ({pct:>3}/100%) [{bar:<25}] {} / {} MiB",
-            done >> 20,
-            total >> 20
-        );
-        if done >= total {
-            let _ = writeln!(e);
-        }
-        let _ = e.flush();
     }))))
+}
+
+/// Draws a progress bar as plain lines on stderr (for a stderr that is not a terminal).
+#[derive(Debug)]
+struct StderrLines;
+
+impl indicatif::TermLike for StderrLines {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _n: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _n: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _n: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _n: usize) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> io::Result<()> {
+        writeln!(io::stderr(), "{s}")
+    }
+    fn write_str(&self, s: &str) -> io::Result<()> {
+        write!(io::stderr(), "{s}")
+    }
+    fn clear_line(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        io::stderr().flush()
+    }
 }
 
 fn print_report(out: &mut dyn Write, r: &MergeReport, json: bool) -> Result<(), DiskCliError> {
