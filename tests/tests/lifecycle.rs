@@ -370,7 +370,10 @@ fn live_clone_continues_from_the_clone_instant_and_diverges() {
     opts.disk_dirs = vec![("a".into(), "b".into())];
     let err = vm.machine.clone_running(opts).unwrap_err();
     assert!(
-        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        matches!(
+            err,
+            MachineError::Clone(vmm::machine::CloneError::DiskDirs { pairs: 1, disks: 0 })
+        ),
         "{err:?}"
     );
     vm.machine.pause().unwrap();
@@ -629,7 +632,10 @@ fn clone_gets_its_own_vsock_cid_and_socket() {
     opts.console = Some(SerialOutput::Sink);
     let err = vm.machine.clone_running(opts).unwrap_err();
     assert!(
-        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        matches!(
+            err,
+            MachineError::Clone(vmm::machine::CloneError::Devices { .. })
+        ),
         "{err:?}"
     );
     clone.start().unwrap();
@@ -723,11 +729,88 @@ fn clone_of_a_vm_with_a_read_only_disk_is_refused_up_front() {
     opts.disk_dirs = vec![(dir.path().join("a"), dir.path().join("b"))];
     let err = vm.machine.clone_running(opts).unwrap_err();
     assert!(
-        matches!(err, MachineError::Snapshot(SnapshotError::Mismatch(_))),
+        matches!(
+            err,
+            MachineError::Clone(vmm::machine::CloneError::ReadOnlyDisk(_))
+        ),
         "{err:?}"
     );
     assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
     // The VM still runs.
     wait_past(&vm.machine, peek(&vm.machine), "after the refused clone");
     vm.machine.stop().unwrap();
+}
+
+/// A report-port device that holds the vCPU in its exit while `hold` is set (a device model
+/// stuck in I/O).
+struct HoldingDevice {
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    entered: std::sync::mpsc::Sender<()>,
+}
+
+impl devices::bus::BusDevice for HoldingDevice {
+    fn name(&self) -> &str {
+        "holding"
+    }
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        let _ = self.entered.send(());
+        while self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[test]
+fn a_pause_a_vcpu_does_not_acknowledge_leaves_the_machine_running_and_can_be_retried() {
+    if !kvm_or_skip("a_pause_a_vcpu_does_not_acknowledge") {
+        return;
+    }
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cfg = MachineConfig::test_guest("counter");
+    cfg.vcpus = 2;
+    let mut m = Machine::new(cfg, Some(SerialOutput::Buffer(SharedBuffer::default()))).unwrap();
+    let hold = Arc::new(AtomicBool::new(true));
+    let (entered_tx, entered) = channel();
+    m.pio_bus()
+        .insert(
+            REPORT_PORT,
+            REPORT_PORT_LEN,
+            Arc::new(std::sync::Mutex::new(HoldingDevice {
+                hold: hold.clone(),
+                entered: entered_tx,
+            })),
+        )
+        .unwrap();
+    m.boot().unwrap();
+    m.start().unwrap();
+    m.set_vcpu_ack_timeout(Duration::from_millis(300));
+    wait_past(&m, 10, "start");
+    // Ask the guest for a report: one vCPU writes the report port and is held there.
+    let request = GuestAddress(COUNTER.symbol("shared_request").unwrap());
+    m.memory().write_obj(1u64, request).unwrap();
+    entered.recv_timeout(LIMIT).expect("the guest reports");
+    let err = m.pause().unwrap_err();
+    assert!(
+        matches!(err, MachineError::VcpuHandle(_)),
+        "a typed timeout, not {err:?}"
+    );
+    assert_eq!(m.state(), vmm::machine::VmState::Running);
+    // The device lets go: the late vCPU answers the old pause, then the undo, and runs on.
+    hold.store(false, Ordering::SeqCst);
+    let v = peek(&m);
+    wait_past(&m, v, "after the failed pause");
+    // The next pause works, and stops the counter.
+    m.set_vcpu_ack_timeout(Duration::from_secs(5));
+    m.pause().unwrap();
+    assert_eq!(m.state(), vmm::machine::VmState::Paused);
+    let v = peek(&m);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(peek(&m), v, "paused: the counter stands");
+    m.resume().unwrap();
+    wait_past(&m, v, "after the resume");
+    m.stop().unwrap();
 }

@@ -24,6 +24,34 @@ use crate::vcpu::Vcpu;
 
 const PAGE: u64 = 4096;
 
+/// Why a live clone was refused before anything was copied or forked (or, for
+/// `ChildRefused`, when a disk's fork child could not be swapped in).
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// `CloneOptions::disk_dirs` does not give one pair per attached disk.
+    #[error("{pairs} disk directory pairs for {disks} disks")]
+    DiskDirs {
+        /// Pairs given.
+        pairs: usize,
+        /// Disks attached.
+        disks: usize,
+    },
+    /// The clone's config would not give it the source's virtio devices (types in order).
+    #[error("the clone would have virtio devices {clone:?}, the source has {have:?}")]
+    Devices {
+        /// The clone's.
+        clone: Vec<u32>,
+        /// The source's.
+        have: Vec<u32>,
+    },
+    /// A disk is attached read-only: only writable deltas are forked.
+    #[error("disk {0} is attached read-only: only writable deltas are forked for a clone")]
+    ReadOnlyDisk(PathBuf),
+    /// The running device refused a fork child (size or writability differs).
+    #[error("the fork child of {0} differs in size or writability")]
+    ChildRefused(PathBuf),
+}
+
 /// How to clone a running machine.
 #[derive(Debug)]
 pub struct CloneOptions {
@@ -459,11 +487,10 @@ impl Machine {
             });
         }
         if opts.disk_dirs.len() != self.disks.len() {
-            return Err(SnapshotError::Mismatch(format!(
-                "{} disk directory pairs for {} disks",
-                opts.disk_dirs.len(),
-                self.disks.len()
-            ))
+            return Err(CloneError::DiskDirs {
+                pairs: opts.disk_dirs.len(),
+                disks: self.disks.len(),
+            }
             .into());
         }
         // The clone gets the source's disks (forked) and the config's vsock: check up front that
@@ -477,21 +504,14 @@ impl Machine {
             .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type())
             .collect();
         if want != have {
-            return Err(SnapshotError::Mismatch(format!(
-                "the clone would have virtio devices {want:?}, the source has {have:?}"
-            ))
-            .into());
+            return Err(CloneError::Devices { clone: want, have }.into());
         }
         if let Some(d) = self
             .disks
             .iter()
             .find(|d| block::Disk::is_read_only(d.layer.as_ref()))
         {
-            return Err(SnapshotError::Mismatch(format!(
-                "disk {} is attached read-only: only writable deltas are forked for a clone",
-                d.layer.path().display()
-            ))
-            .into());
+            return Err(CloneError::ReadOnlyDisk(d.layer.path().to_owned()).into());
         }
         let t0 = Instant::now();
         let mut tl = CloneTimeline::default();
@@ -662,11 +682,7 @@ impl Machine {
             let (a, b, commit) = p.cut().map_err(err)?;
             let a = Arc::new(Layer::Delta(a));
             if disk.slot.swap(a.clone()).is_err() {
-                return Err(SnapshotError::Mismatch(format!(
-                    "fork child of {} differs in size or writability",
-                    disk.layer.path().display()
-                ))
-                .into());
+                return Err(CloneError::ChildRefused(disk.layer.path().to_owned()).into());
             }
             forked.push((a, Arc::new(Layer::Delta(b)), commit));
         }

@@ -43,7 +43,7 @@ use crate::vm::{self, Vm, VmError};
 
 #[path = "lifecycle.rs"]
 mod lifecycle;
-pub use lifecycle::{CloneOptions, CloneRound, CloneTimeline};
+pub use lifecycle::{CloneError, CloneOptions, CloneRound, CloneTimeline};
 
 /// How long a vCPU thread may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -182,6 +182,9 @@ pub enum MachineError {
     /// The guest did not stop in time.
     #[error("the guest is still running after {0:?}")]
     Timeout(Duration),
+    /// A live clone was refused.
+    #[error("cannot clone the machine")]
+    Clone(#[from] CloneError),
     /// No attached disk has this index.
     #[error("no disk {index} (the machine has {count})")]
     NoSuchDisk {
@@ -274,6 +277,7 @@ pub struct Machine {
     state: VmState,
     timeline: Timeline,
     exits: Arc<crate::vcpu::ExitCounters>,
+    ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for Machine {
@@ -454,6 +458,7 @@ impl Machine {
                 stopped: None,
             },
             exits: Arc::default(),
+            ack_timeout: VCPU_ACK_TIMEOUT,
             transports: Vec::new(),
             disks: Vec::new(),
             vsock: None,
@@ -692,7 +697,7 @@ impl Machine {
             h.send(event.clone())?;
         }
         for h in &self.handles {
-            let got = h.response(VCPU_ACK_TIMEOUT)?;
+            let got = h.response(self.ack_timeout)?;
             if got != want {
                 return Err(MachineError::VcpuAnswer {
                     id: h.id(),
@@ -704,22 +709,59 @@ impl Machine {
         Ok(())
     }
 
-    /// Parks every vCPU (each completes its pending I/O exit first).
+    /// Parks every vCPU (each completes its pending I/O exit first). The machine is `Paused`
+    /// only once every vCPU acknowledged; if one does not within the ack timeout, the others
+    /// are let run again (and so is the late one, once it answers), the machine stays
+    /// `Running` and the error says which vCPU; the next pause tries again.
     pub fn pause(&mut self) -> Result<(), MachineError> {
         if self.state == VmState::Paused {
             return Ok(());
         }
-        self.transition(VmState::Paused)?;
-        self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused)
+        self.check_transition(VmState::Paused)?;
+        match self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused) {
+            Ok(()) => self.transition(VmState::Paused),
+            Err(e) => {
+                if let Err(undo) = self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed) {
+                    tracing::warn!("a failed pause could not resume every vCPU: {undo}");
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Lets every vCPU run again.
+    /// Lets every vCPU run again: `Running` once every vCPU acknowledged; if one does not,
+    /// the others are parked again and the machine stays `Paused`.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         if self.state == VmState::Running {
             return Ok(());
         }
-        self.transition(VmState::Running)?;
-        self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed)
+        self.check_transition(VmState::Running)?;
+        match self.broadcast(VcpuEvent::Resume, VcpuResponse::Resumed) {
+            Ok(()) => self.transition(VmState::Running),
+            Err(e) => {
+                if let Err(undo) = self.broadcast(VcpuEvent::Pause, VcpuResponse::Paused) {
+                    tracing::warn!("a failed resume could not park every vCPU again: {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// How long [`Machine::pause`] and [`Machine::resume`] wait for each vCPU's answer
+    /// (default 5 s).
+    pub fn set_vcpu_ack_timeout(&mut self, t: Duration) {
+        self.ack_timeout = t;
+    }
+
+    fn check_transition(&self, to: VmState) -> Result<(), MachineError> {
+        if self.state.can_go(to) {
+            Ok(())
+        } else {
+            Err(MachineError::InvalidTransition {
+                from: self.state,
+                to,
+            })
+        }
     }
 
     /// Runs `task` on every vCPU, on its own thread when the vCPUs are running or paused (outside

@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -302,13 +302,13 @@ fn register_kick_handler() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Installs the kick handler once per process; a failure is remembered and reported to every
+/// later caller (not only the first).
 fn install_kick_handler() -> Result<(), String> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_kick_handler().map_err(|e| e.to_string());
-    });
-    result
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    RESULT
+        .get_or_init(|| register_kick_handler().map_err(|e| e.to_string()))
+        .clone()
 }
 
 impl Vcpu {
@@ -533,14 +533,15 @@ impl Vcpu {
             id,
             tx,
             rx: resp_rx,
+            seq: std::sync::atomic::AtomicU64::new(0),
             thread: Some(thread),
         })
     }
 
     fn thread_main(
         mut self,
-        rx: Receiver<VcpuEvent>,
-        resp: Sender<VcpuResponse>,
+        rx: Receiver<(u64, VcpuEvent)>,
+        resp: Sender<(u64, VcpuResponse)>,
         exits: Sender<VcpuExitReport>,
         start_running: bool,
     ) -> Vcpu {
@@ -550,27 +551,35 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(1);
         let mut running = start_running;
         let mut finished = false;
+        // The sequence number of the event being answered (answers carry it back).
+        let mut seq = 0u64;
         'outer: loop {
             if !running {
-                match rx.recv() {
+                match rx.recv().map(|(s, e)| {
+                    seq = s;
+                    e
+                }) {
                     Ok(VcpuEvent::Resume) if !finished => {
                         self.fd.set_kvm_immediate_exit(0);
                         running = true;
-                        let _ = resp.send(VcpuResponse::Resumed);
+                        let _ = resp.send((seq, VcpuResponse::Resumed));
                     }
                     Ok(VcpuEvent::Resume) => {
-                        let _ = resp.send(VcpuResponse::Finished);
+                        let _ = resp.send((seq, VcpuResponse::Finished));
                     }
                     Ok(VcpuEvent::Pause) => {
-                        let _ = resp.send(if finished {
-                            VcpuResponse::Finished
-                        } else {
-                            VcpuResponse::Paused
-                        });
+                        let _ = resp.send((
+                            seq,
+                            if finished {
+                                VcpuResponse::Finished
+                            } else {
+                                VcpuResponse::Paused
+                            },
+                        ));
                     }
                     Ok(VcpuEvent::Run(task)) => {
                         task(&self);
-                        let _ = resp.send(VcpuResponse::Ran);
+                        let _ = resp.send((seq, VcpuResponse::Ran));
                     }
                     Ok(VcpuEvent::Finish) | Err(_) => break,
                 }
@@ -583,21 +592,24 @@ impl Vcpu {
                     // return at once, so its message is seen on the next round.
                     self.fd.set_kvm_immediate_exit(0);
                     loop {
-                        match rx.try_recv() {
+                        match rx.try_recv().map(|(s, e)| {
+                            seq = s;
+                            e
+                        }) {
                             Ok(VcpuEvent::Pause) => {
                                 running = false;
                                 // Tell a kvmclock guest it was stopped (no soft-lockup
                                 // reports); EINVAL when the guest has no kvmclock.
                                 let _ = self.fd.kvmclock_ctrl();
-                                let _ = resp.send(VcpuResponse::Paused);
+                                let _ = resp.send((seq, VcpuResponse::Paused));
                                 break;
                             }
                             Ok(VcpuEvent::Resume) => {
-                                let _ = resp.send(VcpuResponse::Resumed);
+                                let _ = resp.send((seq, VcpuResponse::Resumed));
                             }
                             Ok(VcpuEvent::Run(task)) => {
                                 task(&self);
-                                let _ = resp.send(VcpuResponse::Ran);
+                                let _ = resp.send((seq, VcpuResponse::Ran));
                             }
                             Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                                 break 'outer;
@@ -700,8 +712,10 @@ pub enum VcpuHandleError {
 #[derive(Debug)]
 pub struct VcpuHandle {
     id: u8,
-    tx: Sender<VcpuEvent>,
-    rx: Receiver<VcpuResponse>,
+    tx: Sender<(u64, VcpuEvent)>,
+    rx: Receiver<(u64, VcpuResponse)>,
+    /// Sequence number of the last event sent (answers to older ones are stale).
+    seq: std::sync::atomic::AtomicU64,
     thread: Option<JoinHandle<Vcpu>>,
 }
 
@@ -723,18 +737,31 @@ impl VcpuHandle {
 
     /// Sends `event` and kicks the thread so it sees it.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuHandleError> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         self.tx
-            .send(event)
+            .send((seq, event))
             .map_err(|_| VcpuHandleError::Gone(self.id))?;
         self.kick()
     }
 
-    /// Waits for the thread's answer.
+    /// Waits for the thread's answer to the last event sent. Answers to earlier events that
+    /// came too late (after their waiter gave up) are skipped.
     pub fn response(&self, timeout: Duration) -> Result<VcpuResponse, VcpuHandleError> {
-        self.rx.recv_timeout(timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => VcpuHandleError::Timeout(self.id, timeout),
-            RecvTimeoutError::Disconnected => VcpuHandleError::Gone(self.id),
-        })
+        let want = self.seq.load(std::sync::atomic::Ordering::SeqCst);
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((seq, r)) if seq == want => return Ok(r),
+                Ok((seq, r)) => {
+                    tracing::debug!(vcpu = self.id, seq, ?r, "late answer skipped");
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuHandleError::Timeout(self.id, timeout));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuHandleError::Gone(self.id)),
+            }
+        }
     }
 
     /// Ends the thread and returns the vCPU.
