@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use virtio_bindings::{virtio_blk as vb, virtio_ids};
 
 use block::{BlockError, Disk};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -14,7 +15,7 @@ use super::{
 };
 
 /// Virtio device ID of a block device.
-pub const DEVICE_TYPE_BLOCK: u32 = 2;
+pub const DEVICE_TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data payload of one request.
@@ -24,28 +25,28 @@ pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
 /// Length of the GET_ID answer.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 
-const F_SEG_MAX: u32 = 2;
-const F_RO: u32 = 5;
-const F_BLK_SIZE: u32 = 6;
-const F_FLUSH: u32 = 9;
-const F_DISCARD: u32 = 13;
-const F_WRITE_ZEROES: u32 = 14;
+const F_SEG_MAX: u32 = vb::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u32 = vb::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u32 = vb::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u32 = vb::VIRTIO_BLK_F_FLUSH;
+const F_DISCARD: u32 = vb::VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_F_WRITE_ZEROES;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
+const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
 
 /// Request status: success.
-pub const S_OK: u8 = 0;
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
 /// Request status: I/O error (also bad requests).
-pub const S_IOERR: u8 = 1;
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
 /// Request status: unsupported request type.
-pub const S_UNSUPP: u8 = 2;
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Why a descriptor chain is not a well-formed request.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -367,6 +368,35 @@ pub fn process_queue(
     Ok(used_any && queue.needs_notification(mem).map_err(QueueError::Ring)?)
 }
 
+/// The virtio-blk configuration space (virtio 1.2 §5.2.4, `struct virtio_blk_config` up to
+/// `write_zeroes_may_unmap`), little endian on x86_64; 60 bytes, no padding.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BlkConfig {
+    capacity: u64,
+    size_max: u32,
+    seg_max: u32,
+    geometry: [u8; 4],
+    blk_size: u32,
+    topology: [u8; 8],
+    writeback: u8,
+    unused0: u8,
+    num_queues: u16,
+    max_discard_sectors: u32,
+    max_discard_seg: u32,
+    discard_sector_alignment: u32,
+    max_write_zeroes_sectors: u32,
+    max_write_zeroes_seg: u32,
+    write_zeroes_may_unmap: u8,
+    unused1: [u8; 3],
+}
+
+// SAFETY: `BlkConfig` is plain old data: packed (no padding), every field an integer or byte
+// array, so any bit pattern is valid and it may be viewed as bytes.
+unsafe impl vm_memory::ByteValued for BlkConfig {}
+
+const _: () = assert!(std::mem::size_of::<BlkConfig>() == 60);
+
 /// The disk behind a running [`Block`], replaceable while the device runs (a live clone swaps the
 /// active VM onto its fork child during the final pause). The worker takes the current disk for
 /// each batch of requests, under the queue lock, so holding every queue lock and then calling
@@ -419,7 +449,7 @@ impl DiskSlot {
 pub struct Block {
     disk: DiskSlot,
     id: [u8; ID_BYTES],
-    config: [u8; 60],
+    config: BlkConfig,
     features: u64,
     worker: Option<WorkerThread>,
     counters: Arc<super::DeviceCounters>,
@@ -451,17 +481,18 @@ impl Block {
         } else {
             features |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES);
         }
-        let mut config = [0u8; 60];
-        let max_sectors = (MAX_REQUEST_BYTES as u64 / SECTOR_SIZE) as u32;
-        config[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes()); // capacity
-        config[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
-        config[20..24].copy_from_slice(&block_size.to_le_bytes()); // blk_size
-        config[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
-        config[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
-        config[44..48].copy_from_slice(&(block_size / 512).to_le_bytes()); // discard_sector_alignment
-        config[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
-        config[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
-        config[56] = 1; // write_zeroes_may_unmap
+        let config = BlkConfig {
+            capacity: disk.size() / SECTOR_SIZE,
+            seg_max: u32::from(QUEUE_SIZE) - 2,
+            blk_size: block_size,
+            max_discard_sectors: (MAX_REQUEST_BYTES as u64 / SECTOR_SIZE) as u32,
+            max_discard_seg: MAX_DISCARD_SEGMENTS,
+            discard_sector_alignment: block_size / 512,
+            max_write_zeroes_sectors: (MAX_REQUEST_BYTES as u64 / SECTOR_SIZE) as u32,
+            max_write_zeroes_seg: MAX_DISCARD_SEGMENTS,
+            write_zeroes_may_unmap: 1,
+            ..BlkConfig::default()
+        };
         Self {
             disk: DiskSlot::new(disk),
             id: idb,
@@ -515,11 +546,12 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let start = offset.min(self.config.len() as u64) as usize;
+        let config = vm_memory::ByteValued::as_slice(&self.config);
+        let start = offset.min(config.len() as u64) as usize;
         let end = offset
             .saturating_add(data.len() as u64)
-            .min(self.config.len() as u64) as usize;
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+            .min(config.len() as u64) as usize;
+        data[..end - start].copy_from_slice(&config[start..end]);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

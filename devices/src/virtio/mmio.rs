@@ -1,6 +1,7 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x "modern" register layout only).
 
 use std::sync::{Arc, Mutex};
+use virtio_bindings::virtio_mmio as vm;
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -18,34 +19,34 @@ pub const MAGIC: u32 = 0x7472_6976;
 /// Vendor ID this VMM reports ("MVMM").
 pub const VENDOR_ID: u32 = 0x4d4d_564d;
 
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
+const REG_MAGIC: u64 = vm::VIRTIO_MMIO_MAGIC_VALUE as u64;
+const REG_VERSION: u64 = vm::VIRTIO_MMIO_VERSION as u64;
+const REG_DEVICE_ID: u64 = vm::VIRTIO_MMIO_DEVICE_ID as u64;
+const REG_VENDOR_ID: u64 = vm::VIRTIO_MMIO_VENDOR_ID as u64;
+const REG_DEVICE_FEATURES: u64 = vm::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+const REG_DEVICE_FEATURES_SEL: u64 = vm::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+const REG_DRIVER_FEATURES: u64 = vm::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+const REG_DRIVER_FEATURES_SEL: u64 = vm::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+const REG_QUEUE_SEL: u64 = vm::VIRTIO_MMIO_QUEUE_SEL as u64;
+const REG_QUEUE_NUM_MAX: u64 = vm::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+const REG_QUEUE_NUM: u64 = vm::VIRTIO_MMIO_QUEUE_NUM as u64;
+const REG_QUEUE_READY: u64 = vm::VIRTIO_MMIO_QUEUE_READY as u64;
 /// Offset of the QueueNotify register (where the VMM registers ioeventfds).
-pub const QUEUE_NOTIFY: u64 = 0x050;
+pub const QUEUE_NOTIFY: u64 = vm::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 const REG_QUEUE_NOTIFY: u64 = QUEUE_NOTIFY;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_SHM_LEN_LOW: u64 = 0x0b0;
-const REG_SHM_LEN_HIGH: u64 = 0x0b4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const REG_CONFIG: u64 = 0x100;
+const REG_INTERRUPT_STATUS: u64 = vm::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const REG_INTERRUPT_ACK: u64 = vm::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const REG_STATUS: u64 = vm::VIRTIO_MMIO_STATUS as u64;
+const REG_QUEUE_DESC_LOW: u64 = vm::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+const REG_QUEUE_DESC_HIGH: u64 = vm::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+const REG_QUEUE_DRIVER_LOW: u64 = vm::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+const REG_QUEUE_DRIVER_HIGH: u64 = vm::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+const REG_QUEUE_DEVICE_LOW: u64 = vm::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+const REG_QUEUE_DEVICE_HIGH: u64 = vm::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+const REG_SHM_LEN_LOW: u64 = vm::VIRTIO_MMIO_SHM_LEN_LOW as u64;
+const REG_SHM_LEN_HIGH: u64 = vm::VIRTIO_MMIO_SHM_LEN_HIGH as u64;
+const REG_CONFIG_GENERATION: u64 = vm::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+const REG_CONFIG: u64 = vm::VIRTIO_MMIO_CONFIG as u64;
 
 /// Errors creating a transport.
 #[derive(Debug, thiserror::Error)]

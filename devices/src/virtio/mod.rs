@@ -20,27 +20,28 @@ pub mod testing;
 pub mod vsock;
 
 /// Feature bit: the device complies with virtio 1.x (modern only; this transport refuses legacy).
-pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// Feature bit: the driver may use `VIRTQ_DESC_F_INDIRECT`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 =
+    virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 /// Device status: the guest noticed the device.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_ACKNOWLEDGE: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
 /// Device status: the guest has a driver.
-pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER;
 /// Device status: the driver is ready.
-pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_DRIVER_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 /// Device status: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_FEATURES_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
 /// Device status: the device hit an error and needs a reset.
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_NEEDS_RESET: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 /// Device status: the driver gave up on the device.
-pub const STATUS_FAILED: u32 = 0x80;
+pub const STATUS_FAILED: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED;
 
 /// Interrupt status bit: a used buffer was added to a queue.
-pub const INT_VRING: u32 = 1;
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration changed (or NEEDS_RESET was set).
-pub const INT_CONFIG: u32 = 2;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// A queue shared between the transport (setup, snapshot) and the device worker (processing).
 pub type SharedQueue = Arc<Mutex<Queue>>;

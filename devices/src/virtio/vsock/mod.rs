@@ -19,7 +19,7 @@ use super::{
 };
 
 /// Virtio device ID of a socket device.
-pub const DEVICE_TYPE_VSOCK: u32 = 19;
+pub const DEVICE_TYPE_VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// Queue size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
