@@ -425,6 +425,21 @@ fn invalid_plans_are_refused_with_the_field_named() {
 
 const CHILD_ENV: &str = "UPGRADE_CRASH_DIR";
 
+/// The phases the crash test aims kills at (each recorded in the journal when it starts).
+const TARGETS: [Phase; 11] = [
+    Phase::Clone,
+    Phase::UpgradeBackup,
+    Phase::Merge,
+    Phase::Freeze,
+    Phase::Checkpoint,
+    Phase::PauseBackup,
+    Phase::MoveProcess,
+    Phase::MoveResources,
+    Phase::Resume,
+    Phase::Commit,
+    Phase::Done,
+];
+
 /// Entry point of the child process of the crash test: boots the demo VM in the given
 /// directory, says `ready`, upgrades it when `go` appears, then serves until killed.
 #[test]
@@ -445,7 +460,11 @@ fn crash_child_entry() {
         &plan,
         &UpgradeOptions::new(Arc::new(ServiceConnector)),
     );
-    println!("upgraded: {}", r.is_ok());
+    println!(
+        "upgraded: {} in {:?}",
+        r.is_ok(),
+        r.as_ref().map(|r| r.total).unwrap_or_default()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -462,8 +481,13 @@ fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let mut committed = 0;
+    // Where the kills landed: the last phase the journal recorded (none: before it existed).
+    let mut landed: std::collections::BTreeMap<String, u64> = Default::default();
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-    for round in 0..kills {
+    // Round 0 measures how long an upgrade takes here (debug or release, loaded or not); the
+    // kills then land uniformly over 1.2 times that.
+    let mut span = Duration::ZERO;
+    for round in 0..=kills {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -513,17 +537,60 @@ fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
             }
         });
         std::fs::write(dir.path().join("go"), b"").unwrap();
-        // The upgrade takes ~0.2-0.5 s here: kill anywhere in it (and a little after).
-        std::thread::sleep(Duration::from_micros(rng % 600_000));
+        if round == 0 {
+            let t = std::time::Instant::now();
+            line.clear();
+            while !line.contains("upgraded") {
+                line.clear();
+                assert!(
+                    std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+                    "child died"
+                );
+            }
+            assert!(line.contains("true"), "the unkilled upgrade failed: {line}");
+            span = t.elapsed().mul_f64(1.2);
+            println!("an upgrade takes {:?} here ({})", t.elapsed(), line.trim());
+        } else if round % 3 == 0 {
+            // Anywhere: uniformly over the upgrade's length.
+            let us = u64::try_from(span.as_micros()).unwrap_or(u64::MAX).max(1);
+            std::thread::sleep(Duration::from_micros(rng % us));
+        } else {
+            // In a chosen phase: once the journal records it, after up to 2 ms.
+            let target = TARGETS[(round as usize) % TARGETS.len()];
+            let journal = dir.path().join("upgrade").join(journal::JOURNAL_FILE);
+            let end = std::time::Instant::now() + span * 20;
+            loop {
+                let at = journal::read(&journal).ok().and_then(|r| {
+                    r.iter().rev().find_map(|r| match r {
+                        Record::Phase { phase } => Some(*phase),
+                        _ => None,
+                    })
+                });
+                if at.is_some_and(|p| p >= target) || std::time::Instant::now() > end {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            std::thread::sleep(Duration::from_micros(rng % 2000));
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         client.join().unwrap();
         let acked = acked.lock().unwrap().clone();
         let work = dir.path().join("upgrade");
         let disk = match upgrade::recover(&work).unwrap() {
-            None => dir.path().join("disk"),
+            None => {
+                *landed.entry("before the journal".into()).or_default() += 1;
+                dir.path().join("disk")
+            }
             Some(r) => {
-                committed += u64::from(r.committed);
+                committed += u64::from(r.committed && round > 0);
+                let at = r
+                    .last_phase
+                    .map_or("begin".to_string(), |p| p.name().to_string());
+                if round > 0 {
+                    *landed.entry(at).or_default() += 1;
+                }
                 assert_eq!(r.disks.len(), 1);
                 // Exactly one chain: the losing side's layers are gone.
                 let others = ["disk0-active", "disk0-backup", "disk0-merged"]
@@ -544,7 +611,13 @@ fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
             assert!(r.removed.is_empty());
         }
     }
-    println!("{kills} kills, {committed} after the commit point");
+    println!(
+        "{kills} kills, {committed} after the commit point; by last recorded phase: {landed:?}"
+    );
+    assert!(
+        landed.len() >= 8,
+        "kills spread over too few phases: {landed:?}"
+    );
     assert!(
         committed > 0 && committed < kills,
         "kills landed on both sides of the commit"
