@@ -174,9 +174,28 @@ impl Api {
             path: path.to_owned(),
             reason,
         };
-        let server = Server::http_unix(path).map_err(|e| bind(e.to_string()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| bind(format!("cannot make it private: {e}")))?;
+        // Bound in a private directory, made 0600, then renamed into place: the socket is never
+        // reachable at `path` with looser permissions.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let staging = parent
+            .unwrap_or(Path::new("."))
+            .join(format!(".microvmm-api-{}", std::process::id()));
+        std::fs::create_dir(&staging)
+            .map_err(|e| bind(format!("cannot create {}: {e}", staging.display())))?;
+        let made = (|| {
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| e.to_string())?;
+            let tmp = staging.join("api.sock");
+            let server = Server::http_unix(&tmp).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot make it private: {e}"))?;
+            std::fs::rename(&tmp, path).map_err(|e| format!("cannot move it into place: {e}"))?;
+            Ok::<_, String>(server)
+        })();
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            tracing::warn!("cannot remove {}: {e}", staging.display());
+        }
+        let server = made.map_err(bind)?;
         let server = Arc::new(server);
         let s = Arc::clone(&server);
         let thread = std::thread::Builder::new()

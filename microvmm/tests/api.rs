@@ -86,6 +86,17 @@ fn curl(api: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Strin
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// `PUT /actions Stop`, which must be accepted.
+fn stop(vm: &Run) {
+    let (code, body) = curl(
+        &vm.api,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Stop"}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+}
+
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
@@ -257,16 +268,7 @@ fn api_pause_resume_snapshot_status_and_bad_requests() {
     );
     // Stop ends `run` (exit 0) and removes the socket.
     let mut vm = vm;
-    assert_eq!(
-        curl(
-            &vm.api,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "Stop"}"#)
-        )
-        .0,
-        204
-    );
+    stop(&vm);
     let st = vm.child.wait().unwrap();
     assert!(st.success(), "{st:?}");
     assert!(!vm.api.exists());
@@ -407,16 +409,7 @@ fn an_upgrade_through_the_api_and_a_cancelled_one() {
         json(&curl(&vm.api, "GET", "/metrics", None).1)["upgrades"],
         1
     );
-    assert_eq!(
-        curl(
-            &vm.api,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "Stop"}"#)
-        )
-        .0,
-        204
-    );
+    stop(&vm);
     assert!(vm.child.wait().unwrap().success());
     let mut err = String::new();
     if let Some(mut e) = vm.child.stderr.take() {

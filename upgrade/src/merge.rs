@@ -75,22 +75,8 @@ pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
                     limit: Duration::from_millis(s.plan.limits.merge_timeout_ms),
                 });
             }
-            let t = Instant::now();
-            let d = &s.disks[i];
-            let r = merge::catch_up(
-                delta(&d.merged)?,
-                delta(&d.active)?,
-                d.since,
-                delta(&d.backup)?,
-                &MergeOptions {
-                    policy: d.policy.clone(),
-                    ..MergeOptions::default()
-                },
-            )
-            .map_err(conflict_or(i))?;
-            s.disks[i].since = r.active_seq;
-            record(s, i, "catch-up", &r, t);
-            if r.bytes_to_write <= s.plan.limits.converge_bytes.0 {
+            let copied = catch_up(s, i, true)?;
+            if copied <= s.plan.limits.converge_bytes.0 {
                 break;
             }
         }
@@ -130,26 +116,40 @@ fn record(s: &mut Session<'_>, disk: usize, kind: &'static str, r: &MergeReport,
     s.report.merge_rounds.push(round);
 }
 
+/// One catch-up round of disk `i`: the active VM's writes since the last round into the
+/// merge output, flushed or (the last one, in the cutover) not. Returns the bytes copied.
+fn catch_up(s: &mut Session<'_>, i: usize, flush: bool) -> Result<u64, StepError> {
+    let t = Instant::now();
+    let d = &s.disks[i];
+    let opts = MergeOptions {
+        policy: d.policy.clone(),
+        ..MergeOptions::default()
+    };
+    let run = if flush {
+        merge::catch_up
+    } else {
+        merge::catch_up_unflushed
+    };
+    let r = run(
+        delta(&d.merged)?,
+        delta(&d.active)?,
+        d.since,
+        delta(&d.backup)?,
+        &opts,
+    )
+    .map_err(conflict_or(i))?;
+    s.disks[i].since = r.active_seq;
+    let kind = if flush { "catch-up" } else { "final catch-up" };
+    record(s, i, kind, &r, t);
+    Ok(r.bytes_to_write)
+}
+
 /// The last catch-up, with the workload frozen: applies the active VM's remaining writes to
 /// each output without a flush (no fsync in the cutover); they become durable before the
 /// commit record (see [`crate::resume`]).
 pub(crate) fn final_catch_up(s: &mut Session<'_>) -> Result<(), StepError> {
     for i in 0..s.disks.len() {
-        let t = Instant::now();
-        let d = &s.disks[i];
-        let r = merge::catch_up_unflushed(
-            delta(&d.merged)?,
-            delta(&d.active)?,
-            d.since,
-            delta(&d.backup)?,
-            &MergeOptions {
-                policy: d.policy.clone(),
-                ..MergeOptions::default()
-            },
-        )
-        .map_err(conflict_or(i))?;
-        s.disks[i].since = r.active_seq;
-        record(s, i, "final catch-up", &r, t);
+        catch_up(s, i, false)?;
     }
     // Make them durable off the cutover path: the commit record waits for these.
     for d in &s.disks {

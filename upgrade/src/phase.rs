@@ -35,6 +35,22 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order an upgrade goes through them.
+    pub const ALL: [Phase; 12] = [
+        Phase::Prepare,
+        Phase::Clone,
+        Phase::UpgradeBackup,
+        Phase::Merge,
+        Phase::Freeze,
+        Phase::Checkpoint,
+        Phase::PauseBackup,
+        Phase::MoveProcess,
+        Phase::MoveResources,
+        Phase::Resume,
+        Phase::Commit,
+        Phase::Done,
+    ];
+
     /// The phase's name as the timeline prints it.
     pub fn name(self) -> &'static str {
         match self {
