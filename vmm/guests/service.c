@@ -37,6 +37,7 @@
  * ignored rather than answered with RST, so the move may also come before `restore`.
  */
 #include "virtio_mmio.h"
+#include "virtio_vsock.h"
 
 SHARED volatile u64 shared_blk_base = 0xd0000000ul;
 SHARED volatile u64 shared_vsock_base = 0xd0001000ul;
@@ -367,28 +368,9 @@ static u64 next_checksum(u64 ck, u64 seq, u64 value)
 /* ---------------------------------------------------------------------------------------------
  * virtio-vsock (spec 1.2 section 5.10).
  */
-#define HOST_CID 2
-#define HDR_LEN 44
 #define BUFSZ 4096
 #define NRX QSIZE
 #define NEV 2
-#define OP_REQUEST 1
-#define OP_RESPONSE 2
-#define OP_RST 3
-#define OP_SHUTDOWN 4
-#define OP_RW 5
-#define OP_CREDIT_UPDATE 6
-#define OP_CREDIT_REQUEST 7
-#define EVENT_TRANSPORT_RESET 0
-
-struct hdr {
-    u64 src_cid, dst_cid;
-    u32 src_port, dst_port, len;
-    u16 type, op;
-    u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
-
-_Static_assert(sizeof(struct hdr) == HDR_LEN, "vsock header is 44 bytes");
 
 static struct vq vq[3]; /* rx, tx, event */
 static u8 rxbuf[NRX][HDR_LEN + BUFSZ] __attribute__((aligned(64)));

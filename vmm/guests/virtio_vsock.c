@@ -6,6 +6,7 @@
  * Prints "virtio-vsock: ok" or "virtio-vsock: FAIL <step>"; reports 0x50c0000 + step.
  */
 #include "virtio_mmio.h"
+#include "virtio_vsock.h"
 
 SHARED volatile u64 shared_mmio_base = 0xd0000000ul;
 SHARED volatile u64 shared_mode = 0;
@@ -14,21 +15,6 @@ SHARED volatile u64 shared_echoed = 0;
 
 #define NRX 4
 #define BUFSZ 4096
-#define HOST_CID 2
-#define OP_REQUEST 1
-#define OP_RESPONSE 2
-#define OP_RST 3
-#define OP_SHUTDOWN 4
-#define OP_RW 5
-#define OP_CREDIT_UPDATE 6
-#define OP_CREDIT_REQUEST 7
-
-struct hdr {
-    u64 src_cid, dst_cid;
-    u32 src_port, dst_port, len;
-    u16 type, op;
-    u32 flags, buf_alloc, fwd_cnt;
-} __attribute__((packed));
 
 struct vq {
     struct desc desc[QSIZE] __attribute__((aligned(16)));
