@@ -1,21 +1,21 @@
 //! The live guest-OS upgrade of a running microvmm VM, as one call.
 //!
 //! [`run`] takes the active [`Machine`] and an [`UpgradePlan`] and goes through the seven
-//! steps, one module each, driven by an explicit state machine ([`Phase`]) whose every
+//! steps, one (private) module each, driven by an explicit state machine ([`Phase`]) whose every
 //! transition is recorded in the upgrade journal ([`journal`]) before it is acted on:
 //!
-//! 1. [`clone`](mod@clone): live clone of the active VM into the backup (disks forked);
-//! 2. [`upgrade_backup`]: the plan's commands run in the backup (and an optional restart);
-//! 3. [`merge`](mod@merge): dry run, three-way merge and catch-up rounds while the active VM serves;
-//!    then the cutover: the workload is frozen and checkpointed ([`move_process`]), the last
+//! 1. `clone`: live clone of the active VM into the backup (disks forked);
+//! 2. `upgrade_backup`: the plan's commands run in the backup (and an optional restart);
+//! 3. `merge`: dry run, three-way merge and catch-up rounds while the active VM serves;
+//!    then the cutover: the workload is frozen and checkpointed (`move_process`), the last
 //!    catch-up runs;
-//! 4. [`pause`]: the backup, paused, gets the merged layers;
-//! 5. [`move_process`]: the workload is restored in the backup;
-//! 6. [`move_resources`]: its connections and listener move to the backup's devices;
-//! 7. [`resume`]: the backup resumes and serves; the commit record follows (the commit point),
+//! 4. `pause`: the backup, paused, gets the merged layers;
+//! 5. `move_process`: the workload is restored in the backup;
+//! 6. `move_resources`: its connections and listener move to the backup's devices;
+//! 7. `resume`: the backup resumes and serves; the commit record follows (the commit point),
 //!    and the old active VM is retired.
 //!
-//! Any failure before the commit point rolls back ([`rollback`]): the active VM serves on
+//! Any failure before the commit point rolls back (`rollback`): the active VM serves on
 //! with its workload, connections and disk, and nothing of the backup is left. After a crash
 //! of the process, [`journal::recover`] tells which disk chain is the VM's.
 //!
