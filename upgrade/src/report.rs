@@ -96,6 +96,7 @@ fn ms(d: Duration) -> String {
 impl UpgradeReport {
     /// The timeline table people read.
     pub fn table(&self) -> String {
+        // `write!` into a String cannot fail: its results are dropped below.
         let mut t = String::new();
         let _ = writeln!(
             t,

@@ -302,6 +302,14 @@ fn register_kick_handler() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sends a vCPU thread's answer. A failure means the handle (the machine) was dropped: there is
+/// nobody left to answer, and the thread ends at its next receive.
+fn answer(resp: &Sender<(u64, VcpuResponse)>, msg: (u64, VcpuResponse)) {
+    if resp.send(msg).is_err() {
+        tracing::debug!("vCPU answer dropped: the machine is gone");
+    }
+}
+
 /// Installs the kick handler once per process; a failure is remembered and reported to every
 /// later caller (not only the first).
 fn install_kick_handler() -> Result<(), String> {
@@ -562,24 +570,27 @@ impl Vcpu {
                     Ok(VcpuEvent::Resume) if !finished => {
                         self.fd.set_kvm_immediate_exit(0);
                         running = true;
-                        let _ = resp.send((seq, VcpuResponse::Resumed));
+                        answer(&resp, (seq, VcpuResponse::Resumed));
                     }
                     Ok(VcpuEvent::Resume) => {
-                        let _ = resp.send((seq, VcpuResponse::Finished));
+                        answer(&resp, (seq, VcpuResponse::Finished));
                     }
                     Ok(VcpuEvent::Pause) => {
-                        let _ = resp.send((
-                            seq,
-                            if finished {
-                                VcpuResponse::Finished
-                            } else {
-                                VcpuResponse::Paused
-                            },
-                        ));
+                        answer(
+                            &resp,
+                            (
+                                seq,
+                                if finished {
+                                    VcpuResponse::Finished
+                                } else {
+                                    VcpuResponse::Paused
+                                },
+                            ),
+                        );
                     }
                     Ok(VcpuEvent::Run(task)) => {
                         task(&self);
-                        let _ = resp.send((seq, VcpuResponse::Ran));
+                        answer(&resp, (seq, VcpuResponse::Ran));
                     }
                     Ok(VcpuEvent::Finish) | Err(_) => break,
                 }
@@ -601,15 +612,15 @@ impl Vcpu {
                                 // Tell a kvmclock guest it was stopped (no soft-lockup
                                 // reports); EINVAL when the guest has no kvmclock.
                                 let _ = self.fd.kvmclock_ctrl();
-                                let _ = resp.send((seq, VcpuResponse::Paused));
+                                answer(&resp, (seq, VcpuResponse::Paused));
                                 break;
                             }
                             Ok(VcpuEvent::Resume) => {
-                                let _ = resp.send((seq, VcpuResponse::Resumed));
+                                answer(&resp, (seq, VcpuResponse::Resumed));
                             }
                             Ok(VcpuEvent::Run(task)) => {
                                 task(&self);
-                                let _ = resp.send((seq, VcpuResponse::Ran));
+                                answer(&resp, (seq, VcpuResponse::Ran));
                             }
                             Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                                 break 'outer;
@@ -621,6 +632,7 @@ impl Vcpu {
                 Ok(RunOutcome::Stop(stop)) => {
                     running = false;
                     finished = true;
+                    // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
                         result: Ok(stop),
@@ -629,6 +641,7 @@ impl Vcpu {
                 Err(e) => {
                     running = false;
                     finished = true;
+                    // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
                         result: Err(e),
@@ -766,6 +779,7 @@ impl VcpuHandle {
 
     /// Ends the thread and returns the vCPU.
     pub fn finish(mut self) -> Result<Vcpu, VcpuHandleError> {
+        // A thread that already ended (its receiver gone) needs no Finish; the join says how.
         let _ = self.send(VcpuEvent::Finish);
         let thread = self.thread.take().ok_or(VcpuHandleError::Gone(self.id))?;
         thread
