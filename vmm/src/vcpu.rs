@@ -568,7 +568,11 @@ impl Vcpu {
                     e
                 }) {
                     Ok(VcpuEvent::Resume) if !finished => {
-                        self.fd.set_kvm_immediate_exit(0);
+                        // Not 0: a message sent after this Resume may have had its kick land
+                        // before now (and be overwritten by a clear). Leaving immediate_exit set
+                        // makes the first KVM_RUN return at once, into the drain below, which
+                        // clears it first and then looks at every pending message.
+                        self.fd.set_kvm_immediate_exit(1);
                         running = true;
                         answer(&resp, (seq, VcpuResponse::Resumed));
                     }
