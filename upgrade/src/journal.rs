@@ -301,26 +301,31 @@ pub fn recover(dir: &Path) -> Result<Option<Recovery>, JournalError> {
     }))
 }
 
-/// The active side's disk of one uncommitted upgrade: its fork child if the clone's fork
-/// committed, else the original delta (unfrozen at open when its fork never reached the
-/// journal). A parent frozen without a child that opens gets a fresh empty child (nothing was
-/// acknowledged in the lost one: a child's first flush commits the fork).
+/// The active side's disk of one uncommitted upgrade: the original delta if the clone's fork
+/// never committed (the parent is not frozen: its children hold nothing acknowledged, whatever
+/// state a crash left them in), else the active fork child. A frozen parent whose active child
+/// is missing or incomplete (killed between the parent's FORK record and the child's `meta`)
+/// gets a fresh empty child: nothing was acknowledged in the lost one, since a child's first
+/// flush commits the fork.
 fn recover_active(d: &DiskPaths, removed: &mut Vec<PathBuf>) -> Result<PathBuf, JournalError> {
     let rec = |path: &Path| {
         let path = path.to_owned();
         move |source| JournalError::Recover { path, source }
     };
-    if d.active.exists() {
-        match block::Delta::open_read_only(&d.active) {
-            Ok(_) => return Ok(d.active.clone()),
-            Err(block::BlockError::IncompleteFork { .. }) => remove_layer(&d.active, removed)?,
-            Err(e) => return Err(rec(&d.active)(e)),
-        }
-    }
     let original = block::Delta::open_read_only(&d.original).map_err(rec(&d.original))?;
     if original.frozen_seq().is_none() {
+        drop(original);
+        remove_layer(&d.active, removed)?;
         return Ok(d.original.clone());
     }
+    let incomplete = !d.active.join(block::META_FILE).exists();
+    match block::Delta::open_read_only(&d.active) {
+        Ok(_) => return Ok(d.active.clone()),
+        Err(block::BlockError::IncompleteFork { .. }) => {}
+        Err(_) if incomplete => {}
+        Err(e) => return Err(rec(&d.active)(e)),
+    }
+    remove_layer(&d.active, removed)?;
     let parent = std::sync::Arc::new(block::Layer::Delta(original));
     let child = block::Delta::create(&d.active, parent).map_err(rec(&d.active))?;
     child.flush().map_err(rec(&d.active))?;

@@ -624,3 +624,55 @@ fn a_backup_restarted_into_its_new_kernel_takes_the_workload_over() {
     let console = std::fs::read_to_string(dir.path().join("upgrade/backup.console")).unwrap();
     assert!(console.contains("service: ready version=2"), "{console}");
 }
+
+#[test]
+fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = block::Base::create(&dir.path().join("base.img"), 1 << 20).unwrap();
+    let orig = dir.path().join("orig");
+    drop(block::Delta::create(&orig, Arc::new(block::Layer::Base(base))).unwrap());
+    let work = dir.path().join("work");
+    let paths = journal::DiskPaths {
+        original: orig.clone(),
+        active: work.join("disk0-active"),
+        backup: work.join("disk0-backup"),
+        merged: work.join("disk0-merged"),
+    };
+    let half_made = |p: &Path| {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::write(p.join("data"), b"").unwrap();
+    };
+    // Killed while the children were being prepared: the parent is not frozen.
+    drop(
+        journal::Journal::create(
+            &work,
+            &Record::Begin {
+                disks: vec![paths.clone()],
+            },
+        )
+        .unwrap(),
+    );
+    half_made(&paths.active);
+    half_made(&paths.backup);
+    let r = upgrade::recover(&work).unwrap().unwrap();
+    assert_eq!(r.disks, vec![orig.clone()]);
+    assert!(!paths.active.exists() && !paths.backup.exists());
+    // Killed after the parent's FORK record but before the active child's meta: a fresh
+    // child over the frozen parent.
+    block::Delta::open(&orig).unwrap().freeze().unwrap();
+    std::fs::remove_file(work.join(journal::JOURNAL_FILE)).unwrap();
+    drop(
+        journal::Journal::create(
+            &work,
+            &Record::Begin {
+                disks: vec![paths.clone()],
+            },
+        )
+        .unwrap(),
+    );
+    half_made(&paths.active);
+    let r = upgrade::recover(&work).unwrap().unwrap();
+    assert_eq!(r.disks, vec![paths.active.clone()]);
+    let child = block::Delta::open(&paths.active).unwrap();
+    assert_eq!(child.parent().path(), orig.as_path());
+}
