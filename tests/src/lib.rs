@@ -1,6 +1,9 @@
 //! Shared helpers for the cross-crate integration tests in `tests/tests/`: KVM availability
 //! checks that print a `SKIP:` line, and booting test guests with their serial output captured.
 
+pub mod linux_guest;
+pub mod nested;
+
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 

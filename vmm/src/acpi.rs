@@ -1,5 +1,6 @@
-//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, DSDT (virtio-mmio devices as
-//! `LNRO0005`, the `_S5_` sleep type), MADT (one local APIC per vCPU, the IOAPIC, IRQ0 -> GSI 2).
+//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, DSDT (the legacy devices as PNP
+//! devices with their ports and interrupts, virtio-mmio devices as `LNRO0005`, the `_S5_` sleep
+//! type), MADT (one local APIC per vCPU, the IOAPIC, IRQ0 -> GSI 2).
 //! Placed at [`layout::ACPI_START`] (reserved in the e820 map); the RSDP address goes in the zero
 //! page (`acpi_rsdp_addr`) or the PVH start info.
 
@@ -10,7 +11,10 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, aml};
-use devices::legacy::{ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, SLEEP_CONTROL_OFFSET};
+use devices::legacy::{
+    ACPI_PM_PORT, CMOS_LEN, CMOS_PORT, COM1_IRQ, COM1_LEN, COM1_PORT, I8042_PORT, RESET_OFFSET,
+    RESET_VALUE, SLEEP_CONTROL_OFFSET,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout;
@@ -73,8 +77,71 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
+/// ISA interrupt of the i8042's keyboard port.
+const I8042_KBD_IRQ: u32 = 1;
+/// ISA interrupt of the RTC.
+const RTC_IRQ: u32 = 8;
+
+/// A legacy device under `\_SB_` as a PNP device: `_HID` (EISA id), `_UID`, and a `_CRS` with its
+/// I/O ranges `(base, len)` and one edge-triggered, active-high ISA interrupt.
+///
+/// On a hardware-reduced ACPI platform Linux has no legacy PIC (`nr_legacy_irqs() == 0`), so ISA
+/// IRQ numbers are not mapped to IOAPIC pins by default: a driver that requests its fixed IRQ (the
+/// 8250 at IRQ 4, the i8042 at 1, rtc_cmos at 8) gets -EINVAL. Described here, the PNP layer maps
+/// each interrupt through ACPI (`acpi_register_gsi`) and the drivers bind to these devices.
+fn legacy_device(name: &str, hid: &str, uid: u32, io: &[(u64, u64)], irq: u32) -> Vec<u8> {
+    let ios: Vec<aml::IO> = io
+        .iter()
+        .map(|&(base, len)| aml::IO::new(base as u16, base as u16, 1, len as u8))
+        .collect();
+    let int = aml::Interrupt::new(true, true, false, false, irq);
+    let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
+    res.push(&int);
+    let crs = aml::ResourceTemplate::new(res);
+    let hid = aml::EISAName::new(hid);
+    bytes(&aml::Device::new(
+        name.into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
+/// The legacy devices the VMM has on its port I/O bus: COM1 (8250), the i8042 keyboard
+/// controller (data and command ports), the CMOS RTC.
+fn legacy_devices() -> Vec<u8> {
+    let mut v = legacy_device("COM1", "PNP0501", 1, &[(COM1_PORT, COM1_LEN)], COM1_IRQ);
+    v.extend(legacy_device(
+        "PS2K",
+        "PNP0303",
+        0,
+        &[(I8042_PORT, 1), (I8042_PORT + 4, 1)],
+        I8042_KBD_IRQ,
+    ));
+    v.extend(legacy_device(
+        "RTC_",
+        "PNP0B00",
+        0,
+        &[(CMOS_PORT, CMOS_LEN)],
+        RTC_IRQ,
+    ));
+    v
+}
+
+/// An already-encoded AML object.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
 fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
     let mut body = Vec::new();
+    let legacy = RawAml(legacy_devices());
     // Devices under \_SB_: one per virtio-mmio transport.
     let hid = aml::Name::new("_HID".into(), &"LNRO0005");
     let uids: Vec<u32> = (0..virtio.len() as u32).collect();
@@ -107,7 +174,8 @@ fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
             )
         })
         .collect();
-    let dev_refs: Vec<&dyn Aml> = devs.iter().map(|d| d as &dyn Aml).collect();
+    let mut dev_refs: Vec<&dyn Aml> = vec![&legacy];
+    dev_refs.extend(devs.iter().map(|d| d as &dyn Aml));
     aml::Scope::new("\\_SB_".into(), dev_refs).to_aml_bytes(&mut body);
     // Sleep type 5 for S5 (power off), matching the ACPI power device.
     let five = 5u8;
@@ -326,6 +394,60 @@ mod tests {
         // The second device's MMIO base appears in its Memory32Fixed descriptor.
         let needle = 0xd000_1000u32.to_le_bytes();
         assert!(dsdt.windows(4).any(|w| w == needle));
+    }
+
+    /// The `_CRS` buffer of the device whose `_HID` is EISA id `hid` (4 bytes), as
+    /// (I/O descriptors (min, len), extended interrupts).
+    fn legacy_crs(dsdt: &[u8], hid: [u8; 4]) -> (Vec<(u16, u8)>, Vec<u32>) {
+        // Name(_HID, EISAID): 0x08 "_HID" 0x0c <u32>.
+        let mut pat = vec![0x08, b'_', b'H', b'I', b'D', 0x0c];
+        pat.extend_from_slice(&hid);
+        let at = dsdt
+            .windows(pat.len())
+            .position(|w| w == pat.as_slice())
+            .expect("device with this _HID");
+        let crs = at + dsdt[at..].windows(4).position(|w| w == b"_CRS").unwrap();
+        let (mut ios, mut irqs) = (Vec::new(), Vec::new());
+        // _CRS 0x11 (buffer) PkgLength BufferSize(0x0a n) then the descriptors, until the end tag.
+        let mut o = crs + 4 + 1 + 1 + 2;
+        loop {
+            match dsdt[o] {
+                0x47 => {
+                    ios.push((u16::from_le_bytes([dsdt[o + 2], dsdt[o + 3]]), dsdt[o + 7]));
+                    o += 8;
+                }
+                0x89 => {
+                    assert_eq!(dsdt[o + 3] & 0x0f, 0x03, "consumer, edge, active high");
+                    irqs.push(u32_at(dsdt, o + 5));
+                    o += 9;
+                }
+                0x79 => break,
+                b => panic!("unexpected descriptor {b:#x} at {o}"),
+            }
+        }
+        (ios, irqs)
+    }
+
+    #[test]
+    fn dsdt_describes_legacy_devices_with_their_interrupts() {
+        let t = build_tables(1, &devices(), layout::ACPI_START);
+        let (_, dsdt) = find(&t, b"DSDT");
+        // EISA ids: PNP0501 = 41 d0 05 01, PNP0303 = 41 d0 03 03, PNP0B00 = 41 d0 0b 00.
+        assert_eq!(
+            legacy_crs(dsdt, [0x41, 0xd0, 0x05, 0x01]),
+            (vec![(0x3f8, 8)], vec![4]),
+            "COM1"
+        );
+        assert_eq!(
+            legacy_crs(dsdt, [0x41, 0xd0, 0x03, 0x03]),
+            (vec![(0x60, 1), (0x64, 1)], vec![1]),
+            "i8042 keyboard"
+        );
+        assert_eq!(
+            legacy_crs(dsdt, [0x41, 0xd0, 0x0b, 0x00]),
+            (vec![(0x70, 2)], vec![8]),
+            "RTC"
+        );
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! CPUID for each vCPU: `KVM_GET_SUPPORTED_CPUID` normalized to this VM's topology (APIC IDs,
 //! one thread per core, one package), with the hypervisor bit set, and with the features a
-//! software-emulating host KVM cannot execute in guest kernel mode hidden.
+//! software-emulating host KVM cannot execute in guest kernel mode hidden; and the XCR0 a vCPU
+//! boots with ([`set_boot_xcr0`]).
 
 use std::fs;
 
 use kvm_bindings::{
-    CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
+    CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2, kvm_xcrs,
 };
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 
 /// Errors of CPUID setup.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +207,50 @@ pub fn normalize_entries(
     Ok(())
 }
 
+/// The XCR0 a vCPU with CPUID `entries` boots with: every user state component leaf 0xD.0
+/// enumerates (EAX, EDX; x87 always), if leaf 1 has XSAVE; `None` without XSAVE.
+pub fn boot_xcr0(entries: &[kvm_cpuid_entry2]) -> Option<u64> {
+    let l1 = entries.iter().find(|e| e.function == 0x1)?;
+    if l1.ecx & ECX_XSAVE == 0 {
+        return None;
+    }
+    let d = entries.iter().find(|e| e.function == 0xd && e.index == 0)?;
+    Some(u64::from(d.eax) | (u64::from(d.edx) << 32) | 1)
+}
+
+/// Presets the vCPU's XCR0 (as KVM holds it) to [`boot_xcr0`] of its CPUID; returns the value
+/// set, or `None` without XSAVE or if KVM refused it (logged; the guest then starts with the
+/// architectural XCR0 = 1).
+///
+/// A guest kernel writes XCR0 itself (XSETBV) before it sizes its XSAVE area, and KVM intercepts
+/// that write, updates its copy and recomputes CPUID leaf 0xD.0 EBX (the XSAVE size for the enabled
+/// features) from it. QEMU's software emulator does not implement the XSETBV intercept for a nested
+/// SVM guest: under KVM in a QEMU TCG VM (the nested harness) the guest's write goes to the virtual
+/// CPU unseen, KVM keeps XCR0 = 1 and answers EBX = 576, and Linux then warns `XSAVE consistency
+/// problem: size 2696 != kernel_size 576` and runs without XSAVE; a snapshot would also save
+/// XCR0 = 1. Starting with the XCR0 Linux sets (all enumerated states) keeps KVM's copy, leaf
+/// 0xD.0 EBX and the CPU in agreement there. On hardware the intercept makes this a no-op for
+/// Linux; the architectural reset value is not observable before the guest sets CR4.OSXSAVE, and
+/// only leaf 0xD.0 EBX, read before the guest's own XSETBV, differs.
+pub fn set_boot_xcr0(fd: &VcpuFd, cpuid: &CpuId) -> Option<u64> {
+    let xcr0 = boot_xcr0(cpuid.as_slice())?;
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    match fd.set_xcrs(&xcrs) {
+        Ok(()) => Some(xcr0),
+        Err(e) => {
+            tracing::warn!(
+                "KVM_SET_XCRS(XCR0 = {xcr0:#x}) refused ({e}); the guest starts with XCR0 = 1"
+            );
+            None
+        }
+    }
+}
+
 /// The CPUID for vCPU `id` of `count`, built from the host's supported CPUID.
 pub fn vcpu_cpuid(
     supported: &CpuId,
@@ -341,6 +386,23 @@ mod tests {
             0,
             "RDTSCP hidden"
         );
+    }
+
+    #[test]
+    fn boot_xcr0_is_the_enumerated_user_states() {
+        let mut l1 = entry(0x1, 0);
+        let mut d0 = entry(0xd, 0);
+        d0.eax = 0x207; // x87, SSE, AVX, PKRU
+        d0.edx = 0;
+        assert_eq!(boot_xcr0(&[l1, d0]), Some(0x207));
+        d0.eax = 0x6; // x87 always set
+        assert_eq!(boot_xcr0(&[l1, d0]), Some(0x7));
+        assert_eq!(boot_xcr0(&[l1]), None, "no leaf 0xD");
+        l1.ecx &= !ECX_XSAVE;
+        assert_eq!(boot_xcr0(&[l1, d0]), None, "no XSAVE");
+        let mut e = sample();
+        normalize_entries(&mut e, 0, 1, HostKvm::Emulating).unwrap();
+        assert_eq!(boot_xcr0(&e), None, "emulating host: XSAVE hidden");
     }
 
     #[test]

@@ -355,6 +355,7 @@ impl Vcpu {
                 op: "KVM_SET_CPUID2",
                 source,
             })?;
+        crate::cpuid::set_boot_xcr0(&self.fd, cpuid);
         regs::setup_vcpu(&self.fd, entry, id, count)
             .map_err(|source| VcpuError::Regs { id, source })?;
         if runnable {

@@ -1,5 +1,7 @@
-//! CMOS RAM with a read-only real-time clock (the host's UTC time, binary, 24-hour), on ports
-//! 0x70 (index) and 0x71 (data). Linux reads the time from it at boot.
+//! CMOS RAM with a read-only real-time clock (the host's UTC time, BCD, 24-hour), on ports
+//! 0x70 (index) and 0x71 (data). Linux reads the time from it at boot (rtc_cmos sets the system
+//! clock from it). The clock is BCD because x86 Linux always decodes it as BCD
+//! (`RTC_ALWAYS_BCD`), whatever register B says: binary values gave the guest a wrong date.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,8 +19,8 @@ const RTC_REG_B: u8 = 0x0b;
 const RTC_REG_C: u8 = 0x0c;
 const RTC_REG_D: u8 = 0x0d;
 const RTC_CENTURY: u8 = 0x32;
-/// Register B: 24-hour mode, binary (not BCD) values.
-const REG_B_24H_BINARY: u8 = 0x02 | 0x04;
+/// Register B: 24-hour mode, BCD values (DM bit 0x04 clear).
+const REG_B_24H_BCD: u8 = 0x02;
 /// Register D: valid RAM and time.
 const REG_D_VRT: u8 = 0x80;
 
@@ -66,6 +68,12 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// `v` (0..=99) in binary-coded decimal.
+fn bcd(v: u64) -> u8 {
+    let v = (v % 100) as u8;
+    ((v / 10) << 4) | (v % 10)
+}
+
 impl Cmos {
     /// A CMOS reading the host clock.
     pub fn new() -> Self {
@@ -106,16 +114,16 @@ impl Cmos {
         let tod = secs % 86_400;
         let (year, month, day) = civil_from_days(days);
         match index {
-            RTC_SECONDS => (tod % 60) as u8,
-            RTC_MINUTES => ((tod / 60) % 60) as u8,
-            RTC_HOURS => (tod / 3600) as u8,
-            RTC_WEEKDAY => ((days + 4).rem_euclid(7) + 1) as u8,
-            RTC_DAY => day as u8,
-            RTC_MONTH => month as u8,
-            RTC_YEAR => (year % 100) as u8,
-            RTC_CENTURY => (year / 100) as u8,
+            RTC_SECONDS => bcd(tod % 60),
+            RTC_MINUTES => bcd((tod / 60) % 60),
+            RTC_HOURS => bcd(tod / 3600),
+            RTC_WEEKDAY => bcd((days + 4).rem_euclid(7) as u64 + 1),
+            RTC_DAY => bcd(u64::from(day)),
+            RTC_MONTH => bcd(u64::from(month)),
+            RTC_YEAR => bcd(year.rem_euclid(100) as u64),
+            RTC_CENTURY => bcd(year.div_euclid(100).rem_euclid(100) as u64),
             RTC_REG_A => 0x26, // 32.768 kHz base, 1024 Hz rate; update not in progress
-            RTC_REG_B => REG_B_24H_BINARY,
+            RTC_REG_B => REG_B_24H_BCD,
             RTC_REG_C => 0,
             RTC_REG_D => REG_D_VRT,
             i => self.ram[usize::from(i & 0x7f)],
@@ -165,15 +173,17 @@ mod tests {
     fn clock_fields() {
         // 2024-02-29 13:45:56 UTC was a Thursday.
         let mut c = Cmos::with_clock(|| 1_709_214_356);
-        assert_eq!(read(&mut c, RTC_SECONDS), 56);
-        assert_eq!(read(&mut c, RTC_MINUTES), 45);
-        assert_eq!(read(&mut c, RTC_HOURS), 13);
-        assert_eq!(read(&mut c, RTC_DAY), 29);
-        assert_eq!(read(&mut c, RTC_MONTH), 2);
-        assert_eq!(read(&mut c, RTC_YEAR), 24);
-        assert_eq!(read(&mut c, RTC_CENTURY), 20);
-        assert_eq!(read(&mut c, RTC_WEEKDAY), 5);
-        assert_eq!(read(&mut c, RTC_REG_B), REG_B_24H_BINARY);
+        // BCD: x86 Linux decodes the clock as BCD whatever register B says.
+        assert_eq!(read(&mut c, RTC_SECONDS), 0x56);
+        assert_eq!(read(&mut c, RTC_MINUTES), 0x45);
+        assert_eq!(read(&mut c, RTC_HOURS), 0x13);
+        assert_eq!(read(&mut c, RTC_DAY), 0x29);
+        assert_eq!(read(&mut c, RTC_MONTH), 0x02);
+        assert_eq!(read(&mut c, RTC_YEAR), 0x24);
+        assert_eq!(read(&mut c, RTC_CENTURY), 0x20);
+        assert_eq!(read(&mut c, RTC_WEEKDAY), 0x05);
+        assert_eq!(read(&mut c, RTC_REG_B) & 0x04, 0, "BCD mode");
+        assert_ne!(read(&mut c, RTC_REG_B) & 0x02, 0, "24-hour mode");
     }
 
     #[test]

@@ -19,6 +19,8 @@ const SB_OUT_FULL: u8 = 0x01;
 const SB_SYSTEM: u8 = 0x04;
 /// Status: last write was a command.
 const SB_CMD: u8 = 0x08;
+/// Status: keyboard not inhibited (the keylock switch is off).
+const SB_UNLOCKED: u8 = 0x10;
 
 /// Saved state of the i8042.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,7 +51,7 @@ impl I8042 {
         Self {
             power,
             ctr: 0,
-            status: SB_SYSTEM,
+            status: SB_SYSTEM | SB_UNLOCKED,
             out: None,
             expect_ctr: false,
         }
@@ -143,6 +145,15 @@ mod tests {
         assert_eq!(power.requested(), None);
         k.write(4, &[CMD_RESET_CPU]);
         assert_eq!(power.requested(), Some(PowerEvent::Reset));
+    }
+
+    #[test]
+    fn keyboard_is_not_inhibited() {
+        // Linux warns "i8042: Warning: Keylock active" when status bit 4 is clear.
+        let mut k = I8042::new(Arc::new(PowerControl::new()));
+        let mut b = [0u8];
+        k.read(4, &mut b);
+        assert_ne!(b[0] & SB_UNLOCKED, 0);
     }
 
     #[test]

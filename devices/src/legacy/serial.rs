@@ -169,11 +169,14 @@ impl SerialDevice {
         Arc::clone(&self.stats)
     }
 
-    /// Queues bytes for the guest to read (console input); returns how many fit.
+    /// Queues bytes for the guest to read (console input); returns how many fit in the
+    /// 64-byte receive FIFO (0 while it is full: retry once the guest has read some).
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> Result<usize, SerialError> {
-        self.serial
-            .enqueue_raw_bytes(bytes)
-            .map_err(|e| SerialError::Input(format!("{e:?}")))
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => Ok(n),
+            Err(vm_superio::serial::Error::FullFifo) => Ok(0),
+            Err(e) => Err(SerialError::Input(format!("{e:?}"))),
+        }
     }
 
     /// The UART's register state (for snapshots).
@@ -293,6 +296,39 @@ mod tests {
             SerialDevice::restore(&too_big, IrqTrigger::new().unwrap(), SerialOutput::Sink),
             Err(SerialError::Restore(_))
         ));
+    }
+
+    /// The Linux 8250 driver transmits from its interrupt handler: it enables the THRE
+    /// interrupt and waits for it, so enabling it with the transmitter empty must raise it at
+    /// once (and again after each byte while it stays enabled).
+    #[test]
+    fn enabling_thre_interrupt_raises_it_when_transmitter_is_empty() {
+        let mut dev = SerialDevice::new(IrqTrigger::new().unwrap(), SerialOutput::Sink);
+        let pending = |dev: &SerialDevice| dev.irq_evt().read().is_ok();
+        assert!(!pending(&dev));
+        dev.write(1, &[0x02]); // IER: THRI
+        assert!(pending(&dev), "THRE interrupt on enable");
+        let mut iir = [0u8];
+        dev.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "IIR: THR empty");
+        dev.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x01, 0x01, "read IIR acknowledges it");
+        dev.write(0, b"a");
+        assert!(pending(&dev), "THRE interrupt after a byte");
+        dev.write(1, &[0x00]);
+        dev.write(0, b"b");
+        assert!(!pending(&dev), "none while disabled");
+    }
+
+    #[test]
+    fn full_receive_fifo_takes_nothing() {
+        let mut dev = SerialDevice::new(IrqTrigger::new().unwrap(), SerialOutput::Sink);
+        let line = [b'x'; 100];
+        assert_eq!(dev.enqueue_input(&line).unwrap(), 64);
+        assert_eq!(dev.enqueue_input(&line).unwrap(), 0, "full: retry later");
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(dev.enqueue_input(&line).unwrap(), 1);
     }
 
     #[test]

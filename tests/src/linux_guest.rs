@@ -1,0 +1,200 @@
+//! Linux guests for the tests that need hardware KVM (they SKIP on an emulating host and run for
+//! real in the nested harness): the Debian images, a machine configuration, and typing at the
+//! guest's serial console.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use devices::legacy::SharedBuffer;
+use vmm::Machine;
+use vmm::config::{ConsoleTarget, KernelSource, MachineConfig};
+
+/// Banner the minimal image's init prints before it starts the shell.
+pub const MINIMAL_BANNER: &str = "microvmm minimal guest:";
+
+/// The guest images the nested harness attaches in level 1 (`MICROVMM_GUEST_IMAGES`, see
+/// `scripts/nested.sh --images`), where the image builders cannot run.
+pub fn nested_images() -> Option<PathBuf> {
+    std::env::var_os("MICROVMM_GUEST_IMAGES").map(PathBuf::from)
+}
+
+/// Runs a guest image builder of `guest/` and returns its last `n` output lines (paths).
+fn build_image(script: &str, n: usize) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("bash")
+        .arg(root.join("guest").join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("run guest/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "guest/{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() >= n,
+        "guest/{script} printed fewer than {n} lines: {text}"
+    );
+    lines[lines.len() - n..].iter().map(PathBuf::from).collect()
+}
+
+/// The minimal Linux image (kernel, busybox initramfs with a shell on the console): the nested
+/// harness's copies in level 1, or built by `guest/build-linux-image.sh`.
+pub fn minimal_linux_image() -> (PathBuf, PathBuf) {
+    if let Some(dir) = nested_images() {
+        return (dir.join("vmlinuz"), dir.join("minimal.cpio.gz"));
+    }
+    let p = build_image("build-linux-image.sh", 2);
+    (p[0].clone(), p[1].clone())
+}
+
+/// The full guest image (kernel, initramfs with the agent, ext4 root): the nested harness's
+/// copies in level 1, or built by `guest/build-guest-image.sh`.
+pub fn full_guest_image() -> (PathBuf, PathBuf, PathBuf) {
+    if let Some(dir) = nested_images() {
+        return (
+            dir.join("vmlinuz"),
+            dir.join("guest-initrd.cpio.gz"),
+            dir.join("guest-root.ext4"),
+        );
+    }
+    let p = build_image("build-guest-image.sh", 3);
+    (p[0].clone(), p[1].clone(), p[2].clone())
+}
+
+/// A Linux guest with the console captured by the test, no disks, no vsock.
+pub fn linux_cfg(
+    vcpus: u8,
+    mem_mib: u64,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<&str>,
+) -> MachineConfig {
+    MachineConfig {
+        vcpus,
+        mem_mib,
+        kernel: KernelSource::File(kernel),
+        initrd,
+        cmdline: cmdline.map(str::to_string),
+        console: ConsoleTarget::Null,
+        disks: Vec::new(),
+        virtio_mmio_cmdline: false,
+        vsock: None,
+    }
+}
+
+/// `buf` as text.
+pub fn text(buf: &SharedBuffer) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+/// Waits until `buf` holds `needle` after byte `from`; false on timeout.
+pub fn wait_text_from(buf: &SharedBuffer, from: usize, needle: &str, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if text(buf).get(from..).is_some_and(|t| t.contains(needle)) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Types `s` on `machine`'s serial console (whose output is `out`, shown if the guest stops
+/// reading), feeding the 64-byte receive FIFO as the guest drains it.
+pub fn type_text(machine: &Machine, out: &SharedBuffer, s: &str) {
+    let mut rest = s.as_bytes();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !rest.is_empty() {
+        let took = machine
+            .serial()
+            .lock()
+            .unwrap()
+            .enqueue_input(rest)
+            .unwrap();
+        rest = &rest[took..];
+        if took == 0 {
+            assert!(
+                Instant::now() < end,
+                "the guest stopped reading the console:\n{}",
+                text(out)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Where each vCPU of a running `machine` is (MP state, RIP, RFLAGS, CR3), to diagnose a guest
+/// that stopped making progress.
+pub fn vcpu_report(machine: &Machine) -> String {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = std::sync::Arc::clone(&lines);
+    let done = machine.on_each_vcpu(std::sync::Arc::new(move |v| {
+        let fd = v.fd();
+        let regs = fd.get_regs();
+        let sregs = fd.get_sregs();
+        let mp = fd.get_mp_state();
+        let line = match (regs, sregs, mp) {
+            (Ok(r), Ok(s), Ok(mp)) => format!(
+                "vCPU {}: mp_state {} rip {:#x} rflags {:#x} rsp {:#x} cr3 {:#x}",
+                v.id(),
+                mp.mp_state,
+                r.rip,
+                r.rflags,
+                r.rsp,
+                s.cr3
+            ),
+            (r, s, mp) => format!(
+                "vCPU {}: {:?} {:?} {:?}",
+                v.id(),
+                r.err(),
+                s.err(),
+                mp.err()
+            ),
+        };
+        l.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }));
+    let mut v = lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Err(e) = done {
+        v.push(format!("(vCPU report: {e})"));
+    }
+    v.sort();
+    v.join("\n")
+}
+
+/// Waits for the minimal image's init banner in `out`, then types `s` at the shell.
+pub fn type_at_shell(machine: &Machine, out: &SharedBuffer, s: &str) {
+    if !wait_text_from(out, 0, MINIMAL_BANNER, Duration::from_secs(120)) {
+        // Twice, a second apart: a stuck vCPU shows the same place.
+        let first = vcpu_report(machine);
+        std::thread::sleep(Duration::from_secs(1));
+        panic!(
+            "no init banner:\n{}\n--- vCPUs:\n{first}\n--- a second later:\n{}",
+            text(out),
+            vcpu_report(machine)
+        );
+    }
+    type_text(machine, out, s);
+}
+
+/// The numbers `N` of the complete `<prefix>N` lines in `s`, in order.
+pub fn numbered_lines(s: &str, prefix: &str) -> Vec<u64> {
+    s.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix)?.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_lines_takes_complete_lines_only() {
+        let s = "tick-1\r\ntick-2\nk-3\ntick-4x\n# tick-5\ntick-6\n";
+        assert_eq!(numbered_lines(s, "tick-"), vec![1, 2, 6]);
+    }
+}
