@@ -638,20 +638,18 @@ fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
         backup: work.join("disk0-backup"),
         merged: work.join("disk0-merged"),
     };
+    let begin = || {
+        let rec = Record::Begin {
+            disks: vec![paths.clone()],
+        };
+        drop(journal::Journal::create(&work, &rec).unwrap());
+    };
     let half_made = |p: &Path| {
         std::fs::create_dir_all(p).unwrap();
         std::fs::write(p.join("data"), b"").unwrap();
     };
     // Killed while the children were being prepared: the parent is not frozen.
-    drop(
-        journal::Journal::create(
-            &work,
-            &Record::Begin {
-                disks: vec![paths.clone()],
-            },
-        )
-        .unwrap(),
-    );
+    begin();
     half_made(&paths.active);
     half_made(&paths.backup);
     let r = upgrade::recover(&work).unwrap().unwrap();
@@ -661,15 +659,7 @@ fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
     // child over the frozen parent.
     block::Delta::open(&orig).unwrap().freeze().unwrap();
     std::fs::remove_file(work.join(journal::JOURNAL_FILE)).unwrap();
-    drop(
-        journal::Journal::create(
-            &work,
-            &Record::Begin {
-                disks: vec![paths.clone()],
-            },
-        )
-        .unwrap(),
-    );
+    begin();
     half_made(&paths.active);
     let r = upgrade::recover(&work).unwrap().unwrap();
     assert_eq!(r.disks, vec![paths.active.clone()]);
