@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod vsock;
@@ -155,6 +156,8 @@ pub struct DeviceCounters {
     pub deliveries: std::sync::atomic::AtomicU64,
     /// Payload bytes to the guest (blk reads, vsock RX).
     pub bytes_out: std::sync::atomic::AtomicU64,
+    /// Frames dropped (net: malformed, oversized, or no link/buffers for them).
+    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 impl DeviceCounters {
@@ -171,13 +174,14 @@ impl DeviceCounters {
             ("bytes_in", self.bytes_in.load(Relaxed)),
             ("deliveries", self.deliveries.load(Relaxed)),
             ("bytes_out", self.bytes_out.load(Relaxed)),
+            ("dropped", self.dropped.load(Relaxed)),
         ]
     }
 }
 
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (2 = block, 19 = vsock).
+    /// Virtio device ID (1 = net, 2 = block, 19 = vsock).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];

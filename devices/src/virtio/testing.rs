@@ -276,3 +276,283 @@ impl Disk for RamDisk {
         Ok(())
     }
 }
+
+/// A private network namespace for network tests, so the host's own network is never touched:
+/// created with `ip netns add`, holding TAP interfaces the tests make, deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    /// Its name (under `/run/netns`).
+    pub name: String,
+}
+
+/// Why network tests cannot run here (printed as their SKIP reason), or `None`.
+pub fn net_skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (TAP devices and network namespaces need CAP_NET_ADMIN)".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        return Some(format!("/dev/net/tun is not usable ({e})"));
+    }
+    match std::process::Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("the `ip` command (iproute2) is missing".into()),
+    }
+}
+
+/// Prints `SKIP: <test>: <reason>` and returns false when network tests cannot run here.
+pub fn net_or_skip(test: &str) -> bool {
+    match net_skip_reason() {
+        None => true,
+        Some(r) => {
+            println!("SKIP: {test}: {r}");
+            false
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates a namespace named after `tag`, this process and a counter, with loopback up.
+    pub fn new(tag: &str) -> Result<Self, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("mvmm-{tag}-{}-{n}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Adds a persistent TAP interface `name`, with address `cidr` (e.g. `10.0.0.1/24`) if
+    /// given, and brings it up.
+    pub fn add_tap(&self, name: &str, cidr: Option<&str>) -> Result<(), String> {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+        // No IPv6 on it: the kernel would send its own frames (router solicitations, MLD) into
+        // the TAP, in the way of the tests' frames. Without IPv6 in the kernel there are none.
+        let _ = self
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{name}.disable_ipv6=1")])
+            .output();
+        if let Some(c) = cidr {
+            self.ip(&["addr", "add", c, "dev", name])?;
+        }
+        self.ip(&["link", "set", name, "up"])
+    }
+
+    /// Waits (up to 5 s) until interface `name` is operationally up: a TAP becomes so only
+    /// once a process attached to it and the kernel's link watch ran; until then the kernel
+    /// drops what is sent to it.
+    pub fn wait_up(&self, name: &str) -> Result<(), String> {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = std::process::Command::new("ip")
+                .args(["-n", &self.name, "-o", "link", "show", name])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.contains("state UP") {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                return Err(format!("{name} did not come up: {text}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A command run inside the namespace (`ip netns exec <ns> PROGRAM`).
+    pub fn command(&self, program: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Moves the calling thread into the namespace until the guard drops (sockets and TAPs
+    /// opened meanwhile belong to it).
+    pub fn enter(&self) -> std::io::Result<NetNsGuard> {
+        let back = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name))?;
+        setns(&ns)?;
+        Ok(NetNsGuard { back })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn setns(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `f` is an open namespace file; setns only changes the calling thread's
+    // namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Returns the thread to its previous network namespace on drop.
+#[derive(Debug)]
+pub struct NetNsGuard {
+    back: std::fs::File,
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        let _ = setns(&self.back);
+    }
+}
+
+/// An `AF_PACKET` socket on one interface: sends raw Ethernet frames out of it and receives
+/// every frame it sees (the host end of a TAP, for device tests).
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    /// Binds to interface `name` (in the calling thread's namespace).
+    pub fn bind(name: &str) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let cname = std::ffi::CString::new(name)?;
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new socket this function owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let s = Self {
+            fd,
+            ifindex: ifindex as i32,
+        };
+        let addr = s.addr();
+        // SAFETY: `addr` is a valid sockaddr_ll of the given size.
+        let r = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&s.fd),
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+
+    fn addr(&self) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain old data; zero is valid.
+        let mut a: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        a.sll_family = libc::AF_PACKET as u16;
+        a.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        a.sll_ifindex = self.ifindex;
+        a
+    }
+
+    /// Sends one Ethernet frame out of the interface.
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        // SAFETY: `frame` is valid for its length.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives the next frame seen on the interface that `keep` accepts, waiting up to
+    /// `timeout`; `None` on timeout.
+    pub fn recv_matching(
+        &self,
+        timeout: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let end = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+                continue;
+            }
+            // SAFETY: `buf` is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e);
+            }
+            let frame = &buf[..n as usize];
+            if keep(frame) {
+                return Ok(Some(frame.to_vec()));
+            }
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! virtio-net (device ID 1) on a TAP device: one receive and one transmit queue, the MAC
+//! address in the configuration space, mergeable receive buffers, and checksum/TSO offloads
+//! passed through to the TAP. Frame handling on untrusted chains is in [`queue_io`]; the worker
+//! here does the TAP I/O.
+
+pub mod queue_io;
+pub mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_net as vn;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use self::queue_io::{MAX_BUFFER, Negotiated, RingError, RxOutcome};
+use self::tap::{Tap, VNET_HDR_LEN};
+use super::{
+    ActivateError, Activation, DeviceCounters, GuestMemory, INT_CONFIG, INT_VRING, Interrupt,
+    SharedQueue, VIRTIO_F_VERSION_1, VirtioDevice, WorkerThread,
+};
+
+/// Virtio device ID of a network device.
+pub const DEVICE_TYPE_NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+/// Frames handled per queue before the worker looks at the other one (fairness).
+const BATCH: usize = 64;
+
+/// An Ethernet MAC address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+/// A MAC address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?} (want six hex bytes like 06:00:ac:10:00:02, unicast)")]
+pub struct BadMac(pub String);
+
+impl MacAddr {
+    /// A random locally administered unicast address.
+    pub fn random_local() -> Self {
+        let mut b = [0u8; 6];
+        // A hash of time, pid and a counter is enough to keep the addresses of the VMs of one
+        // host apart; nothing depends on their unpredictability.
+        use std::hash::{BuildHasher, Hasher};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let v = h.finish().to_le_bytes();
+        b.copy_from_slice(&v[..6]);
+        b[0] = (b[0] & 0xfe) | 0x02;
+        Self(b)
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = BadMac;
+
+    fn from_str(s: &str) -> Result<Self, BadMac> {
+        let bad = || BadMac(s.to_owned());
+        let mut b = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut b {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        // A multicast address (low bit of the first byte) cannot be a NIC's address.
+        if parts.next().is_some() || b[0] & 1 != 0 {
+            return Err(bad());
+        }
+        Ok(Self(b))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MacAddr({self})")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a snapshot keeps of a network device besides its transport: the address the guest
+/// was given (its driver read it at probe), and the TAP it was attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The device's MAC address.
+    pub mac: MacAddr,
+    /// The TAP interface it was attached to (a restore attaches to the one its config names).
+    pub tap: String,
+}
+
+/// The virtio-net configuration space up to `mtu` (virtio 1.2 §5.1.4): 12 bytes, no padding.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+struct NetConfigSpace {
+    mac: [u8; 6],
+    status: u16,
+    max_virtqueue_pairs: u16,
+    mtu: u16,
+}
+
+// SAFETY: `NetConfigSpace` is packed plain old data (byte array and integers), so any bit
+// pattern is valid and it may be viewed as bytes.
+unsafe impl vm_memory::ByteValued for NetConfigSpace {}
+
+const _: () = assert!(std::mem::size_of::<NetConfigSpace>() == 12);
+
+/// State shared by the device, its worker and [`NetHandle`]s.
+#[derive(Debug)]
+struct Shared {
+    /// The TAP; `None` after it was taken away (frames are then dropped, like a cut link).
+    tap: Mutex<Option<Tap>>,
+    mac: Mutex<MacAddr>,
+    /// Wakes the worker to look at a new TAP.
+    wake: EventFd,
+    /// The interrupt line while the device is active (to signal a configuration change).
+    interrupt: Mutex<Option<Interrupt>>,
+    /// Features the driver accepted at the last activation.
+    acked: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Errors of the network device's host side.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Setting the TAP's offloads failed.
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
+    /// Creating the wake-up eventfd failed.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// The host side of a network device that the VMM keeps after giving the device to its
+/// transport: to move its TAP to another VM (the upgrade's cutover) or change its address.
+#[derive(Debug, Clone)]
+pub struct NetHandle {
+    shared: Arc<Shared>,
+}
+
+impl NetHandle {
+    /// The device's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        *lock(&self.shared.mac)
+    }
+
+    /// Changes the MAC address in the configuration space and signals a configuration change
+    /// to an active driver (Linux keeps the address it read at probe; the kit's driver
+    /// re-reads it).
+    pub fn set_mac(&self, mac: MacAddr) {
+        *lock(&self.shared.mac) = mac;
+        if let Some(i) = lock(&self.shared.interrupt).as_ref() {
+            i.trigger(INT_CONFIG);
+        }
+    }
+
+    /// The name of the TAP the device is attached to, if it has one.
+    pub fn tap_name(&self) -> Option<String> {
+        lock(&self.shared.tap).as_ref().map(|t| t.name().to_owned())
+    }
+
+    /// Detaches the TAP (frames to and from the guest are dropped until another is attached)
+    /// and returns it. The fd is not closed: give it to another device with
+    /// [`NetHandle::attach_tap`].
+    pub fn take_tap(&self) -> Option<Tap> {
+        let tap = lock(&self.shared.tap).take();
+        // Wake the worker so it stops polling the fd.
+        let _ = self.shared.wake.write(1);
+        tap
+    }
+
+    /// Attaches `tap` (with the offloads this device's driver negotiated) and returns the
+    /// previous one.
+    pub fn attach_tap(&self, tap: Tap) -> Result<Option<Tap>, NetError> {
+        tap.set_offload(tap::offload_for_features(
+            self.shared.acked.load(Ordering::SeqCst),
+        ))?;
+        let old = lock(&self.shared.tap).replace(tap);
+        self.shared.wake.write(1).map_err(NetError::EventFd)?;
+        Ok(old)
+    }
+
+    /// The device's state for a snapshot.
+    pub fn state(&self) -> NetState {
+        NetState {
+            mac: self.mac(),
+            tap: self.tap_name().unwrap_or_default(),
+        }
+    }
+}
+
+/// A virtio-net device on a TAP.
+pub struct Net {
+    shared: Arc<Shared>,
+    features: u64,
+    worker: Option<WorkerThread>,
+    counters: Arc<DeviceCounters>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("mac", &*lock(&self.shared.mac))
+            .field("tap", &lock(&self.shared.tap).as_ref().map(Tap::name))
+            .field("running", &self.worker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The feature bits the device offers.
+fn offered_features() -> u64 {
+    [
+        vn::VIRTIO_NET_F_MAC,
+        vn::VIRTIO_NET_F_MRG_RXBUF,
+        vn::VIRTIO_NET_F_CSUM,
+        vn::VIRTIO_NET_F_GUEST_CSUM,
+        vn::VIRTIO_NET_F_GUEST_TSO4,
+        vn::VIRTIO_NET_F_GUEST_TSO6,
+        vn::VIRTIO_NET_F_GUEST_ECN,
+        vn::VIRTIO_NET_F_HOST_TSO4,
+        vn::VIRTIO_NET_F_HOST_TSO6,
+        vn::VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_F_VERSION_1,
+    ]
+    .iter()
+    .fold(0u64, |f, bit| f | (1u64 << bit))
+}
+
+impl Net {
+    /// A network device on `tap` with address `mac`.
+    pub fn new(tap: Tap, mac: MacAddr) -> Result<Self, NetError> {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                tap: Mutex::new(Some(tap)),
+                mac: Mutex::new(mac),
+                wake: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+                interrupt: Mutex::new(None),
+                acked: AtomicU64::new(0),
+            }),
+            features: offered_features(),
+            worker: None,
+            counters: Arc::default(),
+        })
+    }
+
+    /// A handle on the device's TAP and address, valid for the device's life.
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let space = NetConfigSpace {
+            mac: lock(&self.shared.mac).0,
+            ..NetConfigSpace::default()
+        };
+        let config = vm_memory::ByteValued::as_slice(&space);
+        let len = config.len() as u64;
+        let start = offset.min(len);
+        let end = offset.saturating_add(data.len() as u64).min(len);
+        let n = usize::try_from(end - start).unwrap_or(0);
+        let start = usize::try_from(start).unwrap_or(0);
+        data[..n].copy_from_slice(&config[start..start + n]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // Writing the MAC is a legacy-only feature; the configuration space is read-only.
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            acked_features,
+        } = a;
+        if queues.len() != 2 || queue_events.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        self.shared.acked.store(acked_features, Ordering::SeqCst);
+        if let Some(t) = lock(&self.shared.tap).as_ref() {
+            // An offload the TAP refuses (an old kernel) is only a slower path: the guest then
+            // gets checksummed, segmented frames, which it accepts whatever it negotiated.
+            if let Err(e) = t.set_offload(tap::offload_for_features(acked_features)) {
+                tracing::warn!(error = %e, "virtio-net: offloads not set");
+            }
+        }
+        *lock(&self.shared.interrupt) = Some(interrupt.clone());
+        let ctx = WorkerCtx {
+            mem,
+            rxq: Arc::clone(&queues[RXQ]),
+            txq: Arc::clone(&queues[TXQ]),
+            interrupt,
+            shared: Arc::clone(&self.shared),
+            counters: Arc::clone(&self.counters),
+            neg: Negotiated::from_features(acked_features),
+        };
+        let mut events = queue_events.into_iter();
+        let (Some(rx_evt), Some(tx_evt)) = (events.next(), events.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        // Frames may wait in the transmit ring (a restored or cloned device): look once.
+        tx_evt.write(1).map_err(ActivateError::Worker)?;
+        self.worker = Some(WorkerThread::spawn("virtio-net", move |kill| {
+            worker(&ctx, &rx_evt, &tx_evt, kill);
+        })?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+        *lock(&self.shared.interrupt) = None;
+    }
+
+    fn counters(&self) -> Option<Arc<DeviceCounters>> {
+        Some(Arc::clone(&self.counters))
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+/// Everything the worker works with.
+struct WorkerCtx {
+    mem: GuestMemory,
+    rxq: SharedQueue,
+    txq: SharedQueue,
+    interrupt: Interrupt,
+    shared: Arc<Shared>,
+    counters: Arc<DeviceCounters>,
+    neg: Negotiated,
+}
+
+/// The receive side's progress: a frame read from the TAP that found no buffers yet (at most
+/// one: while it waits, the TAP is not read, and the kernel's queue bounds the rest).
+struct RxState {
+    buf: Vec<u8>,
+    pending: Option<usize>,
+    used: Vec<(u16, u32)>,
+}
+
+/// Why the worker stops.
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
+    let mut rx = RxState {
+        buf: vec![0; MAX_BUFFER],
+        pending: None,
+        used: Vec::new(),
+    };
+    let mut tx_buf = Vec::new();
+    let mut fds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 5];
+    loop {
+        let tap_fd = lock(&ctx.shared.tap).as_ref().map(AsRawFd::as_raw_fd);
+        let watch_tap = rx.pending.is_none();
+        for (slot, fd) in fds.iter_mut().zip([
+            kill.as_raw_fd(),
+            ctx.shared.wake.as_raw_fd(),
+            tx_evt.as_raw_fd(),
+            rx_evt.as_raw_fd(),
+            match tap_fd {
+                Some(fd) if watch_tap => fd,
+                _ => -1,
+            },
+        ]) {
+            slot.fd = fd;
+            slot.revents = 0;
+        }
+        // SAFETY: `fds` is a valid array of pollfd structs that outlives the call; negative
+        // fds are ignored by poll.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!("virtio-net: poll failed; the device stops");
+            ctx.interrupt.set_needs_reset();
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        if fds[1].revents != 0 {
+            let _ = ctx.shared.wake.read();
+        }
+        let mut result = Ok(());
+        if fds[2].revents != 0 {
+            let _ = tx_evt.read();
+            result = result.and_then(|()| process_tx(ctx, &mut tx_buf));
+        }
+        if fds[3].revents != 0 {
+            let _ = rx_evt.read();
+        }
+        // Receive whenever something may have changed: new buffers, a readable TAP, a new TAP.
+        if fds[1].revents != 0 || fds[3].revents != 0 || fds[4].revents != 0 {
+            result = result.and_then(|()| process_rx(ctx, &mut rx));
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "virtio-net: the queues are unusable; the device needs a reset");
+            ctx.interrupt.set_needs_reset();
+            return;
+        }
+    }
+}
+
+/// Sends every available transmit chain to the TAP (in batches); frames that fail validation
+/// or that the TAP refuses are dropped and counted, their chains returned.
+fn process_tx(ctx: &WorkerCtx, buf: &mut Vec<u8>) -> Result<(), WorkerError> {
+    let mut q = lock(&ctx.txq);
+    loop {
+        q.disable_notification(&ctx.mem).map_err(RingError::from)?;
+        let mut handled = 0;
+        while let Some(chain) = q.pop_descriptor_chain(&ctx.mem) {
+            let head = chain.head_index();
+            match queue_io::read_tx_chain(chain, &ctx.mem, &ctx.neg, buf) {
+                Ok(len) => {
+                    let sent = lock(&ctx.shared.tap)
+                        .as_ref()
+                        .map(|t| t.write_frame(&buf[..len]));
+                    match sent {
+                        Some(Ok(_)) => {
+                            DeviceCounters::add(&ctx.counters.requests, 1);
+                            DeviceCounters::add(
+                                &ctx.counters.bytes_in,
+                                (len - VNET_HDR_LEN) as u64,
+                            );
+                        }
+                        // No TAP (taken away), or the host dropped it (interface down, queue
+                        // full): a lost frame, as on a wire.
+                        _ => DeviceCounters::add(&ctx.counters.dropped, 1),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "virtio-net: transmit chain dropped");
+                    DeviceCounters::add(&ctx.counters.dropped, 1);
+                }
+            }
+            q.add_used(&ctx.mem, head, 0).map_err(RingError::from)?;
+            handled += 1;
+            if handled == BATCH {
+                notify(ctx, &mut q)?;
+                handled = 0;
+            }
+        }
+        notify(ctx, &mut q)?;
+        if !q.enable_notification(&ctx.mem).map_err(RingError::from)? {
+            return Ok(());
+        }
+    }
+}
+
+fn notify(ctx: &WorkerCtx, q: &mut Queue) -> Result<(), WorkerError> {
+    if q.needs_notification(&ctx.mem).map_err(RingError::from)? {
+        ctx.interrupt.trigger(INT_VRING);
+    }
+    Ok(())
+}
+
+/// Moves frames from the TAP into the receive queue until the TAP is empty or the guest has no
+/// buffers (then one frame waits, and the driver's next notification resumes).
+fn process_rx(ctx: &WorkerCtx, rx: &mut RxState) -> Result<(), WorkerError> {
+    let mut delivered_any = false;
+    let mut budget = BATCH * 4;
+    let result = loop {
+        if rx.pending.is_none() {
+            if budget == 0 {
+                // Give the transmit side a turn; the TAP stays readable and polls again.
+                break Ok(());
+            }
+            budget -= 1;
+            let read = lock(&ctx.shared.tap)
+                .as_ref()
+                .map(|t| t.read_frame(&mut rx.buf));
+            match read {
+                Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => rx.pending = Some(n),
+                // A runt from the host: nothing to deliver.
+                Some(Ok(_)) => DeviceCounters::add(&ctx.counters.dropped, 1),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Empty (WouldBlock), gone, or failing: nothing to deliver now.
+                _ => break Ok(()),
+            }
+            continue;
+        }
+        let len = rx.pending.unwrap_or(0);
+        let mut q = lock(&ctx.rxq);
+        let outcome = queue_io::deliver_rx(
+            &mut q,
+            &ctx.mem,
+            &mut rx.buf[..len],
+            ctx.neg.mergeable,
+            &mut rx.used,
+        );
+        match outcome {
+            Ok(RxOutcome::Delivered(_)) => {
+                rx.pending = None;
+                delivered_any = true;
+                DeviceCounters::add(&ctx.counters.deliveries, 1);
+                DeviceCounters::add(&ctx.counters.bytes_out, (len - VNET_HDR_LEN) as u64);
+            }
+            Ok(RxOutcome::Dropped) => {
+                rx.pending = None;
+                DeviceCounters::add(&ctx.counters.dropped, 1);
+            }
+            Ok(RxOutcome::NoBuffers) => {
+                // Ask for a notification when buffers come; if some came meanwhile, go on.
+                match q.enable_notification(&ctx.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(RingError::from(e).into()),
+                }
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    if delivered_any {
+        let mut q = lock(&ctx.rxq);
+        notify(ctx, &mut q)?;
+    }
+    result
+}

@@ -1,0 +1,561 @@
+//! virtio-net tests: frame handling on crafted and random rings (no host network needed), and
+//! the device end to end on a TAP in a private network namespace (as root; SKIP otherwise).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use virtio_bindings::virtio_net as vn;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::queue_io::{Negotiated, RxOutcome, TxError, deliver_rx, read_tx_chain};
+use super::*;
+use crate::virtio::testing::{
+    AVAIL, DATA, DESC, Driver, NetNs, PacketSocket, USED, memory, net_or_skip, queue,
+};
+
+/// Ethertype of the test frames (IEEE local experimental), so the tests see only their own.
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[12..14].copy_from_slice(&ETHERTYPE);
+    for (i, b) in f.iter_mut().enumerate().skip(14) {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+    f
+}
+
+fn ours(f: &[u8]) -> bool {
+    f.len() >= 14 && f[12..14] == ETHERTYPE
+}
+
+fn features(bits: &[u32]) -> u64 {
+    bits.iter()
+        .fold(1u64 << VIRTIO_F_VERSION_1, |f, b| f | (1u64 << b))
+}
+
+fn write_desc(mem: &GuestMemory, base: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&d, GuestAddress(base + u64::from(i) * 16))
+        .unwrap();
+}
+
+fn publish(mem: &GuestMemory, heads: &[u16]) {
+    for (i, h) in heads.iter().enumerate() {
+        mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2))
+            .unwrap();
+    }
+    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2))
+        .unwrap();
+}
+
+fn used_entries(mem: &GuestMemory) -> Vec<(u32, u32)> {
+    let n: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    (0..u64::from(n))
+        .map(|i| {
+            let at = USED + 4 + i * 8;
+            (
+                mem.read_obj(GuestAddress(at)).unwrap(),
+                mem.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn mac_addresses_parse_print_and_refuse_garbage() {
+    let m: MacAddr = "06:00:AC:10:00:02".parse().unwrap();
+    assert_eq!(m.0, [6, 0, 0xac, 0x10, 0, 2]);
+    assert_eq!(m.to_string(), "06:00:ac:10:00:02");
+    for bad in [
+        "",
+        "06:00:ac:10:00",
+        "06:00:ac:10:00:02:03",
+        "06:00:ac:10:00:2",
+        "06-00-ac-10-00-02",
+        "zz:00:ac:10:00:02",
+        "01:00:5e:00:00:01", // multicast
+    ] {
+        assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} accepted");
+    }
+    let r = MacAddr::random_local();
+    assert_eq!(r.0[0] & 3, 2, "locally administered unicast: {r}");
+    assert_ne!(r, MacAddr::random_local());
+    let json = serde_json::to_string(&m).unwrap();
+    assert_eq!(json, "\"06:00:ac:10:00:02\"");
+    assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), m);
+    assert!(serde_json::from_str::<MacAddr>("\"nope\"").is_err());
+}
+
+#[test]
+fn tx_chains_are_validated_before_any_byte_goes_out() {
+    let mem = memory();
+    let neg = Negotiated::default();
+    let hdr_and = |len: usize| {
+        let mut b = vec![0u8; 12];
+        b.extend(frame(len, 1));
+        b
+    };
+    // (descriptors, expected)
+    let good = hdr_and(60);
+    mem.write_slice(&good, GuestAddress(DATA)).unwrap();
+    type Case = (Vec<(u64, u32, u16)>, Result<usize, TxError>);
+    let cases: Vec<Case> = vec![
+        (vec![(DATA, 72, 0)], Ok(72)),
+        // Header and frame in two descriptors.
+        (vec![(DATA, 12, 1), (DATA + 12, 60, 0)], Ok(72)),
+        (vec![(DATA, 0, 0)], Err(TxError::ShortHeader(0))),
+        (vec![(DATA, 11, 0)], Err(TxError::ShortHeader(11))),
+        (vec![(DATA, 12, 0)], Err(TxError::Runt(0))),
+        (vec![(DATA, 20, 0)], Err(TxError::Runt(8))),
+        (
+            vec![(DATA, 12 + 1519, 0)],
+            Err(TxError::TooLarge {
+                len: 1519,
+                max: 1518,
+            }),
+        ),
+        (vec![(DATA, 72, 2)], Err(TxError::WritableBuffer)),
+        (
+            vec![(DATA, 12, 1), (DATA, 60, 3)],
+            Err(TxError::WritableBuffer),
+        ),
+        (vec![(1 << 40, 72, 0)], Err(TxError::InvalidChain)),
+        // A looping chain ends at the queue size (16 descriptors): 3200 bytes, too large.
+        (
+            vec![(DATA, 200, 1), (DATA, 200, 1)],
+            Err(TxError::TooLarge {
+                len: 3188,
+                max: 1518,
+            }),
+        ),
+    ];
+    for (descs, want) in cases {
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let i = i as u16;
+            // A chain whose second descriptor points back at the first loops forever.
+            let next = if descs.len() == 2 && flags & 1 != 0 && i == 1 {
+                0
+            } else {
+                i + 1
+            };
+            write_desc(&mem, DESC, i, *addr, *len, *flags, next);
+        }
+        let mut q = queue();
+        publish(&mem, &[0]);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_tx_chain(chain, &mem, &neg, &mut buf),
+            want,
+            "{descs:?}"
+        );
+        if let Ok(n) = want {
+            assert_eq!(&buf[..n], &good[..]);
+        }
+    }
+}
+
+#[test]
+fn tx_offloads_must_have_been_negotiated() {
+    let mem = memory();
+    let mut f = vec![0u8; 12];
+    f.extend(frame(1000, 2));
+    let check = |neg: &Negotiated, flags: u8, gso: u8, len: usize| {
+        let mut g = f.clone();
+        g.resize(len, 7);
+        g[0] = flags;
+        g[1] = gso;
+        mem.write_slice(&g, GuestAddress(DATA)).unwrap();
+        write_desc(&mem, DESC, 0, DATA, len as u32, 0, 0);
+        let mut q = queue();
+        publish(&mem, &[0]);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        read_tx_chain(chain, &mem, neg, &mut Vec::new())
+    };
+    let plain = Negotiated::default();
+    let csum = vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    let tso4 = vn::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+    assert!(check(&plain, 0, 0, 1012).is_ok());
+    assert!(matches!(
+        check(&plain, csum, 0, 1012),
+        Err(TxError::Offload { .. })
+    ));
+    assert!(matches!(
+        check(&plain, 0, tso4, 1012),
+        Err(TxError::Offload { .. })
+    ));
+    assert!(matches!(
+        check(&plain, 0x80, 0, 1012),
+        Err(TxError::Offload { .. })
+    ));
+    let tso = Negotiated::from_features(features(&[
+        vn::VIRTIO_NET_F_CSUM,
+        vn::VIRTIO_NET_F_HOST_TSO4,
+    ]));
+    assert!(check(&tso, csum, tso4, 12 + 9000).is_ok());
+    assert!(matches!(
+        check(&tso, csum, vn::VIRTIO_NET_HDR_GSO_TCPV6 as u8, 1012),
+        Err(TxError::Offload { .. })
+    ));
+    assert!(matches!(
+        check(&tso, csum, tso4 | 0x80, 1012),
+        Err(TxError::Offload { .. })
+    ));
+    assert!(matches!(
+        check(&tso, csum, tso4, 12 + 65_554),
+        Err(TxError::TooLarge { .. })
+    ));
+}
+
+/// Lays out `n` receive chains of `size` bytes each at DATA + i * 0x10000.
+fn rx_buffers(mem: &GuestMemory, n: u16, size: u32) {
+    for i in 0..n {
+        write_desc(mem, DESC, i, DATA + u64::from(i) * 0x10000, size, 2, 0);
+    }
+    publish(mem, &(0..n).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_received_frame_spans_mergeable_buffers_published_at_once() {
+    let mem = memory();
+    rx_buffers(&mem, 4, 1024);
+    let mut q = queue();
+    let f = frame(1500, 3);
+    let mut buf = vec![0u8; 12];
+    buf.extend(&f);
+    let out = deliver_rx(&mut q, &mem, &mut buf, true, &mut Vec::new()).unwrap();
+    assert_eq!(out, RxOutcome::Delivered(2));
+    assert_eq!(used_entries(&mem), vec![(0, 1024), (1, 1512 - 1024)]);
+    let mut got = vec![0u8; 1512];
+    mem.read_slice(&mut got[..1024], GuestAddress(DATA))
+        .unwrap();
+    mem.read_slice(&mut got[1024..], GuestAddress(DATA + 0x10000))
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+    assert_eq!(&got[12..], &f[..]);
+    // The next frame starts at the third buffer.
+    let mut small = vec![0u8; 12];
+    small.extend(frame(60, 4));
+    let out = deliver_rx(&mut q, &mem, &mut small, true, &mut Vec::new()).unwrap();
+    assert_eq!(out, RxOutcome::Delivered(1));
+    assert_eq!(used_entries(&mem)[2], (2, 72));
+}
+
+#[test]
+fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
+    let mem = memory();
+    let mut f = vec![0u8; 12];
+    f.extend(frame(1500, 5));
+    // Mergeable, one 1024-byte buffer of a 16-entry ring: wait for more.
+    rx_buffers(&mem, 1, 1024);
+    let mut q = queue();
+    assert_eq!(
+        deliver_rx(&mut q, &mem, &mut f, true, &mut Vec::new()).unwrap(),
+        RxOutcome::NoBuffers
+    );
+    assert_eq!(q.next_avail(), 0, "nothing consumed");
+    assert!(used_entries(&mem).is_empty());
+    // Not mergeable: a chain too small for the frame can never take it.
+    assert_eq!(
+        deliver_rx(&mut q, &mem, &mut f, false, &mut Vec::new()).unwrap(),
+        RxOutcome::Dropped
+    );
+    assert_eq!(q.next_avail(), 0);
+    // A frame larger than the whole ring (16 chains of 64 bytes) is dropped, not waited for.
+    rx_buffers(&mem, 16, 64);
+    let mut q = queue();
+    assert_eq!(
+        deliver_rx(&mut q, &mem, &mut f, true, &mut Vec::new()).unwrap(),
+        RxOutcome::Dropped
+    );
+    assert_eq!(q.next_avail(), 0);
+    // Broken receive chains (read-only, outside memory) are returned empty, and skipped.
+    write_desc(&mem, DESC, 0, DATA, 2048, 0, 0);
+    write_desc(&mem, DESC, 1, 1 << 40, 2048, 2, 0);
+    write_desc(&mem, DESC, 2, DATA, 2048, 2, 0);
+    publish(&mem, &[0, 1, 2]);
+    let mut q = queue();
+    assert_eq!(
+        deliver_rx(&mut q, &mem, &mut f, false, &mut Vec::new()).unwrap(),
+        RxOutcome::Delivered(1)
+    );
+    assert_eq!(used_entries(&mem), vec![(2, 1512), (0, 0), (1, 0)]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Random descriptor tables and rings on both queues never panic, never use more chains
+    /// than were published, and never write guest memory outside the chains' buffers.
+    #[test]
+    fn random_descriptor_tables_are_handled(
+        descs in proptest::collection::vec((0u64..(40 << 20), 0u32..(1 << 18), 0u16..8, 0u16..32), 16),
+        heads in proptest::collection::vec(0u16..24, 0..16),
+        frame_len in 0usize..70_000,
+        mergeable in any::<bool>(),
+        neg_bits in any::<u64>(),
+    ) {
+        let mem = memory();
+        for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
+            write_desc(&mem, DESC, i as u16, *addr, *len, *flags, *next);
+        }
+        publish(&mem, &heads);
+        // Transmit: every chain either yields a frame within bounds or an error.
+        let neg = Negotiated::from_features(neg_bits);
+        let mut q = queue();
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+            if let Ok(len) = read_tx_chain(chain, &mem, &neg, &mut buf) {
+                prop_assert!(len <= 12 + neg.max_tx_frame());
+            }
+            prop_assert!(buf.len() <= queue_io::MAX_BUFFER);
+            n += 1;
+        }
+        prop_assert!(n <= heads.len());
+        // Receive: whatever happens, the used ring holds at most the published chains.
+        let mut q = queue();
+        let mut f = vec![0xa5u8; frame_len];
+        let mut used = Vec::new();
+        let mut delivered = 0usize;
+        for _ in 0..4 {
+            match deliver_rx(&mut q, &mem, &mut f, mergeable, &mut used) {
+                Ok(RxOutcome::Delivered(k)) => delivered += usize::from(k),
+                Ok(_) | Err(_) => break,
+            }
+        }
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        prop_assert!(usize::from(used_idx) <= heads.len());
+        prop_assert!(delivered <= heads.len());
+    }
+}
+
+// --- The device on a TAP -------------------------------------------------------------------
+
+/// A namespace with TAP `tap`, a device on it behind the test driver (negotiating `bits`),
+/// and a packet socket on the interface; the calling thread stays in the namespace while the
+/// returned guard lives.
+struct Rig {
+    driver: Driver,
+    handle: NetHandle,
+    counters: Arc<DeviceCounters>,
+    sock: PacketSocket,
+    _guard: crate::virtio::testing::NetNsGuard,
+    ns: NetNs,
+}
+
+fn rig(tag: &str, bits: &[u32]) -> Rig {
+    let ns = NetNs::new(tag).unwrap();
+    ns.add_tap("t0", None).unwrap();
+    let guard = ns.enter().unwrap();
+    let sock = PacketSocket::bind("t0").unwrap();
+    let tap = Tap::open("t0").unwrap();
+    ns.wait_up("t0").unwrap();
+    let net = Net::new(tap, "06:00:00:00:00:07".parse().unwrap()).unwrap();
+    let handle = net.handle();
+    let counters = net.counters().unwrap();
+    let mut driver = Driver::new(Box::new(net));
+    let status = driver.init(features(bits), 2);
+    assert_eq!(status & 0xf, 0xf, "driver ok");
+    Rig {
+        driver,
+        handle,
+        counters,
+        sock,
+        _guard: guard,
+        ns,
+    }
+}
+
+impl Rig {
+    /// Sends `f` (with a zero header) on the transmit queue and waits for its completion.
+    fn transmit(&mut self, addr: u64, f: &[u8]) {
+        let mut b = vec![0u8; 12];
+        b.extend_from_slice(f);
+        self.driver.mem.write_slice(&b, GuestAddress(addr)).unwrap();
+        self.driver.add_chain_q(1, &[(addr, b.len() as u32, false)]);
+        assert_eq!(self.driver.kick_and_wait_q(1, 1)[0].1, 0);
+    }
+
+    fn post_rx(&mut self, addr: u64, len: u32) {
+        self.driver.add_chain_q(0, &[(addr, len, true)]);
+        self.driver.wr(0x50, 0);
+    }
+
+    fn rx_bytes(&self, addr: u64, len: u32) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        self.driver
+            .mem
+            .read_slice(&mut b, GuestAddress(addr))
+            .unwrap();
+        b
+    }
+
+    fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[test]
+fn frames_cross_the_tap_both_ways() {
+    if !net_or_skip("frames_cross_the_tap_both_ways") {
+        return;
+    }
+    let mut r = rig("xfer", &[vn::VIRTIO_NET_F_MAC, vn::VIRTIO_NET_F_MRG_RXBUF]);
+    // The MAC is in the configuration space.
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        let mut one = [0u8; 1];
+        r.driver.transport.read(0x100 + i as u64, &mut one);
+        *b = one[0];
+    }
+    assert_eq!(mac, [6, 0, 0, 0, 0, 7]);
+
+    // Transmit: the frame appears on the interface byte for byte.
+    let f = frame(1514, 9);
+    r.transmit(DATA, &f);
+    let got = r.sock.recv_matching(WAIT, ours).unwrap();
+    assert_eq!(got.as_deref(), Some(&f[..]));
+
+    // Receive into two 1024-byte buffers (mergeable).
+    let rx = DATA + 0x100000;
+    r.post_rx(rx, 1024);
+    r.post_rx(rx + 0x1000, 1024);
+    let g = frame(1400, 10);
+    r.sock.send(&g).unwrap();
+    let used = r.driver.wait_used(0, 2);
+    assert_eq!(used, vec![(0, 1024), (1, 1412 - 1024)]);
+    let mut back = r.rx_bytes(rx, 1024);
+    back.extend(r.rx_bytes(rx + 0x1000, 1412 - 1024));
+    assert_eq!(u16::from_le_bytes([back[10], back[11]]), 2);
+    assert_eq!(&back[12..], &g[..]);
+    assert_eq!(r.counters.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(r.counters.deliveries.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_guest_that_never_refills_costs_one_frame_and_the_kernel_drops_the_rest() {
+    if !net_or_skip("a_guest_that_never_refills_costs_one_frame_and_the_kernel_drops_the_rest") {
+        return;
+    }
+    let mut r = rig("norefill", &[vn::VIRTIO_NET_F_MRG_RXBUF]);
+    for i in 0..3000u32 {
+        r.sock.send(&frame(1000, i as u8)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The device holds one frame; the TAP's queue in the kernel (bounded) dropped the rest.
+    let out = std::process::Command::new("ip")
+        .args(["-n", &r.ns.name, "-s", "-j", "link", "show", "t0"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dropped = v[0]["stats64"]["tx"]["dropped"].as_u64().unwrap();
+    assert!(dropped > 1000, "kernel dropped {dropped}");
+    // Buffers now: the held frame comes first, then those the kernel kept.
+    let rx = DATA + 0x100000;
+    for i in 0..4u64 {
+        r.post_rx(rx + i * 0x1000, 2048);
+    }
+    let used = r.driver.wait_used(0, 4);
+    assert!(used.iter().all(|&(_, len)| len == 1012));
+    for i in 0..4u8 {
+        let got = r.rx_bytes(rx + u64::from(i) * 0x1000, 1012);
+        assert_eq!(&got[12..], &frame(1000, i)[..], "frame {i}");
+    }
+    assert_eq!(r.dropped(), 0, "the device itself dropped nothing");
+}
+
+#[test]
+fn bad_transmit_chains_are_dropped_and_returned_and_the_device_goes_on() {
+    if !net_or_skip("bad_transmit_chains_are_dropped_and_returned_and_the_device_goes_on") {
+        return;
+    }
+    let mut r = rig("badtx", &[vn::VIRTIO_NET_F_MRG_RXBUF]);
+    let d = r.driver.mem.clone();
+    d.write_slice(&[0u8; 12], GuestAddress(DATA)).unwrap();
+    for chain in [
+        vec![(DATA, 12u32, false)],     // header only
+        vec![(DATA, 0, false)],         // zero length
+        vec![(DATA, 12 + 4000, false)], // over the MTU, no TSO negotiated
+        vec![(DATA, 100, true)],        // device-writable
+        vec![(1u64 << 40, 100, false)], // outside guest memory
+    ] {
+        r.driver.add_chain_q(1, &chain);
+        assert_eq!(r.driver.kick_and_wait_q(1, 1)[0].1, 0);
+    }
+    assert_eq!(r.dropped(), 5);
+    let f = frame(100, 11);
+    r.transmit(DATA + 0x2000, &f);
+    assert_eq!(
+        r.sock.recv_matching(WAIT, ours).unwrap().as_deref(),
+        Some(&f[..])
+    );
+    assert!(
+        r.driver.transport.state().status & 0x40 == 0,
+        "no reset needed"
+    );
+}
+
+#[test]
+fn a_tap_moves_between_devices_without_reopening() {
+    if !net_or_skip("a_tap_moves_between_devices_without_reopening") {
+        return;
+    }
+    let mut a = rig("move", &[vn::VIRTIO_NET_F_MRG_RXBUF]);
+    // A second device on a second TAP of the same namespace.
+    a.ns.add_tap("t1", None).unwrap();
+    let tap1 = Tap::open("t1").unwrap();
+    a.ns.wait_up("t1").unwrap();
+    let net_b = Net::new(tap1, "06:00:00:00:00:08".parse().unwrap()).unwrap();
+    let hb = net_b.handle();
+    let mut b = Driver::new(Box::new(net_b));
+    assert_eq!(
+        b.init(features(&[vn::VIRTIO_NET_F_MRG_RXBUF]), 2) & 0xf,
+        0xf
+    );
+
+    let moved = a.handle.take_tap().expect("a has its TAP");
+    let fd = moved.as_raw_fd();
+    // A transmits into the void now.
+    a.transmit(DATA, &frame(80, 1));
+    assert_eq!(a.dropped(), 1);
+    let old = hb.attach_tap(moved).unwrap().expect("b had t1");
+    assert_eq!(old.name(), "t1");
+    assert_eq!(hb.tap_name().as_deref(), Some("t0"));
+    hb.set_mac(a.handle.mac());
+    assert_eq!(hb.mac(), a.handle.mac());
+    // B's frames leave through t0, on the same fd.
+    assert_eq!(
+        lock(&hb.shared.tap).as_ref().map(AsRawFd::as_raw_fd),
+        Some(fd)
+    );
+    let f = frame(90, 2);
+    let mut bytes = vec![0u8; 12];
+    bytes.extend(&f);
+    b.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
+    b.add_chain_q(1, &[(DATA, bytes.len() as u32, false)]);
+    b.kick_and_wait_q(1, 1);
+    assert_eq!(
+        a.sock.recv_matching(WAIT, ours).unwrap().as_deref(),
+        Some(&f[..])
+    );
+    // And t0's frames reach B.
+    b.add_chain_q(0, &[(DATA + 0x100000, 2048, true)]);
+    b.wr(0x50, 0);
+    let g = frame(200, 3);
+    a.sock.send(&g).unwrap();
+    assert_eq!(b.wait_used(0, 1), vec![(0, 212)]);
+    // The configuration change was signalled.
+    assert_ne!(
+        b.transport.state().interrupt_status & crate::virtio::INT_CONFIG,
+        0
+    );
+}
