@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the level-1 host of the nested hardware-KVM harness (scripts/nested.sh): the Debian cloud kernel
 # and a busybox-static initramfs whose /init loads kvm + kvm-amd (QEMU TCG with `-cpu max` exposes AMD-V)
-# and the virtio-pci/virtio-blk drivers, mounts the per-run scratch disk (/dev/vda, ext4) at /nested and
+# and the virtio-pci/virtio-blk drivers (and tun, for the guests' TAPs), mounts the per-run scratch disk (/dev/vda, ext4) at /nested and
 # the guest-image disk (/dev/vdb, if attached) at /images, runs /nested/.sys/run.sh with its output in
 # /nested/.out/, and powers off.
 # Usage: build-nested-image.sh [--cached] [--images]
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
 
 NESTED_MODULES=(irqbypass kvm kvm_amd virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-    virtio_blk)
+    virtio_blk tun)
 
 cached=0
 images=0
@@ -71,7 +71,7 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t tmpfs -o mode=1777 tmp /tmp
-for m in virtio_pci virtio_blk kvm_amd; do
+for m in virtio_pci virtio_blk kvm_amd tun; do
     modprobe "$m" || echo "nested-l1: modprobe $m failed"
 done
 i=0

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::SerialDevice;
 
+use devices::virtio::net::MacAddr;
 use vmm::config::{
-    ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, VsockConfig,
+    ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, NetConfig, VsockConfig,
 };
 use vmm::guests;
 use vmm::handover::VsockHandover;
@@ -52,11 +53,16 @@ pub struct RunArgs {
     /// replaced; any other file, or a socket in use, is an error.
     #[arg(long, requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
+    /// A virtio-net device on an existing TAP interface (repeatable):
+    /// `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=IFACE]`. Without `mac`, a random locally
+    /// administered address (a restored VM keeps its saved one).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,id=ID]")]
+    net: Vec<String>,
     /// Serial console: `stdout`, `null`, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
     /// Boot a guest of the test-guest kit by name (hello, counter, dirtier, smp, reset,
-    /// chaos, triple_fault, emulation_failure, cpuid_dump, insn_probe).
+    /// chaos, triple_fault, emulation_failure, cpuid_dump, insn_probe, virtio_net, ...).
     #[arg(long, conflicts_with = "kernel")]
     test_guest: Option<String>,
     /// Also put `virtio_mmio.device=` entries on the command line.
@@ -66,7 +72,7 @@ pub struct RunArgs {
     /// too is an error, not silently ignored).
     #[arg(long, conflicts_with_all = [
         "kernel", "initrd", "cmdline", "mem_mib", "vcpus", "disk", "disk_ro", "vsock_cid",
-        "vsock_uds", "console", "test_guest", "virtio_mmio_cmdline",
+        "vsock_uds", "console", "test_guest", "virtio_mmio_cmdline", "net",
     ])]
     config: Option<PathBuf>,
     /// Print boot and exit timings to stderr.
@@ -143,6 +149,37 @@ fn console_target(s: &str) -> ConsoleTarget {
     }
 }
 
+/// Parses one `--net` value: `tap=NAME[,mac=MAC][,id=ID]`; the id defaults to `eth<index>`.
+pub fn parse_net(value: &str, index: usize) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    let mut id = None;
+    for part in value.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--net {value}: `{part}` is not KEY=VALUE"))?;
+        let slot = match k {
+            "tap" => &mut tap,
+            "mac" => &mut mac,
+            "id" => &mut id,
+            _ => return Err(format!("--net {value}: unknown key `{k}` (tap, mac, id)")),
+        };
+        if slot.replace(v.to_owned()).is_some() {
+            return Err(format!("--net {value}: `{k}` given twice"));
+        }
+    }
+    let host_dev_name = tap.ok_or_else(|| format!("--net {value}: tap=NAME is required"))?;
+    let guest_mac = mac
+        .map(|m| m.parse::<MacAddr>())
+        .transpose()
+        .map_err(|e| format!("--net {value}: {e}"))?;
+    Ok(NetConfig {
+        iface_id: id.unwrap_or_else(|| format!("eth{index}")),
+        host_dev_name,
+        guest_mac,
+    })
+}
+
 fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::Error>> {
     if let Some(path) = &args.config {
         return Ok(FileConfig::load(path)?);
@@ -178,6 +215,12 @@ fn machine_config(args: &RunArgs) -> Result<MachineConfig, Box<dyn std::error::E
             (None, None) => None,
             _ => return Err("--vsock-cid and --vsock-uds go together".into()),
         },
+        net: args
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_net(v, i))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -302,5 +345,35 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match reason? {
         StopReason::PowerOff | StopReason::Reset | StopReason::Stopped => Ok(ExitCode::SUCCESS),
         StopReason::Halted => Err("the guest halted with nothing to wake it".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_net;
+
+    #[test]
+    fn net_options_parse_and_name_what_is_wrong() {
+        let n = parse_net("tap=tap0", 0).unwrap();
+        assert_eq!(
+            (n.iface_id.as_str(), n.host_dev_name.as_str()),
+            ("eth0", "tap0")
+        );
+        assert_eq!(n.guest_mac, None);
+        let n = parse_net("id=uplink,mac=06:00:ac:10:00:02,tap=t1", 3).unwrap();
+        assert_eq!(n.iface_id, "uplink");
+        assert_eq!(n.host_dev_name, "t1");
+        assert_eq!(n.guest_mac.unwrap().to_string(), "06:00:ac:10:00:02");
+        for (bad, says) in [
+            ("mac=06:00:ac:10:00:02", "tap=NAME is required"),
+            ("tap=t0,mac=06:00:zz:10:00:02", "06:00:zz:10:00:02"),
+            ("tap=t0,mac=01:00:5e:00:00:01", "01:00:5e:00:00:01"),
+            ("tap=t0,speed=10", "unknown key `speed`"),
+            ("tap=t0,tap=t1", "`tap` given twice"),
+            ("t0", "not KEY=VALUE"),
+        ] {
+            let e = parse_net(bad, 0).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -81,6 +81,7 @@ pub fn linux_cfg(
         console: ConsoleTarget::Null,
         disks: Vec::new(),
         virtio_mmio_cmdline: false,
+        net: Vec::new(),
         vsock: None,
     }
 }

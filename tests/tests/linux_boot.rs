@@ -360,14 +360,33 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
     if !hardware_kvm_or_skip(test) {
         return;
     }
-    let (kernel, initrd, rootimg) = full_guest_image();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("root.ext4");
+    let (mut vm, uds) = full_guest_vm(dir.path(), Vec::new());
+    let stream = agent_stream(&vm, &uds);
+    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
+    assert!(!agent.ping().unwrap().is_empty());
+    let mounts = agent
+        .exec(&["cat", "/proc/mounts"], Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(
+        mounts.stdout.contains("/dev/vda / ext4"),
+        "{}",
+        mounts.stdout
+    );
+    vm.machine.stop().unwrap();
+}
+
+/// The full guest image (Debian kernel, initramfs with the agent, ext4 root on a virtio-blk
+/// delta over a copy of the root image in `dir`), vsock CID 3, network devices `net`, started;
+/// returns it with its vsock host socket.
+fn full_guest_vm(dir: &Path, net: Vec<vmm::config::NetConfig>) -> (TestVm, PathBuf) {
+    let (kernel, initrd, rootimg) = full_guest_image();
+    let img = dir.join("root.ext4");
     std::fs::copy(rootimg, &img).unwrap();
     let base = block::Base::adopt(&img).unwrap();
-    let delta_dir = dir.path().join("root-delta");
+    let delta_dir = dir.join("root-delta");
     drop(block::Delta::create(&delta_dir, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
-    let uds = dir.path().join("v.sock");
+    let uds = dir.join("v.sock");
     let cfg = MachineConfig {
         disks: vec![vmm::config::DiskConfig {
             path: delta_dir,
@@ -377,6 +396,7 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
             guest_cid: 3,
             uds_path: uds.clone(),
         }),
+        net,
         ..linux_cfg(
             2,
             1024,
@@ -387,19 +407,25 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
+    (vm, uds)
+}
+
+/// Connects to the guest agent on vsock port 1024 through the device's Unix socket `uds`,
+/// retrying (up to 180 s) until it listens.
+fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, Write};
     // Until the agent listens, the guest refuses the connection and the host side closes it.
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    let stream = loop {
+    loop {
         assert!(
             std::time::Instant::now() < deadline,
             "agent never answered on vsock port 1024:\n{}",
             vm.serial_text()
         );
         std::thread::sleep(Duration::from_millis(500));
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(&uds) else {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(uds) else {
             continue;
         };
-        use std::io::{BufRead, Write};
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         if s.write_all(b"CONNECT 1024\n").is_err() {
             continue;
@@ -407,18 +433,107 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
         let mut line = String::new();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
-            break s;
+            return s;
+        }
+    }
+}
+
+/// With hardware KVM: the full guest image with a virtio-net device on a TAP (in a network
+/// namespace this test creates) takes an address, runs the Java demo service, and a client on
+/// the host side gets its answers over TCP through the TAP.
+#[test]
+fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
+    use devices::virtio::testing::{NetNs, net_or_skip};
+    let test = "linux_java_service_answers_over_virtio_net_on_hardware_kvm";
+    if !hardware_kvm_or_skip(test) || !net_or_skip(test) {
+        return;
+    }
+    let ns = NetNs::new("javanet").unwrap();
+    ns.add_tap("tap0", Some("10.0.0.1/24")).unwrap();
+    let _in_ns = ns.enter().unwrap();
+    let mac = "06:00:0a:00:00:02";
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, uds) = full_guest_vm(
+        dir.path(),
+        vec![vmm::config::NetConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some(mac.parse().unwrap()),
+        }],
+    );
+    let stream = agent_stream(&vm, &uds);
+    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
+    let exec = |agent: &mut guest_agent::host::AgentClient, cmd: &str| {
+        let out = agent
+            .exec(&["sh", "-c", cmd], Some(Duration::from_secs(60)))
+            .unwrap();
+        format!("{}{}", out.stdout, out.stderr)
+    };
+    // The device is a virtio-net (id 1) with our MAC; give it the service address.
+    let link = exec(
+        &mut agent,
+        "ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && cat /sys/class/net/eth0/address",
+    );
+    assert!(link.contains(mac), "{link}");
+    let spec = guest_agent::protocol::WorkloadSpec {
+        argv: [
+            "java",
+            "-XX:-UsePerfData",
+            "-Xmx64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            "/opt/demo",
+            "EchoLog",
+            "7000",
+            "/tmp/requests.log",
+        ]
+        .map(String::from)
+        .to_vec(),
+        cwd: None,
+        env: vec![],
+        data_files: vec![],
+        pid_base: None,
+        service: None,
+    };
+    agent.start(&spec).expect("start the Java service");
+    // The client is on the host side of the TAP (this thread is in the namespace).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let stream = loop {
+        match std::net::TcpStream::connect_timeout(
+            &"10.0.0.2:7000".parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the Java service never answered: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
     };
-    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
-    assert!(!agent.ping().unwrap().is_empty());
-    let mounts = agent
-        .exec(&["cat", "/proc/mounts"], Some(Duration::from_secs(30)))
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    assert!(
-        mounts.stdout.contains("/dev/vda / ext4"),
-        "{}",
-        mounts.stdout
+    let mut w = stream.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    let mut offset = 0usize;
+    for i in 0..20 {
+        use std::io::{BufRead, Write};
+        let line = format!("request-{i}");
+        w.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        r.read_line(&mut reply).unwrap();
+        offset += line.len() + 1;
+        assert_eq!(reply, format!("{line} g1 {offset}\n"), "reply {i}");
+    }
+    let logged = exec(&mut agent, "wc -l < /tmp/requests.log");
+    assert_eq!(logged.trim(), "20", "every request logged once");
+    assert_eq!(
+        vm.machine.nets()[0].handle.tap_name().as_deref(),
+        Some("tap0")
     );
     vm.machine.stop().unwrap();
 }
@@ -574,7 +689,8 @@ fn nested_linux_boot_hardware_tests() {
     let test = "nested_linux_boot_hardware_tests";
     let exe = std::env::current_exe().unwrap();
     let opts = NestedOptions {
-        tools: vec!["mkfs.ext4".into()],
+        // iproute2's `ip` for the network namespace and TAP of the virtio-net test.
+        tools: vec!["mkfs.ext4".into(), "ip".into()],
         images: true,
         test_name: Some(test.into()),
         ..Default::default()
@@ -584,6 +700,7 @@ fn nested_linux_boot_hardware_tests() {
         "linux_boots_to_a_shell_on_hardware_kvm",
         "linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm",
         "linux_agent_answers_over_vsock_on_hardware_kvm",
+        "linux_java_service_answers_over_virtio_net_on_hardware_kvm",
     ];
     let run = match nested::run_tests(&exe, &inner, Duration::from_secs(300), &opts) {
         Ok(Nested::Ran(r)) => r,

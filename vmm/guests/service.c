@@ -251,24 +251,7 @@ static int past(u64 deadline) { return (long)(rdtsc() - deadline) >= 0; }
 /* ---------------------------------------------------------------------------------------------
  * Queues: QSIZE-entry split rings (virtio_mmio.h), polled.
  */
-struct vq {
-    struct desc desc[QSIZE] __attribute__((aligned(16)));
-    struct avail avail __attribute__((aligned(2)));
-    struct used used __attribute__((aligned(4)));
-    u16 next_avail, seen_used;
-};
-
-static void vq_post(struct vq *v, u16 d, u64 addr, u32 len, u16 flags)
-{
-    v->desc[d] = (struct desc){ addr, len, flags, 0 };
-    v->avail.ring[v->next_avail % QSIZE] = d;
-    barrier();
-    v->next_avail++;
-    v->avail.idx = v->next_avail;
-    barrier();
-}
-
-static u16 vq_used_idx(struct vq *v) { return *(volatile u16 *)&v->used.idx; }
+/* struct vq, vq_post and vq_used_idx come from virtio_mmio.h. */
 
 /* ---------------------------------------------------------------------------------------------
  * virtio-blk: one request at a time, polled to completion.

@@ -19,6 +19,28 @@ struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event;
 /* Where one queue's three parts are. */
 struct vq_addrs { struct desc *desc; struct avail *avail; struct used *used; };
 
+/* A driver-side queue: the three parts and the driver's positions. */
+struct vq {
+    struct desc desc[QSIZE] __attribute__((aligned(16)));
+    struct avail avail __attribute__((aligned(2)));
+    struct used used __attribute__((aligned(4)));
+    u16 next_avail, seen_used;
+};
+
+/* Makes descriptor `d` (one buffer) available. */
+static inline void vq_post(struct vq *v, u16 d, u64 addr, u32 len, u16 flags)
+{
+    v->desc[d] = (struct desc){ addr, len, flags, 0 };
+    v->avail.ring[v->next_avail % QSIZE] = d;
+    barrier();
+    v->next_avail++;
+    v->avail.idx = v->next_avail;
+    barrier();
+}
+
+/* The device's used index, read fresh. */
+static inline u16 vq_used_idx(struct vq *v) { return *(volatile u16 *)&v->used.idx; }
+
 /* Prints "<name>: FAIL <step>", reports `code + step` and powers off. */
 static inline __attribute__((noreturn)) void driver_fail(const char *name, u64 code, u64 step)
 {

@@ -16,13 +16,6 @@ SHARED volatile u64 shared_echoed = 0;
 #define NRX 4
 #define BUFSZ 4096
 
-struct vq {
-    struct desc desc[QSIZE] __attribute__((aligned(16)));
-    struct avail avail __attribute__((aligned(2)));
-    struct used used __attribute__((aligned(4)));
-    u16 next_avail, seen_used;
-};
-
 static struct vq q[3];
 static u8 rxbuf[NRX][BUFSZ + sizeof(struct hdr)];
 static u8 txbuf[BUFSZ + sizeof(struct hdr)];
@@ -34,16 +27,7 @@ static void wr(u64 off, u32 v) { mmio_write32(base + off, v); }
 
 static void fail(u64 step) { driver_fail("virtio-vsock", 0x50c0000ul, step); }
 
-static void post(int qi, u16 d, u64 addr, u32 len, u16 flags)
-{
-    struct vq *v = &q[qi];
-    v->desc[d] = (struct desc){ addr, len, flags, 0 };
-    v->avail.ring[v->next_avail % QSIZE] = d;
-    barrier();
-    v->next_avail++;
-    v->avail.idx = v->next_avail;
-    barrier();
-}
+static void post(int qi, u16 d, u64 addr, u32 len, u16 flags) { vq_post(&q[qi], d, addr, len, flags); }
 
 static void send(u16 op, u32 src_port, u32 dst_port, const u8 *data, u32 len, u32 flags)
 {

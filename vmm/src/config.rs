@@ -64,6 +64,25 @@ pub struct MachineConfig {
     /// A virtio-vsock device (for the guest agent).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-net devices, each on an existing TAP interface, in this order.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+}
+
+/// A virtio-net device on a TAP (Firecracker's `network-interfaces` entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// A name for the interface (for the API and logs), unique in the machine.
+    pub iface_id: String,
+    /// The host's TAP interface (it must exist: `ip tuntap add NAME mode tap`). Empty: a TAP of
+    /// the device's own, attached to nothing, removed with the VM (a VM cut off from every
+    /// network, such as an upgrade's backup until it takes over the active VM's TAP).
+    pub host_dev_name: String,
+    /// The guest's MAC address; a random locally administered one if not given (a restored
+    /// or cloned machine keeps the saved one unless this is given).
+    #[serde(default)]
+    pub guest_mac: Option<devices::virtio::net::MacAddr>,
 }
 
 /// A virtio-vsock device: the guest's context ID and the host-side Unix socket
@@ -91,6 +110,7 @@ impl MachineConfig {
             disks: Vec::new(),
             virtio_mmio_cmdline: false,
             vsock: None,
+            net: Vec::new(),
         }
     }
 }
@@ -204,6 +224,9 @@ pub struct FileConfig {
     /// See [`MachineConfig::vsock`].
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// See [`MachineConfig::net`].
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetConfig>,
 }
 
 impl FileConfig {
@@ -245,6 +268,7 @@ impl FileConfig {
                 .collect(),
             virtio_mmio_cmdline: self.virtio_mmio_cmdline,
             vsock: self.vsock,
+            net: self.network_interfaces,
         })
     }
 }
@@ -265,7 +289,10 @@ mod tests {
               "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
               "drives": [{"drive_id": "rootfs", "path_on_host": "/d.img",
                           "is_root_device": true, "is_read_only": true}],
-              "console": {"file": "/tmp/out.log"}
+              "console": {"file": "/tmp/out.log"},
+              "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                                      "guest_mac": "06:00:AC:10:00:02"},
+                                     {"iface_id": "eth1", "host_dev_name": "tap1"}]
             }"#,
         )
         .unwrap();
@@ -283,6 +310,26 @@ mod tests {
             }]
         );
         assert_eq!(c.console, ConsoleTarget::File("/tmp/out.log".into()));
+        assert_eq!(c.net.len(), 2);
+        assert_eq!(c.net[0].host_dev_name, "tap0");
+        assert_eq!(
+            c.net[0].guest_mac.map(|m| m.to_string()).as_deref(),
+            Some("06:00:ac:10:00:02")
+        );
+        assert_eq!(
+            (c.net[1].iface_id.as_str(), c.net[1].guest_mac),
+            ("eth1", None)
+        );
+        // A malformed MAC is refused when the file is read, with the value in the message.
+        std::fs::write(
+            &p,
+            r#"{"test_guest": "hello", "network-interfaces":
+                [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:zz"}]}"#,
+        )
+        .unwrap();
+        let e = FileConfig::load(&p).unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(chain.contains("06:00:zz"), "{chain}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use block::{ForkCommit, Layer, PreparedFork};
 use devices::legacy::SerialOutput;
 use devices::virtio::blk::DEVICE_TYPE_BLOCK;
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::{DEVICE_TYPE_NET, tap::Tap};
 use devices::virtio::vsock::DEVICE_TYPE_VSOCK;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
@@ -240,6 +241,7 @@ impl Machine {
                 .map(|(t, g)| t.state_locked(g))
                 .collect(),
             vsock: None,
+            net: self.nets.iter().map(|n| n.handle.state()).collect(),
         };
         Ok(MachineState {
             vcpus,
@@ -300,6 +302,44 @@ impl Machine {
         let old = std::mem::replace(&mut self.disks[index].layer, layer);
         tracing::debug!(index, from = %old.path().display(), to = %self.disks[index].layer.path().display(), "disk replaced");
         Ok(old)
+    }
+
+    /// Takes over `donor`'s network: each of its NICs' TAP moves to this machine's NIC of the
+    /// same position (the open fd moves; nothing is reopened), with its MAC address (the
+    /// configuration change is signalled to this guest). The upgrade's cutover uses it so the
+    /// backup answers on the active VM's links with the active VM's addresses. Both machines
+    /// must be quiet (paused, or booted and not started) and have the same number of NICs, each
+    /// of `donor`'s with its TAP. Returns this machine's previous TAPs, for the caller to close
+    /// or give back.
+    pub fn take_over_net(&mut self, donor: &Machine) -> Result<Vec<Option<Tap>>, MachineError> {
+        self.check_quiet()?;
+        donor.check_quiet()?;
+        if self.nets.len() != donor.nets.len() {
+            return Err(MachineError::NetTakeover(format!(
+                "{} NICs here, {} on the donor",
+                self.nets.len(),
+                donor.nets.len()
+            )));
+        }
+        if let Some(n) = donor.nets.iter().find(|n| n.handle.tap_name().is_none()) {
+            return Err(MachineError::NetTakeover(format!(
+                "the donor's {} has no TAP",
+                n.iface_id
+            )));
+        }
+        let mut previous = Vec::with_capacity(self.nets.len());
+        for (mine, theirs) in self.nets.iter().zip(&donor.nets) {
+            let mac = theirs.handle.mac();
+            // Checked above, and both machines are quiet: every donor NIC still has its TAP.
+            let Some(tap) = theirs.handle.take_tap() else {
+                previous.push(None);
+                continue;
+            };
+            tracing::info!(iface = %mine.iface_id, tap = %tap.name(), %mac, "TAP taken over");
+            previous.push(mine.handle.attach_tap(tap));
+            mine.handle.set_mac(mac);
+        }
+        Ok(previous)
     }
 
     /// The vsock device's host side (to move its connections and listener), if there is one.
@@ -493,9 +533,12 @@ impl Machine {
             }
             .into());
         }
-        // The clone gets the source's disks (forked) and the config's vsock: check up front that
+        // The clone gets the source's disks (forked), the config's NICs (its own TAPs; the
+        // source's addresses unless the config gives others) and the config's vsock: check up
+        // front that
         // this gives the source's virtio devices, before any copying or forking.
         let want: Vec<u32> = std::iter::repeat_n(DEVICE_TYPE_BLOCK, self.disks.len())
+            .chain(std::iter::repeat_n(DEVICE_TYPE_NET, opts.config.net.len()))
             .chain(opts.config.vsock.as_ref().map(|_| DEVICE_TYPE_VSOCK))
             .collect();
         let have: Vec<u32> = self

@@ -18,6 +18,7 @@ use devices::legacy::{
 };
 use devices::virtio::blk::{Block, DiskSlot};
 use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::net::{MacAddr, Net, NetHandle, tap::Tap};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{Bus, BusError, PowerControl, PowerEvent, bus::SharedDevice};
@@ -231,6 +232,24 @@ pub enum MachineError {
     /// Saving or restoring VM state failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A network interface's TAP could not be attached.
+    #[error("network interface {iface}")]
+    Net {
+        /// The `iface_id`.
+        iface: String,
+        /// The error.
+        #[source]
+        source: devices::virtio::net::tap::TapError,
+    },
+    /// Two network interfaces have the same `iface_id`, or the same TAP.
+    #[error("network interface {0} is configured twice (each iface_id and TAP once)")]
+    NetDuplicate(String),
+    /// A network device could not be created or its TAP moved.
+    #[error("network device")]
+    NetDevice(#[from] devices::virtio::net::NetError),
+    /// [`Machine::take_over_net`] needs two paused machines with the same number of NICs.
+    #[error("TAP takeover: {0}")]
+    NetTakeover(String),
     /// A virtio transport's saved state could not be restored.
     #[error("cannot restore virtio transport {index}")]
     VirtioRestore {
@@ -270,6 +289,7 @@ pub struct Machine {
     disks: Vec<AttachedDisk>,
     /// The vsock device's connections, if there is one.
     vsock: Option<devices::virtio::vsock::VsockHandle>,
+    nets: Vec<AttachedNet>,
     vcpus: Vec<Vcpu>,
     handles: Vec<VcpuHandle>,
     exit_tx: Sender<VcpuExitReport>,
@@ -311,6 +331,48 @@ pub struct AttachedDisk {
     pub layer: Arc<Layer>,
     /// The running device's disk slot.
     pub slot: DiskSlot,
+}
+
+/// A network device: its configured name and the handle on its TAP and address.
+#[derive(Debug, Clone)]
+pub struct AttachedNet {
+    /// The configured `iface_id`.
+    pub iface_id: String,
+    /// The device's TAP and MAC.
+    pub handle: NetHandle,
+}
+
+/// Opens the TAPs of `cfg.net` (before anything else is built, so that a missing or forbidden
+/// TAP is an error before the VM exists) with each device's address: the configured one, else
+/// the saved one, else a random one.
+fn open_nets(
+    cfg: &MachineConfig,
+    saved: Option<&DeviceStates>,
+) -> Result<Vec<(String, Tap, MacAddr)>, MachineError> {
+    let mut out: Vec<(String, Tap, MacAddr)> = Vec::with_capacity(cfg.net.len());
+    for (i, n) in cfg.net.iter().enumerate() {
+        if cfg.net[..i].iter().any(|o| {
+            o.iface_id == n.iface_id
+                || (!n.host_dev_name.is_empty() && o.host_dev_name == n.host_dev_name)
+        }) {
+            return Err(MachineError::NetDuplicate(n.iface_id.clone()));
+        }
+        let tap = if n.host_dev_name.is_empty() {
+            Tap::open_detached()
+        } else {
+            Tap::open(&n.host_dev_name)
+        }
+        .map_err(|source| MachineError::Net {
+            iface: n.iface_id.clone(),
+            source,
+        })?;
+        let mac = n
+            .guest_mac
+            .or_else(|| saved.and_then(|d| d.net.get(i)).map(|s| s.mac))
+            .unwrap_or_else(MacAddr::random_local);
+        out.push((n.iface_id.clone(), tap, mac));
+    }
+    Ok(out)
 }
 
 /// Opens a disk as a block layer: a directory is a delta, a file a raw base (read-only).
@@ -377,6 +439,8 @@ impl Machine {
             cfg.mem_mib = r.size() >> 20;
         }
         let created = Instant::now();
+        // The TAPs first: a missing or forbidden one is a configuration error.
+        let taps = open_nets(&cfg, saved)?;
         let kvm = vm::open_kvm()?;
         let max = kvm.get_max_vcpus().min(254);
         let limit = match cfg.kernel {
@@ -462,12 +526,19 @@ impl Machine {
             transports: Vec::new(),
             disks: Vec::new(),
             vsock: None,
+            nets: Vec::new(),
         };
         for (i, layer) in disks.into_iter().enumerate() {
             let dev = Block::new(layer.clone(), &format!("microvmm-disk{i}"));
             let slot = dev.disk_slot();
             machine.add_virtio(Box::new(dev))?;
             machine.disks.push(AttachedDisk { layer, slot });
+        }
+        for (iface_id, tap, mac) in taps {
+            let dev = Net::new(tap, mac)?;
+            let handle = dev.handle();
+            machine.add_virtio(Box::new(dev))?;
+            machine.nets.push(AttachedNet { iface_id, handle });
         }
         if let Some(v) = machine.cfg.vsock.clone() {
             let mut dev = Vsock::new(v.guest_cid, &v.uds_path).map_err(MachineError::Vsock)?;
@@ -570,6 +641,11 @@ impl Machine {
     /// The disks attached through virtio-blk, in attach order.
     pub fn disks(&self) -> &[AttachedDisk] {
         &self.disks
+    }
+
+    /// The network devices, in configuration order.
+    pub fn nets(&self) -> &[AttachedNet] {
+        &self.nets
     }
 
     /// The virtio-mmio transports, in the order their devices were added.

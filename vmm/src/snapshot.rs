@@ -166,6 +166,9 @@ pub struct DeviceStates {
     /// see [`crate::handover`]); `None` when they were not, and a restore resets the transport.
     #[serde(default)]
     pub vsock: Option<devices::virtio::vsock::muxer::MuxerState>,
+    /// The network devices' addresses and TAP names, in configuration order.
+    #[serde(default)]
+    pub net: Vec<devices::virtio::net::NetState>,
 }
 
 /// What a snapshot is of.

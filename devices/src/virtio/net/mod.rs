@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use self::queue_io::{MAX_BUFFER, Negotiated, RingError, RxOutcome};
+use self::queue_io::{MAX_BUFFER, Negotiated, RingError, RxOutcome, RxScratch};
 use self::tap::{Tap, VNET_HDR_LEN};
 use super::{
     ActivateError, Activation, DeviceCounters, GuestMemory, INT_CONFIG, INT_VRING, Interrupt,
@@ -206,14 +207,17 @@ impl NetHandle {
     }
 
     /// Attaches `tap` (with the offloads this device's driver negotiated) and returns the
-    /// previous one.
-    pub fn attach_tap(&self, tap: Tap) -> Result<Option<Tap>, NetError> {
-        tap.set_offload(tap::offload_for_features(
-            self.shared.acked.load(Ordering::SeqCst),
-        ))?;
+    /// previous one. A TAP that refuses the offloads stays attached without them (the guest
+    /// then gets checksummed, segmented frames, which it always accepts).
+    pub fn attach_tap(&self, tap: Tap) -> Option<Tap> {
+        let acked = self.shared.acked.load(Ordering::SeqCst);
+        if let Err(e) = tap.set_offload(tap::offload_for_features(acked)) {
+            tracing::warn!(error = %e, "virtio-net: offloads not set on the attached TAP");
+        }
         let old = lock(&self.shared.tap).replace(tap);
-        self.shared.wake.write(1).map_err(NetError::EventFd)?;
-        Ok(old)
+        // A full eventfd counter is the only failure: the worker is then awake anyway.
+        let _ = self.shared.wake.write(1);
+        old
     }
 
     /// The device's state for a snapshot.
@@ -395,28 +399,9 @@ struct WorkerCtx {
     neg: Negotiated,
 }
 
-/// The receive side's progress: a frame read from the TAP that found no buffers yet (at most
-/// one: while it waits, the TAP is not read, and the kernel's queue bounds the rest).
-struct RxState {
-    buf: Vec<u8>,
-    pending: Option<usize>,
-    used: Vec<(u16, u32)>,
-}
-
-/// Why the worker stops.
-#[derive(Debug, thiserror::Error)]
-enum WorkerError {
-    #[error(transparent)]
-    Ring(#[from] RingError),
-}
-
 fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
-    let mut rx = RxState {
-        buf: vec![0; MAX_BUFFER],
-        pending: None,
-        used: Vec::new(),
-    };
-    let mut tx_buf = Vec::new();
+    let mut rx = Receiver::new();
+    let mut tx = Transmitter::new(ctx.neg);
     let mut fds = [libc::pollfd {
         fd: -1,
         events: libc::POLLIN,
@@ -424,14 +409,15 @@ fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
     }; 5];
     loop {
         let tap_fd = lock(&ctx.shared.tap).as_ref().map(AsRawFd::as_raw_fd);
-        let watch_tap = rx.pending.is_none();
         for (slot, fd) in fds.iter_mut().zip([
             kill.as_raw_fd(),
             ctx.shared.wake.as_raw_fd(),
             tx_evt.as_raw_fd(),
             rx_evt.as_raw_fd(),
+            // While a frame waits for buffers, the TAP is not read: the kernel's queue (bounded,
+            // dropping) holds the rest.
             match tap_fd {
-                Some(fd) if watch_tap => fd,
+                Some(fd) if !rx.is_waiting() => fd,
                 _ => -1,
             },
         ]) {
@@ -458,14 +444,28 @@ fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
         let mut result = Ok(());
         if fds[2].revents != 0 {
             let _ = tx_evt.read();
-            result = result.and_then(|()| process_tx(ctx, &mut tx_buf));
+            let mut q = lock(&ctx.txq);
+            result = tx.run(
+                &mut q,
+                &ctx.mem,
+                &ctx.shared.tap,
+                &ctx.counters,
+                &ctx.interrupt,
+            );
         }
         if fds[3].revents != 0 {
             let _ = rx_evt.read();
         }
         // Receive whenever something may have changed: new buffers, a readable TAP, a new TAP.
-        if fds[1].revents != 0 || fds[3].revents != 0 || fds[4].revents != 0 {
-            result = result.and_then(|()| process_rx(ctx, &mut rx));
+        if result.is_ok() && (fds[1].revents != 0 || fds[3].revents != 0 || fds[4].revents != 0) {
+            result = rx.run(
+                &ctx.rxq,
+                &ctx.mem,
+                &ctx.shared.tap,
+                ctx.neg.mergeable,
+                &ctx.counters,
+                &ctx.interrupt,
+            );
         }
         if let Err(e) = result {
             tracing::error!(error = %e, "virtio-net: the queues are unusable; the device needs a reset");
@@ -475,118 +475,203 @@ fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
     }
 }
 
-/// Sends every available transmit chain to the TAP (in batches); frames that fail validation
-/// or that the TAP refuses are dropped and counted, their chains returned.
-fn process_tx(ctx: &WorkerCtx, buf: &mut Vec<u8>) -> Result<(), WorkerError> {
-    let mut q = lock(&ctx.txq);
-    loop {
-        q.disable_notification(&ctx.mem).map_err(RingError::from)?;
-        let mut handled = 0;
-        while let Some(chain) = q.pop_descriptor_chain(&ctx.mem) {
-            let head = chain.head_index();
-            match queue_io::read_tx_chain(chain, &ctx.mem, &ctx.neg, buf) {
-                Ok(len) => {
-                    let sent = lock(&ctx.shared.tap)
-                        .as_ref()
-                        .map(|t| t.write_frame(&buf[..len]));
-                    match sent {
-                        Some(Ok(_)) => {
-                            DeviceCounters::add(&ctx.counters.requests, 1);
-                            DeviceCounters::add(
-                                &ctx.counters.bytes_in,
-                                (len - VNET_HDR_LEN) as u64,
-                            );
-                        }
-                        // No TAP (taken away), or the host dropped it (interface down, queue
-                        // full): a lost frame, as on a wire.
-                        _ => DeviceCounters::add(&ctx.counters.dropped, 1),
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "virtio-net: transmit chain dropped");
-                    DeviceCounters::add(&ctx.counters.dropped, 1);
-                }
-            }
-            q.add_used(&ctx.mem, head, 0).map_err(RingError::from)?;
-            handled += 1;
-            if handled == BATCH {
-                notify(ctx, &mut q)?;
-                handled = 0;
-            }
-        }
-        notify(ctx, &mut q)?;
-        if !q.enable_notification(&ctx.mem).map_err(RingError::from)? {
-            return Ok(());
-        }
-    }
-}
-
-fn notify(ctx: &WorkerCtx, q: &mut Queue) -> Result<(), WorkerError> {
-    if q.needs_notification(&ctx.mem).map_err(RingError::from)? {
-        ctx.interrupt.trigger(INT_VRING);
+fn notify(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) -> Result<(), RingError> {
+    if q.needs_notification(mem)? {
+        interrupt.trigger(INT_VRING);
     }
     Ok(())
 }
 
-/// Moves frames from the TAP into the receive queue until the TAP is empty or the guest has no
-/// buffers (then one frame waits, and the driver's next notification resumes).
-fn process_rx(ctx: &WorkerCtx, rx: &mut RxState) -> Result<(), WorkerError> {
-    let mut delivered_any = false;
-    let mut budget = BATCH * 4;
-    let result = loop {
-        if rx.pending.is_none() {
-            if budget == 0 {
-                // Give the transmit side a turn; the TAP stays readable and polls again.
-                break Ok(());
-            }
-            budget -= 1;
-            let read = lock(&ctx.shared.tap)
-                .as_ref()
-                .map(|t| t.read_frame(&mut rx.buf));
-            match read {
-                Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => rx.pending = Some(n),
-                // A runt from the host: nothing to deliver.
-                Some(Ok(_)) => DeviceCounters::add(&ctx.counters.dropped, 1),
-                Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // Empty (WouldBlock), gone, or failing: nothing to deliver now.
-                _ => break Ok(()),
-            }
-            continue;
+/// The transmit path: guest chains to the TAP, written from guest memory without a copy.
+pub struct Transmitter {
+    neg: Negotiated,
+    regions: Vec<(GuestAddress, usize)>,
+    iov: Vec<libc::iovec>,
+    /// Used entries not yet published (one publication per batch).
+    used: Vec<(u16, u32)>,
+}
+
+impl std::fmt::Debug for Transmitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transmitter")
+            .field("neg", &self.neg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transmitter {
+    /// A transmit path for a driver that negotiated `neg`.
+    pub fn new(neg: Negotiated) -> Self {
+        Self {
+            neg,
+            regions: Vec::new(),
+            iov: Vec::new(),
+            used: Vec::with_capacity(BATCH),
         }
-        let len = rx.pending.unwrap_or(0);
-        let mut q = lock(&ctx.rxq);
-        let outcome = queue_io::deliver_rx(
-            &mut q,
-            &ctx.mem,
-            &mut rx.buf[..len],
-            ctx.neg.mergeable,
-            &mut rx.used,
-        );
-        match outcome {
-            Ok(RxOutcome::Delivered(_)) => {
-                rx.pending = None;
-                delivered_any = true;
-                DeviceCounters::add(&ctx.counters.deliveries, 1);
-                DeviceCounters::add(&ctx.counters.bytes_out, (len - VNET_HDR_LEN) as u64);
-            }
-            Ok(RxOutcome::Dropped) => {
-                rx.pending = None;
-                DeviceCounters::add(&ctx.counters.dropped, 1);
-            }
-            Ok(RxOutcome::NoBuffers) => {
-                // Ask for a notification when buffers come; if some came meanwhile, go on.
-                match q.enable_notification(&ctx.mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break Ok(()),
-                    Err(e) => break Err(RingError::from(e).into()),
+    }
+
+    /// Sends every available chain of `q` to the TAP (in batches, notifying the driver after
+    /// each); frames that fail validation, or that find no TAP or a TAP that refuses them, are
+    /// dropped and counted, their chains returned. Errors only when the ring is unusable.
+    pub fn run(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemory,
+        tap: &Mutex<Option<Tap>>,
+        counters: &DeviceCounters,
+        interrupt: &Interrupt,
+    ) -> Result<(), RingError> {
+        // One lock for the whole run: a takeover waits for the batch in progress.
+        let tap = lock(tap);
+        loop {
+            q.disable_notification(mem)?;
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                if let Some(len) = self.send(chain, mem, tap.as_ref()) {
+                    DeviceCounters::add(&counters.requests, 1);
+                    DeviceCounters::add(&counters.bytes_in, (len - VNET_HDR_LEN) as u64);
+                } else {
+                    DeviceCounters::add(&counters.dropped, 1);
+                }
+                self.used.push((head, 0));
+                if self.used.len() == BATCH {
+                    queue_io::publish_used(q, mem, &self.used)?;
+                    self.used.clear();
+                    notify(q, mem, interrupt)?;
                 }
             }
-            Err(e) => break Err(e.into()),
+            if !self.used.is_empty() {
+                queue_io::publish_used(q, mem, &self.used)?;
+                self.used.clear();
+                notify(q, mem, interrupt)?;
+            }
+            if !q.enable_notification(mem)? {
+                return Ok(());
+            }
         }
-    };
-    if delivered_any {
-        let mut q = lock(&ctx.rxq);
-        notify(ctx, &mut q)?;
     }
-    result
+
+    /// Validates one chain and writes its frame to `tap`; its length if it went out. A frame that
+    /// fails validation, finds no TAP (taken away) or one that refuses it (interface down,
+    /// queue full) is lost, as on a wire.
+    fn send(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+        tap: Option<&Tap>,
+    ) -> Option<usize> {
+        let len = match queue_io::parse_tx_chain(chain, mem, &self.neg, &mut self.regions) {
+            Ok(len) => len,
+            Err(e) => {
+                tracing::debug!(error = %e, "virtio-net: transmit chain dropped");
+                return None;
+            }
+        };
+        let tap = tap?;
+        // The regions were checked against guest memory while parsing; one slice each, or
+        // several for a buffer that crosses regions.
+        let slices = self.regions.iter().flat_map(|&(addr, n)| {
+            let one = mem.get_slice(addr, n).ok();
+            let many = one
+                .is_none()
+                .then(|| mem.get_slices(addr, n).filter_map(Result::ok));
+            one.into_iter().chain(many.into_iter().flatten())
+        });
+        match tap.write_guest(slices, &mut self.iov) {
+            Ok(n) if n == len => Some(len),
+            _ => None,
+        }
+    }
+}
+
+/// The receive path: TAP frames into the guest's buffers. Holds at most one frame that found
+/// no buffers yet.
+#[derive(Debug)]
+pub struct Receiver {
+    buf: Vec<u8>,
+    pending: Option<usize>,
+    scratch: RxScratch,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Receiver {
+    /// An idle receive path (one frame buffer of [`MAX_BUFFER`] bytes).
+    pub fn new() -> Self {
+        Self {
+            buf: vec![0; MAX_BUFFER],
+            pending: None,
+            scratch: RxScratch::default(),
+        }
+    }
+
+    /// Whether a frame waits for receive buffers (then the TAP need not be watched).
+    pub fn is_waiting(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Moves frames from the TAP into the receive queue until the TAP is empty, the driver has
+    /// no buffers (one frame then waits for the driver's next notification), or a batch is
+    /// done (the TAP stays readable). Errors only when the ring is unusable.
+    pub fn run(
+        &mut self,
+        queue: &Mutex<Queue>,
+        mem: &GuestMemory,
+        tap: &Mutex<Option<Tap>>,
+        mergeable: bool,
+        counters: &DeviceCounters,
+        interrupt: &Interrupt,
+    ) -> Result<(), RingError> {
+        let mut delivered_any = false;
+        let mut budget = BATCH * 4;
+        let tap = lock(tap);
+        let mut q = lock(queue);
+        let result = loop {
+            let Some(len) = self.pending else {
+                if budget == 0 {
+                    break Ok(());
+                }
+                budget -= 1;
+                match tap.as_ref().map(|t| t.read_frame(&mut self.buf)) {
+                    Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => self.pending = Some(n),
+                    // A runt from the host: nothing to deliver.
+                    Some(Ok(_)) => DeviceCounters::add(&counters.dropped, 1),
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Empty (WouldBlock), gone, or failing: nothing to deliver now.
+                    _ => break Ok(()),
+                }
+                continue;
+            };
+            let frame = &mut self.buf[..len];
+            match queue_io::deliver_rx(&mut q, mem, frame, mergeable, &mut self.scratch) {
+                Ok(RxOutcome::Delivered(_)) => {
+                    self.pending = None;
+                    delivered_any = true;
+                    DeviceCounters::add(&counters.deliveries, 1);
+                    DeviceCounters::add(&counters.bytes_out, (len - VNET_HDR_LEN) as u64);
+                }
+                Ok(RxOutcome::Dropped) => {
+                    self.pending = None;
+                    DeviceCounters::add(&counters.dropped, 1);
+                }
+                Ok(RxOutcome::NoBuffers) => {
+                    // Ask for a notification when buffers come; if some came meanwhile, go on.
+                    match q.enable_notification(mem) {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(e.into()),
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if delivered_any {
+            notify(&mut q, mem, interrupt)?;
+        }
+        result
+    }
 }

@@ -2,15 +2,14 @@
 //! transmit chains, and placing received frames into the guest's receive buffers (one chain
 //! each, or spread over several with mergeable receive buffers). Nothing here does host I/O.
 
-use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
-use crate::virtio::{GuestMemory, GuestWriter};
+use crate::virtio::GuestMemory;
 
 /// Largest Ethernet frame without offloads: 1500 bytes of payload, the 14-byte header and a
 /// VLAN tag.
@@ -112,24 +111,76 @@ impl Negotiated {
     }
 }
 
-/// Reads one transmit chain (header and frame, all device-readable) into `buf`, validated
-/// against `neg`; returns its length. `buf` never grows past [`MAX_BUFFER`].
-pub fn read_tx_chain(
+/// Why a chain's buffers are unusable.
+enum WalkError {
+    /// A buffer has the wrong direction.
+    Direction,
+    /// A buffer lies outside guest memory, or the lengths overflow.
+    Invalid,
+}
+
+/// Walks `chain` once, appending its buffers to `regions`: all must be device-writable
+/// (`writable`) or all device-readable, and inside guest memory. Returns their total length.
+/// (Loops end at the queue size and indirect tables are followed, by the chain iterator.)
+fn walk(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    writable: bool,
+    regions: &mut Vec<(GuestAddress, usize)>,
+) -> Result<usize, WalkError> {
+    let mut total = 0usize;
+    for d in chain {
+        if d.is_write_only() != writable {
+            return Err(WalkError::Direction);
+        }
+        let len = d.len() as usize;
+        // One region holds almost every buffer (the quick check); the slow one also accepts
+        // buffers that cross from one region into the next.
+        if mem.get_slice(d.addr(), len).is_err() && !mem.check_range(d.addr(), len) {
+            return Err(WalkError::Invalid);
+        }
+        total = total.checked_add(len).ok_or(WalkError::Invalid)?;
+        regions.push((d.addr(), len));
+    }
+    Ok(total)
+}
+
+/// Copies the first `out.len()` bytes of `regions` into `out`.
+pub fn read_regions(
+    mem: &GuestMemory,
+    regions: &[(GuestAddress, usize)],
+    out: &mut [u8],
+) -> Result<(), TxError> {
+    let mut done = 0;
+    for &(addr, len) in regions {
+        if done == out.len() {
+            break;
+        }
+        let n = len.min(out.len() - done);
+        mem.read_slice(&mut out[done..done + n], addr)
+            .map_err(|_| TxError::InvalidChain)?;
+        done += n;
+    }
+    if done == out.len() {
+        Ok(())
+    } else {
+        Err(TxError::InvalidChain)
+    }
+}
+
+/// Validates one transmit chain (header and frame, all device-readable) against `neg`
+/// without copying the frame: `regions` receives its guest buffers; returns its length.
+pub fn parse_tx_chain(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
     neg: &Negotiated,
-    buf: &mut Vec<u8>,
+    regions: &mut Vec<(GuestAddress, usize)>,
 ) -> Result<usize, TxError> {
-    let writable = chain
-        .clone()
-        .writer(mem)
-        .map_err(|_| TxError::InvalidChain)?
-        .available_bytes();
-    if writable != 0 {
-        return Err(TxError::WritableBuffer);
-    }
-    let mut reader = chain.reader(mem).map_err(|_| TxError::InvalidChain)?;
-    let len = reader.available_bytes();
+    regions.clear();
+    let len = walk(chain, mem, false, regions).map_err(|e| match e {
+        WalkError::Direction => TxError::WritableBuffer,
+        WalkError::Invalid => TxError::InvalidChain,
+    })?;
     if len < VNET_HDR_LEN {
         return Err(TxError::ShortHeader(len));
     }
@@ -141,12 +192,25 @@ pub fn read_tx_chain(
     if frame < 14 {
         return Err(TxError::Runt(frame));
     }
-    buf.resize(len, 0);
-    reader
-        .read_exact(&mut buf[..len])
-        .map_err(|_| TxError::InvalidChain)?;
-    neg.check_header(&buf[..VNET_HDR_LEN])?;
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    read_regions(mem, regions, &mut hdr)?;
+    neg.check_header(&hdr)?;
     // `num_buffers` means nothing on transmit; the TAP ignores it.
+    Ok(len)
+}
+
+/// Like [`parse_tx_chain`], and copies the chain (header and frame) into `buf`, which never
+/// grows past [`MAX_BUFFER`].
+pub fn read_tx_chain(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    neg: &Negotiated,
+    buf: &mut Vec<u8>,
+) -> Result<usize, TxError> {
+    let mut regions = Vec::new();
+    let len = parse_tx_chain(chain, mem, neg, &mut regions)?;
+    buf.resize(len, 0);
+    read_regions(mem, &regions, &mut buf[..len])?;
     Ok(len)
 }
 
@@ -196,8 +260,9 @@ pub fn publish_used(
         let at = ring
             .checked_add(4 + u64::from(idx % size) * 8)
             .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
-        mem.write_obj(u32::from(head).to_le(), GuestAddress(at))?;
-        mem.write_obj(len.to_le(), GuestAddress(at + 4))?;
+        // The element (id, len) in one write: one dirty-bitmap update, not two.
+        let elem = u64::from(head) | (u64::from(len) << 32);
+        mem.write_obj(elem.to_le(), GuestAddress(at))?;
         idx = idx.wrapping_add(1);
     }
     let at = ring
@@ -208,27 +273,38 @@ pub fn publish_used(
     Ok(())
 }
 
+/// Reusable space for [`deliver_rx`], so that receiving does not allocate per frame.
+#[derive(Debug, Default)]
+pub struct RxScratch {
+    regions: Vec<(GuestAddress, usize)>,
+    /// Per chain taken for the frame: head, end of its regions, capacity.
+    chains: Vec<(u16, usize, usize)>,
+    broken: Vec<(u16, u32)>,
+    used: Vec<(u16, u32)>,
+}
+
 /// Places `frame` (a 12-byte virtio-net header, then the Ethernet frame, as the TAP gives it)
 /// into the guest's receive buffers and publishes them. With `mergeable`, the frame may span
 /// several chains and the header's `num_buffers` says how many; without, it must fit one.
-/// Unusable chains met on the way are returned to the driver empty. `used` is scratch space.
+/// Unusable chains met on the way are returned to the driver empty.
 pub fn deliver_rx(
     queue: &mut Queue,
     mem: &GuestMemory,
     frame: &mut [u8],
     mergeable: bool,
-    used: &mut Vec<(u16, u32)>,
+    s: &mut RxScratch,
 ) -> Result<RxOutcome, RingError> {
-    used.clear();
+    s.regions.clear();
+    s.chains.clear();
+    s.broken.clear();
+    s.used.clear();
     if frame.len() < VNET_HDR_LEN {
         return Ok(RxOutcome::Dropped);
     }
     let start = queue.next_avail();
     let size = queue.size();
-    let mut writers: Vec<(u16, GuestWriter<'_>)> = Vec::new();
     let mut room = 0usize;
     let mut popped = 0u16;
-    let mut broken: Vec<(u16, u32)> = Vec::new();
     while room < frame.len() {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             // Everything popped goes back, broken chains too (they are met, and returned, with
@@ -242,44 +318,47 @@ pub fn deliver_rx(
         };
         popped = popped.saturating_add(1);
         let head = chain.head_index();
-        let readable = chain.clone().reader(mem).map(|r| r.available_bytes());
-        let writer = chain.writer(mem);
-        let w = match (readable, writer) {
-            (Ok(0), Ok(w)) if w.available_bytes() >= VNET_HDR_LEN || !writers.is_empty() => w,
-            _ => {
-                broken.push((head, 0));
-                continue;
+        let first = s.regions.len();
+        match walk(chain, mem, true, &mut s.regions) {
+            // The first buffer must hold at least the header.
+            Ok(cap) if cap >= VNET_HDR_LEN || (!s.chains.is_empty() && cap > 0) => {
+                if !mergeable && cap < frame.len() {
+                    // This chain can never hold it, and it is the only one the frame may use.
+                    queue.set_next_avail(start);
+                    return Ok(RxOutcome::Dropped);
+                }
+                room += cap;
+                s.chains.push((head, s.regions.len(), cap));
+                if !mergeable {
+                    break;
+                }
             }
-        };
-        if !mergeable && w.available_bytes() < frame.len() {
-            // This chain can never hold it, and it is the only one the frame may use.
-            queue.set_next_avail(start);
-            return Ok(RxOutcome::Dropped);
-        }
-        room += w.available_bytes();
-        writers.push((head, w));
-        if !mergeable {
-            break;
+            _ => {
+                s.regions.truncate(first);
+                s.broken.push((head, 0));
+            }
         }
     }
-    let count = u16::try_from(writers.len()).unwrap_or(u16::MAX);
+    let count = u16::try_from(s.chains.len()).unwrap_or(u16::MAX);
     frame[10..12].copy_from_slice(&count.to_le_bytes());
-    let mut rest: &[u8] = frame;
-    for (head, mut w) in writers {
-        let n = rest.len().min(w.available_bytes());
-        // The writer was sized from the same chain: a failure means guest memory changed
-        // under us (a bad chain); report what was written.
-        let written = match std::io::Write::write_all(&mut w, &rest[..n]) {
-            Ok(()) => n,
-            Err(_) => w.bytes_written(),
-        };
-        rest = &rest[n..];
-        used.push((head, u32::try_from(written).unwrap_or(u32::MAX)));
+    let mut off = 0usize;
+    let mut region = 0usize;
+    for &(head, end, cap) in &s.chains {
+        let take = (frame.len() - off).min(cap);
+        let mut left = take;
+        while left > 0 && region < end {
+            let (addr, len) = s.regions[region];
+            let n = len.min(left);
+            mem.write_slice(&frame[off..off + n], addr)?;
+            off += n;
+            left -= n;
+            region += 1;
+        }
+        region = end;
+        s.used.push((head, u32::try_from(take).unwrap_or(u32::MAX)));
     }
     // The broken chains skipped on the way are consumed too, returned empty.
-    used.extend_from_slice(&broken);
-    let entries = std::mem::take(used);
-    publish_used(queue, mem, &entries)?;
-    *used = entries;
+    s.used.extend_from_slice(&s.broken);
+    publish_used(queue, mem, &s.used)?;
     Ok(RxOutcome::Delivered(count))
 }

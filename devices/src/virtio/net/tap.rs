@@ -101,6 +101,30 @@ fn ioctl_val(fd: RawFd, op: libc::Ioctl, value: libc::c_ulong) -> io::Result<()>
     }
 }
 
+/// Opens `/dev/net/tun` (non-blocking) and attaches it to TAP `name` (an empty name: a new
+/// interface the kernel names) with a virtio-net header on every frame; the fd and the name
+/// the kernel attached to. `refused` makes the error of a refused attach.
+fn attach(
+    name: &str,
+    refused: impl FnOnce(io::Error) -> TapError,
+) -> Result<(File, String), TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(TUN_PATH)
+        .map_err(TapError::OpenTun)?;
+    let mut req = ifreq_for(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+    ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF, &mut req).map_err(refused)?;
+    let got = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| char::from(c as u8))
+        .collect();
+    Ok((file, got))
+}
+
 /// The index of interface `name` in the calling thread's network namespace, if it exists.
 fn if_index(name: &CString) -> Option<u32> {
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
@@ -120,37 +144,48 @@ impl Tap {
         if if_index(&cname).is_none() {
             return Err(TapError::Missing(name.to_owned()));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(TUN_PATH)
-            .map_err(TapError::OpenTun)?;
-        let mut req = ifreq_for(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
-        if let Err(source) = ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF, &mut req) {
+        let (file, _) = attach(name, |source| {
             let name = name.to_owned();
-            return Err(match source.raw_os_error() {
+            match source.raw_os_error() {
                 Some(libc::EPERM | libc::EACCES | libc::EBUSY) => {
                     TapError::Permission { name, source }
                 }
                 _ => TapError::NotATap { name, source },
-            });
-        }
-        let mut hdr_len = VNET_HDR_LEN as libc::c_int;
-        ioctl_ptr(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &mut hdr_len).map_err(|source| {
-            TapError::Ioctl {
-                op: "TUNSETVNETHDRSZ",
-                name: name.to_owned(),
-                source,
             }
         })?;
         let tap = Self {
             file,
             name: name.to_owned(),
         };
+        tap.set_hdr_len()?;
         // No offloads until the guest negotiates them: the kernel checksums and segments.
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// Creates a TAP of its own, attached to nothing: the kernel names it (`tapN`), it stays
+    /// down, and it vanishes when this fd closes. A device on it is cut off from every network
+    /// (an upgrade's backup VM until it takes over the active VM's TAP).
+    pub fn open_detached() -> Result<Self, TapError> {
+        let (file, name) = attach("", |source| TapError::Permission {
+            name: "(a new detached TAP)".into(),
+            source,
+        })?;
+        let tap = Self { file, name };
+        tap.set_hdr_len()?;
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    fn set_hdr_len(&self) -> Result<(), TapError> {
+        let mut hdr_len = VNET_HDR_LEN as libc::c_int;
+        ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &mut hdr_len).map_err(|source| {
+            TapError::Ioctl {
+                op: "TUNSETVNETHDRSZ",
+                name: self.name.clone(),
+                source,
+            }
+        })
     }
 
     /// The interface name.
@@ -181,6 +216,34 @@ impl Tap {
     /// Writes one frame (header included).
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
         io::Write::write(&mut &self.file, frame)
+    }
+
+    /// Writes one frame (header included) gathered straight from guest memory `slices`,
+    /// without copying it first; `iov` is scratch space.
+    pub fn write_guest<'a, B: vm_memory::bitmap::BitmapSlice + 'a>(
+        &self,
+        slices: impl IntoIterator<Item = vm_memory::VolatileSlice<'a, B>>,
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<usize> {
+        iov.clear();
+        for s in slices {
+            iov.push(libc::iovec {
+                iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: s.len(),
+            });
+        }
+        let count = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let n = if let [one] = iov.as_slice() {
+            // SAFETY: the iovec describes a `VolatileSlice` of guest memory, which stays
+            // mapped for 'a, beyond this call (without vm-memory's `xen` feature a slice's
+            // pointer guard holds no mapping of its own); write only reads that memory.
+            unsafe { libc::write(self.file.as_raw_fd(), one.iov_base, one.iov_len) }
+        } else {
+            // SAFETY: as above, for every iovec; writev only reads that memory.
+            unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) }
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
 
@@ -229,6 +292,29 @@ mod tests {
         let e = Tap::open("mvmm-nope0").unwrap_err();
         assert!(matches!(e, TapError::Missing(_)), "{e}");
         assert!(e.to_string().contains("mvmm-nope0"));
+    }
+
+    #[test]
+    fn a_detached_tap_gets_a_kernel_name_and_vanishes_with_its_fd() {
+        if crate::virtio::testing::net_skip_reason().is_some() {
+            println!("SKIP: a_detached_tap_gets_a_kernel_name_and_vanishes_with_its_fd: no TAPs");
+            return;
+        }
+        let ns = crate::virtio::testing::NetNs::new("detached").unwrap();
+        let guard = ns.enter().unwrap();
+        let tap = Tap::open_detached().unwrap();
+        let name = CString::new(tap.name()).unwrap();
+        assert!(tap.name().starts_with("tap"), "{}", tap.name());
+        assert!(if_index(&name).is_some());
+        // Nothing arrives on it.
+        let mut buf = [0u8; 2048];
+        assert_eq!(
+            tap.read_frame(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        drop(tap);
+        assert!(if_index(&name).is_none(), "removed with its fd");
+        drop(guard);
     }
 
     #[test]

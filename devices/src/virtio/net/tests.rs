@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use virtio_bindings::virtio_net as vn;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::queue_io::{Negotiated, RxOutcome, TxError, deliver_rx, read_tx_chain};
+use super::queue_io::{Negotiated, RxOutcome, RxScratch, TxError, deliver_rx, read_tx_chain};
 use super::*;
 use crate::virtio::testing::{
     AVAIL, DATA, DESC, Driver, NetNs, PacketSocket, USED, memory, net_or_skip, queue,
@@ -230,7 +230,7 @@ fn a_received_frame_spans_mergeable_buffers_published_at_once() {
     let f = frame(1500, 3);
     let mut buf = vec![0u8; 12];
     buf.extend(&f);
-    let out = deliver_rx(&mut q, &mem, &mut buf, true, &mut Vec::new()).unwrap();
+    let out = deliver_rx(&mut q, &mem, &mut buf, true, &mut RxScratch::default()).unwrap();
     assert_eq!(out, RxOutcome::Delivered(2));
     assert_eq!(used_entries(&mem), vec![(0, 1024), (1, 1512 - 1024)]);
     let mut got = vec![0u8; 1512];
@@ -243,7 +243,7 @@ fn a_received_frame_spans_mergeable_buffers_published_at_once() {
     // The next frame starts at the third buffer.
     let mut small = vec![0u8; 12];
     small.extend(frame(60, 4));
-    let out = deliver_rx(&mut q, &mem, &mut small, true, &mut Vec::new()).unwrap();
+    let out = deliver_rx(&mut q, &mem, &mut small, true, &mut RxScratch::default()).unwrap();
     assert_eq!(out, RxOutcome::Delivered(1));
     assert_eq!(used_entries(&mem)[2], (2, 72));
 }
@@ -257,14 +257,14 @@ fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
     rx_buffers(&mem, 1, 1024);
     let mut q = queue();
     assert_eq!(
-        deliver_rx(&mut q, &mem, &mut f, true, &mut Vec::new()).unwrap(),
+        deliver_rx(&mut q, &mem, &mut f, true, &mut RxScratch::default()).unwrap(),
         RxOutcome::NoBuffers
     );
     assert_eq!(q.next_avail(), 0, "nothing consumed");
     assert!(used_entries(&mem).is_empty());
     // Not mergeable: a chain too small for the frame can never take it.
     assert_eq!(
-        deliver_rx(&mut q, &mem, &mut f, false, &mut Vec::new()).unwrap(),
+        deliver_rx(&mut q, &mem, &mut f, false, &mut RxScratch::default()).unwrap(),
         RxOutcome::Dropped
     );
     assert_eq!(q.next_avail(), 0);
@@ -272,7 +272,7 @@ fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
     rx_buffers(&mem, 16, 64);
     let mut q = queue();
     assert_eq!(
-        deliver_rx(&mut q, &mem, &mut f, true, &mut Vec::new()).unwrap(),
+        deliver_rx(&mut q, &mem, &mut f, true, &mut RxScratch::default()).unwrap(),
         RxOutcome::Dropped
     );
     assert_eq!(q.next_avail(), 0);
@@ -283,7 +283,7 @@ fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
     publish(&mem, &[0, 1, 2]);
     let mut q = queue();
     assert_eq!(
-        deliver_rx(&mut q, &mem, &mut f, false, &mut Vec::new()).unwrap(),
+        deliver_rx(&mut q, &mem, &mut f, false, &mut RxScratch::default()).unwrap(),
         RxOutcome::Delivered(1)
     );
     assert_eq!(used_entries(&mem), vec![(2, 1512), (0, 0), (1, 0)]);
@@ -322,10 +322,10 @@ proptest! {
         // Receive: whatever happens, the used ring holds at most the published chains.
         let mut q = queue();
         let mut f = vec![0xa5u8; frame_len];
-        let mut used = Vec::new();
+        let mut scratch = RxScratch::default();
         let mut delivered = 0usize;
         for _ in 0..4 {
-            match deliver_rx(&mut q, &mem, &mut f, mergeable, &mut used) {
+            match deliver_rx(&mut q, &mem, &mut f, mergeable, &mut scratch) {
                 Ok(RxOutcome::Delivered(k)) => delivered += usize::from(k),
                 Ok(_) | Err(_) => break,
             }
@@ -527,7 +527,7 @@ fn a_tap_moves_between_devices_without_reopening() {
     // A transmits into the void now.
     a.transmit(DATA, &frame(80, 1));
     assert_eq!(a.dropped(), 1);
-    let old = hb.attach_tap(moved).unwrap().expect("b had t1");
+    let old = hb.attach_tap(moved).expect("b had t1");
     assert_eq!(old.name(), "t1");
     assert_eq!(hb.tap_name().as_deref(), Some("t0"));
     hb.set_mac(a.handle.mac());
