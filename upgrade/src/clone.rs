@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use vmm::Machine;
-use vmm::config::{ConsoleTarget, VsockConfig};
+use vmm::config::{ConsoleTarget, NetConfig, VsockConfig};
 use vmm::machine::CloneOptions;
 
 use crate::StepError;
@@ -35,6 +35,18 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepE
         .console
         .clone()
         .unwrap_or_else(|| ConsoleTarget::File(s.work.join("backup.console")));
+    // The backup is cut off from the active VM's networks: each NIC gets a TAP of its own,
+    // attached to nothing (and keeps the guest's MAC); it takes over the active VM's TAPs at
+    // the cutover.
+    cfg.net = cfg
+        .net
+        .iter()
+        .map(|n| NetConfig {
+            iface_id: n.iface_id.clone(),
+            host_dev_name: String::new(),
+            guest_mac: None,
+        })
+        .collect();
     let mut opts = CloneOptions::new(cfg);
     opts.disk_dirs = s
         .disks

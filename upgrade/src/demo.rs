@@ -208,14 +208,29 @@ pub struct DemoVm {
 
 /// Boots the `service` guest on a fresh disk in `dir` and waits for its agent.
 pub fn boot(dir: &Path) -> Result<DemoVm, DemoError> {
+    boot_with(dir, Vec::new())
+}
+
+/// Like [`boot`], with network devices `net` as well (the guest does not drive them; they sit
+/// between its disk and its vsock device, whose address it is told).
+pub fn boot_with(dir: &Path, net: Vec<vmm::config::NetConfig>) -> Result<DemoVm, DemoError> {
     let disk =
         service_guest::ServiceVmConfig::create_disk(dir, DISK_SIZE).map_err(setup("disk"))?;
     let uds = dir.join("service.vsock");
-    let cfg = service_guest::ServiceVmConfig::config(&disk, &uds, CID, MEM_MIB);
+    let mut cfg = service_guest::ServiceVmConfig::config(&disk, &uds, CID, MEM_MIB);
+    let slots = 1 + net.len() as u64;
+    cfg.net = net;
     let serial = SharedBuffer::default();
     let mut machine =
         Machine::new(cfg, Some(SerialOutput::Buffer(serial.clone()))).map_err(setup("machine"))?;
     machine.boot().map_err(setup("boot"))?;
+    // The vsock device comes after the disk and the NICs, one MMIO window each.
+    let base = vmm::layout::VIRTIO_MMIO_START + slots * vmm::layout::VIRTIO_MMIO_SIZE;
+    let sym = vmm::guests::TestGuest::by_name(service_guest::GUEST_NAME)
+        .and_then(|g| g.symbol("shared_vsock_base"))
+        .map_err(setup("guest symbols"))?;
+    vm_memory::Bytes::write_obj(machine.memory(), base, vm_memory::GuestAddress(sym))
+        .map_err(setup("guest memory"))?;
     machine.start().map_err(setup("start"))?;
     // The agent answers once the guest has brought its devices up.
     let mut agent = ServiceAgent::connect(

@@ -320,6 +320,8 @@ pub fn run(
         frozen: false,
         resources: Resources::default(),
         resources_at: ResourcesAt::Active,
+        active_paused: false,
+        net_moved: false,
         image: None,
         cutover_start: None,
         gate: Arc::new(CommitGate::default()),
@@ -376,6 +378,6 @@ fn before_commit(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepEr
     move_process::checkpoint(s)?;
     pause::run(s)?;
     move_process::restore(s)?;
-    move_resources::run(s)?;
+    move_resources::run(s, active)?;
     resume::run(s)
 }

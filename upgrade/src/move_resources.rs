@@ -1,7 +1,9 @@
 //! Step 6: move the resources the process holds on the VMM side: the service's vsock
 //! connections (their states and host sockets, nothing reset) and the host listener, so a
-//! client's connection continues on the backup and new clients reach it. (Open files travel in
-//! the workload image; TCP connections through virtio-net move with the guest's network.)
+//! client's connection continues on the backup and new clients reach it; and the active VM's
+//! network: its TAPs (the open fds) and MAC addresses go to the backup's NICs, so the backup
+//! answers on the active VM's links. (Open files and the TCP connections' state travel in the
+//! workload image.)
 
 use vmm::Machine;
 
@@ -51,11 +53,23 @@ pub(crate) fn detach(s: &mut Session<'_>, active: &Machine) -> Result<(), StepEr
     Ok(())
 }
 
-/// Step 6 proper: with the backup paused, its devices take the resources; the cutover limit is
+/// Step 6 proper: with the backup paused, its devices take the resources; with the active VM
+/// paused too (its workload has left it), the backup takes over its TAPs; the cutover limit is
 /// checked last (exceeded: roll back, before the commit point).
-pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
+pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepError> {
     s.enter(Phase::MoveResources)?;
     s.backup()?.pause()?;
+    if !active.nets().is_empty() {
+        active.pause()?;
+        s.active_paused = true;
+        let backup = s
+            .backup
+            .as_mut()
+            .ok_or_else(|| StepError::Internal("no backup VM".into()))?;
+        // The backup's own TAPs (attached to nothing) are closed with the returned handles.
+        backup.take_over_net(active)?;
+        s.net_moved = true;
+    }
     if s.resources_at == ResourcesAt::InTransit {
         let mut res = std::mem::take(&mut s.resources);
         let r = match s.backup.as_ref() {

@@ -37,6 +37,24 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Vec<String> {
             Err(e) => note("giving the resources back to the active VM", &e),
         }
     }
+    // The network goes back to the active VM, which resumes.
+    if s.net_moved
+        && let Some(b) = s.backup.as_mut()
+    {
+        if let Err(e) = b.pause() {
+            note("pausing the backup", &e);
+        }
+        match active.take_over_net(b) {
+            Ok(_) => s.net_moved = false,
+            Err(e) => note("giving the TAPs back to the active VM", &e),
+        }
+    }
+    if s.active_paused {
+        match active.resume() {
+            Ok(()) => s.active_paused = false,
+            Err(e) => note("resuming the active VM", &e),
+        }
+    }
     // The backup goes away first, so the restored copy can never serve.
     if let Some(mut b) = s.backup.take()
         && let Err(e) = b.stop()

@@ -88,6 +88,10 @@ pub(crate) struct Session<'a> {
     pub(crate) frozen: bool,
     pub(crate) resources: Resources,
     pub(crate) resources_at: ResourcesAt,
+    /// The active VM was paused for the network takeover (the rollback resumes it).
+    pub(crate) active_paused: bool,
+    /// The backup holds the active VM's TAPs (the rollback gives them back).
+    pub(crate) net_moved: bool,
     pub(crate) image: Option<WorkloadImage>,
     pub(crate) cutover_start: Option<Instant>,
     pub(crate) gate: Arc<CommitGate>,

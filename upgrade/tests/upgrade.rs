@@ -666,3 +666,79 @@ fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
     let child = block::Delta::open(&paths.active).unwrap();
     assert_eq!(child.parent().path(), orig.as_path());
 }
+
+/// With a NIC on a TAP: the backup is cut off (a TAP of its own, attached to nothing) until the
+/// cutover, where it takes over the active VM's TAP and MAC; a rollback after that gives them
+/// back and the active VM runs on; a completed upgrade leaves the upgraded VM on the TAP.
+#[test]
+fn the_backup_takes_over_the_tap_and_a_rollback_gives_it_back() {
+    use devices::virtio::testing::{NetNs, net_or_skip};
+    let name = "the_backup_takes_over_the_tap_and_a_rollback_gives_it_back";
+    if !vmm::guests::kvm_or_skip(name) || !net_or_skip(name) {
+        return;
+    }
+    let _g = serial();
+    let ns = NetNs::new("upgnet").unwrap();
+    ns.add_tap("tap0", None).unwrap();
+    let _in_ns = ns.enter().unwrap();
+    let mac: devices::virtio::net::MacAddr = "06:00:0a:00:00:02".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nic = vmm::config::NetConfig {
+        iface_id: "eth0".into(),
+        host_dev_name: "tap0".into(),
+        guest_mac: Some(mac),
+    };
+    let mut vm = demo::boot_with(dir.path(), vec![nic]).unwrap();
+    let client = Client::start(&vm.uds, service_guest::DEFAULT_SERVICE_PORT).unwrap();
+    assert!(client.wait_for(30, Duration::from_secs(10)));
+    let on_tap0 = |m: &vmm::Machine| {
+        let n = &m.nets()[0].handle;
+        (n.tap_name(), n.mac())
+    };
+
+    // Failing at the resume, after the takeover: the TAP comes back, the VM runs on.
+    let mut opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    opts.fail_at = Some(Phase::Resume);
+    let plan = demo::plan(&dir.path().join("upgrade1"));
+    let err = upgrade::run(&mut vm.machine, &plan, &opts).unwrap_err();
+    match &err {
+        UpgradeError::Failed {
+            phase: Phase::Resume,
+            rolled_back: true,
+            rollback_errors,
+            ..
+        } => assert!(rollback_errors.is_empty(), "{rollback_errors:?}"),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(on_tap0(&vm.machine), (Some("tap0".into()), mac));
+    assert_eq!(vm.machine.state(), vmm::machine::VmState::Running);
+    let n = client.answered();
+    assert!(client.wait_for(n + 30, Duration::from_secs(10)));
+
+    // A completed upgrade: the upgraded VM holds the TAP and the MAC.
+    let opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    let plan = demo::plan(&dir.path().join("upgrade2"));
+    let report = upgrade::run(&mut vm.machine, &plan, &opts).unwrap();
+    assert_eq!(on_tap0(&vm.machine), (Some("tap0".into()), mac));
+    assert_eq!(
+        report.disks,
+        vec![dir.path().join("upgrade2").join("disk0-merged")]
+    );
+    let n = client.answered();
+    assert!(client.wait_for(n + 30, Duration::from_secs(10)));
+    let (stats, _) = client.finish();
+    assert_eq!(
+        (stats.errors, stats.out_of_order),
+        (0, 0),
+        "{}",
+        stats.line()
+    );
+    // The backup's own TAPs are gone with it: only tap0 is left in the namespace.
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(links.lines().count(), 2, "lo and tap0 only: {links}");
+    demo::finish(&mut vm.machine).unwrap();
+}
