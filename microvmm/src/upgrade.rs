@@ -20,8 +20,9 @@ pub struct UpgradeArgs {
     /// Keep the demo's files in this directory (default: a temporary directory, removed).
     #[arg(long, conflicts_with = "recover")]
     dir: Option<PathBuf>,
-    /// Upgrade the demo VM with this plan (JSON; see `microvmm upgrade --print-plan`) instead
-    /// of the built-in one. Its `work_dir`, if absent, is `<dir>/upgrade`.
+    /// Upgrade the demo VM with this plan (JSON, or TOML when the name ends in `.toml`; see
+    /// `microvmm upgrade --print-plan`) instead of the built-in one. Its `work_dir`, if absent,
+    /// is `<dir>/upgrade`.
     #[arg(long, conflicts_with = "recover")]
     plan: Option<PathBuf>,
     /// Print the demo's built-in plan as JSON (a starting point for --plan) and exit.

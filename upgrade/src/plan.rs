@@ -22,7 +22,7 @@ pub enum PlanError {
         #[source]
         source: std::io::Error,
     },
-    /// The JSON does not parse or has an unknown/mistyped field (serde names it).
+    /// The JSON or TOML does not parse or has an unknown/mistyped field (serde names it).
     #[error("plan {path}: {message}")]
     Parse {
         /// The file (or `<inline>`).
@@ -275,13 +275,29 @@ pub struct UpgradePlan {
 }
 
 impl UpgradePlan {
-    /// Reads a plan from a JSON file.
+    /// Reads a plan from a file: TOML if its name ends in `.toml`, JSON otherwise.
     pub fn load(path: &Path) -> Result<Self, PlanError> {
         let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_json(&text, path)
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"))
+        {
+            Self::from_toml(&text, path)
+        } else {
+            Self::from_json(&text, path)
+        }
+    }
+
+    /// Parses a plan from TOML text (the same fields as the JSON form; `origin` names it in
+    /// errors).
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, PlanError> {
+        toml::from_str(text).map_err(|e| PlanError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Parses a plan from JSON text (`origin` names it in errors).
@@ -423,5 +439,36 @@ impl DiskPlan {
             MergePolicy::PreferActive => Policy::PreferActive,
             MergePolicy::PreferUpgrade => Policy::PreferUpgrade,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_plan_reads_like_its_json_form_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::demo::plan(&dir.path().join("work"));
+        let toml_text = toml::to_string(&plan).unwrap();
+        let p = dir.path().join("plan.toml");
+        std::fs::write(&p, &toml_text).unwrap();
+        let back = UpgradePlan::load(&p).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&plan).unwrap()
+        );
+        // The same file under a .json name is read as JSON, and refused.
+        let j = dir.path().join("plan.json");
+        std::fs::write(&j, &toml_text).unwrap();
+        assert!(matches!(
+            UpgradePlan::load(&j),
+            Err(PlanError::Parse { .. })
+        ));
+        // An unknown field is named, with where it is.
+        let bad = format!("{toml_text}\n[limits2]\nmax_cutover_ms = 5\n");
+        std::fs::write(&p, bad).unwrap();
+        let e = UpgradePlan::load(&p).unwrap_err().to_string();
+        assert!(e.contains("limits2") && e.contains("plan.toml"), "{e}");
     }
 }
