@@ -373,6 +373,12 @@ fn instance(shared: &Shared) -> Value {
             "size": d.layer.size(),
             "chain": chain(&d.layer),
         })).collect::<Vec<_>>(),
+        // The TAP each NIC is on now (an upgraded VM is on its predecessor's).
+        "net": m.nets().iter().map(|n| json!({
+            "iface_id": n.iface_id,
+            "host_dev_name": n.handle.tap_name(),
+            "guest_mac": n.handle.mac(),
+        })).collect::<Vec<_>>(),
         "upgrade": up,
     })
 }

@@ -161,3 +161,48 @@ fn net_configuration_errors_come_before_the_vm() {
         "{err}"
     );
 }
+
+#[test]
+fn the_api_shows_each_nic_with_its_tap_and_mac() {
+    let name = "the_api_shows_each_nic_with_its_tap_and_mac";
+    if skip(name) || Command::new("curl").arg("-V").output().is_err() {
+        return;
+    }
+    let ns = NetNs::new("netapi").unwrap();
+    ns.add_tap("tap0", Some("10.0.0.1/24")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let mut vm = ns
+        .command(BIN)
+        .args(["run", "--test-guest", "virtio_net", "--console", "null"])
+        .args(["--net", &format!("id=uplink,tap=tap0,mac={MAC}")])
+        .arg("--api-socket")
+        .arg(&api)
+        .spawn()
+        .unwrap();
+    let get = || {
+        Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&api)
+            .arg("http://localhost/")
+            .output()
+            .unwrap()
+    };
+    let t = Instant::now();
+    let body = loop {
+        let out = get();
+        if out.status.success() && !out.stdout.is_empty() {
+            break text(&out.stdout);
+        }
+        assert!(t.elapsed().as_secs() < 30, "the API never answered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["net"],
+        serde_json::json!([{"iface_id": "uplink", "host_dev_name": "tap0", "guest_mac": MAC}]),
+        "{body}"
+    );
+    vm.kill().unwrap();
+    vm.wait().unwrap();
+}
