@@ -173,6 +173,27 @@ impl Driver {
         self.wait_used(q, n)
     }
 
+    /// Like [`Driver::wait_used`], but `None` if they do not come within `limit`.
+    pub fn wait_used_timeout(
+        &mut self,
+        q: usize,
+        n: u16,
+        limit: Duration,
+    ) -> Option<Vec<(u32, u32)>> {
+        let used = qbase(q) + USED;
+        let deadline = Instant::now() + limit;
+        loop {
+            let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            if used_idx.wrapping_sub(self.used_seen[q]) >= n {
+                return Some(self.wait_used(q, n));
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits (bounded) for `n` more used buffers on queue `q` without notifying.
     pub fn wait_used(&mut self, q: usize, n: u16) -> Vec<(u32, u32)> {
         let used = qbase(q) + USED;
