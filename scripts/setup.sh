@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need. Each setup.d script may add its own.
-PKGS=(build-essential binutils iproute2 iputils-ping)
+PKGS=(build-essential binutils iproute2 iputils-ping ethtool)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -151,6 +151,10 @@ struct Shared {
     interrupt: Mutex<Option<Interrupt>>,
     /// Features the driver accepted at the last activation.
     acked: AtomicU64,
+    /// The TAP's offloads must be set again (a new TAP, or a new activation): done by the worker,
+    /// so that no other thread (a vCPU's activating MMIO write, an upgrade's takeover) makes
+    /// TAP ioctls.
+    retune: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -160,9 +164,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Errors of the network device's host side.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// Setting the TAP's offloads failed.
-    #[error(transparent)]
-    Tap(#[from] tap::TapError),
     /// Creating the wake-up eventfd failed.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -206,15 +207,12 @@ impl NetHandle {
         tap
     }
 
-    /// Attaches `tap` (with the offloads this device's driver negotiated) and returns the
-    /// previous one. A TAP that refuses the offloads stays attached without them (the guest
+    /// Attaches `tap` and returns the previous one. The device's worker sets the offloads its
+    /// driver negotiated on it (a TAP that refuses them stays attached without them: the guest
     /// then gets checksummed, segmented frames, which it always accepts).
     pub fn attach_tap(&self, tap: Tap) -> Option<Tap> {
-        let acked = self.shared.acked.load(Ordering::SeqCst);
-        if let Err(e) = tap.set_offload(tap::offload_for_features(acked)) {
-            tracing::warn!(error = %e, "virtio-net: offloads not set on the attached TAP");
-        }
         let old = lock(&self.shared.tap).replace(tap);
+        self.shared.retune.store(true, Ordering::SeqCst);
         // A full eventfd counter is the only failure: the worker is then awake anyway.
         let _ = self.shared.wake.write(1);
         old
@@ -276,6 +274,7 @@ impl Net {
                 wake: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
                 interrupt: Mutex::new(None),
                 acked: AtomicU64::new(0),
+                retune: std::sync::atomic::AtomicBool::new(false),
             }),
             features: offered_features(),
             worker: None,
@@ -338,13 +337,7 @@ impl VirtioDevice for Net {
             });
         }
         self.shared.acked.store(acked_features, Ordering::SeqCst);
-        if let Some(t) = lock(&self.shared.tap).as_ref() {
-            // An offload the TAP refuses (an old kernel) is only a slower path: the guest then
-            // gets checksummed, segmented frames, which it accepts whatever it negotiated.
-            if let Err(e) = t.set_offload(tap::offload_for_features(acked_features)) {
-                tracing::warn!(error = %e, "virtio-net: offloads not set");
-            }
-        }
+        self.shared.retune.store(true, Ordering::SeqCst);
         *lock(&self.shared.interrupt) = Some(interrupt.clone());
         let ctx = WorkerCtx {
             mem,
@@ -408,6 +401,16 @@ fn worker(ctx: &WorkerCtx, rx_evt: &EventFd, tx_evt: &EventFd, kill: &EventFd) {
         revents: 0,
     }; 5];
     loop {
+        if ctx.shared.retune.swap(false, Ordering::SeqCst)
+            && let Some(t) = lock(&ctx.shared.tap).as_ref()
+        {
+            let acked = ctx.shared.acked.load(Ordering::SeqCst);
+            // An offload the TAP refuses (an old kernel) is only a slower path: the guest then
+            // gets checksummed, segmented frames, which it accepts whatever it negotiated.
+            if let Err(e) = t.set_offload(tap::offload_for_features(acked)) {
+                tracing::warn!(error = %e, "virtio-net: offloads not set");
+            }
+        }
         let tap_fd = lock(&ctx.shared.tap).as_ref().map(AsRawFd::as_raw_fd);
         for (slot, fd) in fds.iter_mut().zip([
             kill.as_raw_fd(),

@@ -608,3 +608,53 @@ fn a_frame_longer_than_the_buffers_taken_waits_for_more_and_arrives_whole() {
     assert_eq!(&back[12..], &big[..]);
     assert_eq!(r.dropped(), 0);
 }
+
+/// `ethtool -k` of `iface` in `ns`: the feature lines, e.g. "tx-checksumming: on".
+fn offloads(ns: &NetNs, iface: &str) -> String {
+    let out = ns
+        .command("ethtool")
+        .args(["-k", iface])
+        .output()
+        .expect("ethtool (scripts/setup.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn negotiated_receive_offloads_are_set_on_the_tap_and_follow_it_to_another_device() {
+    let name = "negotiated_receive_offloads_are_set_on_the_tap_and_follow_it_to_another_device";
+    if !net_or_skip(name) {
+        return;
+    }
+    let on = |text: &str, feature: &str| text.contains(&format!("{feature}: on"));
+    // A driver that takes checksum and TSO offloads: set by the device's worker.
+    let r = rig(
+        "offload",
+        &[
+            vn::VIRTIO_NET_F_GUEST_CSUM,
+            vn::VIRTIO_NET_F_GUEST_TSO4,
+            vn::VIRTIO_NET_F_MRG_RXBUF,
+        ],
+    );
+    let t = std::time::Instant::now();
+    while !on(&offloads(&r.ns, "t0"), "tcp-segmentation-offload") {
+        assert!(t.elapsed() < WAIT, "{}", offloads(&r.ns, "t0"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(on(&offloads(&r.ns, "t0"), "tx-checksumming"));
+    // Moved to a device whose driver took none: they are cleared.
+    r.ns.add_tap("t1", None).unwrap();
+    let net_b = Net::new(Tap::open("t1").unwrap(), MacAddr::random_local()).unwrap();
+    let hb = net_b.handle();
+    let mut b = Driver::new(Box::new(net_b));
+    assert_eq!(
+        b.init(features(&[vn::VIRTIO_NET_F_MRG_RXBUF]), 2) & 0xf,
+        0xf
+    );
+    hb.attach_tap(r.handle.take_tap().unwrap());
+    let t = std::time::Instant::now();
+    while on(&offloads(&r.ns, "t0"), "tcp-segmentation-offload") {
+        assert!(t.elapsed() < WAIT, "{}", offloads(&r.ns, "t0"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!on(&offloads(&r.ns, "t0"), "tx-checksumming"));
+}
