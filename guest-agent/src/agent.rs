@@ -277,6 +277,10 @@ impl Agent {
                 self.release()?;
                 Response::Ok
             }
+            Request::Discard => {
+                self.discard()?;
+                Response::Ok
+            }
             Request::Rollback => {
                 let mut st = self.lock();
                 Response::RolledBack {
@@ -324,6 +328,34 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Kills the supervised application's process tree (on a clone of the VM), drops its service
+    /// address and forgets it.
+    fn discard(&self) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        let Some(w) = st.workload.take() else {
+            return Ok(());
+        };
+        if let Phase::Running { pid } = w.phase {
+            let tree = sys::process_tree(pid);
+            for &p in &tree {
+                sys::kill(p);
+            }
+            let end = std::time::Instant::now() + Duration::from_secs(10);
+            while tree.iter().any(|&p| sys::alive(p)) {
+                if std::time::Instant::now() > end {
+                    st.workload = Some(w);
+                    return Err(bad(format!("the tree of pid {pid} outlived SIGKILL")));
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if let Some(svc) = &w.spec.service {
+            net::addr_del(svc)?;
+        }
+        self.persist(&st);
+        Ok(())
     }
 
     fn start(&self, spec: WorkloadSpec) -> Result<u32, AgentError> {

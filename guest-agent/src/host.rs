@@ -220,6 +220,12 @@ impl AgentClient {
         self.call_ok(&Request::Release)
     }
 
+    /// On a clone of the VM: kills this agent's copy of the application and forgets it (see
+    /// [`Request::Discard`]).
+    pub fn discard(&mut self) -> Result<(), HostError> {
+        self.call_ok(&Request::Discard)
+    }
+
     /// Resumes the application here after a failed handoff; returns its PID.
     pub fn rollback(&mut self) -> Result<u32, HostError> {
         match self.call(&Request::Rollback)? {

@@ -375,6 +375,11 @@ pub enum Request {
     Release,
     /// After a failed handoff: resume the application on the source.
     Rollback,
+    /// On a clone of the VM (an upgrade's backup, whose copy of the application must not run
+    /// beside the one to be restored there): kill the application's whole process tree, drop
+    /// its service address, forget it. Nothing to discard is fine; answered with
+    /// [`Response::Ok`].
+    Discard,
     /// Target, after a failed page-server handoff: stream back the images of the last restore
     /// (they hold the pages the source no longer has), as [`Response::File`] items then
     /// [`Response::FetchDone`].

@@ -153,6 +153,17 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Sends SIGKILL to process (or thread) `pid`; one already gone is fine.
+pub fn kill(pid: u32) {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill has no memory arguments; a PID that no longer exists gives ESRCH.
+    unsafe {
+        libc::kill(p, libc::SIGKILL);
+    }
+}
+
 /// All PIDs and TIDs of the process tree rooted at `root` (from /proc/*/task/*/children).
 pub fn process_tree(root: u32) -> Vec<u32> {
     let mut out = Vec::new();

@@ -67,18 +67,36 @@ fn ping_and_exec_stream_output_and_status() {
     c.ping().unwrap();
 }
 
-#[test]
-fn workload_start_status_and_bad_state_requests() {
-    let (ep, _d) = start_agent();
-    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
-    let spec = WorkloadSpec {
+/// A workload of three tasks: a shell and two sleeps.
+fn sleeper_tree() -> WorkloadSpec {
+    WorkloadSpec {
         argv: vec!["sh".into(), "-c".into(), "sleep 30 & sleep 30; wait".into()],
         cwd: None,
         env: vec![],
         data_files: vec![],
         pid_base: None,
         service: None,
-    };
+    }
+}
+
+/// The supervised tree once it has at least `n` tasks (up to 2.5 s).
+fn wait_tree(c: &mut AgentClient, n: usize) -> Vec<u32> {
+    let mut tree = vec![];
+    for _ in 0..50 {
+        tree = c.status().unwrap().1;
+        if tree.len() >= n {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    tree
+}
+
+#[test]
+fn workload_start_status_and_bad_state_requests() {
+    let (ep, _d) = start_agent();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    let spec = sleeper_tree();
     let pid = c.start(&spec).unwrap();
     // Own session: the workload is a session leader.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -89,14 +107,7 @@ fn workload_start_status_and_bad_state_requests() {
         .split_whitespace()
         .collect();
     assert_eq!(fields[3], pid.to_string(), "session id of {pid}: {stat}");
-    let mut tree = vec![];
-    for _ in 0..50 {
-        tree = c.status().unwrap().1;
-        if tree.len() >= 3 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let tree = wait_tree(&mut c, 3);
     assert!(tree.len() >= 3 && tree.contains(&pid), "{tree:?}");
     let e = c.start(&spec).unwrap_err();
     assert!(
@@ -342,4 +353,34 @@ fn host_reaches_an_agent_through_a_vmm_vsock_socket_and_reconnects() {
     assert!(AgentClient::connect(&other, Duration::from_secs(2)).is_err());
     // And the listen side is refused: agents listen on vsock:PORT.
     assert!(transport::listen(&ep).is_err());
+}
+
+/// `discard` (on a clone of the VM): the whole tree is killed, the agent forgets it and can
+/// start (or restore) another; with nothing to discard it is a no-op.
+#[test]
+fn discard_kills_the_supervised_tree_and_forgets_it() {
+    let (ep, _d) = start_agent();
+    let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+    c.discard().unwrap();
+    let spec = sleeper_tree();
+    let pid = c.start(&spec).unwrap();
+    let tree = wait_tree(&mut c, 3);
+    assert!(tree.len() >= 3 && tree.contains(&pid), "{tree:?}");
+    c.discard().unwrap();
+    for p in &tree {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().chars().next());
+        assert!(
+            matches!(state, None | Some(Some('Z'))),
+            "task {p} of the discarded tree lives on: {stat}"
+        );
+    }
+    let (pid_now, tree_now) = c.status().unwrap();
+    assert!(pid_now.is_none() && tree_now.is_empty());
+    // Forgotten: a new workload may start.
+    let pid2 = c.start(&spec).unwrap();
+    assert_ne!(pid2, 0);
+    c.discard().unwrap();
 }

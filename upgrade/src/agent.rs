@@ -65,6 +65,13 @@ pub trait GuestAgent: Send {
     fn rollback(&mut self) -> Result<(), AgentError>;
     /// A one-line status, for logs and checks.
     fn status(&mut self) -> Result<String, AgentError>;
+    /// On the backup, right after the clone: stops its copy of the workload, which must not run
+    /// beside the one restored there (a Linux guest's agent kills it; the default does nothing,
+    /// for guests whose copy stands by by itself, as the `service` guest's after its vsock
+    /// transport reset).
+    fn discard(&mut self) -> Result<(), AgentError> {
+        Ok(())
+    }
 }
 
 /// Makes agent connections.

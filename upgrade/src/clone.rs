@@ -77,6 +77,8 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepE
         .ok_or_else(|| StepError::Internal("backup without vsock".into()))?;
     let agent = connect(s, Role::Backup, uds)?;
     s.backup_agent = Some(agent);
+    // The backup's copy of the workload must not run beside the one restored there later.
+    s.backup_agent()?.discard()?;
     Ok(())
 }
 

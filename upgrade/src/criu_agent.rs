@@ -121,6 +121,9 @@ impl GuestAgent for CriuAgent {
         self.with_timeout(CRIU_LIMIT, AgentClient::rollback)
             .map(|_| ())
     }
+    fn discard(&mut self) -> Result<(), AgentError> {
+        self.client.discard().map_err(map)
+    }
     fn status(&mut self) -> Result<String, AgentError> {
         let (pid, tree) = self.client.status().map_err(map)?;
         Ok(format!("pid {pid:?}, {} tasks", tree.len()))

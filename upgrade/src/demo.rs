@@ -252,6 +252,8 @@ pub fn boot_with(dir: &Path, net: Vec<vmm::config::NetConfig>) -> Result<DemoVm,
 /// the log region by the active VM, the service's vsock port moved.
 pub fn plan(work_dir: &Path) -> UpgradePlan {
     UpgradePlan {
+        prepare_commands: Vec::new(),
+        cutover_commands: Vec::new(),
         commands: vec![Command {
             argv: vec!["upgrade".into()],
             timeout_ms: 30_000,

@@ -30,9 +30,12 @@ pub(crate) fn checkpoint(s: &mut Session<'_>) -> Result<(), StepError> {
     crate::merge::final_catch_up(s)
 }
 
-/// Restores the workload in the backup.
+/// Runs the plan's cutover commands in the backup (it has the merged disks), then restores the
+/// workload there.
 pub(crate) fn restore(s: &mut Session<'_>) -> Result<(), StepError> {
     s.enter(Phase::MoveProcess)?;
+    let plan = s.plan;
+    crate::upgrade_backup::run_commands(s, &plan.cutover_commands)?;
     let image = s
         .image
         .take()

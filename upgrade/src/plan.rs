@@ -251,10 +251,20 @@ pub struct Restart {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpgradePlan {
+    /// Commands the backup runs first, right after the clone (its copy of the workload already
+    /// stopped), before the upgrade: e.g. unmount what the active side owns, so the backup does
+    /// not write it before the cutover. A non-zero exit or timeout rolls the upgrade back.
+    #[serde(default)]
+    pub prepare_commands: Vec<Command>,
     /// Commands the backup runs in order (the OS upgrade); any non-zero exit or timeout rolls
     /// the upgrade back.
     #[serde(default)]
     pub commands: Vec<Command>,
+    /// Commands the backup runs in the cutover, once it has the merged disks and before the
+    /// workload is restored there: e.g. mount the volume the active side owned. They count in
+    /// the client gap. A non-zero exit or timeout rolls the upgrade back.
+    #[serde(default)]
+    pub cutover_commands: Vec<Command>,
     /// Restart the backup into a new kernel after the commands.
     #[serde(default)]
     pub restart: Option<Restart>,
@@ -327,12 +337,18 @@ impl UpgradePlan {
             d.policy_for(attached.layer.size())
                 .map_err(|(f, r)| field(format!("disks[{i}].{f}"), r))?;
         }
-        for (i, c) in self.commands.iter().enumerate() {
-            if c.argv.is_empty() || c.argv[0].is_empty() {
-                return Err(field(format!("commands[{i}].argv"), "empty command"));
-            }
-            if c.timeout_ms == 0 {
-                return Err(field(format!("commands[{i}].timeout_ms"), "must be > 0"));
+        for (name, list) in [
+            ("prepare_commands", &self.prepare_commands),
+            ("commands", &self.commands),
+            ("cutover_commands", &self.cutover_commands),
+        ] {
+            for (i, c) in list.iter().enumerate() {
+                if c.argv.is_empty() || c.argv[0].is_empty() {
+                    return Err(field(format!("{name}[{i}].argv"), "empty command"));
+                }
+                if c.timeout_ms == 0 {
+                    return Err(field(format!("{name}[{i}].timeout_ms"), "must be > 0"));
+                }
             }
         }
         if let Some(r) = &self.restart {

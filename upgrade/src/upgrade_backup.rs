@@ -14,7 +14,21 @@ use crate::session::Session;
 
 pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
     s.enter(Phase::UpgradeBackup)?;
-    for c in &s.plan.commands {
+    let plan = s.plan;
+    run_commands(s, &plan.prepare_commands)?;
+    run_commands(s, &plan.commands)?;
+    if let Some(r) = &plan.restart {
+        restart(s, r)?;
+    }
+    Ok(())
+}
+
+/// Runs `commands` in the backup in order; a non-zero exit or a timeout is an error.
+pub(crate) fn run_commands(
+    s: &mut Session<'_>,
+    commands: &[crate::plan::Command],
+) -> Result<(), StepError> {
+    for c in commands {
         let timeout = Duration::from_millis(c.timeout_ms);
         tracing::info!(argv = ?c.argv, "running in the backup");
         let code = match s.backup_agent()?.exec(&c.argv, timeout) {
@@ -33,9 +47,6 @@ pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
                 code,
             });
         }
-    }
-    if let Some(r) = &s.plan.restart {
-        restart(s, r)?;
     }
     Ok(())
 }

@@ -306,6 +306,27 @@ fn a_failing_backup_command_rolls_back() {
 }
 
 #[test]
+fn a_failing_prepare_command_rolls_back_before_the_upgrade_runs() {
+    rolls_back("prepare_fails", Phase::UpgradeBackup, |_, p, _| {
+        let mut c = p.commands[0].clone();
+        c.argv = vec!["false".into()];
+        p.prepare_commands = vec![c];
+    });
+}
+
+#[test]
+fn a_failing_cutover_command_rolls_back_after_the_disk_swap() {
+    rolls_back("cutover_command_fails", Phase::MoveProcess, |_, p, _| {
+        let mut c = p.commands[0].clone();
+        c.argv = vec!["false".into()];
+        // A command that succeeds first: the list runs in order, in the backup.
+        let mut ok = p.commands[0].clone();
+        ok.argv = vec!["true".into()];
+        p.cutover_commands = vec![ok, c];
+    });
+}
+
+#[test]
 fn a_backup_command_past_its_timeout_rolls_back() {
     rolls_back("command_times_out", Phase::UpgradeBackup, |_, p, _| {
         p.commands[0].argv = vec!["sleep".into(), "5000".into()];
@@ -370,6 +391,14 @@ fn invalid_plans_are_refused_with_the_field_named() {
             Box::new(|p| p.disks[0].ownership[0].len = Some(upgrade::plan::Size(1000))),
         ),
         ("commands[0].argv", Box::new(|p| p.commands[0].argv.clear())),
+        (
+            "cutover_commands[0].timeout_ms",
+            Box::new(|p| {
+                let mut c = p.commands[0].clone();
+                c.timeout_ms = 0;
+                p.cutover_commands = vec![c];
+            }),
+        ),
         (
             "limits.max_cutover_ms",
             Box::new(|p| p.limits.max_cutover_ms = 0),
