@@ -342,7 +342,7 @@ impl Agent {
             for &p in &tree {
                 sys::kill(p);
             }
-            let end = std::time::Instant::now() + Duration::from_secs(10);
+            let end = std::time::Instant::now() + Duration::from_secs(60);
             while tree.iter().any(|&p| sys::alive(p)) {
                 if std::time::Instant::now() > end {
                     st.workload = Some(w);

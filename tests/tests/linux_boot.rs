@@ -538,6 +538,161 @@ fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
     vm.machine.stop().unwrap();
 }
 
+/// With hardware KVM: a live upgrade of the full Debian guest (one root volume owned by the
+/// upgrade) while a host client keeps a TCP connection to the Java demo service over
+/// virtio-net: the backup is cloned, upgraded (a stamp file), the service moved with CRIU
+/// (its connection included), the TAP taken over; the client's connection goes on.
+#[test]
+fn linux_upgrade_keeps_a_java_clients_connection_on_hardware_kvm() {
+    use devices::virtio::testing::{NetNs, net_or_skip};
+    use std::io::{BufRead, Write};
+    let test = "linux_upgrade_keeps_a_java_clients_connection_on_hardware_kvm";
+    if !hardware_kvm_or_skip(test) || !net_or_skip(test) {
+        return;
+    }
+    let ns = NetNs::new("upg").unwrap();
+    ns.add_tap("tap0", Some("10.0.0.1/24")).unwrap();
+    let _in_ns = ns.enter().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, uds) = full_guest_vm(
+        dir.path(),
+        vec![vmm::config::NetConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some("06:00:0a:00:00:02".parse().unwrap()),
+        }],
+    );
+    let stream = agent_stream(&vm, &uds);
+    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
+    let out = agent
+        .exec(
+            &[
+                "sh",
+                "-c",
+                "ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && \
+               ip addr add 10.0.0.10/32 dev eth0 && mkdir -p /var/lib/demo",
+            ],
+            Some(Duration::from_secs(60)),
+        )
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let spec = guest_agent::protocol::WorkloadSpec {
+        argv: [
+            "java",
+            "-XX:-UsePerfData",
+            "-Xmx64m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            "/opt/demo",
+            "EchoLog",
+            "7000",
+            "/var/lib/demo/requests.log",
+        ]
+        .map(String::from)
+        .to_vec(),
+        cwd: None,
+        env: vec![],
+        data_files: vec!["/var/lib/demo/requests.log".into()],
+        pid_base: Some(20000),
+        service: Some(guest_agent::protocol::ServiceAddr {
+            ip: "10.0.0.10".parse().unwrap(),
+            prefix: 32,
+            dev: "eth0".into(),
+        }),
+    };
+    agent.start(&spec).expect("start the Java service");
+    drop(agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let conn = loop {
+        match std::net::TcpStream::connect_timeout(
+            &"10.0.0.10:7000".parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "no service: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    // The client: one request every 100 ms on the one connection, each reply checked.
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let client = std::thread::spawn(move || -> Result<(usize, Duration), String> {
+        let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+        let mut r = std::io::BufReader::new(conn);
+        let (mut n, mut offset, mut gap) = (0usize, 0usize, Duration::ZERO);
+        let mut last = std::time::Instant::now();
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let line = format!("request-{n}");
+            w.write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| format!("{n}: {e}"))?;
+            let mut reply = String::new();
+            r.read_line(&mut reply).map_err(|e| format!("{n}: {e}"))?;
+            offset += line.len() + 1;
+            let want = format!("{line} g1 {offset}\n");
+            if reply != want {
+                return Err(format!("reply {n}: {reply:?}, want {want:?}"));
+            }
+            gap = gap.max(last.elapsed());
+            last = std::time::Instant::now();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((n, gap))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let plan: upgrade::UpgradePlan = serde_json::from_value(serde_json::json!({
+        "commands": [{"argv": ["sh", "-c", "echo v2 > /etc/microvmm-os-version && sync"],
+                      "timeout_ms": 120000}],
+        "disks": [{"ownership": [{"owner": "upgrade"}]}],
+        "workload": {"agent_port": 1024, "service": "10.0.0.10:7000"},
+        "limits": {"max_cutover_ms": 120000, "agent_timeout_ms": 120000},
+        "work_dir": dir.path().join("upgrade"),
+    }))
+    .unwrap();
+    let opts =
+        upgrade::UpgradeOptions::new(Arc::new(upgrade::criu_agent::CriuConnector::default()));
+    let report = upgrade::run(&mut vm.machine, &plan, &opts);
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let console = std::fs::read_to_string(dir.path().join("upgrade/backup.console"))
+                .unwrap_or_default();
+            let tail: String = console
+                .chars()
+                .rev()
+                .take(3000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!("upgrade failed: {e:?}\nbackup console tail:\n{tail}");
+        }
+    };
+    println!("{}", report.table());
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, gap) = client.join().unwrap().unwrap();
+    println!("{test}: {n} requests answered on one connection, longest gap {gap:?}");
+    assert!(n >= 40, "{n} requests");
+    // The VM now serving is the upgraded one (its agent on the backup's vsock socket).
+    let uds = vm.machine.config().vsock.as_ref().unwrap().uds_path.clone();
+    let stream = agent_stream(&vm, &uds);
+    let mut agent = guest_agent::host::AgentClient::from_connection(Box::new(stream));
+    let out = agent
+        .exec(
+            &["cat", "/etc/microvmm-os-version"],
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+    assert_eq!(out.stdout, "v2\n");
+    vm.machine.stop().unwrap();
+}
+
 /// QEMU's boot of the minimal image: time from starting `qemu` with `accel` (`kvm` or `tcg`) to
 /// the init banner on its serial console, or `None` after `limit`. The same kernel, initramfs,
 /// command line, RAM and vCPUs as ours; QEMU's default PC machine (SeaBIOS, then the kernel).

@@ -122,7 +122,8 @@ impl GuestAgent for CriuAgent {
             .map(|_| ())
     }
     fn discard(&mut self) -> Result<(), AgentError> {
-        self.client.discard().map_err(map)
+        // Killing a JVM's tree and waiting for it takes seconds in a slow guest.
+        self.with_timeout(CRIU_LIMIT, AgentClient::discard)
     }
     fn status(&mut self) -> Result<String, AgentError> {
         let (pid, tree) = self.client.status().map_err(map)?;
