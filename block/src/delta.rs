@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentKind, ExtentMap};
-use crate::journal::{JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
-use crate::journal::{JournalError, MAX_SEQ};
+use crate::journal::{FLUSH_CHECKPOINT, JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
+use crate::journal::{JournalError, MAX_SEQ, RECORD_SIZE};
 use crate::layer::{Chain, Layer};
 use crate::meta::{self, Identity, LayerKind};
 use crate::{BLOCK_SIZE, check_io};
@@ -19,6 +19,13 @@ use crate::{BLOCK_SIZE, check_io};
 const DELTA_FORMAT: &str = "microvmm-delta";
 /// A writable open compacts a journal with more records than this (and 4x its extents).
 const AUTO_COMPACT_RECORDS: u64 = 1 << 16;
+/// A flush whose writes hold at most this many bytes carries them in the journal (one append,
+/// one fdatasync); a larger one syncs the data file first (two fdatasyncs, no data copied).
+pub const INLINE_FLUSH_BYTES: u64 = 512 << 10;
+/// Data carried in the journal is not needed any more once the data file is synced: a journal
+/// grown past this (or 8x the size of its compacted form, if larger) gets a flush that syncs
+/// the data file and then is compacted.
+const INLINE_JOURNAL_BUDGET: u64 = 64 << 20;
 /// File names inside a delta directory.
 pub const META_FILE: &str = "meta";
 /// The sparse data file.
@@ -81,6 +88,9 @@ struct WriteState {
     /// Runs after the next flush made everything durable and before that flush returns
     /// ([`Delta::set_flush_hook`]); dropped once it succeeded.
     flush_hook: Option<FlushHook>,
+    /// The journal holds batches with their data after its last checkpoint: the data file
+    /// must be synced before that data may be dropped (compaction).
+    data_in_journal: bool,
 }
 
 /// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
@@ -190,7 +200,7 @@ impl Delta {
         if !records.is_empty() {
             let mut all = records.to_vec();
             let seq = records.last().map_or(0, |r| r.seq) + 1;
-            all.push(Record::new(RecordKind::Flush, seq, 0, 0));
+            all.push(Self::flush_record(seq, journal.len(), true));
             journal.append(&all).map_err(jerr)?;
         }
         meta::write(&dir.join(META_FILE), meta)?;
@@ -199,6 +209,16 @@ impl Delta {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         crate::sys::sync_dir(up).map_err(BlockError::io("sync", up))
+    }
+
+    /// A FLUSH record committing the batch appended at journal offset `batch_start`;
+    /// `checkpoint` if the data file was synced before it.
+    fn flush_record(seq: u64, batch_start: u64, checkpoint: bool) -> Record {
+        let mut r = Record::new(RecordKind::Flush, seq, batch_start, 0);
+        if checkpoint {
+            r.aux = FLUSH_CHECKPOINT;
+        }
+        r
     }
 
     /// The journal's first record for a delta of `size` bytes with id `id`.
@@ -315,9 +335,17 @@ impl Delta {
         let mut index = ExtentMap::new();
         let mut frozen_seq = None;
         let mut last = 0;
-        let (journal, replay) = Journal::open(&jpath, writable, repair, |r| {
+        // WRITE_DATA records whose data the data file may not hold durably: seq -> (disk
+        // offset, journal offset of the data).
+        let mut in_journal = std::collections::HashMap::new();
+        let (journal, replay) = Journal::open(&jpath, writable, repair, |r, data_at| {
+            if let Some(at) = data_at {
+                in_journal.insert(r.seq, (r.offset, at));
+            }
             match r.kind {
-                RecordKind::Write => index.insert(r.offset, r.len, ExtentKind::Data, r.seq),
+                RecordKind::Write | RecordKind::WriteData => {
+                    index.insert(r.offset, r.len, ExtentKind::Data, r.seq);
+                }
                 RecordKind::Zero | RecordKind::Discard => {
                     index.insert(r.offset, r.len, ExtentKind::Zero, r.seq);
                 }
@@ -360,6 +388,10 @@ impl Delta {
             discarded_bytes,
             ..
         } = replay;
+        let data_in_journal = !in_journal.is_empty();
+        if data_in_journal {
+            Self::replay_data(dir, &data, &journal, &index, &in_journal)?;
+        }
         if frozen_seq.is_some() && writable {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
@@ -378,6 +410,7 @@ impl Delta {
                 frozen_seq,
                 deferred: None,
                 flush_hook: None,
+                data_in_journal,
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
@@ -395,6 +428,63 @@ impl Delta {
         Ok(delta)
     }
 
+    /// Puts the data of committed `WRITE_DATA` records after the journal's last checkpoint
+    /// into the data file where it differs (after a crash of the machine the data file may
+    /// miss it: a batch carrying its data is durable with the journal's fdatasync alone).
+    /// Only the blocks whose latest committed change is such a record are compared: the data
+    /// file then holds exactly the committed contents for them, then it is synced. A read-only
+    /// open does the same (through a second, writable handle) when a block differs: the
+    /// committed contents are fixed, only their copy in the data file is repaired.
+    fn replay_data(
+        dir: &Path,
+        data: &File,
+        journal: &Journal,
+        index: &ExtentMap,
+        in_journal: &std::collections::HashMap<u64, (u64, u64)>,
+    ) -> Result<(), BlockError> {
+        let data_path = dir.join(DATA_FILE);
+        let mut writer: Option<File> = None;
+        let mut want = Vec::new();
+        let mut have = Vec::new();
+        for e in index.iter() {
+            let Some(&(rec_offset, at)) = in_journal.get(&e.seq) else {
+                continue;
+            };
+            if e.kind != ExtentKind::Data {
+                continue;
+            }
+            want.resize(e.len as usize, 0);
+            have.resize(e.len as usize, 0);
+            journal
+                .read_data(&mut want, at + (e.offset - rec_offset))
+                .map_err(|source| BlockError::Journal {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            data.read_exact_at(&mut have, e.offset)
+                .map_err(BlockError::io("read", &data_path))?;
+            if want == have {
+                continue;
+            }
+            if writer.is_none() {
+                writer = Some(
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&data_path)
+                        .map_err(BlockError::io("open", &data_path))?,
+                );
+            }
+            if let Some(w) = &writer {
+                w.write_all_at(&want, e.offset)
+                    .map_err(BlockError::io("write", &data_path))?;
+            }
+        }
+        if let Some(w) = writer {
+            w.sync_data().map_err(BlockError::io("sync", &data_path))?;
+        }
+        Ok(())
+    }
+
     fn extent_count(&self) -> usize {
         self.index
             .read()
@@ -408,6 +498,17 @@ impl Delta {
     pub fn compact(&self) -> Result<(), BlockError> {
         let mut st = self.writer()?;
         self.flush_locked(&mut st)?;
+        self.compact_locked(&mut st)
+    }
+
+    /// Compaction of a flushed delta (nothing pending).
+    fn compact_locked(&self, st: &mut WriteState) -> Result<(), BlockError> {
+        if st.data_in_journal {
+            // The rewritten journal carries no data: the data file must hold it durably.
+            self.data
+                .sync_data()
+                .map_err(BlockError::io("sync", &self.dir))?;
+        }
         let mut extents: Vec<Extent> = self
             .index
             .read()
@@ -426,7 +527,7 @@ impl Delta {
                 Record::new(kind, e.seq, e.offset, e.len)
             })
             .collect();
-        records.push(Record::new(RecordKind::Flush, st.durable_seq, 0, 0));
+        records.push(Self::flush_record(st.durable_seq, RECORD_SIZE as u64, true));
         let header = Self::header_record(
             self.meta.size,
             meta::unhex(&self.meta.uuid).unwrap_or_default(),
@@ -437,6 +538,7 @@ impl Delta {
                 source,
             },
         )?;
+        st.data_in_journal = false;
         Ok(())
     }
 
@@ -647,48 +749,122 @@ impl Delta {
         if st.pending.is_empty() {
             return Ok(st.durable_seq);
         }
-        self.data
-            .sync_data()
-            .map_err(BlockError::io("sync", &self.dir))?;
         let seq = st.next_seq;
-        let mut recs = std::mem::take(&mut st.pending);
-        recs.push(Record::new(RecordKind::Flush, seq, 0, 0));
-        if let Err(source) = st.journal.append(&recs) {
-            recs.pop();
-            st.pending = recs;
-            return Err(BlockError::Journal {
-                path: self.dir.clone(),
-                source,
-            });
-        }
+        let batch_start = st.journal.len();
+        let data_bytes: u64 = st
+            .pending
+            .iter()
+            .filter(|r| r.kind == RecordKind::Write)
+            .map(|r| r.len)
+            .sum();
+        let budget = INLINE_JOURNAL_BUDGET.max(8 * RECORD_SIZE as u64 * self.extent_count() as u64);
+        let inline = st.journal.version() >= JOURNAL_VERSION
+            && data_bytes <= INLINE_FLUSH_BYTES
+            && batch_start + data_bytes < budget;
+        let appended = if inline {
+            // One append carries the records and the data they wrote; its fdatasync is the
+            // only one. The data file is synced later (checkpoint), or repaired from here.
+            self.inline_batch(&st.pending, Self::flush_record(seq, batch_start, false))
+                .and_then(|buf| {
+                    st.journal
+                        .append_bytes(&buf)
+                        .map_err(|source| BlockError::Journal {
+                            path: self.dir.clone(),
+                            source,
+                        })
+                })
+        } else {
+            // The data file first, then the records: two fdatasyncs, the data written once.
+            let mut recs = st.pending.clone();
+            recs.push(Self::flush_record(seq, batch_start, true));
+            self.sync_data_then_append(&mut st.journal, &recs)
+        };
+        appended?;
+        st.pending.clear();
         st.next_seq += 1;
         st.durable_seq = seq;
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if inline {
+            st.data_in_journal = true;
+        } else {
+            st.data_in_journal = false;
+            if st.journal.version() >= JOURNAL_VERSION && st.journal.len() >= budget {
+                self.compact_locked(st)?;
+            }
+        }
         Ok(seq)
+    }
+
+    /// The ordering of a checkpoint: data fdatasync, then `recs` appended (journal fdatasync).
+    fn sync_data_then_append(
+        &self,
+        journal: &mut Journal,
+        recs: &[Record],
+    ) -> Result<(), BlockError> {
+        self.data
+            .sync_data()
+            .map_err(BlockError::io("sync", &self.dir))?;
+        journal.append(recs).map_err(|source| BlockError::Journal {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// Encodes `pending` and `flush` as one journal append, each WRITE as a WRITE_DATA record
+    /// followed by the blocks it covers, read back from the data file (their current contents:
+    /// the batch is applied whole or not at all, so a later write in it to the same block is
+    /// carried by both records).
+    fn inline_batch(&self, pending: &[Record], flush: Record) -> Result<Vec<u8>, BlockError> {
+        let data_bytes: u64 = pending
+            .iter()
+            .filter(|r| r.kind == RecordKind::Write)
+            .map(|r| r.len)
+            .sum();
+        let mut buf = Vec::with_capacity((pending.len() + 1) * RECORD_SIZE + data_bytes as usize);
+        for r in pending {
+            if r.kind != RecordKind::Write {
+                buf.extend_from_slice(&r.encode());
+                continue;
+            }
+            let at = buf.len() + RECORD_SIZE;
+            buf.resize(at + r.len as usize, 0);
+            self.data
+                .read_exact_at(&mut buf[at..], r.offset)
+                .map_err(BlockError::io("read", &self.dir))?;
+            let mut w = *r;
+            w.kind = RecordKind::WriteData;
+            w.aux = u64::from(crc32c::crc32c(&buf[at..]));
+            buf[at - RECORD_SIZE..at].copy_from_slice(&w.encode());
+        }
+        buf.extend_from_slice(&flush.encode());
+        Ok(buf)
     }
 
     /// Writes a deferred freeze: data fdatasync, then the pending records, FLUSH and FORK in
     /// one journal append (and fdatasync).
-    fn complete_freeze(&self, st: &mut WriteState, recs: Vec<Record>) -> Result<u64, BlockError> {
+    fn complete_freeze(
+        &self,
+        st: &mut WriteState,
+        mut recs: Vec<Record>,
+    ) -> Result<u64, BlockError> {
         let seq = st.frozen_seq.unwrap_or(st.durable_seq);
-        let written = self
-            .data
-            .sync_data()
-            .map_err(BlockError::io("sync", &self.dir))
-            .and_then(|()| {
-                st.journal
-                    .append(&recs)
-                    .map_err(|source| BlockError::Journal {
-                        path: self.dir.clone(),
-                        source,
-                    })
-            });
-        if let Err(e) = written {
+        // The commit records name where their batch starts; the data file is synced first.
+        let batch_start = st.journal.len();
+        for r in &mut recs {
+            if matches!(r.kind, RecordKind::Flush | RecordKind::Fork) {
+                r.offset = batch_start;
+                if r.kind == RecordKind::Flush {
+                    r.aux = FLUSH_CHECKPOINT;
+                }
+            }
+        }
+        if let Err(e) = self.sync_data_then_append(&mut st.journal, &recs) {
             st.deferred = Some(recs);
             return Err(e);
         }
         st.durable_seq = seq;
+        st.data_in_journal = false;
         crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
         Ok(seq)
     }
@@ -811,6 +987,7 @@ impl Delta {
                 frozen_seq: None,
                 deferred: None,
                 flush_hook: None,
+                data_in_journal: false,
             }),
             index: RwLock::new(ExtentMap::new()),
             recovered_discarded: 0,
