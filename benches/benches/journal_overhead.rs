@@ -60,8 +60,10 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// Interleaved measurement (plain and delta alternate, so shared-disk noise hits both):
-/// prints the median time per flush of each and the overhead.
+/// Interleaved measurement (plain and delta alternate, each round flipping which goes first,
+/// so shared-disk noise hits both): prints the median time per flush of each with its spread
+/// (10th..90th percentile), the overhead of the medians, and the spread of the overhead over
+/// five consecutive slices of the rounds (each slice's medians compared).
 fn paired() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let base = Base::create(&dir.path().join("base.img"), SPAN).unwrap();
@@ -77,7 +79,7 @@ fn paired() {
     let buf = vec![0x5au8; WRITE];
     let slots = SPAN / WRITE as u64;
     for (name, per_flush, rounds) in [
-        ("256 writes per flush", 256u64, 60),
+        ("256 writes per flush", 256u64, 60usize),
         ("flush every write", 1, 1500),
     ] {
         let (mut tp, mut td) = (Vec::new(), Vec::new());
@@ -104,14 +106,35 @@ fn paired() {
                 }
             }
         }
-        tp.sort();
-        td.sort();
-        let (mp, md) = (tp[tp.len() / 2], td[td.len() / 2]);
+        let overhead = |p: &[Duration], d: &[Duration]| {
+            (pct(d, 50).as_secs_f64() / pct(p, 50).as_secs_f64() - 1.0) * 100.0
+        };
+        let slices: Vec<f64> = tp
+            .chunks(rounds / 5)
+            .zip(td.chunks(rounds / 5))
+            .map(|(p, d)| overhead(p, d))
+            .collect();
+        let (lo, hi) = slices
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
         println!(
-            "journal_overhead paired, {name}: plain pwrite+fdatasync {mp:?}, delta write+flush {md:?} (median of {rounds}), overhead {:+.1}%",
-            (md.as_secs_f64() / mp.as_secs_f64() - 1.0) * 100.0
+            "journal_overhead paired, {name} ({rounds} rounds): plain pwrite+fdatasync {:?} ({:?}..{:?}), delta write+flush {:?} ({:?}..{:?}); overhead of the medians {:+.1}% (five slices: {lo:+.1}%..{hi:+.1}%)",
+            pct(&tp, 50),
+            pct(&tp, 10),
+            pct(&tp, 90),
+            pct(&td, 50),
+            pct(&td, 10),
+            pct(&td, 90),
+            overhead(&tp, &td),
         );
     }
+}
+
+/// The `p`th percentile of `v` (unsorted).
+fn pct(v: &[Duration], p: usize) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s[(s.len() - 1) * p / 100]
 }
 
 criterion_group!(benches, bench);
