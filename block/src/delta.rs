@@ -91,6 +91,13 @@ struct WriteState {
     /// The journal holds batches with their data after its last checkpoint: the data file
     /// must be synced before that data may be dropped (compaction).
     data_in_journal: bool,
+    /// The pending records encoded for a flush that carries its data (each WRITE as a
+    /// WRITE_DATA record followed by the bytes written), built as the writes come in; `None`
+    /// when that flush cannot carry them (a version 1 journal, or more than
+    /// [`INLINE_FLUSH_BYTES`] of data pending): it syncs the data file instead.
+    inline: Option<Vec<u8>>,
+    /// Data bytes in `inline`.
+    inline_bytes: u64,
 }
 
 /// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
@@ -396,6 +403,7 @@ impl Delta {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
+        let journal_version = journal.version();
         let delta = Self {
             dir: dir.to_path_buf(),
             meta,
@@ -411,6 +419,8 @@ impl Delta {
                 deferred: None,
                 flush_hook: None,
                 data_in_journal,
+                inline: (writable && journal_version >= JOURNAL_VERSION).then(Vec::new),
+                inline_bytes: 0,
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
@@ -539,6 +549,7 @@ impl Delta {
             },
         )?;
         st.data_in_journal = false;
+        Self::reset_inline(st);
         Ok(())
     }
 
@@ -571,19 +582,36 @@ impl Delta {
         Ok(())
     }
 
-    /// Records a change; fails only when the sequence numbers run out (one must stay for the
-    /// FLUSH that commits it).
+    /// Records a change (`data`: the blocks a WRITE wrote); fails only when the sequence
+    /// numbers run out (one must stay for the FLUSH that commits it).
     fn record(
         &self,
         st: &mut WriteState,
         kind: RecordKind,
         offset: u64,
         len: u64,
+        data: &[u8],
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.pending.push(Record::new(kind, seq, offset, len));
+        let r = Record::new(kind, seq, offset, len);
+        st.pending.push(r);
+        if kind == RecordKind::Write && st.inline_bytes + len > INLINE_FLUSH_BYTES {
+            st.inline = None;
+        }
+        if let Some(batch) = &mut st.inline {
+            if kind == RecordKind::Write {
+                let mut w = r;
+                w.kind = RecordKind::WriteData;
+                w.aux = u64::from(crc32c::crc32c(data));
+                batch.extend_from_slice(&w.encode());
+                batch.extend_from_slice(data);
+                st.inline_bytes += len;
+            } else {
+                batch.extend_from_slice(&r.encode());
+            }
+        }
         let ek = if kind == RecordKind::Write {
             ExtentKind::Data
         } else {
@@ -646,11 +674,11 @@ impl Delta {
         // Before the data file changes: a write that cannot be recorded must not land.
         self.reserve_seqs(st, 2)?;
         let (start, end) = (align_down(offset), align_up(offset + len));
-        let err = BlockError::io("write", &self.dir);
-        if start == offset && end == offset + len {
-            self.data.write_all_at(buf, offset).map_err(err)?;
+        let mut tmp = Vec::new();
+        let blocks: &[u8] = if start == offset && end == offset + len {
+            buf
         } else {
-            let mut tmp = vec![0u8; (end - start) as usize];
+            tmp.resize((end - start) as usize, 0);
             let bs = BLOCK_SIZE as usize;
             self.read_at(&mut tmp[..bs], start)?;
             if end - start > BLOCK_SIZE {
@@ -659,9 +687,12 @@ impl Delta {
             }
             let at = (offset - start) as usize;
             tmp[at..at + buf.len()].copy_from_slice(buf);
-            self.data.write_all_at(&tmp, start).map_err(err)?;
-        }
-        self.record(st, RecordKind::Write, start, end - start)
+            &tmp
+        };
+        self.data
+            .write_all_at(blocks, start)
+            .map_err(BlockError::io("write", &self.dir))?;
+        self.record(st, RecordKind::Write, start, end - start, blocks)
     }
 
     /// Makes `[offset, offset + len)` read as zeros (partial blocks are written as zero data).
@@ -693,7 +724,7 @@ impl Delta {
         }
         crate::sys::punch_hole(&self.data, start, end - start)
             .map_err(BlockError::io("punch", &self.dir))?;
-        self.record(&mut st, kind, start, end - start)
+        self.record(&mut st, kind, start, end - start, &[])
     }
 
     /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
@@ -751,28 +782,19 @@ impl Delta {
         }
         let seq = st.next_seq;
         let batch_start = st.journal.len();
-        let data_bytes: u64 = st
-            .pending
-            .iter()
-            .filter(|r| r.kind == RecordKind::Write)
-            .map(|r| r.len)
-            .sum();
         let budget = INLINE_JOURNAL_BUDGET.max(8 * RECORD_SIZE as u64 * self.extent_count() as u64);
-        let inline = st.journal.version() >= JOURNAL_VERSION
-            && data_bytes <= INLINE_FLUSH_BYTES
-            && batch_start + data_bytes < budget;
-        let appended = if inline {
+        let inline = batch_start + st.inline_bytes < budget && st.inline.is_some();
+        let appended = if let Some(batch) = st.inline.as_mut().filter(|_| inline) {
             // One append carries the records and the data they wrote; its fdatasync is the
             // only one. The data file is synced later (checkpoint), or repaired from here.
-            self.inline_batch(&st.pending, Self::flush_record(seq, batch_start, false))
-                .and_then(|buf| {
-                    st.journal
-                        .append_bytes(&buf)
-                        .map_err(|source| BlockError::Journal {
-                            path: self.dir.clone(),
-                            source,
-                        })
-                })
+            let records_end = batch.len();
+            batch.extend_from_slice(&Self::flush_record(seq, batch_start, false).encode());
+            let appended = st.journal.append_bytes(batch);
+            batch.truncate(records_end); // kept for a retry if the append failed
+            appended.map_err(|source| BlockError::Journal {
+                path: self.dir.clone(),
+                source,
+            })
         } else {
             // The data file first, then the records: two fdatasyncs, the data written once.
             let mut recs = st.pending.clone();
@@ -781,6 +803,7 @@ impl Delta {
         };
         appended?;
         st.pending.clear();
+        Self::reset_inline(st);
         st.next_seq += 1;
         st.durable_seq = seq;
         self.flushes
@@ -811,34 +834,10 @@ impl Delta {
         })
     }
 
-    /// Encodes `pending` and `flush` as one journal append, each WRITE as a WRITE_DATA record
-    /// followed by the blocks it covers, read back from the data file (their current contents:
-    /// the batch is applied whole or not at all, so a later write in it to the same block is
-    /// carried by both records).
-    fn inline_batch(&self, pending: &[Record], flush: Record) -> Result<Vec<u8>, BlockError> {
-        let data_bytes: u64 = pending
-            .iter()
-            .filter(|r| r.kind == RecordKind::Write)
-            .map(|r| r.len)
-            .sum();
-        let mut buf = Vec::with_capacity((pending.len() + 1) * RECORD_SIZE + data_bytes as usize);
-        for r in pending {
-            if r.kind != RecordKind::Write {
-                buf.extend_from_slice(&r.encode());
-                continue;
-            }
-            let at = buf.len() + RECORD_SIZE;
-            buf.resize(at + r.len as usize, 0);
-            self.data
-                .read_exact_at(&mut buf[at..], r.offset)
-                .map_err(BlockError::io("read", &self.dir))?;
-            let mut w = *r;
-            w.kind = RecordKind::WriteData;
-            w.aux = u64::from(crc32c::crc32c(&buf[at..]));
-            buf[at - RECORD_SIZE..at].copy_from_slice(&w.encode());
-        }
-        buf.extend_from_slice(&flush.encode());
-        Ok(buf)
+    /// An empty pending batch: the next flush can carry its data if the journal's version can.
+    fn reset_inline(st: &mut WriteState) {
+        st.inline = (st.journal.version() >= JOURNAL_VERSION).then(Vec::new);
+        st.inline_bytes = 0;
     }
 
     /// Writes a deferred freeze: data fdatasync, then the pending records, FLUSH and FORK in
@@ -894,6 +893,7 @@ impl Delta {
         // Room for the FLUSH of pending records and the FORK.
         self.reserve_seqs(&st, 2)?;
         let mut recs = std::mem::take(&mut st.pending);
+        st.inline = None;
         if !recs.is_empty() {
             recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
             st.next_seq += 1;
@@ -988,6 +988,8 @@ impl Delta {
                 deferred: None,
                 flush_hook: None,
                 data_in_journal: false,
+                inline: Some(Vec::new()),
+                inline_bytes: 0,
             }),
             index: RwLock::new(ExtentMap::new()),
             recovered_discarded: 0,
