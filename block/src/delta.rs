@@ -666,6 +666,34 @@ impl Delta {
         self.write_locked(&mut st, buf, offset)
     }
 
+    /// Like [`Delta::write_at`] with the bytes at `src` (see [`crate::Disk::write_at_raw`]):
+    /// a block-aligned write whose flush will not carry its data is written to the data file
+    /// straight from `src`; any other is copied into `scratch` first.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes until the call returns.
+    pub unsafe fn write_at_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        check_io(offset, len as u64, self.meta.size)?;
+        let mut st = self.writer()?;
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && (len as u64).is_multiple_of(BLOCK_SIZE);
+        if len == 0 || !aligned || st.inline.is_some() {
+            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+            unsafe { crate::layer::copy_raw(src, len, scratch) };
+            return self.write_locked(&mut st, scratch, offset);
+        }
+        self.reserve_seqs(&st, 2)?;
+        // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+        unsafe { crate::sys::pwrite_raw(&self.data, src, len, offset) }
+            .map_err(BlockError::io("write", &self.dir))?;
+        self.record(&mut st, RecordKind::Write, offset, len as u64, &[])
+    }
+
     fn write_locked(&self, st: &mut WriteState, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         let len = buf.len() as u64;
         if len == 0 {

@@ -362,19 +362,36 @@ fn fast_read_write(
     // the whole chain otherwise).
     let data = mem.get_slice(d.addr(), len).ok()?;
     let status = mem.get_slice(st.addr(), 1).ok()?;
-    buf.resize(len, 0);
     let (code, used) = if write {
-        data.copy_to(&mut buf[..]);
-        let ok = disk.write_at(buf, offset).is_ok();
+        let ok = write_from_guest(disk, &data, offset, buf).is_ok();
         (if ok { S_OK } else { S_IOERR }, 1)
-    } else if disk.read_at(buf, offset).is_ok() {
-        data.copy_from(&buf[..]);
-        (S_OK, len as u32 + 1)
     } else {
-        (S_IOERR, 1)
+        buf.resize(len, 0);
+        match disk.read_at(buf, offset) {
+            Ok(()) => {
+                data.copy_from(&buf[..]);
+                (S_OK, len as u32 + 1)
+            }
+            Err(_) => (S_IOERR, 1),
+        }
     };
     status.copy_from(&[code]);
     Some(used)
+}
+
+/// Writes the guest memory `data` at `offset` of `disk`, which reads it directly where it
+/// can (no copy into `scratch`).
+fn write_from_guest(
+    disk: &dyn Disk,
+    data: &vm_memory::VolatileSlice<'_, vm_memory::bitmap::BS<'_, vm_memory::bitmap::AtomicBitmap>>,
+    offset: u64,
+    scratch: &mut Vec<u8>,
+) -> Result<(), BlockError> {
+    let guard = data.ptr_guard();
+    // SAFETY: `data` is `data.len()` bytes of a guest memory region, mapped for as long as
+    // the memory `data` borrows from lives (beyond this call); the guest may change them
+    // meanwhile: the disk writes whatever bytes it reads, and forms no reference to them.
+    unsafe { disk.write_at_raw(guard.as_ptr(), data.len(), offset, scratch) }
 }
 
 /// Any chain: a reader over its readable and a writer over its writable descriptors.
