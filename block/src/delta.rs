@@ -755,8 +755,10 @@ impl Delta {
         self.record(&mut st, kind, start, end - start, &[])
     }
 
-    /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
-    /// record, then journal fdatasync. Returns the durable sequence number.
+    /// Makes every earlier write durable: one journal append (the records, the data of at
+    /// most [`INLINE_FLUSH_BYTES`] of writes, a FLUSH record) and its fdatasync; or, for more
+    /// data, data fdatasync, then the records and a FLUSH, then journal fdatasync. Returns the
+    /// durable sequence number.
     pub fn flush(&self) -> Result<u64, BlockError> {
         let (seq, hook) = {
             let mut st = self.state();
