@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BlockError;
 use crate::extent::{Extent, ExtentKind, ExtentMap};
-use crate::journal::{JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
-use crate::journal::{JournalError, MAX_SEQ};
+use crate::journal::{FLUSH_CHECKPOINT, JOURNAL_VERSION, Journal, Record, RecordKind, Replay};
+use crate::journal::{JournalError, MAX_SEQ, RECORD_SIZE};
 use crate::layer::{Chain, Layer};
 use crate::meta::{self, Identity, LayerKind};
 use crate::{BLOCK_SIZE, check_io};
@@ -19,6 +19,13 @@ use crate::{BLOCK_SIZE, check_io};
 const DELTA_FORMAT: &str = "microvmm-delta";
 /// A writable open compacts a journal with more records than this (and 4x its extents).
 const AUTO_COMPACT_RECORDS: u64 = 1 << 16;
+/// A flush whose writes hold at most this many bytes carries them in the journal (one append,
+/// one fdatasync); a larger one syncs the data file first (two fdatasyncs, no data copied).
+pub const INLINE_FLUSH_BYTES: u64 = 512 << 10;
+/// Data carried in the journal is not needed any more once the data file is synced: a journal
+/// grown past this (or 8x the size of its compacted form, if larger) gets a flush that syncs
+/// the data file and then is compacted.
+const INLINE_JOURNAL_BUDGET: u64 = 64 << 20;
 /// File names inside a delta directory.
 pub const META_FILE: &str = "meta";
 /// The sparse data file.
@@ -81,6 +88,16 @@ struct WriteState {
     /// Runs after the next flush made everything durable and before that flush returns
     /// ([`Delta::set_flush_hook`]); dropped once it succeeded.
     flush_hook: Option<FlushHook>,
+    /// The journal holds batches with their data after its last checkpoint: the data file
+    /// must be synced before that data may be dropped (compaction).
+    data_in_journal: bool,
+    /// The pending records encoded for a flush that carries its data (each WRITE as a
+    /// WRITE_DATA record followed by the bytes written), built as the writes come in; `None`
+    /// when that flush cannot carry them (a version 1 journal, or more than
+    /// [`INLINE_FLUSH_BYTES`] of data pending): it syncs the data file instead.
+    inline: Option<Vec<u8>>,
+    /// Data bytes in `inline`.
+    inline_bytes: u64,
 }
 
 /// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
@@ -190,7 +207,7 @@ impl Delta {
         if !records.is_empty() {
             let mut all = records.to_vec();
             let seq = records.last().map_or(0, |r| r.seq) + 1;
-            all.push(Record::new(RecordKind::Flush, seq, 0, 0));
+            all.push(Self::flush_record(seq, journal.len(), true));
             journal.append(&all).map_err(jerr)?;
         }
         meta::write(&dir.join(META_FILE), meta)?;
@@ -199,6 +216,16 @@ impl Delta {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         crate::sys::sync_dir(up).map_err(BlockError::io("sync", up))
+    }
+
+    /// A FLUSH record committing the batch appended at journal offset `batch_start`;
+    /// `checkpoint` if the data file was synced before it.
+    fn flush_record(seq: u64, batch_start: u64, checkpoint: bool) -> Record {
+        let mut r = Record::new(RecordKind::Flush, seq, batch_start, 0);
+        if checkpoint {
+            r.aux = FLUSH_CHECKPOINT;
+        }
+        r
     }
 
     /// The journal's first record for a delta of `size` bytes with id `id`.
@@ -315,9 +342,17 @@ impl Delta {
         let mut index = ExtentMap::new();
         let mut frozen_seq = None;
         let mut last = 0;
-        let (journal, replay) = Journal::open(&jpath, writable, repair, |r| {
+        // WRITE_DATA records whose data the data file may not hold durably: seq -> (disk
+        // offset, journal offset of the data).
+        let mut in_journal = std::collections::HashMap::new();
+        let (journal, replay) = Journal::open(&jpath, writable, repair, |r, data_at| {
+            if let Some(at) = data_at {
+                in_journal.insert(r.seq, (r.offset, at));
+            }
             match r.kind {
-                RecordKind::Write => index.insert(r.offset, r.len, ExtentKind::Data, r.seq),
+                RecordKind::Write | RecordKind::WriteData => {
+                    index.insert(r.offset, r.len, ExtentKind::Data, r.seq);
+                }
                 RecordKind::Zero | RecordKind::Discard => {
                     index.insert(r.offset, r.len, ExtentKind::Zero, r.seq);
                 }
@@ -360,10 +395,15 @@ impl Delta {
             discarded_bytes,
             ..
         } = replay;
+        let data_in_journal = !in_journal.is_empty();
+        if data_in_journal {
+            Self::replay_data(dir, &data, &journal, &index, &in_journal)?;
+        }
         if frozen_seq.is_some() && writable {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
+        let journal_version = journal.version();
         let delta = Self {
             dir: dir.to_path_buf(),
             meta,
@@ -378,6 +418,9 @@ impl Delta {
                 frozen_seq,
                 deferred: None,
                 flush_hook: None,
+                data_in_journal,
+                inline: (writable && journal_version >= JOURNAL_VERSION).then(Vec::new),
+                inline_bytes: 0,
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
@@ -395,6 +438,63 @@ impl Delta {
         Ok(delta)
     }
 
+    /// Puts the data of committed `WRITE_DATA` records after the journal's last checkpoint
+    /// into the data file where it differs (after a crash of the machine the data file may
+    /// miss it: a batch carrying its data is durable with the journal's fdatasync alone).
+    /// Only the blocks whose latest committed change is such a record are compared: the data
+    /// file then holds exactly the committed contents for them, then it is synced. A read-only
+    /// open does the same (through a second, writable handle) when a block differs: the
+    /// committed contents are fixed, only their copy in the data file is repaired.
+    fn replay_data(
+        dir: &Path,
+        data: &File,
+        journal: &Journal,
+        index: &ExtentMap,
+        in_journal: &std::collections::HashMap<u64, (u64, u64)>,
+    ) -> Result<(), BlockError> {
+        let data_path = dir.join(DATA_FILE);
+        let mut writer: Option<File> = None;
+        let mut want = Vec::new();
+        let mut have = Vec::new();
+        for e in index.iter() {
+            let Some(&(rec_offset, at)) = in_journal.get(&e.seq) else {
+                continue;
+            };
+            if e.kind != ExtentKind::Data {
+                continue;
+            }
+            want.resize(e.len as usize, 0);
+            have.resize(e.len as usize, 0);
+            journal
+                .read_data(&mut want, at + (e.offset - rec_offset))
+                .map_err(|source| BlockError::Journal {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            data.read_exact_at(&mut have, e.offset)
+                .map_err(BlockError::io("read", &data_path))?;
+            if want == have {
+                continue;
+            }
+            if writer.is_none() {
+                writer = Some(
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&data_path)
+                        .map_err(BlockError::io("open", &data_path))?,
+                );
+            }
+            if let Some(w) = &writer {
+                w.write_all_at(&want, e.offset)
+                    .map_err(BlockError::io("write", &data_path))?;
+            }
+        }
+        if let Some(w) = writer {
+            w.sync_data().map_err(BlockError::io("sync", &data_path))?;
+        }
+        Ok(())
+    }
+
     fn extent_count(&self) -> usize {
         self.index
             .read()
@@ -408,6 +508,17 @@ impl Delta {
     pub fn compact(&self) -> Result<(), BlockError> {
         let mut st = self.writer()?;
         self.flush_locked(&mut st)?;
+        self.compact_locked(&mut st)
+    }
+
+    /// Compaction of a flushed delta (nothing pending).
+    fn compact_locked(&self, st: &mut WriteState) -> Result<(), BlockError> {
+        if st.data_in_journal {
+            // The rewritten journal carries no data: the data file must hold it durably.
+            self.data
+                .sync_data()
+                .map_err(BlockError::io("sync", &self.dir))?;
+        }
         let mut extents: Vec<Extent> = self
             .index
             .read()
@@ -426,7 +537,7 @@ impl Delta {
                 Record::new(kind, e.seq, e.offset, e.len)
             })
             .collect();
-        records.push(Record::new(RecordKind::Flush, st.durable_seq, 0, 0));
+        records.push(Self::flush_record(st.durable_seq, RECORD_SIZE as u64, true));
         let header = Self::header_record(
             self.meta.size,
             meta::unhex(&self.meta.uuid).unwrap_or_default(),
@@ -437,6 +548,8 @@ impl Delta {
                 source,
             },
         )?;
+        st.data_in_journal = false;
+        Self::reset_inline(st);
         Ok(())
     }
 
@@ -469,19 +582,36 @@ impl Delta {
         Ok(())
     }
 
-    /// Records a change; fails only when the sequence numbers run out (one must stay for the
-    /// FLUSH that commits it).
+    /// Records a change (`data`: the blocks a WRITE wrote); fails only when the sequence
+    /// numbers run out (one must stay for the FLUSH that commits it).
     fn record(
         &self,
         st: &mut WriteState,
         kind: RecordKind,
         offset: u64,
         len: u64,
+        data: &[u8],
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.pending.push(Record::new(kind, seq, offset, len));
+        let r = Record::new(kind, seq, offset, len);
+        st.pending.push(r);
+        if kind == RecordKind::Write && st.inline_bytes + len > INLINE_FLUSH_BYTES {
+            st.inline = None;
+        }
+        if let Some(batch) = &mut st.inline {
+            if kind == RecordKind::Write {
+                let mut w = r;
+                w.kind = RecordKind::WriteData;
+                w.aux = u64::from(crc32c::crc32c(data));
+                batch.extend_from_slice(&w.encode());
+                batch.extend_from_slice(data);
+                st.inline_bytes += len;
+            } else {
+                batch.extend_from_slice(&r.encode());
+            }
+        }
         let ek = if kind == RecordKind::Write {
             ExtentKind::Data
         } else {
@@ -536,6 +666,34 @@ impl Delta {
         self.write_locked(&mut st, buf, offset)
     }
 
+    /// Like [`Delta::write_at`] with the bytes at `src` (see [`crate::Disk::write_at_raw`]):
+    /// a block-aligned write whose flush will not carry its data is written to the data file
+    /// straight from `src`; any other is copied into `scratch` first.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes until the call returns.
+    pub unsafe fn write_at_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        check_io(offset, len as u64, self.meta.size)?;
+        let mut st = self.writer()?;
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && (len as u64).is_multiple_of(BLOCK_SIZE);
+        if len == 0 || !aligned || st.inline.is_some() {
+            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+            unsafe { crate::layer::copy_raw(src, len, scratch) };
+            return self.write_locked(&mut st, scratch, offset);
+        }
+        self.reserve_seqs(&st, 2)?;
+        // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+        unsafe { crate::sys::pwrite_raw(&self.data, src, len, offset) }
+            .map_err(BlockError::io("write", &self.dir))?;
+        self.record(&mut st, RecordKind::Write, offset, len as u64, &[])
+    }
+
     fn write_locked(&self, st: &mut WriteState, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         let len = buf.len() as u64;
         if len == 0 {
@@ -544,11 +702,11 @@ impl Delta {
         // Before the data file changes: a write that cannot be recorded must not land.
         self.reserve_seqs(st, 2)?;
         let (start, end) = (align_down(offset), align_up(offset + len));
-        let err = BlockError::io("write", &self.dir);
-        if start == offset && end == offset + len {
-            self.data.write_all_at(buf, offset).map_err(err)?;
+        let mut tmp = Vec::new();
+        let blocks: &[u8] = if start == offset && end == offset + len {
+            buf
         } else {
-            let mut tmp = vec![0u8; (end - start) as usize];
+            tmp.resize((end - start) as usize, 0);
             let bs = BLOCK_SIZE as usize;
             self.read_at(&mut tmp[..bs], start)?;
             if end - start > BLOCK_SIZE {
@@ -557,9 +715,12 @@ impl Delta {
             }
             let at = (offset - start) as usize;
             tmp[at..at + buf.len()].copy_from_slice(buf);
-            self.data.write_all_at(&tmp, start).map_err(err)?;
-        }
-        self.record(st, RecordKind::Write, start, end - start)
+            &tmp
+        };
+        self.data
+            .write_all_at(blocks, start)
+            .map_err(BlockError::io("write", &self.dir))?;
+        self.record(st, RecordKind::Write, start, end - start, blocks)
     }
 
     /// Makes `[offset, offset + len)` read as zeros (partial blocks are written as zero data).
@@ -591,11 +752,13 @@ impl Delta {
         }
         crate::sys::punch_hole(&self.data, start, end - start)
             .map_err(BlockError::io("punch", &self.dir))?;
-        self.record(&mut st, kind, start, end - start)
+        self.record(&mut st, kind, start, end - start, &[])
     }
 
-    /// Makes every earlier write durable: data fdatasync, then the journal records and a FLUSH
-    /// record, then journal fdatasync. Returns the durable sequence number.
+    /// Makes every earlier write durable: one journal append (the records, the data of at
+    /// most [`INLINE_FLUSH_BYTES`] of writes, a FLUSH record) and its fdatasync; or, for more
+    /// data, data fdatasync, then the records and a FLUSH, then journal fdatasync. Returns the
+    /// durable sequence number.
     pub fn flush(&self) -> Result<u64, BlockError> {
         let (seq, hook) = {
             let mut st = self.state();
@@ -647,48 +810,90 @@ impl Delta {
         if st.pending.is_empty() {
             return Ok(st.durable_seq);
         }
-        self.data
-            .sync_data()
-            .map_err(BlockError::io("sync", &self.dir))?;
         let seq = st.next_seq;
-        let mut recs = std::mem::take(&mut st.pending);
-        recs.push(Record::new(RecordKind::Flush, seq, 0, 0));
-        if let Err(source) = st.journal.append(&recs) {
-            recs.pop();
-            st.pending = recs;
-            return Err(BlockError::Journal {
+        let batch_start = st.journal.len();
+        let budget = INLINE_JOURNAL_BUDGET.max(8 * RECORD_SIZE as u64 * self.extent_count() as u64);
+        let inline = batch_start + st.inline_bytes < budget && st.inline.is_some();
+        let appended = if let Some(batch) = st.inline.as_mut().filter(|_| inline) {
+            // One append carries the records and the data they wrote; its fdatasync is the
+            // only one. The data file is synced later (checkpoint), or repaired from here.
+            let records_end = batch.len();
+            batch.extend_from_slice(&Self::flush_record(seq, batch_start, false).encode());
+            let appended = st.journal.append_bytes(batch);
+            batch.truncate(records_end); // kept for a retry if the append failed
+            appended.map_err(|source| BlockError::Journal {
                 path: self.dir.clone(),
                 source,
-            });
-        }
+            })
+        } else {
+            // The data file first, then the records: two fdatasyncs, the data written once.
+            let mut recs = st.pending.clone();
+            recs.push(Self::flush_record(seq, batch_start, true));
+            self.sync_data_then_append(&mut st.journal, &recs)
+        };
+        appended?;
+        st.pending.clear();
+        Self::reset_inline(st);
         st.next_seq += 1;
         st.durable_seq = seq;
         self.flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if inline {
+            st.data_in_journal = true;
+        } else {
+            st.data_in_journal = false;
+            if st.journal.version() >= JOURNAL_VERSION && st.journal.len() >= budget {
+                self.compact_locked(st)?;
+            }
+        }
         Ok(seq)
+    }
+
+    /// The ordering of a checkpoint: data fdatasync, then `recs` appended (journal fdatasync).
+    fn sync_data_then_append(
+        &self,
+        journal: &mut Journal,
+        recs: &[Record],
+    ) -> Result<(), BlockError> {
+        self.data
+            .sync_data()
+            .map_err(BlockError::io("sync", &self.dir))?;
+        journal.append(recs).map_err(|source| BlockError::Journal {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// An empty pending batch: the next flush can carry its data if the journal's version can.
+    fn reset_inline(st: &mut WriteState) {
+        st.inline = (st.journal.version() >= JOURNAL_VERSION).then(Vec::new);
+        st.inline_bytes = 0;
     }
 
     /// Writes a deferred freeze: data fdatasync, then the pending records, FLUSH and FORK in
     /// one journal append (and fdatasync).
-    fn complete_freeze(&self, st: &mut WriteState, recs: Vec<Record>) -> Result<u64, BlockError> {
+    fn complete_freeze(
+        &self,
+        st: &mut WriteState,
+        mut recs: Vec<Record>,
+    ) -> Result<u64, BlockError> {
         let seq = st.frozen_seq.unwrap_or(st.durable_seq);
-        let written = self
-            .data
-            .sync_data()
-            .map_err(BlockError::io("sync", &self.dir))
-            .and_then(|()| {
-                st.journal
-                    .append(&recs)
-                    .map_err(|source| BlockError::Journal {
-                        path: self.dir.clone(),
-                        source,
-                    })
-            });
-        if let Err(e) = written {
+        // The commit records name where their batch starts; the data file is synced first.
+        let batch_start = st.journal.len();
+        for r in &mut recs {
+            if matches!(r.kind, RecordKind::Flush | RecordKind::Fork) {
+                r.offset = batch_start;
+                if r.kind == RecordKind::Flush {
+                    r.aux = FLUSH_CHECKPOINT;
+                }
+            }
+        }
+        if let Err(e) = self.sync_data_then_append(&mut st.journal, &recs) {
             st.deferred = Some(recs);
             return Err(e);
         }
         st.durable_seq = seq;
+        st.data_in_journal = false;
         crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
         Ok(seq)
     }
@@ -718,6 +923,7 @@ impl Delta {
         // Room for the FLUSH of pending records and the FORK.
         self.reserve_seqs(&st, 2)?;
         let mut recs = std::mem::take(&mut st.pending);
+        st.inline = None;
         if !recs.is_empty() {
             recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
             st.next_seq += 1;
@@ -811,6 +1017,9 @@ impl Delta {
                 frozen_seq: None,
                 deferred: None,
                 flush_hook: None,
+                data_in_journal: false,
+                inline: Some(Vec::new()),
+                inline_bytes: 0,
             }),
             index: RwLock::new(ExtentMap::new()),
             recovered_discarded: 0,

@@ -2,8 +2,11 @@
 //!
 //! A delta's journal starts with a `HEADER` record (the delta's UUID and size); then come
 //! `WRITE`/`ZERO`/`DISCARD` records, each batch closed by a `FLUSH` (or a `FORK`) record that
-//! commits it. Recovery applies only committed batches, stops at the first torn or corrupt
-//! record, and refuses (typed error) a journal whose damage is followed by valid records.
+//! commits it. In a version 2 journal a batch may also carry its data: a `WRITE_DATA` record
+//! is followed by the bytes it wrote (CRC32C in `aux`), so that a flush is one append and one
+//! `fdatasync`. Recovery applies only committed batches, stops at the first torn or corrupt
+//! record (or data that does not verify), and refuses (typed error) a journal whose damage is
+//! followed by valid records.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,8 +19,19 @@ pub const RECORD_SIZE: usize = 64;
 pub const RECORD_MAGIC: u32 = 0x4d56_4a31;
 /// Journal space is preallocated (written as zeros) in chunks of this size.
 const PREALLOCATE: u64 = 256 << 10;
-/// Version of the journal format (stored in the header's `aux`).
-pub const JOURNAL_VERSION: u64 = 1;
+/// Version of the journal format new journals get (stored in the header's `aux`). Version 1
+/// journals (no `WRITE_DATA` records) are still read and appended to.
+pub const JOURNAL_VERSION: u64 = 2;
+/// The first journal format: records only, data synced in the data file before them.
+pub const JOURNAL_VERSION_1: u64 = 1;
+/// `aux` flag of a `FLUSH` record: the data file was synced before the record was written, so
+/// the data carried by earlier `WRITE_DATA` records is in the data file and needs no replay.
+pub const FLUSH_CHECKPOINT: u64 = 1;
+/// Largest data a `WRITE_DATA` record may carry (a larger one is refused at open).
+pub const MAX_INLINE_LEN: u64 = 4 << 20;
+/// Granularity at which a torn append is recognised: an unwritten sector of a torn batch reads
+/// as zeros (journal space past the committed prefix is always zeros before an append).
+const TORN_SECTOR: u64 = 512;
 /// Largest sequence number a journal may hold. A record above it is refused at open
 /// ([`JournalError::SequenceLimit`]) instead of letting the next number wrap past `u64::MAX`
 /// (which would make the next committed batch look like damage and drop it at reopen); a
@@ -96,6 +110,9 @@ pub enum RecordKind {
     Flush = 4,
     /// The delta is frozen at this sequence number (commits, like `Flush`).
     Fork = 5,
+    /// Version 2: data written at `[offset, offset+len)`, carried in the journal: the `len`
+    /// bytes right after the record (CRC32C in `aux`); also in the data file at that offset.
+    WriteData = 6,
     /// Merge log: the merge's identity (`tag` = digest).
     MergeIntent = 0x20,
     /// Merge log: plan steps before `aux` are durable in the output (`offset` = phase).
@@ -113,6 +130,7 @@ impl RecordKind {
             3 => Self::Discard,
             4 => Self::Flush,
             5 => Self::Fork,
+            6 => Self::WriteData,
             0x20 => Self::MergeIntent,
             0x21 => Self::MergeProgress,
             0x22 => Self::MergeDone,
@@ -264,6 +282,17 @@ pub struct Journal {
     file: File,
     len: u64,
     allocated: u64,
+    version: u64,
+}
+
+/// True for the records that commit a batch.
+fn is_commit(r: &Record) -> bool {
+    matches!(r.kind, RecordKind::Flush | RecordKind::Fork)
+}
+
+/// True for a commit record written after a sync of the data file (see [`FLUSH_CHECKPOINT`]).
+fn is_checkpoint(r: &Record) -> bool {
+    r.kind == RecordKind::Fork || (r.kind == RecordKind::Flush && r.aux & FLUSH_CHECKPOINT != 0)
 }
 
 impl Journal {
@@ -274,7 +303,8 @@ impl Journal {
         }
     }
 
-    /// Creates a journal holding `header`, durable on return. Fails if `path` exists.
+    /// Creates a journal holding `header` (whose `aux` is the format version), durable on
+    /// return. Fails if `path` exists.
     pub fn create(path: &Path, header: &Record) -> Result<Self, JournalError> {
         let file = OpenOptions::new()
             .read(true)
@@ -287,6 +317,7 @@ impl Journal {
             file,
             len: 0,
             allocated: 0,
+            version: header.aux,
         };
         j.append(std::slice::from_ref(header))?;
         Ok(j)
@@ -310,8 +341,10 @@ impl Journal {
     }
 
     /// Opens and replays a delta journal: `apply` gets each committed record after the header,
-    /// in order (commit records included). `repair` accepts mid-journal damage (keeping the
-    /// committed prefix before it) instead of failing with [`JournalError::Corrupt`].
+    /// in order (commit records included), with, for a `WRITE_DATA` record after the last
+    /// checkpoint (whose data the data file may not hold durably), the journal offset of its
+    /// data (read it with [`Journal::read_data`]). `repair` accepts mid-journal damage (keeping
+    /// the committed prefix before it) instead of failing with [`JournalError::Corrupt`].
     ///
     /// Memory use is bounded whatever the journal's size: it is read a chunk at a time, once to
     /// find and check the committed prefix, then again to hand its records to `apply`.
@@ -319,7 +352,7 @@ impl Journal {
         path: &Path,
         writable: bool,
         repair: bool,
-        mut apply: impl FnMut(&Record),
+        mut apply: impl FnMut(&Record, Option<u64>),
     ) -> Result<(Self, Replay), JournalError> {
         let file =
             crate::sys::open_nonblocking(OpenOptions::new().read(true).write(writable), path)
@@ -345,16 +378,20 @@ impl Journal {
                 });
             }
         };
-        if header.aux != JOURNAL_VERSION {
+        let version = header.aux;
+        if version != JOURNAL_VERSION && version != JOURNAL_VERSION_1 {
             return Err(JournalError::Version {
                 path: path.to_path_buf(),
-                version: header.aux,
+                version,
             });
         }
-        // Pass 1: where the committed prefix ends, every record in it checked.
+        // Pass 1: where the committed prefix ends, every record in it checked (and the data
+        // of every WRITE_DATA record verified).
         let mut committed_slots = 1u64;
+        let mut checkpoint_slots = 1u64;
         let mut last_seq = 0u64;
         let mut i = 1u64;
+        let mut data = Vec::new();
         while i < slots.slots {
             let Some(r) = slots.record(i)? else { break };
             if r.seq > MAX_SEQ {
@@ -364,12 +401,17 @@ impl Journal {
                 });
             }
             // Sequence numbers never go down (a compacted journal repeats one per extent).
-            if r.seq < last_seq || r.kind == RecordKind::Header || r.kind as u8 >= 0x20 {
+            if r.seq < last_seq
+                || r.kind == RecordKind::Header
+                || r.kind as u8 >= 0x20
+                || (r.kind == RecordKind::WriteData && version == JOURNAL_VERSION_1)
+            {
                 break;
             }
+            let mut data_slots = 0;
             if matches!(
                 r.kind,
-                RecordKind::Write | RecordKind::Zero | RecordKind::Discard
+                RecordKind::Write | RecordKind::WriteData | RecordKind::Zero | RecordKind::Discard
             ) {
                 let bad = |reason| JournalError::InvalidRecord {
                     path: path.to_path_buf(),
@@ -386,35 +428,71 @@ impl Journal {
                 if end > header.offset {
                     return Err(bad("range past the end of the disk"));
                 }
+                if r.kind == RecordKind::WriteData {
+                    if r.len == 0 || r.len > MAX_INLINE_LEN {
+                        return Err(bad("data record length out of range"));
+                    }
+                    data_slots = r.len / RECORD_SIZE as u64;
+                    let at = (i + 1) * RECORD_SIZE as u64;
+                    if at + r.len > size {
+                        break; // its data was cut off: a torn tail
+                    }
+                    data.resize(r.len as usize, 0);
+                    file.read_exact_at(&mut data, at).map_err(Self::io(path))?;
+                    if u64::from(crc32c::crc32c(&data)) != r.aux {
+                        break; // its data did not all reach the disk (or was damaged)
+                    }
+                }
             }
             last_seq = r.seq;
-            i += 1;
-            if matches!(r.kind, RecordKind::Flush | RecordKind::Fork) {
+            i += 1 + data_slots;
+            if is_commit(&r) {
                 committed_slots = i;
+                if is_checkpoint(&r) {
+                    checkpoint_slots = i;
+                }
             }
         }
         if i < slots.slots && !repair {
-            // Damage at slot i: a torn tail unless a valid record follows.
-            for k in i + 1..slots.slots {
-                if let Some(r) = slots.record(k)?
-                    && r.seq > last_seq
-                    && r.kind != RecordKind::Header
-                {
-                    return Err(JournalError::Corrupt {
-                        path: path.to_path_buf(),
-                        offset: i * RECORD_SIZE as u64,
-                    });
+            let corrupt = if version == JOURNAL_VERSION_1 {
+                // Damage at slot i: a torn tail unless a valid record follows.
+                let mut found = false;
+                for k in i + 1..slots.slots {
+                    if let Some(r) = slots.record(k)?
+                        && r.seq > last_seq
+                        && r.kind != RecordKind::Header
+                    {
+                        found = true;
+                        break;
+                    }
                 }
+                found
+            } else {
+                Self::damage_is_corrupt(&file, path, &mut slots, i, committed_slots, last_seq)?
+            };
+            if corrupt {
+                return Err(JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: i * RECORD_SIZE as u64,
+                });
             }
         }
         // Pass 2: the committed records, in order (the lock the caller holds keeps writers
         // out, so they are the ones checked above; a record that no longer decodes is damage).
-        for k in 1..committed_slots {
+        let mut k = 1;
+        while k < committed_slots {
             let r = slots.record(k)?.ok_or_else(|| JournalError::Corrupt {
                 path: path.to_path_buf(),
                 offset: k * RECORD_SIZE as u64,
             })?;
-            apply(&r);
+            let mut data_at = None;
+            let mut data_slots = 0;
+            if r.kind == RecordKind::WriteData {
+                data_slots = r.len / RECORD_SIZE as u64;
+                data_at = (k >= checkpoint_slots).then_some((k + 1) * RECORD_SIZE as u64);
+            }
+            apply(&r, data_at);
+            k += 1 + data_slots;
         }
         let committed_len = committed_slots * RECORD_SIZE as u64;
         // After the committed prefix: zeros (space preallocated by `append`) and possibly
@@ -432,6 +510,7 @@ impl Journal {
             file,
             len: committed_len,
             allocated: size,
+            version,
         };
         if writable && discarded_bytes > 0 {
             let zeros = vec![0u8; READ_CHUNK.min(discarded_bytes as usize)];
@@ -448,12 +527,59 @@ impl Journal {
         Ok((j, replay))
     }
 
+    /// Version 2: is the damage at slot `at` (in the batch that starts at slot `committed`)
+    /// corruption rather than a torn append? Every commit record of version 2 names the
+    /// journal offset its batch starts at (`offset`). It is corruption if a later batch
+    /// follows (a commit record of another batch, or any valid record after the damaged
+    /// batch's own commit): a batch is only appended once the one before it is durable. If
+    /// only records of the damaged batch follow, the append was torn when an unwritten sector
+    /// (zeros) lies in the batch; damage without one is corruption.
+    fn damage_is_corrupt(
+        file: &File,
+        path: &Path,
+        slots: &mut Slots<'_>,
+        at: u64,
+        committed: u64,
+        last_seq: u64,
+    ) -> Result<bool, JournalError> {
+        let start = committed * RECORD_SIZE as u64;
+        let mut own_end = None;
+        let mut batch_end = None;
+        for k in at + 1..slots.slots {
+            let Some(r) = slots.record(k)? else { continue };
+            if r.seq <= last_seq || r.kind == RecordKind::Header {
+                continue;
+            }
+            if is_commit(&r) && r.offset == start {
+                own_end = Some(k + 1);
+            } else if own_end.is_some() || is_commit(&r) {
+                return Ok(true);
+            }
+            batch_end = Some(k + 1);
+        }
+        let Some(end) = batch_end else {
+            return Ok(false); // nothing valid follows: a torn tail
+        };
+        Ok(!has_zero_sector(
+            file,
+            path,
+            start,
+            end * RECORD_SIZE as u64,
+        )?)
+    }
+
     /// Appends `records` with one write, then fdatasyncs.
     pub fn append(&mut self, records: &[Record]) -> Result<(), JournalError> {
         let mut buf = Vec::with_capacity(records.len() * RECORD_SIZE);
         for r in records {
             buf.extend_from_slice(&r.encode());
         }
+        self.append_bytes(&buf)
+    }
+
+    /// Appends encoded records (with the data of `WRITE_DATA` records after them) with one
+    /// write, then fdatasyncs. `buf` must be a whole number of records.
+    pub(crate) fn append_bytes(&mut self, buf: &[u8]) -> Result<(), JournalError> {
         let end = self.len + buf.len() as u64;
         if end > self.allocated {
             // Grow by writing zeros, a chunk at a time, so that most appends overwrite
@@ -467,11 +593,18 @@ impl Journal {
             self.allocated = new_alloc;
         }
         self.file
-            .write_all_at(&buf, self.len)
+            .write_all_at(buf, self.len)
             .map_err(Self::io(&self.path))?;
         self.file.sync_data().map_err(Self::io(&self.path))?;
         self.len += buf.len() as u64;
         Ok(())
+    }
+
+    /// Reads data carried in the journal (at an offset [`Journal::open`] handed out).
+    pub(crate) fn read_data(&self, buf: &mut [u8], at: u64) -> Result<(), JournalError> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(Self::io(&self.path))
     }
 
     /// Bytes in the journal.
@@ -483,6 +616,35 @@ impl Journal {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The format version (the header's `aux`).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// True if `[from, to)` of `file` holds an all-zero [`TORN_SECTOR`]-aligned sector (or runs
+/// past the end of the file).
+fn has_zero_sector(file: &File, path: &Path, from: u64, to: u64) -> Result<bool, JournalError> {
+    let size = file.metadata().map_err(Journal::io(path))?.len();
+    if to > size {
+        return Ok(true);
+    }
+    let mut s = from.div_ceil(TORN_SECTOR) * TORN_SECTOR;
+    let mut buf = vec![0u8; READ_CHUNK];
+    while s + TORN_SECTOR <= to {
+        let n = ((to - s) / TORN_SECTOR * TORN_SECTOR).min(READ_CHUNK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], s)
+            .map_err(Journal::io(path))?;
+        if buf[..n]
+            .chunks_exact(TORN_SECTOR as usize)
+            .any(|c| c.iter().all(|&b| b == 0))
+        {
+            return Ok(true);
+        }
+        s += n as u64;
+    }
+    Ok(false)
 }
 
 /// The end (offset + 1) of the last non-zero byte of `[from, size)` of `file`, read a chunk
@@ -546,6 +708,7 @@ pub(crate) fn open_log(path: &Path, valid_records: usize) -> Result<Journal, Jou
         file,
         len,
         allocated: u64::MAX,
+        version: JOURNAL_VERSION_1,
     })
 }
 

@@ -172,6 +172,35 @@ pub trait Disk: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Makes earlier writes durable.
     fn flush(&self) -> Result<(), BlockError>;
+    /// Writes `len` bytes read from `src` (memory another party may change meanwhile, such as
+    /// a guest's) at a 512-byte aligned offset, without copying them into a buffer first
+    /// where the backend can (the bytes the backend saw are what is written). The default
+    /// copies them into `scratch` and calls [`Disk::write_at`].
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes until the call returns.
+    unsafe fn write_at_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        // SAFETY: `src` is valid for `len` bytes (the caller's contract); `scratch` is ours.
+        unsafe { copy_raw(src, len, scratch) };
+        self.write_at(scratch, offset)
+    }
+}
+
+/// Copies `len` bytes from `src` into `dst` (resized to `len`).
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes.
+pub(crate) unsafe fn copy_raw(src: *const u8, len: usize, dst: &mut Vec<u8>) {
+    dst.resize(len, 0);
+    // SAFETY: `src` is valid for `len` bytes (the caller's contract), `dst` holds `len` bytes
+    // and is a distinct allocation of ours, so the two do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), len) };
 }
 
 impl Disk for Delta {
@@ -195,6 +224,16 @@ impl Disk for Delta {
     }
     fn flush(&self) -> Result<(), BlockError> {
         Delta::flush(self).map(|_| ())
+    }
+    unsafe fn write_at_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Delta::write_at_raw(self, src, len, offset, scratch) }
     }
 }
 
@@ -222,6 +261,16 @@ impl Disk for Layer {
             Self::Base(_) => Ok(()),
             Self::Delta(d) => d.flush().map(|_| ()),
         }
+    }
+    unsafe fn write_at_raw(
+        &self,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), BlockError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.writable()?.write_at_raw(src, len, offset, scratch) }
     }
 }
 

@@ -20,7 +20,8 @@ mod sys;
 
 pub use base::{Base, sidecar_path};
 pub use delta::{
-    DATA_FILE, Delta, DeltaMeta, FlushHook, JOURNAL_FILE, META_FILE, MergeInputs, ParentRef,
+    DATA_FILE, Delta, DeltaMeta, FlushHook, INLINE_FLUSH_BYTES, JOURNAL_FILE, META_FILE,
+    MergeInputs, ParentRef,
 };
 pub use error::BlockError;
 pub use extent::{BLOCK_SIZE, Extent, ExtentKind, ExtentMap, coalesce};

@@ -27,6 +27,10 @@ const COMPARE_CHUNK: u64 = 1 << 20;
 const COPY_PIECE: u64 = 8 << 20;
 /// Output bytes after which their writeback is started (overlapping copying and disk writes).
 const KICK_BYTES: u64 = 8 << 20;
+/// Copies a merge keeps in flight between two checkpoints: threads, each copying one piece
+/// (an extent, at most `COPY_PIECE`) at a time, so that reads and writes of scattered extents
+/// overlap instead of waiting for each other one at a time.
+const COPY_THREADS: usize = 4;
 
 /// One of the two deltas being merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -843,8 +847,6 @@ pub fn merge(
             opts,
             done: 0,
             total: 0,
-            dirty: None,
-            dirty_bytes: 0,
         };
         w.total = report.bytes_to_write + if opts.flatten { active.size() } else { 0 };
         if opts.flatten && resume.0 == 0 {
@@ -859,9 +861,21 @@ pub fn merge(
             .map(|o| o.len)
             .sum::<u64>()
             + if opts.flatten { active.size() } else { 0 };
-        for (i, op) in report.plan.iter().enumerate().skip(first) {
-            apply(op, active, upgrade, &mut w)?;
-            w.maybe_checkpoint(1, i as u64 + 1)?;
+        // The plan in windows that each end where a checkpoint falls due; the copies of a
+        // window run in parallel, the checkpoint (output fdatasync, progress record) follows.
+        let mut i = first;
+        while i < report.plan.len() {
+            let mut j = i;
+            let mut bytes = 0;
+            while j < report.plan.len() && w.since_checkpoint + bytes < opts.checkpoint_bytes {
+                if matches!(report.plan[j].action, Action::Copy(_)) {
+                    bytes += report.plan[j].len;
+                }
+                j += 1;
+            }
+            apply_window(&report.plan[i..j], active, upgrade, &mut w)?;
+            w.maybe_checkpoint(1, j as u64)?;
+            i = j;
         }
         target.sync_data().map_err(io_err("sync", &target_path))?;
         if !opts.flatten {
@@ -918,27 +932,38 @@ struct Writer<'a> {
     opts: &'a MergeOptions,
     done: u64,
     total: u64,
-    dirty: Option<(u64, u64)>,
-    dirty_bytes: u64,
 }
 
-impl Writer<'_> {
+/// The output range a copier wrote since it last started writeback.
+#[derive(Default)]
+struct Kick {
+    dirty: Option<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Kick {
     /// Notes `[offset, offset + len)` as written; starts writeback every `KICK_BYTES`.
-    fn written(&mut self, offset: u64, len: u64) -> Result<(), MergeError> {
+    fn written(
+        &mut self,
+        target: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), MergeError> {
         let (lo, hi) = self.dirty.get_or_insert((offset, offset + len));
         *lo = (*lo).min(offset);
         *hi = (*hi).max(offset + len);
-        self.dirty_bytes += len;
-        if self.dirty_bytes >= KICK_BYTES {
+        self.bytes += len;
+        if self.bytes >= KICK_BYTES {
             let (lo, hi) = (*lo, *hi);
-            crate::sys::start_writeback(self.target, lo, hi - lo)
-                .map_err(io_err("write back", self.target_path))?;
-            self.dirty = None;
-            self.dirty_bytes = 0;
+            crate::sys::start_writeback(target, lo, hi - lo).map_err(io_err("write back", path))?;
+            *self = Self::default();
         }
         Ok(())
     }
+}
 
+impl Writer<'_> {
     fn progress(&mut self, n: u64) {
         self.done += n;
         self.since_checkpoint += n;
@@ -962,25 +987,61 @@ impl Writer<'_> {
     }
 }
 
-fn apply(op: &PlanOp, a: &Delta, b: &Delta, w: &mut Writer<'_>) -> Result<(), MergeError> {
-    match op.action {
-        Action::Zero => {
-            crate::sys::punch_hole(w.target, op.offset, op.len)
-                .map_err(io_err("punch", w.target_path))?;
-        }
-        Action::Copy(side) => {
-            let src = if side == Side::Active { a } else { b };
-            let mut pos = op.offset;
-            while pos < op.offset + op.len {
-                let n = (op.offset + op.len - pos).min(COPY_PIECE);
-                crate::sys::copy_range(src.data_file(), pos, w.target, pos, n)
-                    .map_err(io_err("copy into", w.target_path))?;
-                w.written(pos, n)?;
-                pos += n;
-                w.progress(n);
+/// Applies plan steps whose ranges do not overlap: zeroed ranges punched, copies spread over
+/// up to [`COPY_THREADS`] threads; progress is reported once they are all written.
+fn apply_window(
+    ops: &[PlanOp],
+    a: &Delta,
+    b: &Delta,
+    w: &mut Writer<'_>,
+) -> Result<(), MergeError> {
+    let mut pieces = Vec::new();
+    for op in ops {
+        match op.action {
+            Action::Zero => {
+                crate::sys::punch_hole(w.target, op.offset, op.len)
+                    .map_err(io_err("punch", w.target_path))?;
+            }
+            Action::Copy(side) => {
+                let src = if side == Side::Active { a } else { b };
+                let mut pos = op.offset;
+                while pos < op.offset + op.len {
+                    let n = (op.offset + op.len - pos).min(COPY_PIECE);
+                    pieces.push((src.data_file(), pos, n));
+                    pos += n;
+                }
             }
         }
     }
+    let (target, path) = (w.target, w.target_path);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let copier = || -> Result<(), MergeError> {
+        let mut kick = Kick::default();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&(src, pos, n)) = pieces.get(k) else {
+                return Ok(());
+            };
+            if let Err(e) = crate::sys::copy_range(src, pos, target, pos, n) {
+                // The others stop after their current piece.
+                next.store(pieces.len(), std::sync::atomic::Ordering::Relaxed);
+                return Err(io_err("copy into", path)(e));
+            }
+            kick.written(target, path, pos, n)?;
+        }
+    };
+    let threads = COPY_THREADS.min(pieces.len());
+    if threads <= 1 {
+        copier()?;
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(copier)).collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+    }
+    w.progress(pieces.iter().map(|p| p.2).sum());
     Ok(())
 }
 

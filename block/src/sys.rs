@@ -99,6 +99,38 @@ fn copy_by_hand(src: &File, mut so: u64, dst: &File, mut d: u64, mut len: u64) -
     Ok(())
 }
 
+/// Writes `len` bytes from `src` at `offset` of `file` (the kernel reads them; no Rust
+/// reference to them is formed).
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes until the call returns.
+pub(crate) unsafe fn pwrite_raw(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let off = to_off(offset + done as u64)?;
+        // SAFETY: `src + done .. src + len` is valid for reads (the caller's contract, and
+        // `done < len`); pwrite only reads that memory and writes to the fd `file` owns.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.add(done).cast(), len - done, off) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// Starts writeback of the dirty pages of `[offset, offset + len)` without waiting, so that a
 /// later fdatasync has less left to do.
 pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {

@@ -11,8 +11,10 @@
 //! `crash_many_kills` runs `BLOCK_CRASH_KILLS` (default 1000) of each.
 
 mod common;
+mod rng;
 
 use common::dir_files;
+use rng::Rng;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,21 +30,6 @@ const BLOCKS: u64 = 256;
 const WRITER_OPS: u64 = 300;
 const MERGE_BLOCKS: u64 = 4096;
 const CHILD_ENV: &str = "BLOCK_CRASH_CHILD";
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WOp {
