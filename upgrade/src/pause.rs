@@ -1,8 +1,10 @@
 //! Step 4: pause the backup and give it the merged disk layers (the upgrade's writes plus the
 //! active VM's, caught up to the freeze). The swap happens with its vCPUs stopped and its block
-//! workers held off their queues; the backup's first flush on a merged layer waits for the
-//! commit record ([`crate::resume`]), so nothing it acknowledges precedes the commit point.
-//! The backup runs again right after the swap: restoring the workload needs its guest kernel.
+//! workers held off their queues. The backup runs again right after the swap: restoring the
+//! workload needs its guest kernel, and the restore may flush (a Linux guest's does), so its
+//! flushes go through until the backup is about to serve; from then on ([`gate_flushes`], at
+//! step 7) its flushes wait for the commit record, so nothing it acknowledges to a client
+//! precedes the commit point.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,18 +16,22 @@ use crate::session::Session;
 /// Longest time the backup's first disk flush waits for the commit record.
 const GATE_LIMIT: Duration = Duration::from_secs(60);
 
-pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
-    s.enter(Phase::PauseBackup)?;
-    let merged: Vec<_> = s
-        .disks
+/// The merged layers, one per disk.
+fn merged(s: &Session<'_>) -> Result<Vec<Arc<block::Layer>>, StepError> {
+    s.disks
         .iter()
         .map(|d| {
             d.merged
                 .clone()
                 .ok_or_else(|| StepError::Internal("no merged layer".into()))
         })
-        .collect::<Result<_, _>>()?;
-    for m in &merged {
+        .collect()
+}
+
+/// From now on the backup's flushes on its merged layers wait for the commit record (called
+/// with the backup paused, just before it resumes to serve).
+pub(crate) fn gate_flushes(s: &Session<'_>) -> Result<(), StepError> {
+    for m in merged(s)? {
         if let Some(d) = m.as_delta() {
             let gate = Arc::clone(&s.gate);
             let path = d.path().to_owned();
@@ -38,6 +44,12 @@ pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
             }));
         }
     }
+    Ok(())
+}
+
+pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
+    s.enter(Phase::PauseBackup)?;
+    let merged = merged(s)?;
     let backup = s.backup()?;
     backup.pause()?;
     let mut swapped = Ok(());

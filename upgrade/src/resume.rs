@@ -17,6 +17,8 @@ use crate::session::Session;
 /// Resumes the backup: the cutover ends.
 pub(crate) fn run(s: &mut Session<'_>) -> Result<(), StepError> {
     s.enter(Phase::Resume)?;
+    // The backup (paused since step 6) is about to serve: its flushes wait for the commit.
+    crate::pause::gate_flushes(s)?;
     s.backup()?.resume()?;
     if let Some(start) = s.cutover_start {
         s.report.cutover = start.elapsed();
