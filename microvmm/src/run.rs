@@ -299,11 +299,14 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     // Everything privileged is open: /dev/kvm, the VM, its memory, disks and sockets.
     args.sandbox.drop_privileges()?;
-    m.start()?;
     if interactive {
         forward_stdin(m.serial().clone());
     }
+    // This thread is filtered before the guest runs (its filter has no rt_sigaction, so the
+    // vCPU kick handler goes in first).
+    vmm::vcpu::install_kick_handler()?;
     sandbox::apply(sandbox::ThreadKind::Main)?;
+    m.start()?;
     if let Some(api) = api {
         return crate::api::run_until_stopped(m, api);
     }

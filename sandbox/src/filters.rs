@@ -123,8 +123,9 @@ const NBD_CONNECTION: List = syscalls![recvfrom, sendto, shutdown];
 /// the end flushing the exports and removing the socket file.
 const NBD_SERVER: List = syscalls![accept4, ioctl, setsockopt, shutdown, unlink];
 
-/// The main thread of `run` once the VM runs: waiting, kicking vCPUs, writing a snapshot
-/// (KVM's ioctls only), handing the vsock connections over, tearing down. It starts no threads.
+/// The main thread of `run` from just before the vCPUs start: starting them (through the
+/// spawner), waiting, kicking vCPUs, writing a snapshot (KVM's ioctls only), handing the vsock
+/// connections over, tearing down. It starts no threads itself.
 const MAIN: List = syscalls![
     ioctl, tgkill, mkdir, socket, bind, listen, accept4, connect, sendto, sendmsg,
 ];

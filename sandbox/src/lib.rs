@@ -81,7 +81,7 @@ pub enum ThreadKind {
     NbdConnection,
     /// The control API thread (and the upgrade and HTTP threads it starts).
     Api,
-    /// The main thread of `microvmm run` once the VM runs (it starts no threads).
+    /// The main thread of `microvmm run` from just before it starts the vCPUs (through the spawner; it starts no threads itself).
     Main,
     /// The thread that starts the others (see the module documentation).
     Spawner,

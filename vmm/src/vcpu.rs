@@ -311,8 +311,9 @@ fn answer(resp: &Sender<(u64, VcpuResponse)>, msg: (u64, VcpuResponse)) {
 }
 
 /// Installs the kick handler once per process; a failure is remembered and reported to every
-/// later caller (not only the first).
-fn install_kick_handler() -> Result<(), String> {
+/// later caller (not only the first). [`Vcpu::start`] calls it; a thread about to give up
+/// `rt_sigaction` (its seccomp filter) before starting vCPUs calls it first.
+pub fn install_kick_handler() -> Result<(), String> {
     static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
     RESULT
         .get_or_init(|| register_kick_handler().map_err(|e| e.to_string()))
