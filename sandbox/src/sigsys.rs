@@ -66,9 +66,18 @@ extern "C" fn on_sigsys(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc:
         buf: [0; 256],
         len: 0,
     };
-    line.push(b"microvmm: seccomp: a ");
-    line.push(kind.map_or("unfiltered", |k| k.name()).as_bytes());
-    line.push(b" thread made system call ");
+    line.push(b"microvmm: seccomp: ");
+    match kind {
+        Some(k) => {
+            line.push(b"a ");
+            line.push(k.name().as_bytes());
+            line.push(b" thread");
+        }
+        // A thread started by a filtered one without `sandbox::spawn` (tiny_http's, an
+        // upgrade's): its creator's filter.
+        None => line.push(b"a thread with an inherited filter"),
+    }
+    line.push(b" made system call ");
     line.push_num(nr as u64);
     if let Some(name) = filters::name_of(nr) {
         line.push(b" (");
