@@ -219,6 +219,16 @@ fn assert_runs_as_user(pid: u32) {
     }
 }
 
+/// Whether the tests run as root (needed to switch users); prints a `SKIP` line when not.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        println!("SKIP: {test}: not running as root, cannot switch users");
+    }
+    root
+}
+
 /// A temporary directory the unprivileged user can use: `(root, its own subdirectory)`.
 fn dir_for_user() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -231,7 +241,8 @@ fn dir_for_user() -> (tempfile::TempDir, std::path::PathBuf) {
 
 #[test]
 fn run_as_another_user_keeps_the_vm_running_under_the_filters() {
-    if !kvm_or_skip("run_as_another_user_keeps_the_vm_running_under_the_filters") {
+    let name = "run_as_another_user_keeps_the_vm_running_under_the_filters";
+    if !kvm_or_skip(name) || !root_or_skip(name) {
         return;
     }
     let (dir, own) = dir_for_user();
@@ -290,6 +301,9 @@ fn run_as_another_user_keeps_the_vm_running_under_the_filters() {
 
 #[test]
 fn disk_serve_as_another_user_under_the_filters() {
+    if !root_or_skip("disk_serve_as_another_user_under_the_filters") {
+        return;
+    }
     if Command::new("qemu-io").arg("--version").output().is_err() {
         println!("SKIP: disk_serve_as_another_user_under_the_filters: qemu-io not installed");
         return;
