@@ -25,8 +25,9 @@ for t in "${targets[@]}"; do
         echo "!! $t: the fuzzer stopped with a finding, see $log and artifacts/$t/"
         status=1
     fi
-    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1)
+    # (After a finding there is no "Done" line: the counts may be missing.)
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
+    took=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | grep -o 'in [0-9]*' | grep -o '[0-9]*' | tail -1 || true)
     echo "   $t: ${runs:-?} executions in ${took:-?} s"
     nice -n 19 cargo +nightly fuzz cmin -O --target-dir "$target_dir" "$t" "corpus/$t" >>"$log" 2>&1 || true
     echo "   corpus: $(find "corpus/$t" -type f | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
