@@ -125,6 +125,8 @@ impl Shared {
 pub struct Api {
     server: Arc<Server>,
     thread: Option<JoinHandle<()>>,
+    /// Hands the machine to the thread ([`Api::serve`]); dropped, it ends the thread.
+    shared_tx: Option<std::sync::mpsc::SyncSender<Arc<Shared>>>,
     path: PathBuf,
 }
 
@@ -139,6 +141,7 @@ impl std::fmt::Debug for Api {
 impl Drop for Api {
     fn drop(&mut self) {
         self.server.unblock();
+        self.shared_tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -166,8 +169,10 @@ fn claim(path: &Path) -> Result<(), ApiError> {
 }
 
 impl Api {
-    /// Serves the API on `path` (mode 0600) for `shared`'s machine.
-    pub fn start(path: &Path, shared: Arc<Shared>) -> Result<Self, ApiError> {
+    /// Binds the API socket at `path` (mode 0600) and starts the API thread (under the API
+    /// seccomp filter when the sandbox is on), which answers once [`Api::serve`] gives it the
+    /// machine.
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
         use std::os::unix::fs::PermissionsExt;
         claim(path)?;
         let bind = |reason: String| ApiError::Bind {
@@ -186,33 +191,72 @@ impl Api {
             std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| e.to_string())?;
             let tmp = staging.join("api.sock");
-            let server = Server::http_unix(&tmp).map_err(|e| e.to_string())?;
+            let (server, thread, shared_tx) = spawn_server(tmp.clone())?;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("cannot make it private: {e}"))?;
             std::fs::rename(&tmp, path).map_err(|e| format!("cannot move it into place: {e}"))?;
-            Ok::<_, String>(server)
+            Ok::<_, String>((server, thread, shared_tx))
         })();
         if let Err(e) = std::fs::remove_dir_all(&staging) {
             tracing::warn!("cannot remove {}: {e}", staging.display());
         }
-        let server = made.map_err(bind)?;
-        let server = Arc::new(server);
-        let s = Arc::clone(&server);
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                for req in s.incoming_requests() {
-                    handle(&shared, req);
-                }
-            })
-            .map_err(|e| bind(format!("cannot start the API thread: {e}")))?;
+        let (server, thread, shared_tx) = made.map_err(bind)?;
         tracing::info!(path = %path.display(), "API listening");
         Ok(Self {
             server,
             thread: Some(thread),
+            shared_tx: Some(shared_tx),
             path: path.to_owned(),
         })
     }
+
+    /// Starts answering requests about `shared`'s machine.
+    pub fn serve(&mut self, shared: Arc<Shared>) {
+        if let Some(tx) = self.shared_tx.take() {
+            // Fails only if the thread ended, when nobody is left to answer anyway.
+            let _ = tx.send(shared);
+        }
+    }
+}
+
+type ServerThread = (
+    Arc<Server>,
+    JoinHandle<()>,
+    std::sync::mpsc::SyncSender<Arc<Shared>>,
+);
+
+/// Starts the API thread, which listens on `tmp` (tiny_http starts its own threads from there,
+/// so they run under the API filter too), then waits for the machine and answers requests.
+fn spawn_server(tmp: PathBuf) -> Result<ServerThread, String> {
+    let (server_tx, server_rx) = std::sync::mpsc::sync_channel(1);
+    let (shared_tx, shared_rx) = std::sync::mpsc::sync_channel::<Arc<Shared>>(1);
+    let thread = sandbox::spawn(
+        sandbox::ThreadKind::Api,
+        std::thread::Builder::new().name("api".into()),
+        move || {
+            let server = match Server::http_unix(&tmp) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    let _ = server_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            if server_tx.send(Ok(Arc::clone(&server))).is_err() {
+                return;
+            }
+            let Ok(shared) = shared_rx.recv() else {
+                return;
+            };
+            for req in server.incoming_requests() {
+                handle(&shared, req);
+            }
+        },
+    )
+    .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    let server = server_rx
+        .recv()
+        .map_err(|_| "the API thread ended at start".to_string())??;
+    Ok((server, thread, shared_tx))
 }
 
 /// One answer: status and JSON body (`None`: no body).
@@ -642,15 +686,15 @@ fn cancel_upgrade(shared: &Shared) -> Result<Answer, Answer> {
     Ok(Answer(202, Some(json!({ "state": "cancelling" }))))
 }
 
-/// Runs a started machine with the API on `path` until the guest stops or a `Stop` action
+/// Runs a started machine with the bound `api` until the guest stops or a `Stop` action
 /// ends it (the `run` loop with `--api-socket`).
 pub fn run_until_stopped(
     machine: Machine,
-    path: &Path,
+    mut api: Api,
 ) -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let shared = Shared::new(machine);
-    let api = Api::start(path, Arc::clone(&shared))?;
-    eprintln!("microvmm: API on {}", path.display());
+    api.serve(Arc::clone(&shared));
+    eprintln!("microvmm: API on {}", api.path.display());
     let reason = loop {
         if shared.stopped() {
             break Ok(vmm::StopReason::Stopped);

@@ -220,6 +220,8 @@ pub struct ServeArgs {
     /// `NAME=LAYER,ro`. Repeatable; the first one is also the default export.
     #[arg(long = "export", value_name = "NAME=LAYER[,ro]", required = true)]
     exports: Vec<String>,
+    #[command(flatten)]
+    sandbox: crate::run::SandboxArgs,
 }
 
 /// Runs one `microvmm disk` subcommand. Its output goes to stdout: an error writing it is
@@ -644,6 +646,7 @@ fn parse_export(spec: &str) -> Result<(String, PathBuf, bool), String> {
 /// `disk serve`: NBD until SIGTERM/SIGINT; then in-flight requests finish and every writable
 /// export is flushed, so every acknowledged write is durable when the process exits.
 fn serve(a: &ServeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    a.sandbox.init()?;
     let mut exports: Vec<(String, Arc<dyn block::Disk>)> = Vec::new();
     for spec in &a.exports {
         let (name, path, ro) = parse_export(spec)?;
@@ -687,14 +690,22 @@ fn serve(a: &ServeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         (None, None) => return Err("give --socket or --port".into()),
     };
+    // The exports and the listening socket are open.
+    a.sandbox.drop_privileges()?;
     note!("serving {} on {place}", summary.join(", "));
     let flag = server.shutdown_flag();
-    let watcher = std::thread::spawn(move || {
-        while !STOP_SERVING.load(Ordering::SeqCst) && !flag.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        flag.store(true, Ordering::SeqCst);
-    });
+    let watcher = sandbox::spawn(
+        sandbox::ThreadKind::NbdServer,
+        std::thread::Builder::new().name("nbd-stop".into()),
+        move || {
+            while !STOP_SERVING.load(Ordering::SeqCst) && !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            flag.store(true, Ordering::SeqCst);
+        },
+    )?;
+    // This thread becomes the accept loop.
+    sandbox::apply(sandbox::ThreadKind::NbdServer)?;
     let result = server.serve(listener);
     server.shutdown_flag().store(true, Ordering::SeqCst);
     let _ = watcher.join();
@@ -763,6 +774,11 @@ mod serve_tests {
                 format!("disk={}", dir.path().join("d").display()),
                 format!("base={},ro", dir.path().join("base").display()),
             ],
+            // In-process: the test harness's threads are not the VMM's to filter.
+            sandbox: crate::run::SandboxArgs {
+                no_seccomp: true,
+                ..Default::default()
+            },
         };
         let server = std::thread::spawn(move || serve(&args).map_err(|e| e.to_string()));
         let start = std::time::Instant::now();

@@ -99,6 +99,48 @@ pub struct RunArgs {
     /// --restore: connect here (retrying up to 60 s) and take them over.
     #[arg(long)]
     handover: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) sandbox: SandboxArgs,
+}
+
+/// The sandbox options of `run` and `disk serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SandboxArgs {
+    /// Run without the seccomp filters (for debugging: by default every thread runs under
+    /// its kind's filter, and a forbidden system call ends the process with SIGSYS).
+    #[arg(long)]
+    pub(crate) no_seccomp: bool,
+    /// Switch to this user (numeric `UID:GID`, no supplementary groups) once /dev/kvm, the
+    /// disks and the sockets are open, before the guest runs.
+    #[arg(long, value_name = "UID:GID", value_parser = sandbox::parse_user)]
+    pub(crate) user: Option<(u32, u32)>,
+}
+
+impl SandboxArgs {
+    /// Turns the sandbox on (unless `--no-seccomp`); call before any thread starts.
+    /// `MICROVMM_SECCOMP=log` makes the filters log what they would forbid (to the kernel's
+    /// audit log) instead of enforcing it: for finding what a new thread needs.
+    pub fn init(&self) -> Result<(), sandbox::SandboxError> {
+        if self.no_seccomp {
+            return Ok(());
+        }
+        let mode = match std::env::var("MICROVMM_SECCOMP").as_deref() {
+            Ok("log") => sandbox::Mode::Log,
+            _ => sandbox::Mode::Enforce,
+        };
+        sandbox::init(sandbox::Config {
+            mode,
+            drop_to: self.user,
+        })
+    }
+
+    /// Switches to `--user`, if given (once everything privileged is open).
+    pub fn drop_privileges(&self) -> Result<(), sandbox::SandboxError> {
+        match self.user {
+            Some((uid, gid)) => sandbox::drop_privileges(uid, gid),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How long `--handover` waits for the other process.
@@ -234,11 +276,13 @@ fn check_vsock_socket(cfg: &MachineConfig) -> Result<(), Box<dyn std::error::Err
     Ok(())
 }
 
-/// Feeds the VMM's stdin to the guest's COM1 from a background thread (ends at EOF).
+/// Feeds the VMM's stdin to the guest's COM1 from a background thread (ends at EOF), under the
+/// device-worker filter (it is the console's input side).
 fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
+    let _ = sandbox::spawn(
+        sandbox::ThreadKind::DeviceWorker,
+        std::thread::Builder::new().name("stdin".into()),
+        move || {
             let mut buf = [0u8; 256];
             let mut stdin = std::io::stdin();
             while let Ok(n) = stdin.read(&mut buf) {
@@ -258,12 +302,14 @@ fn forward_stdin(serial: Arc<Mutex<SerialDevice>>) {
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 /// Runs `microvmm run`: exit status 0 when the guest powers off or resets, 1 on an error.
 pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = machine_config(&args)?;
+    args.sandbox.init()?;
     let interactive = cfg.console == ConsoleTarget::Stdout;
     if args.handover.is_some() && args.restore.is_none() && args.snapshot_to.is_none() {
         return Err("--handover goes with --restore or --snapshot-to".into());
@@ -290,12 +336,22 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             m
         }
     };
-    m.start()?;
+    let api = match &args.api_socket {
+        Some(path) => Some(crate::api::Api::bind(path)?),
+        None => None,
+    };
+    // Everything privileged is open: /dev/kvm, the VM, its memory, disks and sockets.
+    args.sandbox.drop_privileges()?;
     if interactive {
         forward_stdin(m.serial().clone());
     }
-    if let Some(path) = &args.api_socket {
-        return crate::api::run_until_stopped(m, path);
+    // This thread is filtered before the guest runs (its filter has no rt_sigaction, so the
+    // vCPU kick handler goes in first).
+    vmm::vcpu::install_kick_handler()?;
+    sandbox::apply(sandbox::ThreadKind::Main)?;
+    m.start()?;
+    if let Some(api) = api {
+        return crate::api::run_until_stopped(m, api);
     }
     let reason = match (args.snapshot_after, &args.snapshot_to) {
         (Some(ms), Some(dir)) => match m.wait(Some(Duration::from_millis(ms))) {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use devices::legacy::{SerialOutput, SharedBuffer};
 use vmm::config::MachineConfig;
 use vmm::cpuid::HostKvm;
-pub use vmm::guests::kvm_or_skip;
 use vmm::guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::{Machine, MachineError};
 
@@ -26,6 +25,22 @@ pub fn guest_with_fresh_delta(guest: &str, dir: &std::path::Path, size: u64) -> 
         read_only: false,
     }];
     cfg
+}
+
+/// Whether /dev/kvm is usable (else prints `SKIP: <test>: <reason>`). First turns the sandbox
+/// on for this test process (once), as `microvmm run` does: the VMM threads these tests start
+/// (vCPUs, device workers) run under their seccomp filters, so the suite checks them too.
+pub fn kvm_or_skip(test: &str) -> bool {
+    static SANDBOX: std::sync::Once = std::sync::Once::new();
+    SANDBOX.call_once(|| {
+        // Called from a test thread, which has no filter, before any VMM thread exists.
+        sandbox::init(sandbox::Config {
+            mode: sandbox::Mode::Enforce,
+            drop_to: None,
+        })
+        .expect("cannot turn the sandbox on");
+    });
+    vmm::guests::kvm_or_skip(test)
 }
 
 /// Whether the host has hardware virtualization; prints `SKIP: <test>: <reason>` when not.

@@ -118,7 +118,7 @@ fn status_of(agent: &mut ServiceAgent) -> Status {
 
 #[test]
 fn serves_checked_requests_and_logs_them_durably() {
-    if !vmm::guests::kvm_or_skip("serves_checked_requests_and_logs_them_durably") {
+    if !microvmm_tests::kvm_or_skip("serves_checked_requests_and_logs_them_durably") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -232,7 +232,7 @@ fn serves_checked_requests_and_logs_them_durably() {
 
 #[test]
 fn exec_upgrades_the_os_stamp_and_reports_exit_codes() {
-    if !vmm::guests::kvm_or_skip("exec_upgrades_the_os_stamp_and_reports_exit_codes") {
+    if !microvmm_tests::kvm_or_skip("exec_upgrades_the_os_stamp_and_reports_exit_codes") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -292,7 +292,7 @@ fn exec_upgrades_the_os_stamp_and_reports_exit_codes() {
 
 #[test]
 fn freeze_holds_requests_and_rollback_answers_them() {
-    if !vmm::guests::kvm_or_skip("freeze_holds_requests_and_rollback_answers_them") {
+    if !microvmm_tests::kvm_or_skip("freeze_holds_requests_and_rollback_answers_them") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -413,7 +413,7 @@ fn freeze_holds_requests_and_rollback_answers_them() {
 
 #[test]
 fn a_clone_goes_standby_and_takes_over_from_a_checkpoint() {
-    if !vmm::guests::kvm_or_skip("a_clone_goes_standby_and_takes_over_from_a_checkpoint") {
+    if !microvmm_tests::kvm_or_skip("a_clone_goes_standby_and_takes_over_from_a_checkpoint") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -534,7 +534,7 @@ fn a_clone_goes_standby_and_takes_over_from_a_checkpoint() {
 
 #[test]
 fn bad_agent_input_gets_err_answers_and_the_service_goes_on() {
-    if !vmm::guests::kvm_or_skip("bad_agent_input_gets_err_answers_and_the_service_goes_on") {
+    if !microvmm_tests::kvm_or_skip("bad_agent_input_gets_err_answers_and_the_service_goes_on") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -598,7 +598,7 @@ fn bad_agent_input_gets_err_answers_and_the_service_goes_on() {
 
 #[test]
 fn live_connections_move_to_a_restored_clone_and_go_on() {
-    if !vmm::guests::kvm_or_skip("live_connections_move_to_a_restored_clone_and_go_on") {
+    if !microvmm_tests::kvm_or_skip("live_connections_move_to_a_restored_clone_and_go_on") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

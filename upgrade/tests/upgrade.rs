@@ -76,7 +76,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn demo_upgrades_the_service_guest_while_its_client_keeps_getting_answers() {
-    if !vmm::guests::kvm_or_skip("demo_upgrades_the_service_guest") {
+    if !microvmm_tests::kvm_or_skip("demo_upgrades_the_service_guest") {
         return;
     }
     let _g = serial();
@@ -182,7 +182,7 @@ fn rolls_back(
     phase: Phase,
     tune: impl FnOnce(&Path, &mut UpgradePlan, &mut UpgradeOptions),
 ) {
-    if !vmm::guests::kvm_or_skip(name) {
+    if !microvmm_tests::kvm_or_skip(name) {
         return;
     }
     let _g = serial();
@@ -375,7 +375,7 @@ fn a_cutover_over_its_limit_rolls_back_after_moving_the_connections() {
 
 #[test]
 fn invalid_plans_are_refused_with_the_field_named() {
-    if !vmm::guests::kvm_or_skip("invalid_plans") {
+    if !microvmm_tests::kvm_or_skip("invalid_plans") {
         return;
     }
     let _g = serial();
@@ -463,7 +463,7 @@ fn crash_child_entry() {
 
 #[test]
 fn the_orchestrator_killed_at_random_moments_leaves_one_consistent_chain() {
-    if !vmm::guests::kvm_or_skip("orchestrator_killed") {
+    if !microvmm_tests::kvm_or_skip("orchestrator_killed") {
         return;
     }
     let _g = serial();
@@ -632,7 +632,7 @@ fn a_cancel_during_the_merge_rolls_back_before_the_cutover() {
 
 #[test]
 fn a_backup_restarted_into_its_new_kernel_takes_the_workload_over() {
-    if !vmm::guests::kvm_or_skip("backup_restarted") {
+    if !microvmm_tests::kvm_or_skip("backup_restarted") {
         return;
     }
     let _g = serial();

@@ -311,8 +311,9 @@ fn answer(resp: &Sender<(u64, VcpuResponse)>, msg: (u64, VcpuResponse)) {
 }
 
 /// Installs the kick handler once per process; a failure is remembered and reported to every
-/// later caller (not only the first).
-fn install_kick_handler() -> Result<(), String> {
+/// later caller (not only the first). [`Vcpu::start`] calls it; a thread about to give up
+/// `rt_sigaction` (its seccomp filter) before starting vCPUs calls it first.
+pub fn install_kick_handler() -> Result<(), String> {
     static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
     RESULT
         .get_or_init(|| register_kick_handler().map_err(|e| e.to_string()))
@@ -530,13 +531,16 @@ impl Vcpu {
         install_kick_handler().map_err(|reason| VcpuError::Thread { id, reason })?;
         let (tx, rx) = channel();
         let (resp_tx, resp_rx) = channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || self.thread_main(rx, resp_tx, exits, start_running))
-            .map_err(|e| VcpuError::Thread {
-                id,
-                reason: e.to_string(),
-            })?;
+        // Under the vCPU filter (when the sandbox is on) before its first guest instruction.
+        let thread = sandbox::spawn(
+            sandbox::ThreadKind::Vcpu,
+            std::thread::Builder::new().name(format!("vcpu{id}")),
+            move || self.thread_main(rx, resp_tx, exits, start_running),
+        )
+        .map_err(|e| VcpuError::Thread {
+            id,
+            reason: e.to_string(),
+        })?;
         Ok(VcpuHandle {
             id,
             tx,
@@ -553,6 +557,10 @@ impl Vcpu {
         exits: Sender<VcpuExitReport>,
         start_running: bool,
     ) -> Vcpu {
+        #[cfg(feature = "test-hooks")]
+        if self.id == 0 && std::env::var_os("MICROVMM_TEST_FORBIDDEN_SYSCALL").is_some() {
+            forbidden_syscall();
+        }
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         // A kick that arrived before the pointer was set found nothing to flag; make the first
         // KVM_RUN return at once so the message queue is looked at before the guest runs.
@@ -655,6 +663,20 @@ impl Vcpu {
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         self
+    }
+}
+
+/// Test hook: a system call no vCPU filter allows (opening a file), as a device model taken
+/// over by the guest might make. Under the sandbox it ends the process with SIGSYS; without it
+/// the file is opened and closed, and the vCPU runs on.
+#[cfg(feature = "test-hooks")]
+fn forbidden_syscall() {
+    // SAFETY: a NUL-terminated path and flags; the fd, if any, is closed at once.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::close(fd);
+        }
     }
 }
 

@@ -413,15 +413,18 @@ impl NbdServer {
             return None;
         }
         let server = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("nbd-conn".into())
-            .stack_size(self.limits.thread_stack)
-            .spawn(move || {
+        let spawned = sandbox::spawn(
+            sandbox::ThreadKind::NbdConnection,
+            std::thread::Builder::new()
+                .name("nbd-conn".into())
+                .stack_size(self.limits.thread_stack),
+            move || {
                 let mut stream = stream;
                 if let Err(e) = server.handle(&mut stream) {
                     log_conn_error(&e);
                 }
-            });
+            },
+        );
         match spawned {
             Ok(thread) => Some(ConnHandle { thread, socket }),
             Err(e) => {

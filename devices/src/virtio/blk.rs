@@ -303,6 +303,11 @@ pub enum QueueError {
     /// Reading the available ring or writing the used ring failed.
     #[error("virtqueue access failed")]
     Ring(#[source] virtio_queue::Error),
+    /// The available ring says requests are pending but none can be taken: its index is more
+    /// than a queue ahead of the device, or the ring cannot be read (found by fuzzing: the
+    /// device used to retry forever, holding the queue lock).
+    #[error("the available ring is broken (its index is out of range or it cannot be read)")]
+    BrokenRing,
 }
 
 /// Handles one descriptor chain end to end; returns the used length to report.
@@ -443,15 +448,25 @@ pub fn process_queue(
         read_only: disk.is_read_only(),
     };
     let mut used_any = false;
+    // Whether the last look at the available index found requests pending.
+    let mut pending = false;
     loop {
         queue.disable_notification(mem).map_err(QueueError::Ring)?;
+        let mut took = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = handle_chain(chain, mem, disk, &limits, id, buf);
             queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
             used_any = true;
+            took = true;
         }
-        if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
+        // A driver's index only grows: pending requests that cannot be taken mean a broken
+        // ring, not a reason to look again (forever).
+        if pending && !took {
+            return Err(QueueError::BrokenRing);
+        }
+        pending = queue.enable_notification(mem).map_err(QueueError::Ring)?;
+        if !pending {
             break;
         }
     }
@@ -745,7 +760,9 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::virtio::testing::{DATA, Driver, RamDisk};
+    use std::time::Duration;
+
+    use crate::virtio::testing::{AVAIL, DATA, Driver, QSIZE, RamDisk, memory, queue};
     use crate::virtio::{INT_CONFIG, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET};
 
     const VERSION_1: u64 = 1 << 32;
@@ -998,6 +1015,47 @@ mod tests {
         d.kick_and_wait(1);
         assert_eq!(status(&d), S_OK);
         assert_eq!(d.rd(0x70) & STATUS_NEEDS_RESET, 0);
+    }
+
+    /// Found by the `virtio_blk` fuzz target (a device write landed on the available index): an
+    /// index more than a queue ahead made `process_queue` spin forever, holding the queue lock.
+    #[test]
+    fn an_available_index_out_of_range_is_a_broken_ring_not_a_busy_loop() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mem = memory();
+            mem.write_obj(QSIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
+            let disk = RamDisk::new(4096, false);
+            let mut q = queue();
+            let r = process_queue(&mut q, &mem, disk.as_ref(), &[0; ID_BYTES], &mut Vec::new());
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("process_queue did not return");
+        assert!(matches!(r, Err(QueueError::BrokenRing)), "{r:?}");
+    }
+
+    /// The same through a running device: the guest sees NEEDS_RESET.
+    #[test]
+    fn a_guest_with_a_broken_available_index_gets_needs_reset() {
+        let disk = RamDisk::new(64 * 1024, false);
+        let mut d = ready(Arc::clone(&disk));
+        d.mem
+            .write_obj(QSIZE.wrapping_add(7), GuestAddress(AVAIL + 2))
+            .unwrap();
+        d.wr(0x50, 0);
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while d.rd(0x70) & STATUS_NEEDS_RESET == 0 {
+            assert!(std::time::Instant::now() < end, "no NEEDS_RESET");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(disk.log.lock().unwrap().is_empty());
+        // A reset stops the worker (it does not hang) and the device can be set up again.
+        d.wr(0x70, 0);
+        assert_eq!(d.rd(0x70), 0);
+        d.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert_ne!(d.init(VERSION_1, 1) & STATUS_DRIVER_OK, 0);
     }
 
     #[test]

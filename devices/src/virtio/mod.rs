@@ -210,6 +210,9 @@ pub struct WorkerThread {
 
 impl WorkerThread {
     /// Spawns `body` on a thread named `name`; `body` must return once its eventfd is readable.
+    /// The thread runs under the device-worker seccomp filter when the sandbox is on (every
+    /// device starts its workers here, so a new device gets the filter with no more code; what
+    /// that filter allows is `sandbox`'s `ThreadKind::DeviceWorker`).
     pub fn spawn(
         name: &str,
         body: impl FnOnce(&EventFd) + Send + 'static,
@@ -217,10 +220,12 @@ impl WorkerThread {
         let kill =
             EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || body(&kill_worker))
-            .map_err(ActivateError::Worker)?;
+        let handle = sandbox::spawn(
+            sandbox::ThreadKind::DeviceWorker,
+            std::thread::Builder::new().name(name.to_owned()),
+            move || body(&kill_worker),
+        )
+        .map_err(ActivateError::Worker)?;
         Ok(Self { kill, handle })
     }
 
