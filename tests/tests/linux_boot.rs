@@ -410,6 +410,42 @@ fn full_guest_vm(dir: &Path, net: Vec<vmm::config::NetConfig>) -> (TestVm, PathB
     (vm, uds)
 }
 
+/// The Java demo service (`/opt/demo/EchoLog` in the full guest image) on port 7000, logging
+/// each request to `log`.
+fn echo_log_argv(log: &str) -> Vec<String> {
+    [
+        "java",
+        "-XX:-UsePerfData",
+        "-Xmx64m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-cp",
+        "/opt/demo",
+        "EchoLog",
+        "7000",
+        log,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Connects to the guest's service at `addr`, retrying (up to 120 s) until it listens.
+fn connect_service(addr: &str) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the service at {addr} never answered: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
 /// Connects to the guest agent on vsock port 1024 through the device's Unix socket `uds`,
 /// retrying (up to 180 s) until it listens.
 fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
@@ -476,20 +512,7 @@ fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
     );
     assert!(link.contains(mac), "{link}");
     let spec = guest_agent::protocol::WorkloadSpec {
-        argv: [
-            "java",
-            "-XX:-UsePerfData",
-            "-Xmx64m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-            "-cp",
-            "/opt/demo",
-            "EchoLog",
-            "7000",
-            "/tmp/requests.log",
-        ]
-        .map(String::from)
-        .to_vec(),
+        argv: echo_log_argv("/tmp/requests.log"),
         cwd: None,
         env: vec![],
         data_files: vec![],
@@ -498,22 +521,7 @@ fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
     };
     agent.start(&spec).expect("start the Java service");
     // The client is on the host side of the TAP (this thread is in the namespace).
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let stream = loop {
-        match std::net::TcpStream::connect_timeout(
-            &"10.0.0.2:7000".parse().unwrap(),
-            Duration::from_secs(2),
-        ) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the Java service never answered: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-    };
+    let stream = connect_service("10.0.0.2:7000");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -580,20 +588,7 @@ fn linux_upgrade_keeps_a_java_clients_connection_on_hardware_kvm() {
         .unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     let spec = guest_agent::protocol::WorkloadSpec {
-        argv: [
-            "java",
-            "-XX:-UsePerfData",
-            "-Xmx64m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-            "-cp",
-            "/opt/demo",
-            "EchoLog",
-            "7000",
-            "/var/lib/demo/requests.log",
-        ]
-        .map(String::from)
-        .to_vec(),
+        argv: echo_log_argv("/var/lib/demo/requests.log"),
         cwd: None,
         env: vec![],
         data_files: vec!["/var/lib/demo/requests.log".into()],
@@ -606,19 +601,7 @@ fn linux_upgrade_keeps_a_java_clients_connection_on_hardware_kvm() {
     };
     agent.start(&spec).expect("start the Java service");
     drop(agent);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let conn = loop {
-        match std::net::TcpStream::connect_timeout(
-            &"10.0.0.10:7000".parse().unwrap(),
-            Duration::from_secs(2),
-        ) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "no service: {e}");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-    };
+    let conn = connect_service("10.0.0.10:7000");
     // The client: one request every 100 ms on the one connection, each reply checked.
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
