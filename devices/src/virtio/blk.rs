@@ -31,6 +31,7 @@ pub const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 const F_SEG_MAX: u32 = vb::VIRTIO_BLK_F_SEG_MAX;
 const F_RO: u32 = vb::VIRTIO_BLK_F_RO;
 const F_BLK_SIZE: u32 = vb::VIRTIO_BLK_F_BLK_SIZE;
+const F_TOPOLOGY: u32 = vb::VIRTIO_BLK_F_TOPOLOGY;
 const F_FLUSH: u32 = vb::VIRTIO_BLK_F_FLUSH;
 const F_DISCARD: u32 = vb::VIRTIO_BLK_F_DISCARD;
 const F_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_F_WRITE_ZEROES;
@@ -496,6 +497,17 @@ struct BlkConfig {
     unused1: [u8; 3],
 }
 
+/// `struct virtio_blk_topology` for physical blocks of `per_block` logical ones (a power of
+/// two): `physical_block_exp`, `alignment_offset` 0, `min_io_size` and `opt_io_size` one
+/// physical block (in logical blocks), little endian.
+fn topology(per_block: u32) -> [u8; 8] {
+    let mut t = [0u8; 8];
+    t[0] = per_block.trailing_zeros() as u8;
+    t[2..4].copy_from_slice(&(per_block as u16).to_le_bytes());
+    t[4..8].copy_from_slice(&per_block.to_le_bytes());
+    t
+}
+
 // SAFETY: `BlkConfig` is plain old data: packed (no padding), every field an integer or byte
 // array, so any bit pattern is valid and it may be viewed as bytes.
 unsafe impl vm_memory::ByteValued for BlkConfig {}
@@ -576,11 +588,17 @@ impl Block {
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
-        // Advertise the delta's tracking granularity so a Linux guest issues whole 4 KiB blocks
-        // (512-byte aligned requests from other drivers are still accepted).
+        // Logical blocks of 512 bytes (any file system's block size works; `blk_size` is what
+        // Linux takes as the logical block size), and the delta's tracking granularity as the
+        // physical block and the minimum and optimal I/O size, so a guest prefers whole 4 KiB
+        // blocks (512-byte aligned requests are still served).
         let block_size = block::BLOCK_SIZE as u32;
-        let mut features =
-            (1u64 << VIRTIO_F_VERSION_1) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH);
+        let per_block = block_size / SECTOR_SIZE as u32;
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << F_SEG_MAX)
+            | (1 << F_BLK_SIZE)
+            | (1 << F_TOPOLOGY)
+            | (1 << F_FLUSH);
         if disk.is_read_only() {
             features |= 1 << F_RO;
         } else {
@@ -589,7 +607,8 @@ impl Block {
         let config = BlkConfig {
             capacity: disk.size() / SECTOR_SIZE,
             seg_max: u32::from(QUEUE_SIZE) - 2,
-            blk_size: block_size,
+            blk_size: SECTOR_SIZE as u32,
+            topology: topology(per_block),
             max_discard_sectors: (MAX_REQUEST_BYTES as u64 / SECTOR_SIZE) as u32,
             max_discard_seg: MAX_DISCARD_SEGMENTS,
             discard_sector_alignment: block_size / 512,
@@ -790,6 +809,25 @@ mod tests {
             STATUS_FEATURES_OK | STATUS_DRIVER_OK
         );
         d
+    }
+
+    /// The config space a guest reads: 512-byte logical blocks (so a file system with 1 KiB
+    /// blocks mounts: with `blk_size` 4096 Linux refused it) and 4 KiB physical blocks.
+    #[test]
+    fn config_space_has_512_byte_logical_and_4k_physical_blocks() {
+        let b = Block::new(RamDisk::new(1 << 20, false), "disk-0");
+        assert_ne!(b.device_features() & (1 << F_BLK_SIZE), 0);
+        assert_ne!(b.device_features() & (1 << F_TOPOLOGY), 0);
+        let mut cfg = [0u8; 60];
+        b.read_config(0, &mut cfg);
+        let u32_at = |o: usize| u32::from_le_bytes(cfg[o..o + 4].try_into().unwrap());
+        assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32_at(20), 512, "blk_size");
+        // topology: physical_block_exp, alignment_offset, min_io_size (u16), opt_io_size (u32)
+        assert_eq!(cfg[24], 3);
+        assert_eq!(cfg[25], 0);
+        assert_eq!(u16::from_le_bytes([cfg[26], cfg[27]]), 8);
+        assert_eq!(u32_at(28), 8);
     }
 
     #[test]
