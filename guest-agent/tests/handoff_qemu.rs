@@ -10,12 +10,12 @@
 //! Needs root (network namespace, tap devices). Costs about 2-4 minutes on 2 cores.
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use guest_agent::host::{
     AgentClient, CheckpointImage, HandoffError, HandoffOpts, HostError, handoff,
 };
 use guest_agent::protocol::{CheckpointOpts, ErrorKind, Fault, ServiceAddr, WorkloadSpec};
+use guest_agent::testing::{RstWatch, echo_log_argv};
 use guest_agent::transport::Endpoint;
 
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
@@ -348,130 +349,6 @@ fn max_gap(replies: &[Reply], since: usize) -> Duration {
         .unwrap_or_default()
 }
 
-/// Counts TCP segments of the service port seen on a network device (AF_PACKET capture) and
-/// records the ports of those that carried RST.
-struct RstWatch {
-    segments: Arc<AtomicU64>,
-    resets: Arc<Mutex<Vec<(u16, u16)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-/// Opens an AF_PACKET socket on `ifname` with a 200 ms receive timeout.
-fn packet_socket(ifname: &str) -> OwnedFd {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(index > 0, "no interface {ifname}");
-    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: the pointers refer to live locals of the stated sizes; `fd` is open.
-    let ok = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        ) == 0
-            && libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            ) == 0
-    };
-    assert!(
-        ok,
-        "bind/setsockopt AF_PACKET: {}",
-        std::io::Error::last_os_error()
-    );
-    fd
-}
-
-/// (source port, destination port, TCP flags) of an Ethernet/IPv4/TCP frame touching `port`.
-fn tcp_flags_for_port(f: &[u8], port: u16) -> Option<(u16, u16, u8)> {
-    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
-        return None;
-    }
-    let t = 14 + usize::from(f[14] & 0x0f) * 4;
-    let tcp = f.get(t..t + 14)?;
-    let (sport, dport) = (
-        u16::from_be_bytes([tcp[0], tcp[1]]),
-        u16::from_be_bytes([tcp[2], tcp[3]]),
-    );
-    (sport == port || dport == port).then_some((sport, dport, tcp[13]))
-}
-
-impl RstWatch {
-    fn start(ifname: &str, port: u16) -> Self {
-        let fd = packet_socket(ifname);
-        let (segments, resets, stop) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(Mutex::new(Vec::new())),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (sg, rs, st) = (
-            Arc::clone(&segments),
-            Arc::clone(&resets),
-            Arc::clone(&stop),
-        );
-        let thread = thread::spawn(move || {
-            let mut f = File::from(fd);
-            let mut buf = vec![0u8; 65536];
-            while !st.load(Ordering::SeqCst) {
-                let Ok(n) = f.read(&mut buf) else { continue };
-                if let Some((sport, dport, flags)) = tcp_flags_for_port(&buf[..n], port) {
-                    sg.fetch_add(1, Ordering::SeqCst);
-                    if flags & 0x04 != 0 {
-                        rs.lock().unwrap().push((sport, dport));
-                    }
-                }
-            }
-        });
-        Self {
-            segments,
-            resets,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops; returns the segment count and the (source, destination) ports of RST segments.
-    fn stop(mut self) -> (u64, Vec<(u16, u16)>) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (
-            self.segments.load(Ordering::SeqCst),
-            self.resets.lock().unwrap().clone(),
-        )
-    }
-}
-
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -590,20 +467,7 @@ fn run_suite(img: &Images) {
     // Service address and application on A.
     exec(&mut a, &format!("ip addr add {SERVICE_IP}/32 dev eth0"));
     let spec = WorkloadSpec {
-        argv: [
-            "java",
-            "-XX:-UsePerfData",
-            "-Xmx64m",
-            "-XX:+UseSerialGC",
-            "-XX:TieredStopAtLevel=1",
-            "-cp",
-            "/opt/demo",
-            "EchoLog",
-            &SERVICE_PORT.to_string(),
-            DATA_FILE,
-        ]
-        .map(String::from)
-        .to_vec(),
+        argv: echo_log_argv(SERVICE_PORT, DATA_FILE),
         cwd: None,
         env: vec![],
         data_files: vec![DATA_FILE.into()],

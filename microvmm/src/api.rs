@@ -488,7 +488,9 @@ enum VmTarget {
 
 fn conflict(e: vmm::MachineError) -> Answer {
     match e {
-        e @ vmm::MachineError::InvalidTransition { .. } => fault(409, e),
+        e @ (vmm::MachineError::InvalidTransition { .. } | vmm::MachineError::NotRunning(_)) => {
+            fault(409, e)
+        }
         e => fault(500, error_chain(&e)),
     }
 }
@@ -548,10 +550,13 @@ enum ActionType {
 fn action(shared: &Shared, body: &[u8]) -> Result<Answer, Answer> {
     let a: Action = parse(body)?;
     match a.action_type {
-        ActionType::Shutdown => Err(fault(
-            400,
-            "Shutdown needs an ACPI power button, which microvmm's VMs do not have yet: use Stop",
-        )),
+        // The ACPI power button: the guest decides (and `run` ends when it has powered off).
+        ActionType::Shutdown => {
+            let m = machine(shared)?;
+            m.press_power_button().map_err(conflict)?;
+            tracing::info!("power button pressed (API)");
+            Ok(Answer(204, None))
+        }
         ActionType::Stop => {
             let mut m = machine(shared)?;
             m.stop().map_err(conflict)?;

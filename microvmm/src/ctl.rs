@@ -113,6 +113,9 @@ enum CtlCommand {
     },
     /// Stop the VM at once (`microvmm run` ends).
     Stop,
+    /// Press the VM's ACPI power button: the guest shuts itself down (a Linux guest whose init
+    /// handles the power button, e.g. microvmm's guest agent); `microvmm run` ends when it has.
+    Shutdown,
     /// Counters (JSON).
     Metrics,
 }
@@ -136,6 +139,15 @@ pub fn main(args: CtlArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .1
         }
         CtlCommand::Stop => request(s, "PUT", "/actions", Some(&json!({"action_type": "Stop"})))?.1,
+        CtlCommand::Shutdown => {
+            request(
+                s,
+                "PUT",
+                "/actions",
+                Some(&json!({"action_type": "Shutdown"})),
+            )?
+            .1
+        }
     };
     if !out.is_null() {
         println!("{}", serde_json::to_string_pretty(&out)?);

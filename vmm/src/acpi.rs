@@ -77,10 +77,7 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
-/// ISA interrupt of the i8042's keyboard port.
-const I8042_KBD_IRQ: u32 = 1;
-/// ISA interrupt of the RTC.
-const RTC_IRQ: u32 = 8;
+use crate::layout::{I8042_KBD_IRQ, RTC_IRQ};
 
 /// A legacy device under `\_SB_` as a PNP device: `_HID` (EISA id), `_UID`, and a `_CRS` with its
 /// I/O ranges `(base, len)` and one edge-triggered, active-high ISA interrupt.
@@ -130,6 +127,39 @@ fn legacy_devices() -> Vec<u8> {
     v
 }
 
+/// The power button: `\_SB_.PWRB` (`PNP0C0C`, which Linux's ACPI button driver turns into
+/// KEY_POWER), and a Generic Event Device (`ACPI0013`) on [`layout::POWER_BUTTON_GSI`] whose
+/// `_EVT` notifies the button (0x80: pressed). A hardware-reduced platform has no fixed power
+/// button; this is how it signals one.
+fn power_button() -> Vec<u8> {
+    let mut v = bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    ));
+    let gsi = layout::POWER_BUTTON_GSI;
+    let int = aml::Interrupt::new(true, true, false, false, gsi);
+    let crs = aml::ResourceTemplate::new(vec![&int]);
+    let pressed = 0x80u8;
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&button, &pressed);
+    let arg0 = aml::Arg(0);
+    let is_button = aml::Equal::new(&arg0, &gsi);
+    let on_button = aml::If::new(&is_button, vec![&notify]);
+    v.extend(bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&on_button]),
+        ],
+    )));
+    v
+}
+
 /// An already-encoded AML object.
 struct RawAml(Vec<u8>);
 
@@ -141,7 +171,9 @@ impl Aml for RawAml {
 
 fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
     let mut body = Vec::new();
-    let legacy = RawAml(legacy_devices());
+    let mut legacy = legacy_devices();
+    legacy.extend(power_button());
+    let legacy = RawAml(legacy);
     // Devices under \_SB_: one per virtio-mmio transport.
     let hid = aml::Name::new("_HID".into(), &"LNRO0005");
     let uids: Vec<u32> = (0..virtio.len() as u32).collect();
@@ -447,6 +479,44 @@ mod tests {
             legacy_crs(dsdt, [0x41, 0xd0, 0x0b, 0x00]),
             (vec![(0x70, 2)], vec![8]),
             "RTC"
+        );
+    }
+
+    /// The power button: a `PNP0C0C` device, and a Generic Event Device on the power button's
+    /// GSI whose `_EVT` notifies it with 0x80.
+    #[test]
+    fn dsdt_has_a_power_button_behind_a_generic_event_device() {
+        let t = build_tables(1, &devices(), layout::ACPI_START);
+        let (_, dsdt) = find(&t, b"DSDT");
+        let at = |needle: &[u8]| dsdt.windows(needle.len()).position(|w| w == needle);
+        // PNP0C0C = 41 d0 0c 0c.
+        assert!(at(&[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x0c]).is_some());
+        let ged = at(b"ACPI0013").expect("a GED");
+        // Its interrupt: an extended interrupt descriptor (consumer, edge, active high).
+        let gsi = layout::POWER_BUTTON_GSI.to_le_bytes();
+        let int = dsdt[ged..]
+            .windows(9)
+            .position(|w| w[0] == 0x89 && w[3] & 0x0f == 0x03 && w[5..9] == gsi)
+            .expect("the GED's interrupt on the power button's GSI");
+        // _EVT: Method with one argument, If (LEqual (Arg0, GSI)) Notify (\_SB_.PWRB, 0x80).
+        let evt = ged
+            + int
+            + dsdt[ged + int..]
+                .windows(4)
+                .position(|w| w == b"_EVT")
+                .unwrap();
+        let mut notify = vec![0x86, b'\\', 0x2e];
+        notify.extend_from_slice(b"_SB_PWRB");
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert!(
+            dsdt[evt..]
+                .windows(notify.len())
+                .any(|w| w == notify.as_slice()),
+            "Notify(\\_SB_.PWRB, 0x80) in _EVT"
+        );
+        assert!(
+            dsdt[evt..].windows(2).any(|w| w == [0x93, 0x68]),
+            "LEqual(Arg0, ..)"
         );
     }
 

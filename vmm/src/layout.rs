@@ -57,6 +57,26 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First GSI handed to virtio-mmio devices (legacy ISA lines stay below).
 pub const VIRTIO_MMIO_FIRST_IRQ: u32 = 5;
+/// Last GSI of the IOAPIC.
+pub const LAST_GSI: u32 = 23;
+/// ISA interrupt of the i8042's keyboard port.
+pub const I8042_KBD_IRQ: u32 = 1;
+/// ISA interrupt of the RTC.
+pub const RTC_IRQ: u32 = 8;
+/// GSI of the ACPI Generic Event Device's power button event.
+pub const POWER_BUTTON_GSI: u32 = LAST_GSI;
+/// Lines at or above [`VIRTIO_MMIO_FIRST_IRQ`] that other devices hold, which virtio-mmio
+/// devices must not share: the RTC's (Linux's `rtc_cmos` holds its line exclusively, and a
+/// virtio device given it fails to probe) and the power button's.
+pub const RESERVED_GSIS: [u32; 2] = [RTC_IRQ, POWER_BUTTON_GSI];
+
+/// The GSI of the `i`-th virtio-mmio device: the `i`-th line from [`VIRTIO_MMIO_FIRST_IRQ`]
+/// that no other device uses; `None` past the IOAPIC's last line.
+pub fn virtio_mmio_irq(i: u64) -> Option<u32> {
+    (VIRTIO_MMIO_FIRST_IRQ..=LAST_GSI)
+        .filter(|g| !RESERVED_GSIS.contains(g))
+        .nth(usize::try_from(i).ok()?)
+}
 /// IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC.
@@ -84,6 +104,19 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn virtio_irqs_skip_the_legacy_lines() {
+        let irqs: Vec<u32> = (0..6).filter_map(super::virtio_mmio_irq).collect();
+        assert_eq!(irqs, [5, 6, 7, 9, 10, 11]);
+        let all: Vec<u32> = (0..32).filter_map(super::virtio_mmio_irq).collect();
+        assert_eq!(all.len(), 17);
+        assert!(all.iter().all(|&g| g <= super::LAST_GSI
+            && g != super::RTC_IRQ
+            && g != super::POWER_BUTTON_GSI
+            && g != super::I8042_KBD_IRQ
+            && g != devices::legacy::COM1_IRQ));
+    }
+
     use super::*;
 
     #[test]

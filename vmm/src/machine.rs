@@ -250,6 +250,9 @@ pub enum MachineError {
     /// [`Machine::take_over_net`] needs two paused machines with the same number of NICs.
     #[error("TAP takeover: {0}")]
     NetTakeover(String),
+    /// The request needs a running guest (the power button).
+    #[error("the VM is {0:?}, not running")]
+    NotRunning(VmState),
     /// A virtio transport's saved state could not be restored.
     #[error("cannot restore virtio transport {index}")]
     VirtioRestore {
@@ -284,6 +287,8 @@ pub struct Machine {
     serial_stats: Arc<SerialSinkStats>,
     i8042: Arc<Mutex<I8042>>,
     cmos: Arc<Mutex<Cmos>>,
+    /// Raises the power button's GSI (the ACPI Generic Event Device's interrupt).
+    power_button: EventFd,
     virtio: Vec<VirtioMmioDesc>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<AttachedDisk>,
@@ -497,6 +502,8 @@ impl Machine {
             ACPI_PM_LEN,
             Arc::new(Mutex::new(AcpiPowerDevice::new(power.clone()))),
         )?;
+        let power_button = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        vm.register_irqfd(&power_button, layout::POWER_BUTTON_GSI)?;
 
         let (exit_tx, exit_rx) = channel();
         let mut machine = Self {
@@ -510,6 +517,7 @@ impl Machine {
             serial_stats,
             i8042,
             cmos,
+            power_button,
             virtio: Vec::new(),
             vcpus: Vec::new(),
             handles: Vec::new(),
@@ -589,12 +597,13 @@ impl Machine {
             });
         }
         let i = self.virtio.len() as u64;
-        let irq = layout::VIRTIO_MMIO_FIRST_IRQ + i as u32;
         let addr = layout::VIRTIO_MMIO_START + i * layout::VIRTIO_MMIO_SIZE;
-        // GSIs 5..=23 on the IOAPIC; the window must stay below the IOAPIC.
-        if irq > 23 || addr + layout::VIRTIO_MMIO_SIZE > layout::IOAPIC_START {
-            return Err(MachineError::VirtioSlots(self.virtio.len()));
-        }
+        // GSIs 5..=23 on the IOAPIC but the legacy devices' lines; the window must stay below
+        // the IOAPIC.
+        let irq = match layout::virtio_mmio_irq(i) {
+            Some(irq) if addr + layout::VIRTIO_MMIO_SIZE <= layout::IOAPIC_START => irq,
+            _ => return Err(MachineError::VirtioSlots(self.virtio.len())),
+        };
         self.mmio.insert(addr, layout::VIRTIO_MMIO_SIZE, device)?;
         let d = VirtioMmioDesc {
             addr,
@@ -922,6 +931,17 @@ impl Machine {
     /// Lifecycle state.
     pub fn state(&self) -> VmState {
         self.state
+    }
+
+    /// Presses the power button: the ACPI Generic Event Device raises its interrupt and its
+    /// `_EVT` notifies the `PNP0C0C` button, which a Linux guest reports as KEY_POWER (its init
+    /// then powers off; microvmm's guest agent does when it runs as init). The guest decides;
+    /// nothing happens to a guest that does not listen.
+    pub fn press_power_button(&self) -> Result<(), MachineError> {
+        if self.state != VmState::Running {
+            return Err(MachineError::NotRunning(self.state));
+        }
+        self.power_button.write(1).map_err(MachineError::EventFd)
     }
 
     /// The configuration.

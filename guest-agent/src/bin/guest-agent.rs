@@ -1,5 +1,6 @@
 //! `guest-agent serve --listen tcp:ADDR:PORT|vsock:PORT [--work-dir DIR]`
-//! `guest-agent init -- CMD ARGS...`  (PID 1: runs CMD, restarts it if it exits, reaps orphans)
+//! `guest-agent init -- CMD ARGS...`  (PID 1: runs CMD, restarts it if it exits, reaps orphans,
+//! powers off on the ACPI power button)
 //! `guest-agent exec --connect ENDPOINT -- CMD ARGS...`  (host side: run a command through an agent)
 
 use std::process::{Command, ExitCode};
@@ -72,6 +73,9 @@ fn init(cmd: &[String]) -> ExitCode {
     let Some(prog) = cmd.first() else {
         return usage();
     };
+    // microvmm's `Shutdown` presses the ACPI power button: power off when it is.
+    let buttons = guest_agent::power::watch(guest_agent::power::power_off);
+    eprintln!("guest-agent init: watching {buttons} power button(s)");
     loop {
         let child = match Command::new(prog).args(&cmd[1..]).spawn() {
             Ok(c) => c,
