@@ -330,8 +330,8 @@ impl Agent {
         }
     }
 
-    /// Kills the supervised application's process tree (on a clone of the VM), drops its service
-    /// address and forgets it.
+    /// Kills the supervised application's process tree (on a clone of the VM), destroys the
+    /// connections it left on the service address, drops the address and forgets it.
     fn discard(&self) -> Result<(), AgentError> {
         let mut st = self.lock();
         let Some(w) = st.workload.take() else {
@@ -351,10 +351,11 @@ impl Agent {
                 thread::sleep(Duration::from_millis(5));
             }
         }
+        self.persist(&st);
         if let Some(svc) = &w.spec.service {
+            net::destroy_sockets(svc)?;
             net::addr_del(svc)?;
         }
-        self.persist(&st);
         Ok(())
     }
 

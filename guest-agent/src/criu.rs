@@ -35,16 +35,21 @@ pub enum CriuError {
     Pidfile(String),
 }
 
-/// Error lines of a CRIU log (or its tail when none are marked).
+/// Error lines of a CRIU log (or its tail when none are marked): the lines that led to the last
+/// error (the one CRIU gave up on; earlier ones are often probes it survives, such as its kernel
+/// feature checks), then every error line.
 fn log_summary(dir: &Path, log: &str) -> String {
     let text = fs::read_to_string(dir.join(log)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    // The lines around the first error (what led to it), then the error lines after it.
-    match lines.iter().position(|l| l.contains("Error (")) {
+    let errors: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("Error ("))
+        .collect();
+    match errors.last() {
         None => tail(&text, 1500),
-        Some(first) => {
-            let mut out: Vec<&str> = lines[first.saturating_sub(6)..=first].to_vec();
-            out.extend(lines[first + 1..].iter().filter(|l| l.contains("Error (")));
+        Some(&last) => {
+            let mut out: Vec<&str> = lines[last.saturating_sub(8)..last].to_vec();
+            out.push("-- error lines:");
+            out.extend(errors.iter().map(|&i| lines[i]));
             tail(&out.join("\n"), 3000)
         }
     }
@@ -146,4 +151,33 @@ pub fn page_server(dir: &Path, port: u16) -> Result<Child, CriuError> {
             action: "page-server",
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_shows_what_led_to_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = String::from(
+            "(00.01) Restoring netdev veth idx 10\n\
+                   (00.01) Error (criu/net.c:1): Unable to create a veth pair: -95\n\
+                   (00.02) kerndat done\n",
+        );
+        for i in 0..20 {
+            log.push_str(&format!("(00.3{i}) restoring task {i}\n"));
+        }
+        log.push_str(
+            "(00.50) Restoring file 7\n\
+                   (00.51) Error (criu/files-reg.c:2): Can't open file x\n\
+                   (00.52) Error (criu/cr-restore.c:3): Restoring FAILED.\n",
+        );
+        fs::write(dir.path().join("restore.log"), log).unwrap();
+        let s = log_summary(dir.path(), "restore.log");
+        assert!(s.contains("Restoring file 7"), "{s}");
+        assert!(s.contains("Unable to create a veth pair"), "{s}");
+        assert!(s.contains("Restoring FAILED"), "{s}");
+        assert!(!s.contains("Restoring netdev"), "{s}");
+    }
 }

@@ -10,6 +10,9 @@ pub enum NetError {
     /// A network command failed.
     #[error("network command failed")]
     Command(#[from] SysError),
+    /// Sockets on the service address outlived `ss -K`.
+    #[error("TCP sockets on the service address outlived ss -K: {0}")]
+    SocketsLeft(String),
 }
 
 /// The guard rules in `iptables -S` form (without the leading `-A`).
@@ -109,6 +112,30 @@ pub fn addr_del(svc: &ServiceAddr) -> Result<(), NetError> {
         Ok(_) => Ok(()),
         Err(e) if has_addr(svc)? => Err(e.into()),
         Err(_) => Ok(()),
+    }
+}
+
+/// The `ss` filters for TCP sockets on the service address: IPv4 sockets, and IPv6 sockets on
+/// its IPv4-mapped form (a JVM's sockets).
+fn socket_filters(svc: &ServiceAddr) -> [String; 2] {
+    [format!("{}", svc.ip), format!("[::ffff:{}]", svc.ip)]
+}
+
+/// Destroys every TCP socket on the service address (`ss -K`, the kernel's SOCK_DESTROY), and
+/// fails if any is left. A killed process's connections linger in FIN_WAIT for minutes; in a VM
+/// that will restore the same connections (a clone whose copy of the workload was discarded)
+/// they would hold the connections' address pairs and make the restore's reconnect fail with
+/// "Cannot assign requested address". The resets they send go out of the VM's own link.
+pub fn destroy_sockets(svc: &ServiceAddr) -> Result<(), NetError> {
+    let mut left = String::new();
+    for f in socket_filters(svc) {
+        sys::run(&["ss", "-K", "-t", "-n", "-H", "src", &f])?;
+        left.push_str(&sys::run(&["ss", "-t", "-n", "-H", "src", &f])?);
+    }
+    if left.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(NetError::SocketsLeft(left.trim().to_string()))
     }
 }
 

@@ -1,16 +1,17 @@
 //! The agent served in-process over TCP on localhost, driven by the host client (no CRIU needed).
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_agent::agent::{Agent, AgentConfig};
 use guest_agent::host::{AgentClient, HostError};
 use guest_agent::protocol::{
-    ErrorKind, FileHeader, FileKind, FrameKind, Request, Response, VERSION, WorkloadSpec,
-    read_message, write_frame, write_message,
+    ErrorKind, FileHeader, FileKind, FrameKind, Request, Response, ServiceAddr, VERSION,
+    WorkloadSpec, read_message, write_frame, write_message,
 };
 use guest_agent::transport::{self, Endpoint};
 
@@ -383,4 +384,107 @@ fn discard_kills_the_supervised_tree_and_forgets_it() {
     let pid2 = c.start(&spec).unwrap();
     assert_ne!(pid2, 0);
     c.discard().unwrap();
+}
+
+// --- `discard` with a service address, in a network namespace of its own (root only): the
+// connections the killed workload leaves behind are destroyed, not left holding their address
+// pairs (a clone that then restores the same connections could not reconnect them).
+
+const HELPER_ENV: &str = "AGENT_TEST_SERVE_ON";
+
+/// Not a test: the workload the test below starts (this binary again). Serves one connection on
+/// the address in `AGENT_TEST_SERVE_ON` and holds it.
+#[test]
+#[ignore = "helper process for discard_destroys_the_connections_on_the_service_address"]
+fn helper_serve_one_connection() {
+    let Ok(addr) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let l = TcpListener::bind(&addr).unwrap();
+    let (mut c, _) = l.accept().unwrap();
+    c.write_all(b"hello\n").unwrap();
+    thread::sleep(Duration::from_secs(120));
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn ss(filter: &str) -> String {
+    let out = Command::new("ss")
+        .args(["-t", "-n", "-H", "src", filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn discard_destroys_the_connections_on_the_service_address() {
+    let test = "discard_destroys_the_connections_on_the_service_address";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("ss").arg("-V").output().is_err() {
+        println!("SKIP: {test}: needs root and ss (iproute2)");
+        return;
+    }
+    // Everything (the agent's threads and the commands they run) in a network namespace of this
+    // thread's own: threads and processes it creates inherit it.
+    thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's namespaces.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        sh("ip link set lo up && ip link add d0 type veth peer name d1 && ip link set d1 up && ip link set d0 up && \
+            ip addr add 10.9.0.1/24 dev d0 && ip addr add 10.9.0.10/32 dev d0");
+        let (ep, _dir) = start_agent();
+        let mut c = AgentClient::connect(&ep, Duration::from_secs(5)).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let spec = WorkloadSpec {
+            argv: vec![
+                exe.to_string_lossy().into_owned(),
+                "--exact".into(),
+                "helper_serve_one_connection".into(),
+                "--ignored".into(),
+            ],
+            cwd: None,
+            env: vec![(HELPER_ENV.into(), "10.9.0.10:7001".into())],
+            data_files: vec![],
+            pid_base: None,
+            service: Some(ServiceAddr {
+                ip: "10.9.0.10".parse().unwrap(),
+                prefix: 32,
+                dev: "d0".into(),
+            }),
+        };
+        c.start(&spec).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut client = loop {
+            match TcpStream::connect("10.9.0.10:7001") {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "helper never listened: {e}");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let mut hello = [0u8; 6];
+        client.read_exact(&mut hello).unwrap();
+        assert!(ss("10.9.0.10").contains("ESTAB"));
+        c.discard().unwrap();
+        // The killed server's side of the connection is gone, not in FIN-WAIT (the client
+        // still holds its end open), and the address is dropped. (The client here is local
+        // and its end also has the service address as source, so it goes too.)
+        assert_eq!(ss("10.9.0.10"), "", "sockets left on the service address");
+        let addrs = Command::new("ip")
+            .args(["-o", "-4", "addr", "show", "dev", "d0"])
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&addrs.stdout).contains("10.9.0.10/"));
+        // The client saw the end of the stream (the FIN, then the reset).
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest);
+    })
+    .join()
+    .unwrap();
 }
