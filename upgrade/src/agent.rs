@@ -55,7 +55,8 @@ pub trait GuestAgent: Send {
     /// Stops the workload from changing its state (serving, writing its files); its
     /// connections' incoming bytes are kept.
     fn freeze(&mut self) -> Result<(), AgentError>;
-    /// Checkpoints the frozen workload.
+    /// Checkpoints the frozen workload. On return, what the workload wrote to its files is on
+    /// the VM's disks (not only in the guest's caches), so the last catch-up carries it.
     fn checkpoint(&mut self) -> Result<WorkloadImage, AgentError>;
     /// Restores a checkpointed workload in this guest.
     fn restore(&mut self, image: &WorkloadImage) -> Result<(), AgentError>;

@@ -72,8 +72,7 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepE
     let uds = s
         .backup
         .as_ref()
-        .and_then(|b| b.config().vsock.as_ref())
-        .map(|v| v.uds_path.clone())
+        .and_then(Machine::vsock_uds_path)
         .ok_or_else(|| StepError::Internal("backup without vsock".into()))?;
     let agent = connect(s, Role::Backup, uds)?;
     s.backup_agent = Some(agent);

@@ -3,7 +3,9 @@
 //! holds ([`CheckpointImage`]) and restored from it in the backup.
 //!
 //! `freeze` does nothing: `criu dump` freezes the process tree itself (behind the agent's guard
-//! rule, so no TCP segment is lost), and the dump is the checkpoint step.
+//! rule, so no TCP segment is lost), and the dump is the checkpoint step. After the dump the
+//! guest's page cache is written out (`sync`): a workload's files on a volume that moves by the
+//! merge (not in the image) reach the disk only then.
 
 use std::time::Duration;
 
@@ -82,6 +84,9 @@ impl CriuAgent {
     }
 }
 
+/// Longest wait for the guest's `sync` after a checkpoint.
+const SYNC_LIMIT: Duration = Duration::from_secs(60);
+
 /// Longest wait for a CRIU dump or restore.
 const CRIU_LIMIT: Duration = Duration::from_secs(120);
 
@@ -105,6 +110,14 @@ impl GuestAgent for CriuAgent {
     fn checkpoint(&mut self) -> Result<WorkloadImage, AgentError> {
         let opts = self.checkpoint.clone();
         let img = self.with_timeout(CRIU_LIMIT, |c| c.checkpoint_image(&opts))?;
+        // The workload is gone from this VM; what it wrote goes to the disk for the last
+        // catch-up. A failure here fails the checkpoint (the handoff rolls back).
+        let code = self.exec(&["sync".to_string()], SYNC_LIMIT)?;
+        if code != 0 {
+            return Err(AgentError::Refused(format!(
+                "sync after the checkpoint exited {code}"
+            )));
+        }
         Ok(WorkloadImage {
             bytes: img.encode(),
         })

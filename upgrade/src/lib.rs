@@ -293,14 +293,20 @@ pub fn run(
             })
             .collect(),
     };
-    if let Some(d) = disks.iter().find(|d| d.merged_dir.exists()) {
+    // A layer of an earlier upgrade (the merged one after a commit, the active fork child
+    // after a rollback) may be the VM's disk now: never reuse its name.
+    if let Some(p) = disks
+        .iter()
+        .flat_map(|d| [&d.active_dir, &d.merged_dir])
+        .find(|p| p.exists())
+    {
         return Err(PlanError::Field {
             field: "work_dir".into(),
             reason: format!(
                 "{} already holds {} (from an earlier upgrade): give this upgrade its own work \
                  directory (or leave work_dir out: the default is beside the VM's current disk)",
                 work.display(),
-                d.merged_dir.display()
+                p.display()
             ),
         }
         .into());
@@ -365,10 +371,7 @@ pub fn run(
 fn before_commit(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepError> {
     s.fault(Phase::Prepare)?;
     let uds = active
-        .config()
-        .vsock
-        .as_ref()
-        .map(|v| v.uds_path.clone())
+        .vsock_uds_path()
         .ok_or_else(|| StepError::Internal("no vsock".into()))?;
     s.active_agent = Some(clone::connect(s, Role::Active, uds)?);
     clone::run(s, active)?;

@@ -59,6 +59,11 @@ fn restart(s: &mut Session<'_>, r: &crate::plan::Restart) -> Result<(), StepErro
         .ok_or_else(|| StepError::Internal("no backup VM".into()))?;
     s.backup_agent = None;
     let mut cfg = old.config().clone();
+    // The new kernel reads its NICs' MACs at probe: give it the ones the guest had (the
+    // active VM's), so the backup answers with them when it takes over the TAPs.
+    for (n, live) in cfg.net.iter_mut().zip(old.nets()) {
+        n.guest_mac = Some(live.handle.mac());
+    }
     old.stop()?;
     drop(old);
     // The old VM held the backup children open; the new one opens them by path.

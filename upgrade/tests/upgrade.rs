@@ -290,6 +290,43 @@ fn a_failure_injected_in_each_phase_rolls_back() {
     }
 }
 
+/// After a rollback the active VM's disk is `disk0-active` in the work directory: a next
+/// upgrade given the same work directory is refused before it starts (naming the layer), and
+/// one with its own completes.
+#[test]
+fn a_work_dir_holding_the_vms_disk_is_refused() {
+    if !microvmm_tests::kvm_or_skip("a_work_dir_holding_the_vms_disk_is_refused") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = demo::boot(dir.path()).unwrap();
+    let work = dir.path().join("upgrade");
+    let mut opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    opts.fail_at = Some(Phase::Merge);
+    upgrade::run(&mut vm.machine, &demo::plan(&work), &opts).unwrap_err();
+    assert_eq!(
+        vm.machine.disks()[0].layer.path(),
+        work.join("disk0-active")
+    );
+    let opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    let err = upgrade::run(&mut vm.machine, &demo::plan(&work), &opts).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, UpgradeError::Plan(_)) && text.contains("disk0-active"),
+        "{err:?}"
+    );
+    assert_eq!(vm.machine.state(), vmm::machine::VmState::Running);
+    let report = upgrade::run(
+        &mut vm.machine,
+        &demo::plan(&dir.path().join("again")),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(report.disks, vec![dir.path().join("again/disk0-merged")]);
+    demo::finish(&mut vm.machine).unwrap();
+}
+
 #[test]
 fn a_clone_that_cannot_fork_its_disk_rolls_back() {
     rolls_back("clone_fails", Phase::Clone, |work, _, _| {
@@ -700,7 +737,8 @@ fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
 
 /// With a NIC on a TAP: the backup is cut off (a TAP of its own, attached to nothing) until the
 /// cutover, where it takes over the active VM's TAP and MAC; a rollback after that gives them
-/// back and the active VM runs on; a completed upgrade leaves the upgraded VM on the TAP.
+/// back and the active VM runs on; a completed upgrade leaves the upgraded VM on the TAP, also
+/// when the backup restarted into a new kernel.
 #[test]
 fn the_backup_takes_over_the_tap_and_a_rollback_gives_it_back() {
     use devices::virtio::testing::{NetNs, net_or_skip};
@@ -755,6 +793,20 @@ fn the_backup_takes_over_the_tap_and_a_rollback_gives_it_back() {
         report.disks,
         vec![dir.path().join("upgrade2").join("disk0-merged")]
     );
+    let n = client.answered();
+    assert!(client.wait_for(n + 30, Duration::from_secs(10)));
+    // A backup restarted into a new kernel probes its NIC afresh: it is given the guest's MAC
+    // (not a new one), so it answers with the MAC its clients know once it has the TAP.
+    let opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    let mut plan = demo::plan(&dir.path().join("upgrade3"));
+    plan.restart = Some(upgrade::plan::Restart {
+        kernel: vmm::config::KernelSource::TestGuest("service".into()),
+        initrd: None,
+        cmdline: None,
+    });
+    upgrade::run(&mut vm.machine, &plan, &opts).unwrap();
+    assert_eq!(on_tap0(&vm.machine), (Some("tap0".into()), mac));
+    assert_eq!(vm.machine.config().net[0].guest_mac, Some(mac));
     let n = client.answered();
     assert!(client.wait_for(n + 30, Duration::from_secs(10)));
     let (stats, _) = client.finish();

@@ -1204,6 +1204,13 @@ void guest_main(u64 cpu, u64 ncpus)
     calibrate_tsc();
     blk_base = shared_blk_base;
     vsock_base = shared_vsock_base;
+    /* Booted without the host placing it (a backup restarted into this guest, with NICs
+     * between the disk and the vsock device): look for it. */
+    if (vmmio_rd(vsock_base, 0x008) != 19) {
+        u64 b = virtio_mmio_find(19, 8);
+        if (b)
+            vsock_base = b;
+    }
     set_mode(MODE_SERVING);
     disk_boot();
     vsock_boot();

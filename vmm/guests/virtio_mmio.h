@@ -55,6 +55,20 @@ static inline __attribute__((noreturn)) void driver_fail(const char *name, u64 c
 static inline u32 vmmio_rd(u64 base, u64 off) { return mmio_read32(base + off); }
 static inline void vmmio_wr(u64 base, u64 off, u32 v) { mmio_write32(base + off, v); }
 
+/* The VMM's virtio-mmio windows: one page each from here, in device order. */
+#define VIRTIO_MMIO_WINDOWS 0xd0000000ul
+
+/* The window of the first virtio-mmio device `device_id` among the first `count`, or 0. */
+static inline u64 virtio_mmio_find(u32 device_id, u32 count)
+{
+    for (u32 i = 0; i < count; i++) {
+        u64 b = VIRTIO_MMIO_WINDOWS + (u64)i * 0x1000;
+        if (vmmio_rd(b, 0x000) == 0x74726976 && vmmio_rd(b, 0x008) == device_id)
+            return b;
+    }
+    return 0;
+}
+
 /*
  * Brings up the virtio-mmio device at `base`: checks magic, version 2 and `device_id`,
  * acknowledges, checks that VERSION_1 is offered, accepts it plus the low feature bits

@@ -336,10 +336,31 @@ impl Machine {
                 continue;
             };
             tracing::info!(iface = %mine.iface_id, tap = %tap.name(), %mac, "TAP taken over");
+            let name = tap.name().to_string();
             previous.push(mine.handle.attach_tap(tap));
             mine.handle.set_mac(mac);
+            // Keep the configuration true (a restart or a later clone reads it).
+            if let Some(c) = self
+                .cfg
+                .net
+                .iter_mut()
+                .find(|c| c.iface_id == mine.iface_id)
+            {
+                c.host_dev_name = name;
+                c.guest_mac = Some(mac);
+            }
         }
         Ok(previous)
+    }
+
+    /// The host socket the VM's vsock device answers on: the one it adopted from another VM
+    /// (an upgrade moves the active VM's listener to the backup), else its configured one.
+    pub fn vsock_uds_path(&self) -> Option<std::path::PathBuf> {
+        let configured = self.cfg.vsock.as_ref().map(|v| v.uds_path.clone());
+        self.vsock
+            .as_ref()
+            .and_then(devices::virtio::vsock::VsockHandle::uds_path)
+            .or(configured)
     }
 
     /// The vsock device's host side (to move its connections and listener), if there is one.
