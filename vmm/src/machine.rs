@@ -163,7 +163,7 @@ pub enum MachineError {
     #[error(transparent)]
     VcpuHandle(#[from] VcpuHandleError),
     /// A vCPU answered a pause/resume with something else.
-    #[error("vCPU {id} answered {got:?} to {sent:?}")]
+    #[error("vCPU {id} answered {got:?} to {sent:?}{}", why.as_deref().map(|w| format!(" ({w})")).unwrap_or_default())]
     VcpuAnswer {
         /// vCPU.
         id: u8,
@@ -171,6 +171,8 @@ pub enum MachineError {
         sent: VcpuEvent,
         /// Answer.
         got: VcpuResponse,
+        /// Why its thread finished, when it did (the stop or error it reported).
+        why: Option<String>,
     },
     /// An operation in the wrong lifecycle state.
     #[error("cannot go from {from:?} to {to:?}")]
@@ -784,14 +786,36 @@ impl Machine {
         for h in &self.handles {
             let got = h.response(self.ack_timeout)?;
             if got != want {
+                let why = (got == VcpuResponse::Finished)
+                    .then(|| self.finish_reason(h.id()))
+                    .flatten();
                 return Err(MachineError::VcpuAnswer {
                     id: h.id(),
                     sent: event.clone(),
                     got,
+                    why,
                 });
             }
         }
         Ok(())
+    }
+
+    /// What vCPU `id` reported when its thread finished, if it did; the reports stay queued
+    /// for [`Machine::wait`].
+    fn finish_reason(&self, id: u8) -> Option<String> {
+        let reports: Vec<VcpuExitReport> = self.exit_rx.try_iter().collect();
+        let why = reports
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| match &r.result {
+                Ok(stop) => format!("it stopped: {stop:?}"),
+                Err(e) => format!("it failed: {e}"),
+            });
+        for r in reports {
+            // Our own channel: the receiver lives in `self`, so the send cannot fail.
+            let _ = self.exit_tx.send(r);
+        }
+        why
     }
 
     /// Parks every vCPU (each completes its pending I/O exit first). The machine is `Paused`
