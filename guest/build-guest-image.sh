@@ -70,31 +70,7 @@ istamp=$( (cat "$here/common.sh" "$0" "$agent"; echo "$kdir") | sha256sum | cut 
 initrd="$CACHE/guest-initrd-$istamp.cpio.gz"
 if [ ! -s "$initrd" ]; then
     log "building initramfs"
-    iroot=$(mktemp -d)
-    trap 'rm -rf "$iroot"' EXIT
-    install_busybox "$iroot"
-    copy_modules "$kdir" "$iroot" "${VIRTIO_MODULES[@]}" "${CRIU_MODULES[@]}" >/dev/null
-    install -s -m 755 "$agent" "$iroot/guest-agent"
-    {
-        echo '#!/bin/sh'
-        echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
-        echo "for m in ${VIRTIO_MODULES[*]} ${CRIU_MODULES[*]}; do modprobe \$m 2>/dev/null; done"
-        cat <<'INIT'
-i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-if ! mount -t ext4 /dev/vda /newroot; then
-    echo "microvmm-initramfs: cannot mount /dev/vda; shell" >/dev/console
-    exec setsid cttyhack /bin/sh
-fi
-mount -t tmpfs -o mode=755 run /newroot/run
-cp /guest-agent /newroot/run/guest-agent
-umount /proc /sys
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-exec switch_root /newroot /sbin/microvmm-init
-INIT
-    } >"$iroot/init"
-    chmod 755 "$iroot/init"
-    pack_initramfs "$iroot" "$initrd"
+    guest_initramfs "$kdir" "$agent" "$initrd"
     find "$CACHE" -maxdepth 1 -name 'guest-initrd-*.cpio.gz' ! -path "$initrd" -delete
 fi
 echo "$kdir/vmlinuz"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the level-1 host of the nested hardware-KVM harness (scripts/nested.sh): the Debian cloud kernel
 # and a busybox-static initramfs whose /init loads kvm + kvm-amd (QEMU TCG with `-cpu max` exposes AMD-V)
-# and the virtio-pci/virtio-blk drivers (and tun, for the guests' TAPs), mounts the per-run scratch disk (/dev/vda, ext4) at /nested and
+# and the virtio-pci/virtio-blk drivers (and tun and bridge, for the guests' TAPs), mounts the per-run scratch disk (/dev/vda, ext4) at /nested and
 # the guest-image disk (/dev/vdb, if attached) at /images, runs /nested/.sys/run.sh with its output in
 # /nested/.out/, and powers off.
 # Usage: build-nested-image.sh [--cached] [--images]
 #   --cached  uses the newest kernel already in the cache (no package-list refresh) and fails (exit 3) when
 #             there is none, or when --images is given and the minimal guest image is missing;
 #   --images  also builds the guest-image disk: an ext4 holding vmlinuz, minimal.cpio.gz (build-linux-image.sh),
-#             guest-initrd.cpio.gz and guest-root.ext4 (build-guest-image.sh, if it has run), from the cache.
+#             guest-initrd.cpio.gz and guest-root.ext4 (build-guest-image.sh, if it has run), upgrade-staging.ext4,
+#             upgrade-vmlinuz and upgrade-initrd.cpio.gz (build-upgrade-kernel.sh, if it has run), from the cache.
 # Cached under $MICROVMM_CACHE (default /var/cache/microvmm). Output lines: vmlinuz, the L1 initramfs, and
 # with --images the image disk.
 set -euo pipefail
@@ -17,7 +18,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
 
 NESTED_MODULES=(irqbypass kvm kvm_amd virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-    virtio_blk tun)
+    virtio_blk tun bridge)
 
 cached=0
 images=0
@@ -71,7 +72,7 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t tmpfs -o mode=1777 tmp /tmp
-for m in virtio_pci virtio_blk kvm_amd tun; do
+for m in virtio_pci virtio_blk kvm_amd tun bridge; do
     modprobe "$m" || echo "nested-l1: modprobe $m failed"
 done
 i=0
@@ -129,7 +130,10 @@ if ((images)); then
     fi
     groot=$(ls -t "$CACHE"/guest-root-*.ext4 2>/dev/null | head -n1 || true)
     ginitrd=$(ls -t "$CACHE"/guest-initrd-*.cpio.gz 2>/dev/null | head -n1 || true)
-    istamp=$( (cat "$0"; echo "$kdir $minimal $groot $ginitrd") | sha256sum | cut -c1-16)
+    # The real-Linux upgrade's kernel package volume and the new kernel (build-upgrade-kernel.sh).
+    ukdir=$(ls -td "$CACHE"/upgrade-kernel/*/ 2>/dev/null | head -n1 || true)
+    ukinitrd=$( [ -n "$ukdir" ] && ls -t "$ukdir"initrd-*.cpio.gz 2>/dev/null | head -n1 || true)
+    istamp=$( (cat "$0"; echo "$kdir $minimal $groot $ginitrd $ukinitrd") | sha256sum | cut -c1-16)
     disk="$CACHE/nested-images-$istamp.ext4"
     if [ ! -s "$disk" ]; then
         start=$(date +%s)
@@ -143,6 +147,14 @@ if ((images)); then
             ln "$ginitrd" "$stage/guest-initrd.cpio.gz" 2>/dev/null || cp "$ginitrd" "$stage/guest-initrd.cpio.gz"
         else
             log "no full guest image in $CACHE (guest/build-guest-image.sh has not run); the image disk lacks it"
+        fi
+        if [ -n "$ukinitrd" ]; then
+            for f in staging.ext4 vmlinuz; do
+                ln "$ukdir$f" "$stage/upgrade-$f" 2>/dev/null || cp "$ukdir$f" "$stage/upgrade-$f"
+            done
+            ln "$ukinitrd" "$stage/upgrade-initrd.cpio.gz" 2>/dev/null || cp "$ukinitrd" "$stage/upgrade-initrd.cpio.gz"
+        else
+            log "no upgrade kernel in $CACHE (guest/build-upgrade-kernel.sh has not run); the image disk lacks it"
         fi
         used=$(du -smL "$stage" | cut -f1)
         rm -f "$disk.tmp"

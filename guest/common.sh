@@ -8,9 +8,11 @@ GUEST_SUITE=bookworm
 # Kernel modules the guests need: virtio transports/devices, vsock, and what CRIU needs inside the guest.
 VIRTIO_MODULES=(virtio_mmio virtio_pci virtio_blk virtio_net virtio_console vmw_vsock_virtio_transport
     vsock vsock_loopback ext4 af_packet)
-CRIU_MODULES=(unix_diag inet_diag tcp_diag udp_diag af_packet_diag netlink_diag tun nf_tables nft_compat
+CRIU_MODULES=(veth unix_diag inet_diag tcp_diag udp_diag af_packet_diag netlink_diag tun nf_tables nft_compat
     xt_mark xt_tcpudp nf_conntrack nft_ct ip_tables iptable_filter x_tables nf_reject_ipv4 nft_reject_inet
     nft_reject)
+# The ACPI power button (microvmm's Shutdown) as an input device the agent (init) watches.
+POWER_MODULES=(button evdev)
 
 log() { echo "guest: $*" >&2; }
 
@@ -35,20 +37,32 @@ need_host_pkgs() {
     fi
 }
 
-# apt-get/apt-cache ($1) against a private bookworm package list (works whatever release the host runs).
-guest_apt() {
-    local root="$CACHE/apt"
+# apt-get/apt-cache ($3) against a private package list under $1 for suite $2 of the Debian mirror (works
+# whatever release the host runs).
+apt_for() {
+    local root=$1 suite=$2 tool=$3
+    shift 3
     mkdir -p "$root/lists/partial" "$root/archives/partial" "$root/etc"
     if [ ! -s "$root/etc/sources.list" ]; then
-        echo "deb $(debian_mirror) $GUEST_SUITE main" >"$root/etc/sources.list"
+        echo "deb $(debian_mirror) $suite main" >"$root/etc/sources.list"
     fi
-    local tool=$1
-    shift
     "$tool" -q -o Dir::Etc::SourceList="$root/etc/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
         -o Dir::State::Lists="$root/lists" -o Dir::Cache::Archives="$root/archives" \
         -o Dir::Cache::pkgcache="$root/pkgcache.bin" -o Dir::Cache::srcpkgcache="$root/srcpkgcache.bin" \
         -o APT::Architecture=amd64 -o APT::Sandbox::User=root "$@"
 }
+
+# Refreshes the package lists of apt_for's $1/$2 once a day; without network, lists from an earlier run do.
+apt_lists_fresh() {
+    local root=$1 suite=$2
+    find "$root/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | grep -q . && return 0
+    apt_for "$root" "$suite" apt-get update -qq >/dev/null \
+        || find "$root/lists" -maxdepth 1 -name '*Packages*' 2>/dev/null | grep -q . \
+        || { log "cannot fetch the $suite package lists"; return 1; }
+}
+
+# apt-get/apt-cache ($1) against a private bookworm package list.
+guest_apt() { apt_for "$CACHE/apt" "$GUEST_SUITE" "$@"; }
 
 # Downloads a bookworm package's .deb into $2 (a directory) and prints its path.
 fetch_deb() {
@@ -62,12 +76,7 @@ fetch_deb() {
 # prints that directory.
 fetch_kernel() {
     local meta ver dir deb
-    # Refresh the package lists once a day; without network, lists from an earlier run will do.
-    if ! find "$CACHE/apt/lists" -maxdepth 1 2>/dev/null -name '*Packages*' -mmin -1440 | grep -q .; then
-        guest_apt apt-get update -qq >/dev/null \
-            || find "$CACHE/apt/lists" -maxdepth 1 -name '*Packages*' | grep -q . \
-            || { log "cannot fetch the $GUEST_SUITE package lists"; return 1; }
-    fi
+    apt_lists_fresh "$CACHE/apt" "$GUEST_SUITE" || return 1
     meta=$(guest_apt apt-cache show linux-image-cloud-amd64 2>/dev/null | sed -n 's/^Depends: *//p' | head -n1)
     ver=$(echo "$meta" | grep -oE 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)
     [ -n "$ver" ] || { log "cannot resolve linux-image-cloud-amd64"; return 1; }
@@ -132,4 +141,36 @@ install_busybox() {
 pack_initramfs() {
     (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -9n >"$2.tmp"
     mv "$2.tmp" "$2"
+}
+
+# Builds the full guest's initramfs at $3 for kernel dir $1 (vmlinuz + lib/modules) with agent binary $2:
+# busybox-static, the virtio and CRIU modules, the static agent; its /init loads the modules, mounts
+# /dev/vda (ext4) and switches to it with the agent as PID 1 (via the root's /sbin/microvmm-init).
+guest_initramfs() {
+    local kdir=$1 agent=$2 out=$3 iroot
+    iroot=$(mktemp -d)
+    install_busybox "$iroot"
+    copy_modules "$kdir" "$iroot" "${VIRTIO_MODULES[@]}" "${CRIU_MODULES[@]}" "${POWER_MODULES[@]}" >/dev/null
+    install -s -m 755 "$agent" "$iroot/guest-agent"
+    {
+        echo '#!/bin/sh'
+        echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
+        echo "for m in ${VIRTIO_MODULES[*]} ${CRIU_MODULES[*]} ${POWER_MODULES[*]}; do modprobe \$m 2>/dev/null; done"
+        cat <<'INIT'
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if ! mount -t ext4 /dev/vda /newroot; then
+    echo "microvmm-initramfs: cannot mount /dev/vda; shell" >/dev/console
+    exec setsid cttyhack /bin/sh
+fi
+mount -t tmpfs -o mode=755 run /newroot/run
+cp /guest-agent /newroot/run/guest-agent
+umount /proc /sys
+mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+exec switch_root /newroot /sbin/microvmm-init
+INIT
+    } >"$iroot/init"
+    chmod 755 "$iroot/init"
+    pack_initramfs "$iroot" "$out"
+    rm -rf "$iroot"
 }

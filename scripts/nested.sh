@@ -12,7 +12,8 @@
 #                      the shared libraries of dynamically linked ELF files come along (host's, via ldd)
 #   --tool NAME        copy the host program NAME (and its libraries) into L1's PATH
 #   --images           attach the guest-image disk at /images (vmlinuz, minimal.cpio.gz, guest-initrd.cpio.gz,
-#                      guest-root.ext4; writable, changes discarded); MICROVMM_GUEST_IMAGES=/images is set
+#                      guest-root.ext4, and upgrade-staging.ext4, upgrade-vmlinuz, upgrade-initrd.cpio.gz when
+#                      built; writable, changes discarded); MICROVMM_GUEST_IMAGES=/images is set
 #   --disk MiB         free space on the scratch disk (default 4096; sparse on the host)
 #   --env NAME=VALUE   set an environment variable for CMD
 #   --out DIR          also leave stdout, stderr, status, console.log and timing in DIR

@@ -10,6 +10,8 @@ use devices::legacy::SharedBuffer;
 use vmm::Machine;
 use vmm::config::{ConsoleTarget, KernelSource, MachineConfig};
 
+use crate::TestVm;
+
 /// Banner the minimal image's init prints before it starts the shell.
 pub const MINIMAL_BANNER: &str = "microvmm minimal guest:";
 
@@ -62,6 +64,40 @@ pub fn full_guest_image() -> (PathBuf, PathBuf, PathBuf) {
     }
     let p = build_image("build-guest-image.sh", 3);
     (p[0].clone(), p[1].clone(), p[2].clone())
+}
+
+/// The newer kernel the real-Linux upgrade installs and restarts into
+/// (`guest/build-upgrade-kernel.sh`): the volume holding its Debian packages, its vmlinuz and a
+/// guest initramfs for it; `None` where it could not be built (no `bookworm-backports`).
+pub fn upgrade_kernel_image() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    if let Some(dir) = nested_images() {
+        let staging = dir.join("upgrade-staging.ext4");
+        return staging.is_file().then(|| {
+            (
+                staging,
+                dir.join("upgrade-vmlinuz"),
+                dir.join("upgrade-initrd.cpio.gz"),
+            )
+        });
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("bash")
+        .arg(root.join("guest/build-upgrade-kernel.sh"))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        println!(
+            "guest/build-upgrade-kernel.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p: Vec<PathBuf> = text.lines().map(PathBuf::from).collect();
+    (p.len() >= 3).then(|| {
+        let n = p.len();
+        (p[n - 3].clone(), p[n - 2].clone(), p[n - 1].clone())
+    })
 }
 
 /// A Linux guest with the console captured by the test, no disks, no vsock.
@@ -187,6 +223,105 @@ pub fn numbered_lines(s: &str, prefix: &str) -> Vec<u64> {
     s.lines()
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix)?.parse().ok())
         .collect()
+}
+
+/// The full guest image (Debian kernel, initramfs with the agent, ext4 root on a virtio-blk
+/// delta over a copy of the root image in `dir`), vsock CID 3, network devices `net`, started;
+/// returns it with its vsock host socket.
+pub fn full_guest_vm(dir: &Path, net: Vec<vmm::config::NetConfig>) -> (TestVm, PathBuf) {
+    full_guest_vm_with(dir, net, &[])
+}
+
+/// [`full_guest_vm`] with more disks after the root (`/dev/vdb`, ...): each raw image in
+/// `extra` becomes the read-only base of a fresh delta in `dir`.
+pub fn full_guest_vm_with(
+    dir: &Path,
+    net: Vec<vmm::config::NetConfig>,
+    extra: &[PathBuf],
+) -> (TestVm, PathBuf) {
+    let (kernel, initrd, rootimg) = full_guest_image();
+    let img = dir.join("root.ext4");
+    std::fs::copy(rootimg, &img).unwrap();
+    let base = block::Base::adopt(&img).unwrap();
+    let delta_dir = dir.join("root-delta");
+    drop(block::Delta::create(&delta_dir, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
+    let mut disks = vec![vmm::config::DiskConfig {
+        path: delta_dir,
+        read_only: false,
+    }];
+    for (i, img) in extra.iter().enumerate() {
+        let base = block::Base::adopt(img).unwrap();
+        let d = dir.join(format!("disk{}-delta", i + 1));
+        drop(block::Delta::create(&d, std::sync::Arc::new(block::Layer::Base(base))).unwrap());
+        disks.push(vmm::config::DiskConfig {
+            path: d,
+            read_only: false,
+        });
+    }
+    let uds = dir.join("v.sock");
+    let cfg = MachineConfig {
+        disks,
+        vsock: Some(vmm::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone(),
+        }),
+        net,
+        ..linux_cfg(
+            2,
+            1024,
+            kernel,
+            Some(initrd),
+            Some("console=ttyS0 panic=-1 microvmm.hostname=g1"),
+        )
+    };
+    let mut vm = TestVm::boot(cfg).unwrap();
+    vm.machine.start().unwrap();
+    (vm, uds)
+}
+
+/// Connects to the guest's service at `addr`, retrying (up to 120 s) until it listens.
+pub fn connect_service(addr: &str) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the service at {addr} never answered: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Connects to the guest agent on vsock port 1024 through the device's Unix socket `uds`,
+/// retrying (up to 180 s) until it listens.
+pub fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, Write};
+    // Until the agent listens, the guest refuses the connection and the host side closes it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never answered on vsock port 1024:\n{}",
+            vm.serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(uds) else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.write_all(b"CONNECT 1024\n").is_err() {
+            continue;
+        }
+        let mut line = String::new();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+            return s;
+        }
+    }
 }
 
 #[cfg(test)]
