@@ -410,7 +410,7 @@ fn instance(shared: &Shared) -> Value {
             "guest_cid": v.guest_cid,
             // The socket the device answers on now (an upgraded VM answers on its
             // predecessor's).
-            "uds_path": m.vsock().and_then(|h| h.uds_path()).unwrap_or_else(|| v.uds_path.clone()),
+            "uds_path": m.vsock_uds_path().unwrap_or_else(|| v.uds_path.clone()),
         })),
         "disks": m.disks().iter().map(|d| json!({
             "path": d.layer.path(),

@@ -437,46 +437,44 @@ fn real_linux_upgrade() {
         }
     }));
 
+    // An upgrade under `p` that must fail in `phase` and roll back, the client going on; the
+    // client's longest gap meanwhile.
+    let mut rolls_back = |what: &str, p: upgrade::UpgradePlan, phase: upgrade::Phase| {
+        let t = Instant::now();
+        let e = upgrade::run(&mut vm.machine, &p, &opts)
+            .expect_err(&format!("an upgrade whose {what} fails"));
+        println!("{test}: failing {what}: {e} ({:.1?})", t.elapsed());
+        assert!(e.rolled_back(), "{e:?}");
+        assert_eq!(e.phase(), Some(phase), "{e:?}");
+        let gap = client.gap(t, Instant::now());
+        client.wait_more(10);
+        gap
+    };
     // 1. dpkg fails in the backup: rolled back in the upgrade phase.
-    let t = Instant::now();
-    let e = upgrade::run(
-        &mut vm.machine,
-        &plan(
+    let gap_dpkg = rolls_back(
+        "dpkg",
+        plan(
             &dir.path().join("upgrade1"),
             "dpkg -i /var/cache/microvmm-broken/*.deb",
             "",
             kernel.as_ref(),
             false,
         ),
-        &opts,
-    )
-    .expect_err("an upgrade whose dpkg fails");
-    println!("{test}: failing dpkg: {e} ({:.1?})", t.elapsed());
-    assert!(e.rolled_back(), "{e:?}");
-    assert_eq!(e.phase(), Some(upgrade::Phase::UpgradeBackup), "{e:?}");
-    let gap_dpkg = client.gap(t, Instant::now());
-    client.wait_more(10);
-
+        upgrade::Phase::UpgradeBackup,
+    );
     // 2. The CRIU restore fails in the backup (its cutover moves the log away): rolled back
     //    after the checkpoint, the service restored in the active VM.
-    let t = Instant::now();
-    let e = upgrade::run(
-        &mut vm.machine,
-        &plan(
+    let gap_restore = rolls_back(
+        "restore",
+        plan(
             &dir.path().join("upgrade2"),
             "true",
             " && mv /var/lib/demo/requests.log /var/lib/demo/requests.moved",
             kernel.as_ref(),
             false,
         ),
-        &opts,
-    )
-    .expect_err("an upgrade whose restore fails");
-    println!("{test}: failing restore: {e} ({:.1?})", t.elapsed());
-    assert!(e.rolled_back(), "{e:?}");
-    assert_eq!(e.phase(), Some(upgrade::Phase::MoveProcess), "{e:?}");
-    let gap_restore = client.gap(t, Instant::now());
-    client.wait_more(10);
+        upgrade::Phase::MoveProcess,
+    );
     {
         // Nothing of either backup reached the active VM's disks.
         let mut agent = agent_of(&vm);
