@@ -8,6 +8,7 @@
 //! | `GET /` | the instance: state, vCPUs, memory, devices, disks with their layer chains |
 //! | `PATCH /vm` `{"state": "Paused"｜"Resumed"}` | 204 |
 //! | `PUT /snapshot/create` `{"snapshot_path": DIR}` | 204 (the VM must be paused) |
+//! | `PUT /snapshot/create` `{"snapshot_path": DIR, "vsock_handover": PATH}` | 200 `{"vsock_connections": N, ...}` once the restoring process (`run --restore DIR --handover PATH`) took the connections; the VM stops and `run` ends |
 //! | `PUT /upgrade` (an upgrade plan) | 202; `GET /upgrade` follows it; `DELETE /upgrade` cancels (409 past the commit point) |
 //! | `PUT /actions` `{"action_type": "Stop"}` | 204, the VM stops and `run` ends |
 //! | `GET /metrics` | counters: API requests and errors, upgrades with their last duration, cutover and clone pause, vCPU exits by kind, virtio requests/packets and bytes per device, journal flushes per disk |
@@ -519,20 +520,64 @@ fn patch_vm(shared: &Shared, body: &[u8]) -> Result<Answer, Answer> {
 #[serde(deny_unknown_fields)]
 struct SnapshotCreate {
     snapshot_path: PathBuf,
+    /// Hand the vsock connections to the process that restores the snapshot
+    /// (`microvmm run --restore DIR --handover PATH`), which connects to this socket.
+    #[serde(default)]
+    vsock_handover: Option<PathBuf>,
 }
 
 fn snapshot(shared: &Shared, body: &[u8]) -> Result<Answer, Answer> {
     let p: SnapshotCreate = parse(body)?;
-    let m = machine(shared)?;
+    let mut m = machine(shared)?;
     if m.state() != VmState::Paused {
         return Err(fault(
             409,
             format!("the VM is {:?}: pause it first (PATCH /vm)", m.state()),
         ));
     }
-    m.save_snapshot(&p.snapshot_path)
+    let Some(path) = p.vsock_handover else {
+        m.save_snapshot(&p.snapshot_path)
+            .map_err(|e| fault(500, error_chain(&e)))?;
+        return Ok(Answer(204, None));
+    };
+    if m.vsock().is_none() {
+        return Err(fault(
+            400,
+            "vsock_handover: the VM has no vsock device, nothing to hand over",
+        ));
+    }
+    crate::handover::check_path(&path).map_err(|e| fault(400, format!("vsock_handover: {e}")))?;
+    let (meta, h) = m
+        .save_snapshot_handover(&p.snapshot_path)
         .map_err(|e| fault(500, error_chain(&e)))?;
-    Ok(Answer(204, None))
+    // The connections belong to the snapshot now: this VM must not run on with them.
+    m.stop().map_err(|e| fault(500, error_chain(&e)))?;
+    shared.stopped.store(true, Ordering::SeqCst);
+    drop(m);
+    tracing::info!(
+        snapshot = %p.snapshot_path.display(),
+        handover = %path.display(),
+        connections = h.len(),
+        "snapshot written, VM stopped; waiting for the restoring process (API)"
+    );
+    crate::handover::send(&path, &h).map_err(|e| {
+        fault(
+            500,
+            format!(
+                "the snapshot is in {} and the VM stopped, but the handover failed: {e}",
+                p.snapshot_path.display()
+            ),
+        )
+    })?;
+    Ok(Answer(
+        200,
+        Some(json!({
+            "snapshot_path": p.snapshot_path,
+            "vcpus": meta.vcpus,
+            "mem_size": meta.mem_size,
+            "vsock_connections": h.len(),
+        })),
+    ))
 }
 
 #[derive(Deserialize)]

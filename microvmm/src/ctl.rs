@@ -110,6 +110,11 @@ enum CtlCommand {
     Snapshot {
         /// The snapshot directory.
         dir: PathBuf,
+        /// Also hand the VM's vsock connections to the process that restores it
+        /// (`microvmm run --restore DIR --handover PATH`, which connects here); the VM then
+        /// stops and its `microvmm run` ends.
+        #[arg(long, value_name = "PATH")]
+        vsock_handover: Option<PathBuf>,
     },
     /// Stop the VM at once (`microvmm run` ends).
     Stop,
@@ -128,15 +133,15 @@ pub fn main(args: CtlArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         CtlCommand::Metrics => request(s, "GET", "/metrics", None)?.1,
         CtlCommand::Pause => request(s, "PATCH", "/vm", Some(&json!({"state": "Paused"})))?.1,
         CtlCommand::Resume => request(s, "PATCH", "/vm", Some(&json!({"state": "Resumed"})))?.1,
-        CtlCommand::Snapshot { dir } => {
-            let dir = std::path::absolute(&dir)?;
-            request(
-                s,
-                "PUT",
-                "/snapshot/create",
-                Some(&json!({ "snapshot_path": dir })),
-            )?
-            .1
+        CtlCommand::Snapshot {
+            dir,
+            vsock_handover,
+        } => {
+            let mut body = json!({ "snapshot_path": std::path::absolute(&dir)? });
+            if let Some(p) = vsock_handover {
+                body["vsock_handover"] = json!(std::path::absolute(&p)?);
+            }
+            request(s, "PUT", "/snapshot/create", Some(&body))?.1
         }
         CtlCommand::Stop => request(s, "PUT", "/actions", Some(&json!({"action_type": "Stop"})))?.1,
         CtlCommand::Shutdown => {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod api;
 mod ctl;
 mod disk;
+mod handover;
 mod run;
 mod upgrade;
 

@@ -1,7 +1,6 @@
 //! `microvmm run`.
 
 use std::io::Read;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,6 @@ use vmm::config::{
     ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, NetConfig, VsockConfig,
 };
 use vmm::guests;
-use vmm::handover::VsockHandover;
 use vmm::{Machine, MachineError, StopReason};
 
 /// Arguments of `microvmm run`.
@@ -141,46 +139,6 @@ impl SandboxArgs {
             None => Ok(()),
         }
     }
-}
-
-/// How long `--handover` waits for the other process.
-const HANDOVER_WAIT: Duration = Duration::from_secs(60);
-
-/// Connects to the saving process's handover socket, retrying until it listens.
-fn receive_handover(path: &std::path::Path) -> Result<VsockHandover, Box<dyn std::error::Error>> {
-    let mut s = vmm::handover::connect_retrying(path, HANDOVER_WAIT)
-        .map_err(|e| format!("no handover at {}: {e}", path.display()))?;
-    s.set_read_timeout(Some(HANDOVER_WAIT))?;
-    Ok(VsockHandover::receive(&mut s)?)
-}
-
-/// Listens at `path` and sends `h` to the first client.
-fn send_handover(
-    path: &std::path::Path,
-    h: &VsockHandover,
-) -> Result<(), Box<dyn std::error::Error>> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
-    let end = Instant::now() + HANDOVER_WAIT;
-    let mut s = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                return Err(format!("nobody took the handover at {}: {e}", path.display()).into());
-            }
-        }
-    };
-    s.set_nonblocking(false)?;
-    let sent = h.send(&mut s);
-    let _ = std::fs::remove_file(path);
-    Ok(sent?)
 }
 
 fn console_target(s: &str) -> ConsoleTarget {
@@ -317,7 +275,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut m = match &args.restore {
         Some(dir) => match &args.handover {
             Some(path) => {
-                let h = receive_handover(path)?;
+                let h = crate::handover::receive(path)?;
                 eprintln!("microvmm: took over {} vsock connection(s)", h.len());
                 // Only now: the saving process may have used the same socket path until it
                 // handed its connections over.
@@ -372,7 +330,7 @@ pub fn main(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     dir.display()
                 );
                 if let (Some(path), Some(h)) = (&args.handover, handover) {
-                    send_handover(path, &h)?;
+                    crate::handover::send(path, &h)?;
                     eprintln!("microvmm: handed {} vsock connection(s) over", h.len());
                 }
                 Ok(StopReason::Stopped)

@@ -166,10 +166,53 @@ fn snapshot_then_restore_in_a_new_process_continues_counting() {
     );
 }
 
+/// `microvmm ARGS` with stdout and stderr piped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_microvmm"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The `virtio_vsock` test guest (an echo server on vsock port 1234), CID 42.
+const VSOCK_GUEST: [&str; 5] = ["run", "--test-guest", "virtio_vsock", "--vsock-cid", "42"];
+
+/// Writes `msg` on the connection and checks that the guest echoes it.
+fn echo(host: &mut std::os::unix::net::UnixStream, msg: &[u8]) {
+    use std::io::{Read, Write};
+    host.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    host.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+/// A second process restoring `snap` with the vsock connections handed over at `ho`.
+fn spawn_restorer(uds: &str, snap: &str, ho: &str) -> std::process::Child {
+    spawn(
+        &[
+            &VSOCK_GUEST[..],
+            &["--vsock-uds", uds, "--console", "null"],
+            &["--restore", snap, "--handover", ho],
+        ]
+        .concat(),
+    )
+}
+
+/// Waits for the restorer that took one connection to end well.
+fn restorer_took_one(second: std::process::Child) {
+    let second = second.wait_with_output().unwrap();
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(
+        text(&second.stderr).contains("took over 1 vsock connection(s)"),
+        "{}",
+        text(&second.stderr)
+    );
+}
+
 #[test]
 fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
-    use std::io::{Read, Write};
-    use std::process::Stdio;
     use std::time::Duration;
     if !kvm_or_skip("vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes") {
         return;
@@ -177,19 +220,9 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let (snap, ho, uds1, uds2) = (p("snap"), p("ho.sock"), p("v1.sock"), p("v2.sock"));
-    let spawn = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_microvmm"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    // The virtio_vsock guest's default: an echo server on port 1234.
-    let guest = ["run", "--test-guest", "virtio_vsock", "--vsock-cid", "42"];
     let first = spawn(
         &[
-            &guest[..],
+            &VSOCK_GUEST[..],
             &["--vsock-uds", &uds1, "--snapshot-after", "5000"],
             &["--snapshot-to", &snap, "--handover", &ho],
         ]
@@ -197,21 +230,8 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
     );
     let mut host =
         vmm::guests::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
-    let mut echo = |msg: &[u8]| {
-        host.write_all(msg).unwrap();
-        let mut back = vec![0u8; msg.len()];
-        host.read_exact(&mut back).unwrap();
-        assert_eq!(back, msg);
-    };
-    echo(b"before the snapshot");
-    let second = spawn(
-        &[
-            &guest[..],
-            &["--vsock-uds", &uds2, "--console", "null"],
-            &["--restore", &snap, "--handover", &ho],
-        ]
-        .concat(),
-    );
+    echo(&mut host, b"before the snapshot");
+    let second = spawn_restorer(&uds2, &snap, &ho);
     let first = first.wait_with_output().unwrap();
     assert!(first.status.success(), "{}", text(&first.stderr));
     assert!(
@@ -220,15 +240,78 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
         text(&first.stderr)
     );
     // The first process is gone; the same socket talks to the restored guest.
-    echo(b"after the restore, in another process");
+    echo(&mut host, b"after the restore, in another process");
     host.shutdown(std::net::Shutdown::Both).unwrap();
-    let second = second.wait_with_output().unwrap();
-    assert!(second.status.success(), "{}", text(&second.stderr));
-    assert!(
-        text(&second.stderr).contains("took over 1 vsock connection(s)"),
-        "{}",
-        text(&second.stderr)
+    restorer_took_one(second);
+}
+
+/// The same handover started through the API (`microvmm ctl snapshot DIR --vsock-handover
+/// PATH`): a bad handover path is refused before anything changes, then the snapshot is
+/// written, the VM stops and the restoring process takes the connection.
+#[test]
+fn vsock_connection_goes_on_across_a_snapshot_handover_through_the_api() {
+    use std::time::{Duration, Instant};
+    if !kvm_or_skip("vsock_connection_goes_on_across_a_snapshot_handover_through_the_api") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (snap, ho, uds1, uds2, api) = (
+        p("snap"),
+        p("ho.sock"),
+        p("v1.sock"),
+        p("v2.sock"),
+        p("api.sock"),
     );
+    let first = spawn(
+        &[
+            &VSOCK_GUEST[..],
+            &["--vsock-uds", &uds1, "--api-socket", &api],
+        ]
+        .concat(),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&api).is_err() {
+        assert!(Instant::now() < end, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ctl = |args: &[&str]| microvmm(&[&["ctl", "--api-socket", &api][..], args].concat());
+    let mut host =
+        vmm::guests::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
+    echo(&mut host, b"before the snapshot");
+    // Refused while running, and with a file that is not a socket at the handover path.
+    let out = ctl(&["snapshot", &snap, "--vsock-handover", &ho]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pause it first"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(ctl(&["pause"]).status.success());
+    let taken = p("taken");
+    std::fs::write(&taken, b"keep me").unwrap();
+    let out = ctl(&["snapshot", &snap, "--vsock-handover", &taken]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a socket"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep me");
+    // Nothing changed: the VM resumes and answers on the same connection.
+    assert!(ctl(&["resume"]).status.success());
+    echo(&mut host, b"still in the first process");
+    assert!(ctl(&["pause"]).status.success());
+    let second = spawn_restorer(&uds2, &snap, &ho);
+    let out = ctl(&["snapshot", &snap, "--vsock-handover", &ho]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["vsock_connections"], 1, "{answer}");
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    echo(&mut host, b"after the restore, in another process");
+    host.shutdown(std::net::Shutdown::Both).unwrap();
+    restorer_took_one(second);
 }
 
 #[test]

@@ -131,7 +131,8 @@ const MAIN: List = syscalls![
 ];
 
 /// The API thread and the threads it starts (tiny_http's, an upgrade's, a merge's): HTTP on
-/// its socket, snapshots, and the upgrade: a clone of the VM (a new KVM VM, its memory and
+/// its socket, snapshots (with the vsock connections sent to the restoring process), and the
+/// upgrade: a clone of the VM (a new KVM VM, its memory and
 /// devices, KVM's ioctls only), disk forks and merges, the agent's connection. They start
 /// threads (`clone` with `CLONE_THREAD` only) but no processes, and never execute programs.
 const API: List = syscalls![
@@ -147,6 +148,7 @@ const API: List = syscalls![
     connect,
     recvfrom,
     sendto,
+    sendmsg,
     shutdown,
     setsockopt,
     getsockname,
