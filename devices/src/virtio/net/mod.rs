@@ -631,8 +631,11 @@ impl Receiver {
     ) -> Result<(), RingError> {
         let mut delivered_any = false;
         let mut budget = BATCH * 4;
-        let tap = lock(tap);
+        // The queue before the TAP, as everywhere (the transmit path, and a VMM that captures
+        // the device's state with its queues held and then asks for the TAP's name): the other
+        // order deadlocked a live clone when a frame arrived during its pause.
         let mut q = lock(queue);
+        let tap = lock(tap);
         let result = loop {
             let Some(len) = self.pending else {
                 if budget == 0 {

@@ -454,6 +454,37 @@ fn frames_cross_the_tap_both_ways() {
     assert_eq!(r.counters.deliveries.load(Ordering::Relaxed), 1);
 }
 
+/// A VMM captures the device's state with its queues held (a live clone's pause) and reads the
+/// TAP's name then: a frame arriving meanwhile must not leave the receive path holding the TAP
+/// while it waits for the queue (the lock-order inversion that deadlocked a clone of a Linux
+/// guest in the nested harness).
+#[test]
+fn the_state_is_read_while_the_queues_are_held_and_a_frame_arrives() {
+    if !net_or_skip("the_state_is_read_while_the_queues_are_held_and_a_frame_arrives") {
+        return;
+    }
+    let mut r = rig("hold", &[vn::VIRTIO_NET_F_MAC, vn::VIRTIO_NET_F_MRG_RXBUF]);
+    let rx = DATA + 0x100000;
+    r.post_rx(rx, 2048);
+    // The worker handles what activation left pending first.
+    std::thread::sleep(Duration::from_millis(300));
+    let guards = r.driver.transport.lock_queues();
+    // The worker wakes for the frame and runs the receive path, which waits for the queue.
+    r.sock.send(&frame(200, 3)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (tx, done) = std::sync::mpsc::channel();
+    let handle = r.handle.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(handle.state());
+    });
+    let state = done.recv_timeout(WAIT);
+    drop(guards);
+    let state = state.expect("the state waited for the receive path: lock-order inversion");
+    assert_eq!(state.tap, "t0");
+    // Released, the frame is delivered.
+    assert_eq!(r.driver.wait_used(0, 1), vec![(0, 212)]);
+}
+
 #[test]
 fn a_guest_that_never_refills_costs_one_frame_and_the_kernel_drops_the_rest() {
     if !net_or_skip("a_guest_that_never_refills_costs_one_frame_and_the_kernel_drops_the_rest") {
