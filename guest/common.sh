@@ -120,6 +120,17 @@ copy_modules() {
         mkdir -p "$root/lib/modules/$kver/$(dirname "${f%%:*}")"
         cp "$mdir/${f%%:*}" "$root/lib/modules/$kver/${f%%:*}"
     done
+    # busybox's modprobe hands the file to the kernel as it is: compressed modules (Debian's kernels
+    # from 6.x on ship .ko.xz) are stored uncompressed.
+    local z
+    while IFS= read -r -d '' z; do
+        case $z in
+        *.xz) xz -d -f "$z" ;;
+        *.zst) zstd -q -d --rm -f "$z" ;;
+        *.gz) gzip -d -f "$z" ;;
+        esac
+    done < <(find "$root/lib/modules/$kver" -name '*.ko.*' -print0)
+    sed -i -E 's/\.ko\.(xz|zst|gz)/.ko/g' "$root/lib/modules/$kver/modules.dep"
     sort -u -o "$root/lib/modules/$kver/modules.dep" "$root/lib/modules/$kver/modules.dep"
     echo "$kver"
 }

@@ -16,7 +16,8 @@
 #                      built; writable, changes discarded); MICROVMM_GUEST_IMAGES=/images is set
 #   --disk MiB         free space on the scratch disk (default 4096; sparse on the host)
 #   --env NAME=VALUE   set an environment variable for CMD
-#   --out DIR          also leave stdout, stderr, status, console.log and timing in DIR
+#   --out DIR          also leave stdout, stderr, status, console.log, timing and qemu-debug.log (QEMU's
+#                      -d cpu_reset,guest_errors log: an L1 crash's registers) in DIR
 #   --console          stream L1's console to stderr while it runs
 #   --keep             keep the work directory (printed) instead of removing it
 # In L1, CMD runs with /nested (the scratch disk) as working directory, TMPDIR=/nested/tmp and
@@ -68,7 +69,16 @@ fail() {
     exit 125
 }
 
-command -v qemu-system-x86_64 >/dev/null || skip "qemu-system-x86_64 is not installed (scripts/setup.d/50-nested.sh installs it)"
+# QEMU: MICROVMM_NESTED_QEMU if set, else the one guest/fetch-nested-qemu.sh unpacked (bookworm-backports'
+# 10.x: bookworm's 7.2 has nested-SVM faults), else the system's. Its data directory beside it
+# (../share/qemu) is searched first for option ROMs.
+cache=${MICROVMM_CACHE:-/var/cache/microvmm}
+qemu=${MICROVMM_NESTED_QEMU:-$(ls -d "$cache"/qemu-bpo/*/root/usr/bin/qemu-system-x86_64 2>/dev/null | sort -V | tail -n1)}
+qemu=${qemu:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || skip "$qemu is not installed (scripts/setup.d/50-nested.sh installs it)"
+qemu_data=()
+qdir=$(cd "$(dirname "$(command -v "$qemu")")/../share/qemu" 2>/dev/null && pwd || true)
+[ -n "$qdir" ] && qemu_data=(-L "$qdir")
 command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || skip "mkfs.ext4/debugfs (e2fsprogs) missing"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/nested.XXXXXX")
@@ -169,10 +179,10 @@ if [ -n "$imgdisk" ]; then
     drives+=(-drive "file=$imgdisk,format=raw,if=virtio,snapshot=on,cache=unsafe")
 fi
 limit_l1=$((timeout_s + 120))
-say "L1: qemu TCG -cpu max, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s"
+say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), TCG -cpu max, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s"
 say "L1: console $work/console.log, QEMU monitor $work/monitor.sock (e.g. socat - UNIX-CONNECT:...)"
 start=$(date +%s.%N)
-TMPDIR=$work qemu-system-x86_64 -accel tcg -cpu max -m "$mem" -smp "$smp" -nodefaults -no-user-config \
+TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel tcg -cpu max -m "$mem" -smp "$smp" -nodefaults -no-user-config \
     -display none -serial "file:$work/console.log" -monitor "unix:$work/monitor.sock,server=on,wait=off" \
     -no-reboot -rtc base=utc \
     -d cpu_reset,guest_errors -D "$work/qemu-debug.log" \
@@ -209,6 +219,8 @@ for f in stdout stderr status; do
     debugfs -R "dump /.out/$f $res/$f" "$scratch" >/dev/null 2>&1 || true
 done
 cp "$work/console.log" "$res/console.log" 2>/dev/null || : >"$res/console.log"
+# QEMU's -d log: an L1 crash's CPU state (registers at the triple fault) for whoever looks into it.
+tail -n 400 "$work/qemu-debug.log" >"$res/qemu-debug.log" 2>/dev/null || true
 ready=$(sed -n 's/^nested-l1: ready after \([0-9.]*\) s.*/\1/p' "$res/console.log" | head -n1)
 done_at=$(sed -n 's/^nested-l1: command exited with [0-9]* after \([0-9.]*\) s.*/\1/p' "$res/console.log" | head -n1)
 wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')

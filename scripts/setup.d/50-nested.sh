@@ -11,4 +11,6 @@ cd "$(dirname "$0")/../.."
 need_host_pkgs qemu-system-x86 e2fsprogs cpio gzip kmod
 start=$(date +%s)
 bash guest/build-nested-image.sh --images >/dev/null
+# QEMU 10 from bookworm-backports for level 1 (see guest/fetch-nested-qemu.sh); the system's QEMU otherwise.
+bash guest/fetch-nested-qemu.sh >/dev/null || echo "setup: the nested harness uses the system's QEMU"
 echo "setup: nested harness images ready in $(($(date +%s) - start)) s"
