@@ -168,6 +168,15 @@ pub enum StepError {
         /// The plan's limit.
         limit: Duration,
     },
+    /// A vCPU of the backup stopped on its own (the guest powered off or reset, or the vCPU
+    /// failed): the upgrade does not go on with a guest that lost a vCPU.
+    #[error("a vCPU of the {vm} VM stopped: {why}")]
+    VcpuStopped {
+        /// `active` or `backup`.
+        vm: &'static str,
+        /// What the vCPU reported.
+        why: String,
+    },
     /// Moving the service's connections or listener failed.
     #[error("moving the service's resources failed: {0}")]
     Resources(String),

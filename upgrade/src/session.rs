@@ -183,6 +183,13 @@ impl Session<'_> {
         if phase <= Phase::Resume && self.cancelled() {
             return Err(StepError::Cancelled);
         }
+        if phase <= Phase::Resume {
+            // A guest whose vCPU stopped (a failed vCPU, an unexpected power-off) would go on
+            // half-dead, unnoticed: before the commit point, that ends the upgrade.
+            if let Some(why) = self.backup.as_ref().and_then(Machine::stopped_vcpu) {
+                return Err(StepError::VcpuStopped { vm: "backup", why });
+            }
+        }
         Ok(())
     }
 

@@ -363,6 +363,22 @@ fn a_failing_cutover_command_rolls_back_after_the_disk_swap() {
     });
 }
 
+/// A backup whose guest stops during the upgrade (here it powers itself off once its command
+/// answered) is noticed at the next phase, instead of the upgrade going on with it, and the
+/// upgrade rolls back.
+#[test]
+fn a_backup_that_stops_during_the_upgrade_rolls_back() {
+    rolls_back("backup_stops", Phase::Merge, |_, p, o| {
+        p.commands[0].argv = vec!["poweroff".into()];
+        // Time for the guest's power-off to land before the merge phase looks.
+        o.on_event = Some(Arc::new(|e: &upgrade::Event| {
+            if matches!(e, upgrade::Event::Phase(Phase::Merge)) {
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+        }));
+    });
+}
+
 #[test]
 fn a_backup_command_past_its_timeout_rolls_back() {
     rolls_back("command_times_out", Phase::UpgradeBackup, |_, p, _| {

@@ -901,6 +901,9 @@ static int os_stamp_write(u64 version)
     return blk_write_flush(0, sector_buf, 1);
 }
 
+/* When nonzero, the TSC deadline at which the guest powers off (exec poweroff). */
+static u64 poweroff_at;
+
 static void cmd_exec(int ci, char **argv, int argc)
 {
     struct text t = { out_buf, 0, sizeof(out_buf) };
@@ -926,6 +929,11 @@ static void cmd_exec(int ci, char **argv, int argc)
         agent_reply(ci, "ok exit=0");
     } else if (streq(argv[0], "false")) {
         agent_reply(ci, "ok exit=1");
+    } else if (streq(argv[0], "poweroff")) {
+        /* Test hook: the guest powers itself off once this answer is out (a backup that dies
+         * during its upgrade). */
+        agent_reply(ci, "ok exit=0");
+        poweroff_at = deadline_ms(200);
     } else if (streq(argv[0], "sleep")) {
         u64 ms;
         if (argc != 2 || parse_u64(argv[1], &ms) != 0 || ms > 3600000) {
@@ -1229,6 +1237,8 @@ void guest_main(u64 cpu, u64 ncpus)
         for (int i = 0; i < MAX_CONNS; i++)
             if (conns[i].kind == K_AGENT)
                 agent_conn(i);
+        if (poweroff_at && past(poweroff_at))
+            poweroff();
         if (rx_handled == before)
             idle(); /* nothing arrived: give the host CPU away for a moment */
     }

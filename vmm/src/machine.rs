@@ -818,6 +818,23 @@ impl Machine {
         why
     }
 
+    /// Whether a vCPU has stopped on its own (the guest powered off or reset, or the vCPU failed)
+    /// while the machine runs or is paused: what it reported, or `None`. The report stays
+    /// queued for [`Machine::wait`]. A caller driving a long operation on a running machine
+    /// (an upgrade) checks this instead of going on with a guest that lost a vCPU.
+    pub fn stopped_vcpu(&self) -> Option<String> {
+        let reports: Vec<VcpuExitReport> = self.exit_rx.try_iter().collect();
+        let what = reports.first().map(|r| match &r.result {
+            Ok(stop) => format!("vCPU {} stopped: {stop:?}", r.id),
+            Err(e) => format!("vCPU {} failed: {e}", r.id),
+        });
+        for r in reports {
+            // Our own channel: the receiver lives in `self`, so the send cannot fail.
+            let _ = self.exit_tx.send(r);
+        }
+        what
+    }
+
     /// Parks every vCPU (each completes its pending I/O exit first). The machine is `Paused`
     /// only once every vCPU acknowledged; if one does not within the ack timeout, the others
     /// are let run again (and so is the late one, once it answers), the machine stays

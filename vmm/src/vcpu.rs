@@ -644,6 +644,10 @@ impl Vcpu {
                 Ok(RunOutcome::Stop(stop)) => {
                     running = false;
                     finished = true;
+                    match stop {
+                        VcpuStop::Power(ev) => tracing::info!(vcpu = self.id, ?ev, "vCPU stopped"),
+                        other => tracing::warn!(vcpu = self.id, stop = ?other, "vCPU stopped"),
+                    }
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
@@ -653,6 +657,7 @@ impl Vcpu {
                 Err(e) => {
                     running = false;
                     finished = true;
+                    tracing::error!(vcpu = self.id, error = %e, "vCPU failed; it runs no more");
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
