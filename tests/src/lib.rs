@@ -115,3 +115,19 @@ impl TestVm {
         self.serial_text().contains(needle)
     }
 }
+
+/// Sends the libraries' logs (`tracing`) to stderr, at `RUST_LOG`'s level (default `warn`): a
+/// vCPU that stops on its own, a device that gives up, say so in a test's output. Once per
+/// process; later calls do nothing.
+pub fn log_to_stderr() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Fails only if another subscriber is already installed, which then logs instead.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
+}

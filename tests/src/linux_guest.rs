@@ -239,6 +239,7 @@ pub fn full_guest_vm_with(
     net: Vec<vmm::config::NetConfig>,
     extra: &[PathBuf],
 ) -> (TestVm, PathBuf) {
+    crate::log_to_stderr();
     let (kernel, initrd, rootimg) = full_guest_image();
     let img = dir.join("root.ext4");
     std::fs::copy(rootimg, &img).unwrap();
