@@ -179,6 +179,10 @@ if [ -n "$imgdisk" ]; then
     drives+=(-drive "file=$imgdisk,format=raw,if=virtio,snapshot=on,cache=unsafe")
 fi
 limit_l1=$((timeout_s + 120))
+# L1's timer: the LAPIC's one-shot mode and a periodic tick. With TSC-deadline mode and a tickless
+# idle, an L1 once went idle for good (both vCPUs halted, its 5 s sync loop stopped) while a test
+# waited: a timer interrupt QEMU's TCG never delivered.
+l1_timer="lapic=notscdeadline nohz=off"
 say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), TCG -cpu max, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s"
 say "L1: console $work/console.log, QEMU monitor $work/monitor.sock (e.g. socat - UNIX-CONNECT:...)"
 start=$(date +%s.%N)
@@ -187,7 +191,7 @@ TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel tcg -cpu max -m "$mem" -smp "$smp"
     -no-reboot -rtc base=utc \
     -d cpu_reset,guest_errors -D "$work/qemu-debug.log" \
     -kernel "$kernel" -initrd "$l1initrd" \
-    -append "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable" "${drives[@]}" \
+    -append "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable $l1_timer" "${drives[@]}" \
     </dev/null >"$work/qemu.log" 2>&1 &
 qpid=$!
 if ((console)); then
