@@ -1,5 +1,7 @@
 //! Shared helpers for the criterion benchmarks in `benches/benches/` and the
 //! `mkworkload` tool used by `benches/compare-qemu-img.sh`.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -46,6 +46,7 @@ pub fn sidecar_path(path: &Path) -> PathBuf {
 fn fingerprint(file: &File, size: u64, path: &Path) -> Result<u64, BlockError> {
     let blocks = size / BLOCK_SIZE;
     let mut crc = 0u32;
+    #[allow(clippy::cast_possible_truncation)] // BLOCK_SIZE is 4096
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     for i in 0..FINGERPRINT_SAMPLES.min(blocks) {
         let block = if FINGERPRINT_SAMPLES >= blocks {

@@ -463,8 +463,13 @@ impl Delta {
             if e.kind != ExtentKind::Data {
                 continue;
             }
-            want.resize(e.len as usize, 0);
-            have.resize(e.len as usize, 0);
+            // The extent comes from the journal: check it fits in memory.
+            let len = usize::try_from(e.len).map_err(|_| BlockError::BadMeta {
+                path: data_path.clone(),
+                reason: format!("journal extent of {} bytes is too long", e.len),
+            })?;
+            want.resize(len, 0);
+            have.resize(len, 0);
             journal
                 .read_data(&mut want, at + (e.offset - rec_offset))
                 .map_err(|source| BlockError::Journal {
@@ -642,9 +647,12 @@ impl Delta {
             seq: 0,
         })) {
             if e.offset > pos {
+                // Extents are clipped to `[offset, offset + buf.len())`: indices fit `buf`.
+                #[allow(clippy::cast_possible_truncation)]
                 let b = &mut buf[(pos - offset) as usize..(e.offset - offset) as usize];
                 self.parent.read_at(b, pos)?;
             }
+            #[allow(clippy::cast_possible_truncation)] // as above
             let b = &mut buf[(e.offset - offset) as usize..(e.end() - offset) as usize];
             match e.kind {
                 ExtentKind::Data => self
@@ -706,13 +714,17 @@ impl Delta {
         let blocks: &[u8] = if start == offset && end == offset + len {
             buf
         } else {
+            // `end - start` is `buf.len()` plus at most two blocks.
+            #[allow(clippy::cast_possible_truncation)]
             tmp.resize((end - start) as usize, 0);
+            #[allow(clippy::cast_possible_truncation)] // BLOCK_SIZE is 4096
             let bs = BLOCK_SIZE as usize;
             self.read_at(&mut tmp[..bs], start)?;
             if end - start > BLOCK_SIZE {
                 let n = tmp.len();
                 self.read_at(&mut tmp[n - bs..], end - BLOCK_SIZE)?;
             }
+            #[allow(clippy::cast_possible_truncation)] // less than BLOCK_SIZE
             let at = (offset - start) as usize;
             tmp[at..at + buf.len()].copy_from_slice(buf);
             &tmp
@@ -742,12 +754,17 @@ impl Delta {
         let (start, end) = (align_up(offset), align_down(offset + len));
         if start >= end {
             if kind == RecordKind::Zero {
+                // `start >= end`: `len` is under two blocks.
+                #[allow(clippy::cast_possible_truncation)]
                 self.write_locked(&mut st, &vec![0u8; len as usize], offset)?;
             }
             return Ok(());
         }
         if kind == RecordKind::Zero {
+            // Both edges are shorter than BLOCK_SIZE.
+            #[allow(clippy::cast_possible_truncation)]
             self.write_locked(&mut st, &vec![0u8; (start - offset) as usize], offset)?;
+            #[allow(clippy::cast_possible_truncation)]
             self.write_locked(&mut st, &vec![0u8; (offset + len - end) as usize], end)?;
         }
         crate::sys::punch_hole(&self.data, start, end - start)

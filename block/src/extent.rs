@@ -179,6 +179,9 @@ pub fn coalesce(extents: impl IntoIterator<Item = Extent>) -> Vec<Extent> {
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
 
     const B: u64 = BLOCK_SIZE;

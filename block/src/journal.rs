@@ -32,6 +32,8 @@ pub const MAX_INLINE_LEN: u64 = 4 << 20;
 /// Granularity at which a torn append is recognised: an unwritten sector of a torn batch reads
 /// as zeros (journal space past the committed prefix is always zeros before an append).
 const TORN_SECTOR: u64 = 512;
+/// [`TORN_SECTOR`] as a slice length.
+const TORN_SECTOR_BYTES: usize = 512;
 /// Largest sequence number a journal may hold. A record above it is refused at open
 /// ([`JournalError::SequenceLimit`]) instead of letting the next number wrap past `u64::MAX`
 /// (which would make the next committed batch look like damage and drop it at reopen); a
@@ -263,6 +265,7 @@ impl<'a> Slots<'a> {
                 .map_err(Journal::io(self.path))?;
             (self.first, self.held) = (i, n);
         }
+        #[allow(clippy::cast_possible_truncation)] // `i - first` is below `held`, records in `buf`
         let at = (i - self.first) as usize * RECORD_SIZE;
         let mut b = [0u8; RECORD_SIZE];
         b.copy_from_slice(&self.buf[at..at + RECORD_SIZE]);
@@ -437,7 +440,9 @@ impl Journal {
                     if at + r.len > size {
                         break; // its data was cut off: a torn tail
                     }
-                    data.resize(r.len as usize, 0);
+                    let len = usize::try_from(r.len)
+                        .map_err(|_| bad("data record length out of range"))?;
+                    data.resize(len, 0);
                     file.read_exact_at(&mut data, at).map_err(Self::io(path))?;
                     if u64::from(crc32c::crc32c(&data)) != r.aux {
                         break; // its data did not all reach the disk (or was damaged)
@@ -513,10 +518,10 @@ impl Journal {
             version,
         };
         if writable && discarded_bytes > 0 {
-            let zeros = vec![0u8; READ_CHUNK.min(discarded_bytes as usize)];
+            let zeros = vec![0u8; crate::sys::clamp_len(discarded_bytes, READ_CHUNK)];
             let mut at = committed_len;
             while at < committed_len + discarded_bytes {
-                let n = (committed_len + discarded_bytes - at).min(zeros.len() as u64) as usize;
+                let n = crate::sys::clamp_len(committed_len + discarded_bytes - at, zeros.len());
                 j.file
                     .write_all_at(&zeros[..n], at)
                     .map_err(Self::io(path))?;
@@ -586,6 +591,8 @@ impl Journal {
             // allocated blocks inside the file size and their fdatasync has no metadata to
             // commit.
             let new_alloc = end.div_ceil(PREALLOCATE) * PREALLOCATE;
+            // `len <= allocated`: the growth is at most `buf.len()` plus one PREALLOCATE.
+            #[allow(clippy::cast_possible_truncation)]
             let zeros = vec![0u8; (new_alloc - self.allocated) as usize];
             self.file
                 .write_all_at(&zeros, self.allocated)
@@ -633,11 +640,11 @@ fn has_zero_sector(file: &File, path: &Path, from: u64, to: u64) -> Result<bool,
     let mut s = from.div_ceil(TORN_SECTOR) * TORN_SECTOR;
     let mut buf = vec![0u8; READ_CHUNK];
     while s + TORN_SECTOR <= to {
-        let n = ((to - s) / TORN_SECTOR * TORN_SECTOR).min(READ_CHUNK as u64) as usize;
+        let n = crate::sys::clamp_len((to - s) / TORN_SECTOR * TORN_SECTOR, READ_CHUNK);
         file.read_exact_at(&mut buf[..n], s)
             .map_err(Journal::io(path))?;
         if buf[..n]
-            .chunks_exact(TORN_SECTOR as usize)
+            .chunks_exact(TORN_SECTOR_BYTES)
             .any(|c| c.iter().all(|&b| b == 0))
         {
             return Ok(true);
@@ -655,11 +662,11 @@ fn last_nonzero_after(
     from: u64,
     size: u64,
 ) -> Result<Option<u64>, JournalError> {
-    let mut buf = vec![0u8; READ_CHUNK.min(size.saturating_sub(from) as usize)];
+    let mut buf = vec![0u8; crate::sys::clamp_len(size.saturating_sub(from), READ_CHUNK)];
     let mut last = None;
     let mut at = from;
     while at < size {
-        let n = (size - at).min(buf.len() as u64) as usize;
+        let n = crate::sys::clamp_len(size - at, buf.len());
         file.read_exact_at(&mut buf[..n], at)
             .map_err(Journal::io(path))?;
         if let Some(p) = buf[..n].iter().rposition(|&b| b != 0) {

@@ -24,6 +24,12 @@ use crate::meta;
 const MERGE_LOG: &str = "merge.log";
 const IMAGE_FILE: &str = "image";
 const COMPARE_CHUNK: u64 = 1 << 20;
+/// [`COMPARE_CHUNK`] as a buffer length.
+const COMPARE_CHUNK_BYTES: usize = 1 << 20;
+/// [`BLOCK_SIZE`] as a slice length.
+const BLOCK_BYTES: usize = 4096;
+const _: () =
+    assert!(BLOCK_BYTES as u64 == BLOCK_SIZE && COMPARE_CHUNK_BYTES as u64 == COMPARE_CHUNK);
 const COPY_PIECE: u64 = 8 << 20;
 /// Output bytes after which their writeback is started (overlapping copying and disk writes).
 const KICK_BYTES: u64 = 8 << 20;
@@ -464,7 +470,7 @@ fn kind_at(ext: &[Extent], i: &mut usize, p: u64) -> Option<ExtentKind> {
 
 fn crc_of(d: &Delta, offset: u64, len: u64) -> Result<u32, BlockError> {
     let mut crc = 0;
-    let mut buf = vec![0u8; COMPARE_CHUNK.min(len) as usize];
+    let mut buf = vec![0u8; crate::sys::clamp_len(len, COMPARE_CHUNK_BYTES)];
     let mut pos = offset;
     while pos < offset + len {
         let n = (offset + len - pos).min(COMPARE_CHUNK) as usize;
@@ -515,8 +521,8 @@ fn classify(
     };
     let mut pending = Vec::new();
     let (mut ia, mut ib) = (0, 0);
-    let mut abuf = vec![0u8; COMPARE_CHUNK as usize];
-    let mut bbuf = vec![0u8; COMPARE_CHUNK as usize];
+    let mut abuf = vec![0u8; COMPARE_CHUNK_BYTES];
+    let mut bbuf = vec![0u8; COMPARE_CHUNK_BYTES];
     for w in cuts.windows(2) {
         let (p, q) = (w[0], w[1]);
         let (ka, kb) = (kind_at(a_ext, &mut ia, p), kind_at(b_ext, &mut ib, p));
@@ -587,8 +593,8 @@ fn classify(
                     a.read_at(&mut abuf[..n], pos)?;
                     b.read_at(&mut bbuf[..n], pos)?;
                     for (i, (x, y)) in abuf[..n]
-                        .chunks(BLOCK_SIZE as usize)
-                        .zip(bbuf[..n].chunks(BLOCK_SIZE as usize))
+                        .chunks(BLOCK_BYTES)
+                        .zip(bbuf[..n].chunks(BLOCK_BYTES))
                         .enumerate()
                     {
                         let off = pos + i as u64 * BLOCK_SIZE;
@@ -854,7 +860,8 @@ pub fn merge(
             resume = (1, 0);
         }
         // A damaged log never makes us skip past the end of the plan.
-        let first = (resume.1 as usize).min(report.plan.len());
+        let first =
+            usize::try_from(resume.1).map_or(report.plan.len(), |r| r.min(report.plan.len()));
         w.done = report.plan[..first]
             .iter()
             .filter(|o| matches!(o.action, Action::Copy(_)))
@@ -1050,7 +1057,7 @@ fn apply_window(
 fn copy_parent(parent: &Layer, w: &mut Writer<'_>, from: u64) -> Result<(), MergeError> {
     let chunk = w.opts.checkpoint_bytes.max(BLOCK_SIZE) / BLOCK_SIZE * BLOCK_SIZE;
     let size = parent.size();
-    let mut buf = vec![0u8; COMPARE_CHUNK as usize];
+    let mut buf = vec![0u8; COMPARE_CHUNK_BYTES];
     let mut s = from.min(size) / BLOCK_SIZE * BLOCK_SIZE;
     w.done = s;
     while s < size {
@@ -1176,7 +1183,7 @@ pub fn catch_up_unflushed(
     if opts.dry_run {
         return Ok(report);
     }
-    let mut buf = vec![0u8; COMPARE_CHUNK as usize];
+    let mut buf = vec![0u8; COMPARE_CHUNK_BYTES];
     let total = report.bytes_to_write;
     let mut done = 0;
     for op in &report.plan {

@@ -7,6 +7,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+/// `x` as a length of at most `cap` bytes (lossless: `x` is only narrowed below `cap`).
+pub(crate) fn clamp_len(x: u64, cap: usize) -> usize {
+    usize::try_from(x).map_or(cap, |x| x.min(cap))
+}
+
 fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
@@ -32,7 +37,7 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let err = io::Error::last_os_error();
     if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
         // File system without hole punching: write zeros instead.
-        return write_zeros(file, offset, len as u64);
+        return write_zeros(file, offset, len.unsigned_abs());
     }
     Err(err)
 }
@@ -40,7 +45,7 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     while len > 0 {
-        let n = len.min(zeros.len() as u64) as usize;
+        let n = clamp_len(len, zeros.len());
         file.write_all_at(&zeros[..n], offset)?;
         offset += n as u64;
         len -= n as u64;
@@ -78,7 +83,7 @@ pub(crate) fn copy_range(
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
-        let n = n as u64;
+        let n = n.unsigned_abs() as u64;
         src_off += n;
         dst_off += n;
         len -= n;
@@ -89,7 +94,7 @@ pub(crate) fn copy_range(
 fn copy_by_hand(src: &File, mut so: u64, dst: &File, mut d: u64, mut len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while len > 0 {
-        let n = len.min(buf.len() as u64) as usize;
+        let n = clamp_len(len, buf.len());
         src.read_exact_at(&mut buf[..n], so)?;
         dst.write_all_at(&buf[..n], d)?;
         so += n as u64;
@@ -126,7 +131,7 @@ pub(crate) unsafe fn pwrite_raw(
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
-        done += n as usize;
+        done += n.unsigned_abs();
     }
     Ok(())
 }
@@ -167,7 +172,7 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<Option<u64>> 
         }
         return Err(err);
     }
-    Ok(Some(r as u64))
+    Ok(Some(r.unsigned_abs()))
 }
 
 /// Takes a non-blocking `flock` on `file` (exclusive or shared); `Ok(false)` if someone

@@ -9,6 +9,8 @@
 //!
 //! `cargo test` runs 130 writer kills, 80 merger kills and 100 forker kills; the ignored
 //! `crash_many_kills` runs `BLOCK_CRASH_KILLS` (default 1000) of each.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod common;
 mod rng;

@@ -8,6 +8,8 @@
 //! - the journal complete but the data file missing the flushed writes (the data file is not
 //!   synced by such a flush);
 //! - a version 1 journal (records only) opened, appended to and converted by compaction.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod rng;
 use rng::Rng;

@@ -1,4 +1,6 @@
 //! Layers, journal recovery, fork, and corruption handling.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

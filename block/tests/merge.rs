@@ -1,5 +1,7 @@
 //! Three-way merge: property tests against a reference model, policies, dry run, flatten,
 //! catch-up and resumption.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! NBD server tests: a raw protocol client in the test, malformed input, shutdown, and qemu-io interop.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 mod nbd_common;
 

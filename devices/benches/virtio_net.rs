@@ -3,6 +3,8 @@
 //! TAP, in the same run, for 64- and 1500-byte frames. The TAP lives in a private network
 //! namespace. Needs root and /dev/net/tun (prints SKIP otherwise). After the criterion groups, an
 //! interleaved comparison prints the medians and the device/raw ratio per path and size.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

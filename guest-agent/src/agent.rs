@@ -449,7 +449,7 @@ impl Agent {
             let dir = root.join(&name);
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             let took = criu::pre_dump(pid, &dir, prev.as_deref()).map_err(AgentError::Dump)?;
-            stats.pre_dump_ms += took.as_millis() as u64;
+            stats.pre_dump_ms += u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
             stream_dir(conn, &dir, &name, &mut stats)?;
             prev = Some(format!("../{name}"));
         }
@@ -471,7 +471,7 @@ impl Agent {
             fs::create_dir_all(&fin).map_err(io_err(&fin))?;
             match criu::dump(pid, &fin, prev.as_deref(), ps) {
                 Ok(took) => {
-                    stats.freeze_ms = took.as_millis() as u64;
+                    stats.freeze_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
                     break;
                 }
                 Err(e) if attempt < attempts && sys::alive(pid) => {
@@ -689,7 +689,7 @@ impl Agent {
             conn,
             &Response::Restored {
                 pid,
-                restore_ms: took.as_millis() as u64,
+                restore_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             },
         )?;
         Ok(())

@@ -161,7 +161,7 @@ impl AgentClient {
     ) -> Result<ExecOutput, HostError> {
         self.send(&Request::Exec {
             argv: argv.iter().map(|s| (*s).to_string()).collect(),
-            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         })?;
         let mut out = ExecOutput::default();
         loop {
@@ -339,7 +339,7 @@ pub fn handoff(
     opts: &HandoffOpts,
 ) -> Result<HandoffReport, HandoffError> {
     let t0 = Instant::now();
-    let ms = |t: Instant| t.elapsed().as_millis() as u64;
+    let ms = |t: Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
     let relayed = relay(src, dst, opts);
     let checkpoint_ms = ms(t0);
     let result = match relayed {

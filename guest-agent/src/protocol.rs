@@ -117,6 +117,7 @@ pub fn encode_header(kind: FrameKind, len: usize) -> Result<[u8; HEADER_LEN], Pr
     h[4] = VERSION;
     h[5] = kind as u8;
     // Bytes 6..8 reserved (zero); `len` fits in u32 after the check above.
+    #[allow(clippy::cast_possible_truncation)]
     h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(h)
 }

@@ -92,7 +92,7 @@ pub(crate) fn stream_file(
         if n == 0 {
             break;
         }
-        let n = n.min((meta.len() - sent) as usize);
+        let n = n.min(usize::try_from(meta.len() - sent).unwrap_or(usize::MAX));
         write_frame(conn, FrameKind::Data, &buf[..n])?;
         sent += n as u64;
     }

@@ -1,6 +1,8 @@
 //! Test support for hosts of guests (feature `test-utils`): the Java demo service's command
 //! line, and a packet watch that counts a service's TCP segments on a network device and
 //! records those that carried RST.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::fs::File;
 use std::io::Read;
@@ -31,6 +33,7 @@ pub fn echo_log_argv(port: u16, log: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A packet watch that counts TCP segments and records RSTs.
 #[derive(Debug)]
 pub struct RstWatch {
     segments: Arc<AtomicU64>,

@@ -241,7 +241,7 @@ fn socket_timeout(fd: &impl AsRawFd, opt: libc::c_int, t: Option<Duration>) -> i
             libc::SOL_SOCKET,
             opt,
             (&raw const tv).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
+            SOCKLEN_TIMEVAL,
         )
     };
     if r < 0 {
@@ -259,10 +259,16 @@ pub struct VsockTransport {
     port: u32,
 }
 
+/// `sizeof(struct timeval)` for setsockopt(2).
+#[allow(clippy::cast_possible_truncation)] // 16 bytes
+const SOCKLEN_TIMEVAL: libc::socklen_t = mem::size_of::<libc::timeval>() as libc::socklen_t;
+
 fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
     let mut a: libc::sockaddr_vm = unsafe { mem::zeroed() };
-    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    #[allow(clippy::cast_possible_truncation)] // AF_VSOCK is 40
+    let family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_family = family;
     a.svm_cid = cid;
     a.svm_port = port;
     a
@@ -281,6 +287,7 @@ fn vsock_socket() -> io::Result<OwnedFd> {
 /// bind(2)+listen(2) or connect(2) on a vsock socket.
 fn vsock_addr_call(fd: &OwnedFd, cid: u32, port: u32, connect: bool) -> io::Result<()> {
     let a = vsock_addr(cid, port);
+    #[allow(clippy::cast_possible_truncation)] // 16 bytes
     let len = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     let p = (&raw const a).cast::<libc::sockaddr>();
     // SAFETY: `p` points to a valid sockaddr_vm of `len` bytes that outlives the calls; `fd` is open.

@@ -8,6 +8,8 @@
 //! fetched back) must all leave the service running on the source.
 //!
 //! Needs root (network namespace, tap devices). Costs about 2-4 minutes on 2 cores.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};

@@ -665,13 +665,15 @@ fn start_upgrade(shared: &Arc<Shared>, body: &[u8]) -> Result<Answer, Answer> {
                     worker.upgrades.fetch_add(1, Ordering::Relaxed);
                     worker
                         .last_upgrade_ms
-                        .store(report.total.as_millis() as u64, Ordering::Relaxed);
-                    worker
-                        .last_cutover_us
-                        .store(report.cutover.as_micros() as u64, Ordering::Relaxed);
-                    worker
-                        .last_clone_pause_us
-                        .store(report.clone_pause.as_micros() as u64, Ordering::Relaxed);
+                        .store(saturating_u64(report.total.as_millis()), Ordering::Relaxed);
+                    worker.last_cutover_us.store(
+                        saturating_u64(report.cutover.as_micros()),
+                        Ordering::Relaxed,
+                    );
+                    worker.last_clone_pause_us.store(
+                        saturating_u64(report.clone_pause.as_micros()),
+                        Ordering::Relaxed,
+                    );
                     up.state = Some("succeeded");
                     up.report = serde_json::to_value(&report).ok();
                 }
@@ -705,6 +707,11 @@ fn connector_for(m: &Machine) -> Arc<dyn upgrade::AgentConnector> {
         }
         _ => Arc::new(upgrade::criu_agent::CriuConnector::default()),
     }
+}
+
+/// A duration count for the metrics, saturating at `u64::MAX`.
+fn saturating_u64(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
 }
 
 fn upgrade_status(shared: &Shared) -> Value {

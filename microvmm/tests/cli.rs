@@ -1,4 +1,6 @@
 //! `microvmm run` end to end: exit status, console output and error messages.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::process::{Command, Output};
 

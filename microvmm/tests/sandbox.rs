@@ -1,5 +1,7 @@
 //! The sandbox of `microvmm run` and `disk serve`: every thread under its seccomp filter (on by
 //! default), a forbidden system call ending the process with SIGSYS, and `--user`.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -78,7 +78,7 @@ extern "C" fn on_sigsys(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc:
         None => line.push(b"a thread with an inherited filter"),
     }
     line.push(b" made system call ");
-    line.push_num(nr as u64);
+    line.push_num(u64::from_ne_bytes(nr.to_ne_bytes())); // same bits as `as`
     if let Some(name) = filters::name_of(nr) {
         line.push(b" (");
         line.push(name.as_bytes());

@@ -18,6 +18,8 @@
 //! Needs root (debootstrap, QEMU) and the image `scripts/setup.d/40-merge-image.sh` builds; prints
 //! `SKIP:` when not root or when QEMU is missing. Cost: ~35 s warm (four short TCG boots), plus
 //! ~30-60 s once to build the image if setup has not.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::collections::BTreeSet;
 use std::io::Write as _;

@@ -19,6 +19,8 @@
 //! both merged volumes are `e2fsck -fn` clean; the process holds no more threads or fds than
 //! before. And the baseline in the same run: the bare CRIU handoff of the same service between
 //! two running microvmm guests, with the client gap of each printed side by side.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

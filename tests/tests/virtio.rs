@@ -2,6 +2,8 @@
 //! - `virtio_blk` writes a pattern through virtio-blk into a `block` delta, flushes, reads it
 //!   back; the delta's journal then holds exactly those extents, durable;
 //! - `virtio_vsock` answers a connection from the host (echo), and connects out to the host.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

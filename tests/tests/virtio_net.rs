@@ -2,6 +2,8 @@
 //! namespaces (the host's own network is never touched): ping and UDP echo through the TAP,
 //! two NICs, a live clone on its own TAP with its own MAC, and a TAP taken over by another
 //! in-process VM while the host keeps pinging. As root only (SKIP otherwise).
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! hands its host socket over (`Machine::save_snapshot_handover`, `VsockHandover::send`), the
 //! restoring process takes it (`Machine::restore_snapshot_handover`), and the host peer's
 //! stream goes on byte-exact, with bytes that were in flight at the snapshot, and no reset.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

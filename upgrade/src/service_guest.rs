@@ -710,7 +710,10 @@ impl ImageConn {
     /// Bytes the guest received on this connection: for a consistent cut, the device's
     /// `tx_cnt` (`devices::virtio::vsock::muxer::ConnState::tx_cnt`).
     pub fn rx_cnt(&self) -> u32 {
-        self.fwd_cnt.wrapping_add(self.pending.len() as u32)
+        // Counters are modulo 2^32, like the device's.
+        #[allow(clippy::cast_possible_truncation)]
+        let pending = self.pending.len() as u32;
+        self.fwd_cnt.wrapping_add(pending)
     }
 }
 
@@ -803,11 +806,17 @@ impl ServiceImage {
         let mut b = Vec::with_capacity(IMAGE_HEAD + 4);
         b.extend_from_slice(IMAGE_MAGIC);
         b.extend_from_slice(&IMAGE_FORMAT.to_le_bytes());
-        b.extend_from_slice(&(self.conns.len() as u32).to_le_bytes());
+        // A handful of connections (decoded from a u32 count or the service's live ones).
+        #[allow(clippy::cast_possible_truncation)]
+        let count = self.conns.len() as u32;
+        b.extend_from_slice(&count.to_le_bytes());
         for v in [self.seq, self.checksum, self.next_slot, self.os_version] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         for c in &self.conns {
+            // Pending bytes stay within the peer's u32 credit.
+            #[allow(clippy::cast_possible_truncation)]
+            let pending = c.pending.len() as u32;
             for v in [
                 c.guest_port,
                 c.host_port,
@@ -816,7 +825,7 @@ impl ServiceImage {
                 c.fwd_cnt,
                 c.fwd_cnt_sent,
                 c.tx_cnt,
-                c.pending.len() as u32,
+                pending,
             ] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
@@ -875,9 +884,13 @@ pub fn read_disk_state(disk: &dyn block::Disk) -> Result<DiskState> {
     let mut slot = 0;
     'scan: while slot < slots {
         let n = per_chunk.min(slots - slot);
+        // `n * LOG_SLOT_SIZE` is at most `chunk.len()` (64 KiB).
+        #[allow(clippy::cast_possible_truncation)]
         let buf = &mut chunk[..(n * LOG_SLOT_SIZE) as usize];
         disk.read_at(buf, LOG_START + slot * LOG_SLOT_SIZE)?;
-        for r in buf.chunks(LOG_SLOT_SIZE as usize) {
+        #[allow(clippy::cast_possible_truncation)] // a constant below 64 KiB
+        let slot_len = LOG_SLOT_SIZE as usize;
+        for r in buf.chunks(slot_len) {
             if &r[..8] != LOG_MAGIC {
                 break 'scan;
             }

@@ -4,6 +4,8 @@
 //! takes over the service state from a checkpoint, and the live connections themselves move to
 //! it (exported from the source's vsock device, imported into the clone's); bad agent input gets
 //! `err` answers.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! each phase before the commit point (rolled back, nothing lost, nothing left), real failures
 //! (commands, conflicts, merge I/O, checkpoint, restore, cutover limit), and the orchestrating
 //! process killed at random moments (recovery finds one consistent disk chain).
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -6,6 +6,8 @@
 //!
 //! `idle+disk` is the idle guest with a virtio-blk disk (a delta) attached: every clone also
 //! forks the disk, whose cut is inside the pause and whose commit comes after it.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::path::Path;
 use std::sync::Arc;

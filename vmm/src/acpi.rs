@@ -87,6 +87,8 @@ use crate::layout::{I8042_KBD_IRQ, RTC_IRQ};
 /// 8250 at IRQ 4, the i8042 at 1, rtc_cmos at 8) gets -EINVAL. Described here, the PNP layer maps
 /// each interrupt through ACPI (`acpi_register_gsi`) and the drivers bind to these devices.
 fn legacy_device(name: &str, hid: &str, uid: u32, io: &[(u64, u64)], irq: u32) -> Vec<u8> {
+    // Legacy port ranges from constant tables: 16-bit ports, a few bytes each.
+    #[allow(clippy::cast_possible_truncation)]
     let ios: Vec<aml::IO> = io
         .iter()
         .map(|&(base, len)| aml::IO::new(base as u16, base as u16, 1, len as u8))
@@ -176,7 +178,10 @@ fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
     let legacy = RawAml(legacy);
     // Devices under \_SB_: one per virtio-mmio transport.
     let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    #[allow(clippy::cast_possible_truncation)] // a few transports
     let uids: Vec<u32> = (0..virtio.len() as u32).collect();
+    // The virtio-mmio window lies below 4 GiB.
+    #[allow(clippy::cast_possible_truncation)]
     let mems: Vec<aml::Memory32Fixed> = virtio
         .iter()
         .map(|d| aml::Memory32Fixed::new(true, d.addr as u32, d.len as u32))
@@ -222,6 +227,7 @@ fn dsdt(virtio: &[VirtioMmioDesc]) -> Vec<u8> {
 fn madt(vcpus: u8) -> Vec<u8> {
     // Header + local APIC address + flags (PCAT_COMPAT: the in-kernel 8259s exist).
     let mut t = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    #[allow(clippy::cast_possible_truncation)] // 0xfee0_0000
     t.write_u32(36, layout::LAPIC_START as u32);
     t.write_u32(40, 1);
     for i in 0..vcpus {
@@ -231,6 +237,7 @@ fn madt(vcpus: u8) -> Vec<u8> {
             EnabledStatus::Enabled,
         )));
     }
+    #[allow(clippy::cast_possible_truncation)] // 0xfec0_0000
     t.append_slice(&bytes(&IoApic::new(0, layout::IOAPIC_START as u32, 0)));
     // Interrupt source override: ISA IRQ 0 (PIT) is GSI 2, as KVM routes it.
     t.append_slice(&[2, 10, 0, 0, 2, 0, 0, 0, 0, 0]);
@@ -316,6 +323,9 @@ pub fn write_acpi_tables(
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
 
     fn sum(b: &[u8]) -> u8 {

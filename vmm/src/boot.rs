@@ -231,8 +231,13 @@ where
             kernel_end: kernel.end,
             limit,
         })?;
+    let len = usize::try_from(size).map_err(|_| BootError::InitrdTooBig {
+        size,
+        kernel_end: kernel.end,
+        limit,
+    })?;
     ram.memory()
-        .read_exact_volatile_from(GuestAddress(addr), image, size as usize)
+        .read_exact_volatile_from(GuestAddress(addr), image, len)
         .map_err(|source| BootError::Memory {
             what: "initrd",
             source,
@@ -268,11 +273,18 @@ pub fn linux_boot_params(
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_size as u32;
+    #[allow(clippy::cast_possible_truncation)] // a constant below 4 GiB
+    let cmd_line_ptr = layout::CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = cmd_line_ptr;
+    #[allow(clippy::cast_possible_truncation)] // at most CMDLINE_MAX_SIZE (64 KiB)
+    let cmdline_size = cmdline_size as u32;
+    params.hdr.cmdline_size = cmdline_size;
     if let Some(i) = initrd {
-        params.hdr.ramdisk_image = i.addr as u32;
-        params.hdr.ramdisk_size = i.size as u32;
+        // The initrd is placed below low RAM's end (under 4 GiB) by `load_initrd`.
+        #[allow(clippy::cast_possible_truncation)]
+        let (image, size) = (i.addr as u32, i.size as u32);
+        params.hdr.ramdisk_image = image;
+        params.hdr.ramdisk_size = size;
     }
     if let Some(r) = rsdp {
         params.acpi_rsdp_addr = r;
@@ -285,7 +297,9 @@ pub fn linux_boot_params(
             r#type: e.kind,
         };
     }
-    params.e820_entries = n as u8;
+    #[allow(clippy::cast_possible_truncation)] // at most the table's 128 entries
+    let entries = n as u8;
+    params.e820_entries = entries;
     params
 }
 
@@ -349,6 +363,7 @@ pub fn write_pvh_boot_info(
         cmdline_paddr: layout::CMDLINE_START,
         rsdp_paddr: rsdp.unwrap_or(0),
         memmap_paddr: layout::PVH_MEMMAP_START,
+        #[allow(clippy::cast_possible_truncation)] // a few entries
         memmap_entries: e820.len() as u32,
         ..Default::default()
     };
@@ -373,6 +388,9 @@ pub fn write_pvh_boot_info(
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
 
     #[test]

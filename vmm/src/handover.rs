@@ -58,7 +58,9 @@ impl VsockHandover {
     pub fn send(&self, sock: &mut UnixStream) -> Result<(), HandoverError> {
         let mut header = [0u8; 12];
         header[..8].copy_from_slice(MAGIC);
-        header[8..].copy_from_slice(&(self.fds.len() as u32).to_le_bytes());
+        #[allow(clippy::cast_possible_truncation)] // a few descriptors per device
+        let count = self.fds.len() as u32;
+        header[8..].copy_from_slice(&count.to_le_bytes());
         sock.write_all(&header)?;
         for chunk in self.fds.chunks(FDS_PER_MESSAGE) {
             let raw: Vec<RawFd> = chunk.iter().map(AsRawFd::as_raw_fd).collect();
@@ -145,6 +147,9 @@ fn recv_fds(
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
 
     #[test]

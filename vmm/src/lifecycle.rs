@@ -158,9 +158,12 @@ fn copy_range(
     off: u64,
     len: u64,
 ) {
+    // u64 to usize is lossless on x86_64, the only target.
+    #[allow(clippy::cast_possible_truncation)]
+    let len = len as usize;
     let (Ok(s), Ok(d)) = (
-        src.get_slice(MemoryRegionAddress(off), len as usize),
-        dst.get_slice(MemoryRegionAddress(off), len as usize),
+        src.get_slice(MemoryRegionAddress(off), len),
+        dst.get_slice(MemoryRegionAddress(off), len),
     ) else {
         // Both regions have the same layout, so in-range slices always exist.
         return;

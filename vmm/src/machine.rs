@@ -637,6 +637,7 @@ impl Machine {
         self.vm.register_irqfd(&irq_evt, desc.irq)?;
         for (i, evt) in queue_evts.iter().enumerate() {
             let addr = IoEventAddress::Mmio(desc.addr + mmio::QUEUE_NOTIFY);
+            #[allow(clippy::cast_possible_truncation)] // a few queues
             self.vm
                 .fd()
                 .register_ioevent(evt, &addr, i as u32)

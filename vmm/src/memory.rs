@@ -98,9 +98,12 @@ impl GuestRam {
         let ranges: Vec<_> = layout::ram_ranges(size)
             .into_iter()
             .map(|(gpa, len)| {
+                // u64 to usize is lossless on x86_64, the only target.
+                #[allow(clippy::cast_possible_truncation)]
+                let size = len as usize;
                 let r = (
                     GuestAddress(gpa),
-                    len as usize,
+                    size,
                     Some(FileOffset::from_arc(Arc::clone(&memfd), offset)),
                 );
                 offset += len;

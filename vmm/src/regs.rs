@@ -92,6 +92,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` that a GDT descriptor at `index` describes.
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    #[allow(clippy::cast_possible_truncation)] // masked to 20 bits
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -144,7 +145,9 @@ pub fn boot_sregs(mut sregs: kvm_sregs, entry: BootEntry) -> kvm_sregs {
     let data = segment_from_gdt(GDT[usize::from(DATA_SEL / 8)], DATA_SEL / 8);
     let tss = segment_from_gdt(GDT[usize::from(TSS_SEL / 8)], TSS_SEL / 8);
     sregs.gdt.base = layout::BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    #[allow(clippy::cast_possible_truncation)] // a few 8-byte entries
+    let gdt_limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = layout::BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.ds = data;
@@ -239,7 +242,7 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn lapic_reg(regs: &[std::os::raw::c_char], off: usize) -> u32 {
-    let b = |i: usize| regs[off + i] as u8;
+    let b = |i: usize| u8::from_ne_bytes(regs[off + i].to_ne_bytes());
     u32::from_le_bytes([b(0), b(1), b(2), b(3)])
 }
 

@@ -96,9 +96,13 @@ impl SnapshotWriter {
         let mut b = Vec::new();
         b.extend_from_slice(MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
-        b.extend_from_slice(&(self.sections.len() as u32).to_le_bytes());
+        #[allow(clippy::cast_possible_truncation)] // a few sections
+        let count = self.sections.len() as u32;
+        b.extend_from_slice(&count.to_le_bytes());
         for (name, payload) in &self.sections {
-            b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            #[allow(clippy::cast_possible_truncation)] // section names are short constants
+            let name_len = name.len() as u16;
+            b.extend_from_slice(&name_len.to_le_bytes());
             b.extend_from_slice(name.as_bytes());
             b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
             b.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
@@ -217,7 +221,9 @@ impl SnapshotReader {
                 )));
             }
             let crc = c.u32()?;
-            let payload = c.take(len as usize)?;
+            let len = usize::try_from(len)
+                .map_err(|_| SnapshotFileError::BadSection(format!("{name}: {len} bytes")))?;
+            let payload = c.take(len)?;
             if crc32c::crc32c(payload) != crc {
                 return Err(SnapshotFileError::Corrupt { what: name });
             }

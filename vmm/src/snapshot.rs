@@ -386,7 +386,7 @@ pub fn write_memory(ram: &GuestRam, path: &Path) -> Result<u32, SnapshotError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < ram.size() {
-        let n = (ram.size() - off).min(buf.len() as u64) as usize;
+        let n = usize::try_from(ram.size() - off).map_or(buf.len(), |n| n.min(buf.len()));
         // Read through the memfd (not the mapping): plain file I/O on the same pages.
         src.read_exact(&mut buf[..n]).map_err(io_err)?;
         crc = crc32c::crc32c_append(crc, &buf[..n]);
@@ -493,7 +493,7 @@ fn walk_memory(
         crc = crc32c_append_zeros(crc, data - pos);
         let mut off = data;
         while off < hole {
-            let n = (hole - off).min(buf.len() as u64) as usize;
+            let n = usize::try_from(hole - off).map_or(buf.len(), |n| n.min(buf.len()));
             f.read_exact_at(&mut buf[..n], off)?;
             crc = crc32c::crc32c_append(crc, &buf[..n]);
             each(off, &buf[..n])?;
@@ -508,6 +508,7 @@ fn walk_memory(
 fn crc32c_append_zeros(crc: u32, n: u64) -> u32 {
     const PIECE: usize = PAGE;
     let zeros = [0u8; PIECE];
+    #[allow(clippy::cast_possible_truncation)] // below PIECE
     let rem = (n % PIECE as u64) as usize;
     let mut out = crc32c::crc32c_append(crc, &zeros[..rem]);
     let mut pieces = n / PIECE as u64;
@@ -559,7 +560,7 @@ fn lseek(f: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64
             Err(e)
         };
     }
-    Ok(Some(r as u64))
+    Ok(Some(r.unsigned_abs())) // r >= 0 here
 }
 
 /// Writes a snapshot directory: `state` and `memory`.
@@ -576,6 +577,7 @@ pub fn write_snapshot(
     let meta = SnapshotMeta {
         mem_size: ram.size(),
         mem_crc,
+        #[allow(clippy::cast_possible_truncation)] // the vCPU count is configured as a u8
         vcpus: state.vcpus.len() as u8,
         virtio_types: state.virtio_types.clone(),
     };
@@ -611,6 +613,9 @@ pub fn read_snapshot(dir: &Path) -> Result<(SnapshotMeta, MachineState, GuestRam
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
 
     fn meta(size: u64, crc: u32) -> SnapshotMeta {

@@ -127,6 +127,7 @@ impl Vm {
         let setup = |op| move |source| VmError::Setup { op, source };
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
             .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        #[allow(clippy::cast_possible_truncation)] // a constant below 4 GiB
         fd.set_tss_address(layout::KVM_TSS_START as usize)
             .map_err(setup("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
@@ -148,6 +149,7 @@ impl Vm {
             .into_iter()
             .enumerate()
             .map(|(i, (guest_addr, size, host_addr))| MemSlot {
+                #[allow(clippy::cast_possible_truncation)] // a few RAM ranges
                 slot: i as u32,
                 guest_addr,
                 size,
@@ -205,8 +207,11 @@ impl Vm {
         self.slots
             .iter()
             .map(|s| {
+                // u64 to usize is lossless on x86_64, the only target.
+                #[allow(clippy::cast_possible_truncation)]
+                let len = s.size as usize;
                 self.fd
-                    .get_dirty_log(s.slot, s.size as usize)
+                    .get_dirty_log(s.slot, len)
                     .map(|b| (*s, b))
                     .map_err(|source| VmError::Setup {
                         op: "KVM_GET_DIRTY_LOG",

@@ -22,6 +22,7 @@ use super::proto::{self, Command, ProtoError, Request};
 use crate::{BlockError, Disk};
 
 /// Every I/O is a multiple of this (the `block` crate's sector alignment).
+#[allow(clippy::cast_possible_truncation)] // SECTOR_SIZE is 512
 const BLOCK_SIZE: u32 = crate::SECTOR_SIZE as u32;
 
 /// Errors of the NBD server.
@@ -493,6 +494,8 @@ impl NbdServer {
                     }
                     for name in self.exports.keys() {
                         let mut d = Vec::with_capacity(4 + name.len());
+                        // Export names come from the host's configuration, far below 4 GiB.
+                        #[allow(clippy::cast_possible_truncation)]
                         d.extend_from_slice(&(name.len() as u32).to_be_bytes());
                         d.extend_from_slice(name.as_bytes());
                         proto::write_option_reply(s, opt.code, proto::REP_SERVER, &d)
@@ -701,7 +704,7 @@ fn chunk_len(offset: u64, left: u64) -> usize {
     } else {
         IO_CHUNK as u64
     };
-    n.min(left) as usize
+    crate::sys::clamp_len(n.min(left), IO_CHUNK)
 }
 
 /// Answers a READ, streaming the data a chunk at a time behind the reply header. Returns the

@@ -1,5 +1,7 @@
 //! An in-memory export and a raw NBD protocol client, shared by the NBD server tests.
 #![allow(dead_code)] // each test binary uses its own subset
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -44,10 +44,13 @@ const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
 const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
 
 /// Request status: success.
+#[allow(clippy::cast_possible_truncation)] // the status constants are 0..=2
 pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
 /// Request status: I/O error (also bad requests).
+#[allow(clippy::cast_possible_truncation)]
 pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
 /// Request status: unsupported request type.
+#[allow(clippy::cast_possible_truncation)]
 pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Why a descriptor chain is not a well-formed request.
@@ -376,6 +379,7 @@ fn fast_read_write(
         match disk.read_at(buf, offset) {
             Ok(()) => {
                 data.copy_from(&buf[..]);
+                #[allow(clippy::cast_possible_truncation)] // len <= MAX_REQUEST_BYTES (16 MiB)
                 (S_OK, len as u32 + 1)
             }
             Err(_) => (S_IOERR, 1),
@@ -416,6 +420,8 @@ fn handle_chain_general(
     match parse(&mut reader, &mut writer, limits) {
         Ok((req, mut status)) => {
             let (code, written) = execute(&req, &mut reader, &mut writer, disk, id, buf);
+            // `written` is at most MAX_REQUEST_BYTES (16 MiB): the checks in `parse`.
+            #[allow(clippy::cast_possible_truncation)]
             match status.write_all(&[code]) {
                 Ok(()) => (written + 1) as u32,
                 Err(_) => written as u32,
@@ -502,7 +508,11 @@ struct BlkConfig {
 /// physical block (in logical blocks), little endian.
 fn topology(per_block: u32) -> [u8; 8] {
     let mut t = [0u8; 8];
-    t[0] = per_block.trailing_zeros() as u8;
+    #[allow(clippy::cast_possible_truncation)] // at most 32
+    let shift = per_block.trailing_zeros() as u8;
+    t[0] = shift;
+    // Callers pass the constant BLOCK_SIZE / SECTOR_SIZE (8).
+    #[allow(clippy::cast_possible_truncation)]
     t[2..4].copy_from_slice(&(per_block as u16).to_le_bytes());
     t[4..8].copy_from_slice(&per_block.to_le_bytes());
     t
@@ -592,7 +602,9 @@ impl Block {
         // Linux takes as the logical block size), and the delta's tracking granularity as the
         // physical block and the minimum and optimal I/O size, so a guest prefers whole 4 KiB
         // blocks (512-byte aligned requests are still served).
+        #[allow(clippy::cast_possible_truncation)] // 4096
         let block_size = block::BLOCK_SIZE as u32;
+        #[allow(clippy::cast_possible_truncation)] // 512
         let per_block = block_size / SECTOR_SIZE as u32;
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << F_SEG_MAX)
@@ -604,6 +616,8 @@ impl Block {
         } else {
             features |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES);
         }
+        // Constants only: 512 and MAX_REQUEST_BYTES / 512 (32768).
+        #[allow(clippy::cast_possible_truncation)]
         let config = BlkConfig {
             capacity: disk.size() / SECTOR_SIZE,
             seg_max: u32::from(QUEUE_SIZE) - 2,
@@ -671,10 +685,9 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let config = vm_memory::ByteValued::as_slice(&self.config);
-        let start = offset.min(config.len() as u64) as usize;
-        let end = offset
-            .saturating_add(data.len() as u64)
-            .min(config.len() as u64) as usize;
+        let clamp = |o: u64| usize::try_from(o).map_or(config.len(), |o| o.min(config.len()));
+        let start = clamp(offset);
+        let end = clamp(offset.saturating_add(data.len() as u64));
         data[..end - start].copy_from_slice(&config[start..end]);
     }
 
@@ -774,6 +787,9 @@ impl Drop for Block {
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use std::sync::Arc;
 
     use vm_memory::{Bytes, GuestAddress};
@@ -1207,6 +1223,9 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use proptest::prelude::*;
     use vm_memory::{Bytes, GuestAddress};
 

@@ -120,7 +120,10 @@ fn lock(q: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
 }
 
 fn set_addr(addr: u64, mut f: impl FnMut(Option<u32>, Option<u32>)) {
-    f(Some(addr as u32), Some((addr >> 32) as u32));
+    #[allow(clippy::cast_possible_truncation)] // the low half, on purpose
+    let low = addr as u32;
+    #[allow(clippy::cast_possible_truncation)] // fits after the shift
+    f(Some(low), Some((addr >> 32) as u32));
 }
 
 /// The transport registers, serializable for snapshot and clone.
@@ -398,7 +401,10 @@ impl MmioTransport {
             REG_DEVICE_ID => self.device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
+                // The low and high halves of the feature word, on purpose.
+                #[allow(clippy::cast_possible_truncation)]
                 0 => self.device.device_features() as u32,
+                #[allow(clippy::cast_possible_truncation)]
                 1 => (self.device.device_features() >> 32) as u32,
                 _ => 0,
             },
@@ -438,7 +444,12 @@ impl MmioTransport {
             }
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM => self.with_config_queue(|q| q.set_size(v as u16)),
+            REG_QUEUE_NUM => {
+                // A size above u16::MAX is invalid: ignored, like other invalid sizes.
+                if let Ok(n) = u16::try_from(v) {
+                    self.with_config_queue(|q| q.set_size(n));
+                }
+            }
             REG_QUEUE_READY => self.with_config_queue(|q| q.set_ready(v == 1)),
             REG_QUEUE_NOTIFY => {
                 if self.activated

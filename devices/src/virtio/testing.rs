@@ -1,5 +1,7 @@
 //! Test helpers: a minimal virtio driver that lays out a split queue in test memory and talks to
 //! a transport through its registers, as a guest driver would.
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -17,13 +19,20 @@ pub const F_NEXT: u16 = 1;
 /// Descriptor flag: device-writable.
 pub const F_WRITE: u16 = 2;
 
+/// Size of the test guest memory.
 pub const MEM_SIZE: usize = 32 << 20;
+/// Guest address of queue 0's descriptor table.
 pub const DESC: u64 = 0x1000;
+/// Guest address of queue 0's available ring.
 pub const AVAIL: u64 = 0x2000;
+/// Guest address of queue 0's used ring.
 pub const USED: u64 = 0x3000;
+/// Guest address where test buffers start.
 pub const DATA: u64 = 0x10000;
+/// Queue size used by the test driver.
 pub const QSIZE: u16 = 16;
 
+/// Test guest memory of `MEM_SIZE` bytes at address 0.
 pub fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
@@ -44,7 +53,9 @@ pub fn queue() -> virtio_queue::Queue {
 /// A test driver: plays the guest side of one transport, with up to three queues.
 #[derive(Debug)]
 pub struct Driver {
+    /// The guest memory the queues live in.
     pub mem: GuestMemory,
+    /// The transport under test.
     pub transport: MmioTransport,
     /// Per queue: next free descriptor slot.
     next_desc: [u16; 3],
@@ -55,6 +66,7 @@ pub struct Driver {
 }
 
 impl Driver {
+    /// A driver for `device` behind a fresh MMIO transport on test memory.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = memory();
         let irq = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -68,12 +80,14 @@ impl Driver {
         }
     }
 
+    /// Reads the 32-bit transport register at `off`.
     pub fn rd(&mut self, off: u64) -> u32 {
         let mut b = [0u8; 4];
         self.transport.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
+    /// Writes `v` to the 32-bit transport register at `off`.
     pub fn wr(&mut self, off: u64, v: u32) {
         self.transport.write(off, &v.to_le_bytes());
     }
@@ -107,6 +121,7 @@ impl Driver {
         self.rd(0x70)
     }
 
+    /// Writes the 64-bit `addr` to the register pair at `reg` (low, then high).
     pub fn set_addr(&mut self, reg: u64, addr: u64) {
         self.wr(reg, addr as u32);
         self.wr(reg + 4, (addr >> 32) as u32);

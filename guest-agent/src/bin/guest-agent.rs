@@ -65,7 +65,7 @@ fn reap_all(pid: u32) -> bool {
         if r <= 0 {
             return hit;
         }
-        hit |= r as u32 == pid;
+        hit |= r.unsigned_abs() == pid; // r > 0 here
     }
 }
 
@@ -106,7 +106,8 @@ fn exec(ep: &str, cmd: &[String]) -> ExitCode {
         Ok(out) => {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
-            ExitCode::from(out.code.map_or(255, |c| c as u8))
+            // The code comes from the agent: anything outside 0..=255 reports 255.
+            ExitCode::from(out.code.and_then(|c| u8::try_from(c).ok()).unwrap_or(255))
         }
         Err(e) => {
             eprintln!("guest-agent: {}", error_chain(e.as_ref()));

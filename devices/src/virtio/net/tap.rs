@@ -120,7 +120,7 @@ fn attach(
         .ifr_name
         .iter()
         .take_while(|&&c| c != 0)
-        .map(|&c| char::from(c as u8))
+        .map(|&c| char::from(u8::from_ne_bytes(c.to_ne_bytes())))
         .collect();
     Ok((file, got))
 }
@@ -178,6 +178,7 @@ impl Tap {
     }
 
     fn set_hdr_len(&self) -> Result<(), TapError> {
+        #[allow(clippy::cast_possible_truncation)] // 12
         let mut hdr_len = VNET_HDR_LEN as libc::c_int;
         ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &mut hdr_len).map_err(|source| {
             TapError::Ioctl {

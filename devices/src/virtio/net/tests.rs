@@ -1,5 +1,7 @@
 //! virtio-net tests: frame handling on crafted and random rings (no host network needed), and
 //! the device end to end on a TAP in a private network namespace (as root; SKIP otherwise).
+// test code: values are small and fixed
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::time::Duration;
 

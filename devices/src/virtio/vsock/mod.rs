@@ -468,6 +468,8 @@ impl Worker {
                 break;
             };
             let ok = writer.write_all(&h.encode()).is_ok() && writer.write_all(&payload).is_ok();
+            // `payload` is at most MAX_PAYLOAD (asked of `next_rx` above).
+            #[allow(clippy::cast_possible_truncation)]
             let len = if ok {
                 super::DeviceCounters::add(&self.counters.deliveries, 1);
                 super::DeviceCounters::add(&self.counters.bytes_out, payload.len() as u64);
@@ -484,6 +486,9 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::time::Duration;

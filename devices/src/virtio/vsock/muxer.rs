@@ -110,7 +110,10 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    // Credit counters are modulo 2^32 (virtio-vsock); `n` is a buffer length.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let n = n as u32;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -513,7 +516,10 @@ impl Muxer {
                     self.reset(key);
                     return;
                 }
-                conn.rx_cnt = conn.rx_cnt.wrapping_add(payload.len() as u32);
+                // Credit counters are modulo 2^32; a payload comes from one u32-sized buffer.
+                #[allow(clippy::cast_possible_truncation)]
+                let n = payload.len() as u32;
+                conn.rx_cnt = conn.rx_cnt.wrapping_add(n);
                 conn.to_host.extend_from_slice(payload);
                 if conn.flush_to_host().is_err() {
                     self.reset(key);
@@ -674,10 +680,13 @@ impl Muxer {
                 }
                 Ok(n) => {
                     buf.truncate(n);
-                    c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                    // `n` is at most `want`, below the peer's u32 credit.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let n32 = n as u32;
+                    c.tx_cnt = c.tx_cnt.wrapping_add(n32);
                     c.fwd_cnt_sent = c.fwd_cnt;
                     self.cursor = Some(key);
-                    let h = self.header(key, OP_RW, 0, n as u32);
+                    let h = self.header(key, OP_RW, 0, n32);
                     return Some((h, buf));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -787,6 +796,7 @@ fn socket_is_live(path: &Path) -> io::Result<bool> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     let mut addr = libc::sockaddr_un {
+        #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
         sun_family: libc::AF_UNIX as libc::sa_family_t,
         sun_path: [0; 108],
     };
@@ -825,6 +835,7 @@ fn nonblocking_unix_socket() -> io::Result<OwnedFd> {
 
 /// `connect(2)` of `fd` to `addr`.
 fn connect_unix(fd: &OwnedFd, addr: &libc::sockaddr_un) -> io::Result<()> {
+    #[allow(clippy::cast_possible_truncation)] // 110 bytes
     let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: `fd` is an open socket; `addr` points to an initialized `sockaddr_un` of `len`
     // bytes that lives across the call and is only read.

@@ -155,6 +155,9 @@ impl Header {
 
 #[cfg(test)]
 mod tests {
+    // test code: values are small and fixed
+    #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
     use super::*;
     use proptest::prelude::*;
 
