@@ -397,12 +397,31 @@ fn linux_agent_answers_over_vsock_on_hardware_kvm() {
 /// the host side gets its answers over TCP through the TAP.
 #[test]
 fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
+    java_service_over_virtio_net(
+        "linux_java_service_answers_over_virtio_net_on_hardware_kvm",
+        false,
+    );
+}
+
+/// The Java service checkpointed by CRIU inside a microvmm guest (its open log, its client's
+/// established TCP connection) and restored in place (the agent's rollback path): the client
+/// goes on on the same connection.
+#[test]
+fn linux_criu_checkpoints_and_restores_the_java_service_on_hardware_kvm() {
+    java_service_over_virtio_net(
+        "linux_criu_checkpoints_and_restores_the_java_service_on_hardware_kvm",
+        true,
+    );
+}
+
+/// The Java demo service in the full guest, on virtio-net, answering a client on the host side
+/// of the TAP; with `criu`, checkpointed and restored in place half-way through.
+fn java_service_over_virtio_net(test: &str, criu: bool) {
     use devices::virtio::testing::{NetNs, net_or_skip};
-    let test = "linux_java_service_answers_over_virtio_net_on_hardware_kvm";
     if !hardware_kvm_or_skip(test) || !net_or_skip(test) {
         return;
     }
-    let ns = NetNs::new("javanet").unwrap();
+    let ns = NetNs::new(if criu { "javacriu" } else { "javanet" }).unwrap();
     ns.add_tap("tap0", Some("10.0.0.1/24")).unwrap();
     let _in_ns = ns.enter().unwrap();
     let mac = "06:00:0a:00:00:02";
@@ -437,7 +456,7 @@ fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
         pid_base: None,
         service: None,
     };
-    agent.start(&spec).expect("start the Java service");
+    let pid = agent.start(&spec).expect("start the Java service");
     // The client is on the host side of the TAP (this thread is in the namespace).
     let stream = connect_service("10.0.0.2:7000");
     stream
@@ -446,17 +465,47 @@ fn linux_java_service_answers_over_virtio_net_on_hardware_kvm() {
     let mut w = stream.try_clone().unwrap();
     let mut r = std::io::BufReader::new(stream);
     let mut offset = 0usize;
-    for i in 0..20 {
-        use std::io::{BufRead, Write};
-        let line = format!("request-{i}");
-        w.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let mut reply = String::new();
-        r.read_line(&mut reply).unwrap();
-        offset += line.len() + 1;
-        assert_eq!(reply, format!("{line} g1 {offset}\n"), "reply {i}");
+    let mut requests = |range: std::ops::Range<usize>, offset: &mut usize| {
+        for i in range {
+            use std::io::{BufRead, Write};
+            let line = format!("request-{i}");
+            w.write_all(format!("{line}\n").as_bytes()).unwrap();
+            let mut reply = String::new();
+            r.read_line(&mut reply).unwrap();
+            *offset += line.len() + 1;
+            assert_eq!(reply, format!("{line} g1 {offset}\n"), "reply {i}");
+        }
+    };
+    requests(0..20, &mut offset);
+    let mut total = 20;
+    if criu {
+        let t = std::time::Instant::now();
+        let img = agent
+            .checkpoint_image(&guest_agent::protocol::CheckpointOpts::default())
+            .expect("CRIU checkpoint in the guest");
+        let dumped = t.elapsed();
+        assert!(!img.files.is_empty(), "the checkpoint has images");
+        let gone = exec(&mut agent, &format!("kill -0 {pid} 2>&1 || echo gone"));
+        assert!(
+            gone.contains("gone"),
+            "the service still runs after the dump: {gone}"
+        );
+        let restored = agent.rollback().expect("CRIU restore in the guest");
+        println!(
+            "{test}: checkpoint {dumped:?} ({} image files), restored as pid {restored} after {:?}",
+            img.files.len(),
+            t.elapsed()
+        );
+        // The same connection and the same open log go on.
+        requests(20..40, &mut offset);
+        total = 40;
     }
     let logged = exec(&mut agent, "wc -l < /tmp/requests.log");
-    assert_eq!(logged.trim(), "20", "every request logged once");
+    assert_eq!(
+        logged.trim(),
+        total.to_string(),
+        "every request logged once"
+    );
     assert_eq!(
         vm.machine.nets()[0].handle.tap_name().as_deref(),
         Some("tap0")
@@ -627,6 +676,7 @@ fn nested_linux_boot_hardware_tests() {
         "linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm",
         "linux_agent_answers_over_vsock_on_hardware_kvm",
         "linux_java_service_answers_over_virtio_net_on_hardware_kvm",
+        "linux_criu_checkpoints_and_restores_the_java_service_on_hardware_kvm",
     ];
     let run = match nested::run_tests(&exe, &inner, Duration::from_secs(300), &opts) {
         Ok(Nested::Ran(r)) => r,
