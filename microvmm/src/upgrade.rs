@@ -44,6 +44,20 @@ pub struct UpgradeArgs {
     /// chain the VM boots from, remove the other side's layers.
     #[arg(long, value_name = "DIR")]
     recover: Option<PathBuf>,
+    /// Run the VMs' threads without the seccomp filters (for debugging: by default each vCPU
+    /// and device worker of the demo or --config VM, and of its backup, runs under its kind's
+    /// filter, as under `microvmm run`).
+    #[arg(long, conflicts_with_all = ["recover", "api_socket", "print_plan"])]
+    no_seccomp: bool,
+}
+
+/// Turns the sandbox on for the VMs this process runs (unless `--no-seccomp`).
+fn sandbox_on(no_seccomp: bool) -> Result<(), sandbox::SandboxError> {
+    crate::run::SandboxArgs {
+        no_seccomp,
+        user: None,
+    }
+    .init()
 }
 
 /// A progress bar on stderr when it is a terminal.
@@ -112,6 +126,7 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let (Some(sock), Some(plan)) = (&args.api_socket, &args.plan) {
         return through_api(sock, plan, args.json);
     }
+    sandbox_on(args.no_seccomp)?;
     if let (Some(config), Some(plan)) = (&args.config, &args.plan) {
         return linux(config, plan, args.boot_timeout, args.json);
     }

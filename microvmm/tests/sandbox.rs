@@ -110,6 +110,33 @@ fn a_forbidden_syscall_on_a_vcpu_thread_ends_the_process_with_sigsys() {
     );
 }
 
+/// `microvmm upgrade` (the demo) runs its VMs' threads under the filters too: the same
+/// forbidden call on vCPU 0 ends it with SIGSYS; with `--no-seccomp` the demo completes.
+#[test]
+fn the_upgrade_demo_runs_its_vms_under_the_filters() {
+    if !kvm_or_skip("the_upgrade_demo_runs_its_vms_under_the_filters") {
+        return;
+    }
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("upgrade")
+            .args(extra)
+            .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", "1")
+            .output()
+            .unwrap();
+        (out.status, text(&out.stdout), text(&out.stderr))
+    };
+    let (status, _, stderr) = run(&[]);
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
+    assert!(
+        stderr.contains("microvmm: seccomp: a vcpu thread made system call 257 (openat)"),
+        "{stderr}"
+    );
+    let (status, stdout, stderr) = run(&["--no-seccomp"]);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains("client gap:"), "{stdout}");
+}
+
 #[test]
 fn every_kit_guest_runs_under_the_filters() {
     if !kvm_or_skip("every_kit_guest_runs_under_the_filters") {
