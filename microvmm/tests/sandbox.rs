@@ -75,22 +75,24 @@ fn stderr_of(child: &mut Child) -> String {
     s
 }
 
+/// `microvmm ARGS` with the test hook on (vmm's `test-hooks`, in this binary only through the
+/// tests: vCPU 0 opens a file before its first KVM_RUN): (status, stdout, stderr).
+fn with_forbidden_call(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", "1")
+        .output()
+        .unwrap();
+    (out.status, text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn a_forbidden_syscall_on_a_vcpu_thread_ends_the_process_with_sigsys() {
     if !kvm_or_skip("a_forbidden_syscall_on_a_vcpu_thread_ends_the_process_with_sigsys") {
         return;
     }
-    // The test hook (vmm's `test-hooks`, in this binary only through the tests): vCPU 0 opens
-    // a file before its first KVM_RUN.
-    let run = |extra: &[&str]| {
-        let out = Command::new(BIN)
-            .args(["run", "--test-guest", "hello"])
-            .args(extra)
-            .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", "1")
-            .output()
-            .unwrap();
-        (out.status, text(&out.stdout), text(&out.stderr))
-    };
+    let run =
+        |extra: &[&str]| with_forbidden_call(&[&["run", "--test-guest", "hello"], extra].concat());
     let (status, stdout, stderr) = run(&[]);
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
     assert!(
@@ -117,15 +119,7 @@ fn the_upgrade_demo_runs_its_vms_under_the_filters() {
     if !kvm_or_skip("the_upgrade_demo_runs_its_vms_under_the_filters") {
         return;
     }
-    let run = |extra: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("upgrade")
-            .args(extra)
-            .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", "1")
-            .output()
-            .unwrap();
-        (out.status, text(&out.stdout), text(&out.stderr))
-    };
+    let run = |extra: &[&str]| with_forbidden_call(&[&["upgrade"], extra].concat());
     let (status, _, stderr) = run(&[]);
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
     assert!(
