@@ -14,9 +14,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 agent=${1:-$CACHE/agent-target/x86_64-unknown-linux-gnu/release/guest-agent}
 [ -x "$agent" ] || { log "agent binary $agent missing (run guest/build-guest-image.sh first)"; exit 1; }
 
-# A private package list for bookworm-backports (refreshed once a day).
-bpo_apt() { apt_for "$CACHE/apt-bpo" "$GUEST_SUITE-backports" "$@"; }
-apt_lists_fresh "$CACHE/apt-bpo" "$GUEST_SUITE-backports"
 meta=$(bpo_apt apt-cache show linux-image-cloud-amd64 2>/dev/null | sed -n 's/^Depends: *//p' | head -n1)
 pkg=$(echo "$meta" | grep -oE 'linux-image-[0-9][^ ,]*-cloud-amd64' | head -n1)
 [ -n "$pkg" ] || { log "$GUEST_SUITE-backports offers no linux-image-cloud-amd64"; exit 1; }

@@ -64,6 +64,12 @@ apt_lists_fresh() {
 # apt-get/apt-cache ($1) against a private bookworm package list.
 guest_apt() { apt_for "$CACHE/apt" "$GUEST_SUITE" "$@"; }
 
+# The same against bookworm-backports (its lists refreshed once a day first).
+bpo_apt() {
+    apt_lists_fresh "$CACHE/apt-bpo" "$GUEST_SUITE-backports" || return
+    apt_for "$CACHE/apt-bpo" "$GUEST_SUITE-backports" "$@"
+}
+
 # Downloads a bookworm package's .deb into $2 (a directory) and prints its path.
 fetch_deb() {
     local pkg=$1 dir=$2

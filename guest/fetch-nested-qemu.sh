@@ -11,8 +11,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=common.sh
 . "$here/common.sh"
 
-bpo_apt() { apt_for "$CACHE/apt-bpo" "$GUEST_SUITE-backports" "$@"; }
-apt_lists_fresh "$CACHE/apt-bpo" "$GUEST_SUITE-backports"
 ver=$(bpo_apt apt-cache show qemu-system-x86 2>/dev/null | sed -n 's/^Version: *//p' | sort -V | tail -n1)
 [ -n "$ver" ] || { log "$GUEST_SUITE-backports offers no qemu-system-x86"; exit 1; }
 out="$CACHE/qemu-bpo/${ver//[:~+]/_}"

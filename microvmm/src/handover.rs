@@ -36,8 +36,10 @@ pub fn check_path(path: &Path) -> Result<(), String> {
 /// `h` to the first client that connects within [`WAIT`].
 pub fn send(path: &Path, h: &VsockHandover) -> Result<(), Box<dyn std::error::Error>> {
     check_path(path)?;
-    if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path)?;
+    // A stale socket from an earlier run goes; nothing there is fine.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| format!("cannot listen at {}: {e}", path.display()))?;

@@ -180,10 +180,10 @@ impl Session<'_> {
         if self.opts.fail_at == Some(phase) {
             return Err(StepError::Injected(phase));
         }
-        if phase <= Phase::Resume && self.cancelled() {
-            return Err(StepError::Cancelled);
-        }
         if phase <= Phase::Resume {
+            if self.cancelled() {
+                return Err(StepError::Cancelled);
+            }
             // A guest whose vCPU stopped (a failed vCPU, an unexpected power-off) would go on
             // half-dead, unnoticed: before the commit point, that ends the upgrade.
             if let Some(why) = self.backup.as_ref().and_then(Machine::stopped_vcpu) {

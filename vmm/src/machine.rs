@@ -801,22 +801,29 @@ impl Machine {
         Ok(())
     }
 
-    /// What vCPU `id` reported when its thread finished, if it did; the reports stay queued
-    /// for [`Machine::wait`].
-    fn finish_reason(&self, id: u8) -> Option<String> {
+    /// The first queued exit report `pick` accepts: its vCPU and `stopped: ...` or
+    /// `failed: ...`. Every report stays queued for [`Machine::wait`].
+    fn peek_report(&self, pick: impl Fn(&VcpuExitReport) -> bool) -> Option<(u8, String)> {
         let reports: Vec<VcpuExitReport> = self.exit_rx.try_iter().collect();
-        let why = reports
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| match &r.result {
-                Ok(stop) => format!("it stopped: {stop:?}"),
-                Err(e) => format!("it failed: {e}"),
-            });
+        let found = reports.iter().find(|r| pick(r)).map(|r| {
+            let what = match &r.result {
+                Ok(stop) => format!("stopped: {stop:?}"),
+                Err(e) => format!("failed: {e}"),
+            };
+            (r.id, what)
+        });
         for r in reports {
             // Our own channel: the receiver lives in `self`, so the send cannot fail.
             let _ = self.exit_tx.send(r);
         }
-        why
+        found
+    }
+
+    /// What vCPU `id` reported when its thread finished, if it did; the reports stay queued
+    /// for [`Machine::wait`].
+    fn finish_reason(&self, id: u8) -> Option<String> {
+        self.peek_report(|r| r.id == id)
+            .map(|(_, what)| format!("it {what}"))
     }
 
     /// Whether a vCPU has stopped on its own (the guest powered off or reset, or the vCPU failed)
@@ -824,16 +831,8 @@ impl Machine {
     /// queued for [`Machine::wait`]. A caller driving a long operation on a running machine
     /// (an upgrade) checks this instead of going on with a guest that lost a vCPU.
     pub fn stopped_vcpu(&self) -> Option<String> {
-        let reports: Vec<VcpuExitReport> = self.exit_rx.try_iter().collect();
-        let what = reports.first().map(|r| match &r.result {
-            Ok(stop) => format!("vCPU {} stopped: {stop:?}", r.id),
-            Err(e) => format!("vCPU {} failed: {e}", r.id),
-        });
-        for r in reports {
-            // Our own channel: the receiver lives in `self`, so the send cannot fail.
-            let _ = self.exit_tx.send(r);
-        }
-        what
+        self.peek_report(|_| true)
+            .map(|(id, what)| format!("vCPU {id} {what}"))
     }
 
     /// Parks every vCPU (each completes its pending I/O exit first). The machine is `Paused`
