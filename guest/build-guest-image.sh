@@ -5,7 +5,8 @@
 #     its /init loads the modules, mounts /dev/vda (ext4) and switches to it with the agent as PID 1;
 #   - an ext4 root: debootstrap minbase + criu, iptables, nftables, iproute2, arping,
 #     openjdk-17-jre-headless and the Java demo service /opt/demo/EchoLog.class.
-# Usage: build-guest-image.sh [AGENT_BINARY]   (default: builds the static agent from this checkout)
+# Usage: build-guest-image.sh [AGENT_BINARY]   (default: builds the static agent from this checkout,
+#        with the cargo features in $AGENT_FEATURES, e.g. fault-injection for the handoff's fault tests)
 # Cached under $MICROVMM_CACHE (default /var/cache/microvmm): the root image is rebuilt only when this
 # script or the demo changes, the initramfs only when the agent binary changes.
 # The last three output lines are the paths of vmlinuz, the initramfs and the root image.
@@ -23,9 +24,12 @@ need_host_pkgs cpio gzip kmod debootstrap e2fsprogs openjdk-17-jdk-headless
 agent=${1:-}
 if [ -z "$agent" ]; then
     log "building the static guest-agent"
-    tdir="$CACHE/agent-target"
+    features=${AGENT_FEATURES:-}
+    # One target directory per feature set: switching does not rebuild the other's agent.
+    tdir="$CACHE/agent-target${features:+-${features//[, ]/-}}"
     (cd "$here/.." && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$tdir" \
-        "${CARGO:-cargo}" build -q --release -p guest-agent --bin guest-agent --target x86_64-unknown-linux-gnu)
+        "${CARGO:-cargo}" build -q --release -p guest-agent --bin guest-agent \
+        --target x86_64-unknown-linux-gnu ${features:+--features "$features"})
     agent="$tdir/x86_64-unknown-linux-gnu/release/guest-agent"
 fi
 [ -x "$agent" ] || { log "agent binary $agent missing"; exit 1; }

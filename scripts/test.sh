@@ -7,5 +7,15 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== release builds carry no test hooks; vmm builds without the test-guest kit"
+if cargo tree -p microvmm -e normal,build -f '{p} {f}' | grep -E 'fault-injection|test-hooks'; then
+    echo "a release build of microvmm enables a test-only feature" >&2
+    exit 1
+fi
+if cargo tree -p vmm -e normal,build | grep -q vmm-test-guests; then
+    echo "vmm depends on the test-guest kit by default" >&2
+    exit 1
+fi
+cargo check -q -p vmm -p guest-agent --lib --bins
 echo "== cargo test"
 cargo test --workspace --no-fail-fast

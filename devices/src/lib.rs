@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod power;
 pub mod virtio;
 

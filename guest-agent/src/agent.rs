@@ -16,7 +16,7 @@ use crate::criu::{self, CriuError};
 use crate::exec::exec;
 use crate::net::{self, NetError};
 use crate::protocol::{
-    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileKind, ProtocolError, Request, Response,
+    CheckpointOpts, CheckpointStats, ErrorKind, FileKind, ProtocolError, Request, Response,
     WorkloadSpec, read_message, write_message,
 };
 use crate::stream::{receive_files, stream_dir, stream_file};
@@ -266,8 +266,19 @@ impl Agent {
             Request::Checkpoint { opts } => {
                 return with_stream_timeouts(conn, |c| self.checkpoint(c, &opts));
             }
-            Request::Restore { spec, tree, fault } => {
-                return with_stream_timeouts(conn, |c| self.restore(c, spec, &tree, fault));
+            Request::Restore {
+                spec,
+                tree,
+                #[cfg(feature = "fault-injection")]
+                fault,
+            } => {
+                #[cfg(feature = "fault-injection")]
+                let drop_data_file = fault == Some(crate::protocol::Fault::MissingDataFile);
+                #[cfg(not(feature = "fault-injection"))]
+                let drop_data_file = false;
+                return with_stream_timeouts(conn, |c| {
+                    self.restore(c, spec, &tree, drop_data_file)
+                });
             }
             Request::PageServer { port } => {
                 self.start_page_server(port)?;
@@ -623,7 +634,7 @@ impl Agent {
         conn: &mut dyn Connection,
         spec: WorkloadSpec,
         tree: &[u32],
-        fault: Option<Fault>,
+        drop_data_file: bool,
     ) -> Result<(), AgentError> {
         let mut st = self.lock();
         if let Some(Workload {
@@ -678,7 +689,7 @@ impl Agent {
             sys::set_next_pid(hi + 1)?;
         }
         // On failure the images stay for inspection (the next restore replaces them).
-        let (pid, took) = self.restore_received(&root, &spec, &incoming, fault)?;
+        let (pid, took) = self.restore_received(&root, &spec, &incoming, drop_data_file)?;
         let _ = fs::remove_dir_all(&root);
         st.workload = Some(Workload {
             spec,
@@ -700,7 +711,7 @@ impl Agent {
         root: &Path,
         spec: &WorkloadSpec,
         incoming: &[(PathBuf, PathBuf)],
-        fault: Option<Fault>,
+        drop_data_file: bool,
     ) -> Result<(u32, Duration), AgentError> {
         let rules_before = match &spec.service {
             Some(svc) => {
@@ -725,9 +736,8 @@ impl Agent {
                 return Err(io_err(dst)(e));
             }
         }
-        if fault == Some(Fault::MissingDataFile)
-            && let Some(f) = spec.data_files.first()
-        {
+        // Fault injection (tests): the restore finds a data file missing.
+        if drop_data_file && let Some(f) = spec.data_files.first() {
             let _ = fs::remove_file(f);
         }
         match criu::restore(&root.join("final")) {

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::agent::error_chain;
 use crate::protocol::{
-    CheckpointOpts, CheckpointStats, ErrorKind, Fault, FileHeader, FrameKind, OutputStream,
-    ProtocolError, Request, Response, WorkloadSpec, read_frame, read_message, write_frame,
-    write_message,
+    CheckpointOpts, CheckpointStats, ErrorKind, FileHeader, FrameKind, OutputStream, ProtocolError,
+    Request, Response, WorkloadSpec, read_frame, read_message, write_frame, write_message,
 };
 use crate::transport::{self, Connection, Endpoint, TransportError};
 
@@ -240,13 +239,34 @@ impl AgentClient {
 pub struct HandoffOpts {
     /// Checkpoint options (pre-dump rounds, page server).
     pub checkpoint: CheckpointOpts,
-    /// Fault the target injects (tests).
-    pub fault: Option<Fault>,
+    /// Fault the target injects (tests; the `fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<crate::protocol::Fault>,
     /// Drop the target connection after relaying this many bytes of file data (tests).
+    #[cfg(feature = "fault-injection")]
     pub drop_target_after: Option<u64>,
     /// Drop the target connection right after the last image, before its answer (tests): the
     /// handoff must find out from the target whether the restore happened.
+    #[cfg(feature = "fault-injection")]
     pub drop_target_before_reply: bool,
+}
+
+impl HandoffOpts {
+    /// After how many relayed bytes the target connection is dropped on purpose (tests).
+    fn drop_after(&self) -> Option<u64> {
+        #[cfg(feature = "fault-injection")]
+        return self.drop_target_after;
+        #[cfg(not(feature = "fault-injection"))]
+        None
+    }
+
+    /// Whether the target's answer is dropped on purpose (tests).
+    fn drop_reply(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.drop_target_before_reply;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
 }
 
 /// What one successful handoff measured.
@@ -312,6 +332,7 @@ fn relay(
     dst.send(&Request::Restore {
         spec,
         tree,
+        #[cfg(feature = "fault-injection")]
         fault: opts.fault,
     })?;
     let mut relayed = 0u64;
@@ -319,7 +340,7 @@ fn relay(
         match src.recv()? {
             Response::File(h) => {
                 dst.send(&Request::File(h))?;
-                copy_stream(src, dst, &mut relayed, opts.drop_target_after)?;
+                copy_stream(src, dst, &mut relayed, opts.drop_after())?;
             }
             Response::CheckpointDone { stats } => {
                 dst.send(&Request::EndOfImages)?;
@@ -345,7 +366,7 @@ pub fn handoff(
     let result = match relayed {
         Err(cause) => Err(cause),
         Ok((stats, relayed_bytes)) => {
-            let answer = if opts.drop_target_before_reply {
+            let answer = if opts.drop_reply() {
                 let _ = dst.conn.shutdown();
                 Err(HostError::InjectedDrop(relayed_bytes))
             } else {
@@ -632,6 +653,7 @@ impl AgentClient {
         self.send(&Request::Restore {
             spec,
             tree: img.tree.clone(),
+            #[cfg(feature = "fault-injection")]
             fault: None,
         })?;
         for (h, data) in &img.files {

@@ -270,7 +270,9 @@ pub struct CheckpointOpts {
     pub page_server: Option<String>,
 }
 
-/// A failure the target agent injects on purpose (fault tests).
+/// A failure the target agent injects on purpose (fault tests; only with the `fault-injection`
+/// feature, which release builds do not enable).
+#[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -359,7 +361,8 @@ pub enum Request {
         /// PIDs and TIDs of the dumped tree; the target refuses the restore if one is taken.
         #[serde(default)]
         tree: Vec<u32>,
-        /// Fault to inject (tests).
+        /// Fault to inject (tests; the `fault-injection` feature).
+        #[cfg(feature = "fault-injection")]
         #[serde(default)]
         fault: Option<Fault>,
     },
@@ -696,6 +699,7 @@ mod tests {
             Request::Restore {
                 spec,
                 tree: vec![20000, 20001],
+                #[cfg(feature = "fault-injection")]
                 fault: Some(Fault::MissingDataFile),
             },
             Request::File(FileHeader {

@@ -83,6 +83,8 @@ fn build_images() -> Images {
     let t0 = Instant::now();
     let out = Command::new("bash")
         .arg(&script)
+        // The fault cases need an agent that injects them.
+        .env("AGENT_FEATURES", "fault-injection")
         .stderr(Stdio::inherit())
         .output()
         .expect("run build-guest-image.sh");

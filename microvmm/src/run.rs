@@ -12,8 +12,8 @@ use devices::virtio::net::MacAddr;
 use vmm::config::{
     ConsoleTarget, DiskConfig, FileConfig, KernelSource, MachineConfig, NetConfig, VsockConfig,
 };
-use vmm::guests;
 use vmm::{Machine, MachineError, StopReason};
+use vmm_test_guests as guests;
 
 /// Arguments of `microvmm run`.
 #[derive(Debug, clap::Args)]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use upgrade::demo::Client;
 use upgrade::service_guest::{self, ServiceAgent, ServiceClient, ServiceVmConfig};
-use vmm::guests::kvm_or_skip;
+use vmm_test_guests::kvm_or_skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_microvmm");
 

@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use vmm::guests::kvm_or_skip;
+use vmm_test_guests::kvm_or_skip;
 
 fn microvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_microvmm"))
@@ -144,7 +144,7 @@ fn snapshot_then_restore_in_a_new_process_continues_counting() {
         "{}",
         text(&second.stdout)
     );
-    let at = vmm::guests::COUNTER.symbol("shared_counter").unwrap() as usize;
+    let at = vmm_test_guests::COUNTER.symbol("shared_counter").unwrap() as usize;
     let counter = |d: &std::path::Path| {
         let mem = std::fs::read(d.join("memory")).unwrap();
         u64::from_le_bytes(mem[at..at + 8].try_into().unwrap())
@@ -231,7 +231,7 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
         .concat(),
     );
     let mut host =
-        vmm::guests::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
+        vmm::handover::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
     echo(&mut host, b"before the snapshot");
     let second = spawn_restorer(&uds2, &snap, &ho);
     let first = first.wait_with_output().unwrap();
@@ -279,7 +279,7 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_through_the_api() {
     }
     let ctl = |args: &[&str]| microvmm(&[&["ctl", "--api-socket", &api][..], args].concat());
     let mut host =
-        vmm::guests::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
+        vmm::handover::vsock_connect(uds1.as_ref(), 1234, Duration::from_secs(60)).unwrap();
     echo(&mut host, b"before the snapshot");
     // Refused while running, and with a file that is not a socket at the handover path.
     let out = ctl(&["snapshot", &snap, "--vsock-handover", &ho]);

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use devices::virtio::testing::{NetNs, net_or_skip};
-use vmm::guests::kvm_or_skip;
+use vmm_test_guests::kvm_or_skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_microvmm");
 const MAC: &str = "06:00:0a:00:00:02";

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm::guests::kvm_or_skip;
+use vmm_test_guests::kvm_or_skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_microvmm");
 /// The user the `--user` tests switch to (`nobody` on Debian).
@@ -296,7 +296,7 @@ fn run_as_another_user_keeps_the_vm_running_under_the_filters() {
         assert_eq!(code, 204, "{answer}");
         assert_eq!(http(&api, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
         assert_eq!(std::fs::metadata(to.join("memory")).unwrap().uid(), USER);
-        let at = vmm::guests::COUNTER.symbol("shared_counter").unwrap() as usize;
+        let at = vmm_test_guests::COUNTER.symbol("shared_counter").unwrap() as usize;
         let mem = std::fs::read(to.join("memory")).unwrap();
         u64::from_le_bytes(mem[at..at + 8].try_into().unwrap())
     };

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use vmm::guests::kvm_or_skip;
+use vmm_test_guests::kvm_or_skip;
 
 fn microvmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_microvmm"))

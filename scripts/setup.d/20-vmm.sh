@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# vmm: the test-guest kit is assembled by vmm/build.rs with gcc/as/ld/nm (build-essential,
+# vmm: the test-guest kit is assembled by test-guests/build.rs with gcc/as/ld/nm (build-essential,
 # binutils from setup.sh); tests/tests/linux_boot.rs unpacks the Debian kernel's vmlinux with lz4.
 # Idempotent.
 set -euo pipefail

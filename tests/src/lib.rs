@@ -3,6 +3,7 @@
 
 pub mod linux_guest;
 pub mod nested;
+pub mod probes;
 
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 use devices::legacy::{SerialOutput, SharedBuffer};
 use vmm::config::MachineConfig;
 use vmm::cpuid::HostKvm;
-use vmm::guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::{Machine, MachineError};
+use vmm_test_guests::{REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 
 /// Test guest `guest` with one writable virtio-blk disk: a fresh delta (`dir/delta`) over an
 /// empty raw base of `size` bytes (`dir/base.img`).
@@ -40,7 +41,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
         })
         .expect("cannot turn the sandbox on");
     });
-    vmm::guests::kvm_or_skip(test)
+    vmm_test_guests::kvm_or_skip(test)
 }
 
 /// Whether the host has hardware virtualization; prints `SKIP: <test>: <reason>` when not.

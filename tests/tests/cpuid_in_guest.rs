@@ -9,7 +9,7 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::StopReason;
 use vmm::cpuid::HostKvm;
-use vmm::guests::CPUID_DUMP;
+use vmm_test_guests::CPUID_DUMP;
 
 #[test]
 fn guest_sees_normalized_cpuid() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use microvmm_tests::{TestVm, kvm_or_skip};
 use vmm::StopReason;
-use vmm::guests::COUNTER;
+use vmm_test_guests::COUNTER;
 
 /// Waits until the u64 the guest keeps at `addr` has grown by `by` (progress, not time).
 fn wait_progress(vm: &TestVm, addr: u64, by: u64) {
@@ -71,7 +71,7 @@ fn dirty_log_tracks_guest_writes() {
 #[test]
 fn dirtier_guest_dirties_the_pages_the_host_asks_for() {
     use vm_memory::{Bytes, GuestAddress};
-    use vmm::guests::DIRTIER;
+    use vmm_test_guests::DIRTIER;
 
     if !kvm_or_skip("dirtier_guest_dirties_the_pages_the_host_asks_for") {
         return;

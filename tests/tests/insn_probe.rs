@@ -4,8 +4,8 @@
 //! cmpxchg16b) are indeed ones its emulator cannot run.
 
 use microvmm_tests::kvm_or_skip;
+use microvmm_tests::probes::{ProbeOutcome, run_insn_probes};
 use vmm::cpuid::HostKvm;
-use vmm::guests::{ProbeOutcome, run_insn_probes};
 
 #[test]
 fn cpl0_instruction_table() {

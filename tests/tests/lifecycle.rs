@@ -10,11 +10,11 @@ use devices::legacy::{SerialOutput, SharedBuffer};
 use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::MachineConfig;
-use vmm::guests::{COUNTER, CounterProbe, REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::machine::CloneOptions;
 use vmm::snapfile::SnapshotFileError;
 use vmm::snapshot::SnapshotError;
 use vmm::{Machine, MachineError, StopReason};
+use vmm_test_guests::{COUNTER, CounterProbe, REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -455,7 +455,7 @@ fn expected_stamps(last: u64, blocks: u64, tag: u64) -> Vec<u64> {
 #[test]
 fn clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant() {
     use block::Delta;
-    use vmm::guests::VIRTIO_BLK;
+    use vmm_test_guests::VIRTIO_BLK;
     if !kvm_or_skip("clone_of_a_disk_writing_vm_sees_the_disk_of_the_clone_instant") {
         return;
     }
@@ -813,4 +813,95 @@ fn a_pause_a_vcpu_does_not_acknowledge_leaves_the_machine_running_and_can_be_ret
     m.resume().unwrap();
     wait_past(&m, v, "after the resume");
     m.stop().unwrap();
+}
+
+/// The counter guest with the vsock device of the committed version 1 snapshot
+/// (`tests/data/snapshot-v1-counter`, written by `microvmm run --test-guest counter --mem-mib 4
+/// --vsock-cid 3 ... --snapshot-after 300` before the format moved to version 2).
+fn v1_config(dir: &std::path::Path) -> MachineConfig {
+    let mut cfg = MachineConfig::test_guest("counter");
+    cfg.console = vmm::config::ConsoleTarget::Null;
+    cfg.vsock = Some(vmm::config::VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.join("v.sock"),
+    });
+    cfg
+}
+
+fn format_version(state: &std::path::Path) -> u32 {
+    let b = std::fs::read(state).unwrap();
+    u32::from_le_bytes(b[8..12].try_into().unwrap())
+}
+
+/// Restores `snap` in a fresh machine and checks that the guest counts on from `saved` and
+/// answers on its report port.
+fn restore_and_count(cfg: MachineConfig, snap: &std::path::Path, saved: u64) -> Machine {
+    let mut m = Machine::restore_snapshot(cfg, None, snap).unwrap();
+    assert_eq!(peek(&m), saved, "restored RAM holds the saved counter");
+    let reports = with_reports(&m);
+    m.start().unwrap();
+    let moved = wait_past(&m, saved, "the restored VM");
+    let probe = CounterProbe::new(m.memory().clone(), reports).unwrap();
+    assert!(probe.request(LIMIT).unwrap() >= moved);
+    m
+}
+
+/// Snapshots written by the first format (version 1: one fixed structure per section) still
+/// restore: the committed one counts on from its saved counter with its vsock device, and a
+/// snapshot of the restored machine is written as version 2 and restores too. A version 2 state
+/// whose device entry claims a layout version this build does not know is refused, typed.
+#[test]
+fn a_committed_version_1_snapshot_restores_and_is_saved_as_version_2() {
+    if !kvm_or_skip("a_committed_version_1_snapshot_restores_and_is_saved_as_version_2") {
+        return;
+    }
+    let committed =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/snapshot-v1-counter");
+    assert_eq!(format_version(&committed.join("state")), 1);
+    let mem = std::fs::read(committed.join("memory")).unwrap();
+    let at = usize::try_from(counter_addr().0).unwrap();
+    let saved = u64::from_le_bytes(mem[at..at + 8].try_into().unwrap());
+    assert!(saved > 0, "the committed guest had counted");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = restore_and_count(v1_config(dir.path()), &committed, saved);
+    m.pause().unwrap();
+    let again = peek(&m);
+    let v2 = dir.path().join("v2");
+    m.save_snapshot(&v2).unwrap();
+    assert_eq!(m.stop().unwrap(), StopReason::Stopped);
+    drop(m);
+    assert_eq!(format_version(&v2.join("state")), 2);
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut m = restore_and_count(v1_config(dir2.path()), &v2, again);
+    assert_eq!(m.stop().unwrap(), StopReason::Stopped);
+    drop(m);
+
+    // The i8042's entry claims a layout version from the future.
+    let r = vmm::snapfile::SnapshotReader::open(&v2.join("state")).unwrap();
+    let mut devices: serde_json::Value =
+        serde_json::from_slice(r.section("devices").unwrap()).unwrap();
+    let entry = devices
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["name"] == "i8042")
+        .unwrap();
+    entry["version"] = 7.into();
+    let mut w = vmm::snapfile::SnapshotWriter::new();
+    for name in ["meta", "vcpus", "vm"] {
+        w.section(name, r.section(name).unwrap().to_vec());
+    }
+    w.section("devices", serde_json::to_vec(&devices).unwrap());
+    w.write(&v2.join("state")).unwrap();
+    let err = Machine::restore_snapshot(v1_config(dir2.path()), None, &v2).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MachineError::Snapshot(SnapshotError::State(
+                devices::persist::PersistError::Version { found: 7, .. }
+            ))
+        ),
+        "{err:?}"
+    );
 }

@@ -8,10 +8,10 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{KernelSource, MachineConfig};
 use vmm::cpuid::HostKvm;
-use vmm::guests::{CHAOS, COUNTER, CounterProbe, SMP};
 use vmm::machine::VmState;
 use vmm::vcpu::VcpuError;
 use vmm::{Machine, MachineError, StopReason};
+use vmm_test_guests::{CHAOS, COUNTER, CounterProbe, SMP};
 
 const LIMIT: Duration = Duration::from_secs(30);
 

@@ -15,7 +15,7 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::StopReason;
 use vmm::config::{DiskConfig, MachineConfig, VsockConfig};
-use vmm::guests::{VIRTIO_BLK, VIRTIO_VSOCK};
+use vmm_test_guests::{VIRTIO_BLK, VIRTIO_VSOCK};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -102,7 +102,7 @@ fn host_connects_to_a_guest_echo_server_over_vsock() {
     let mut vm = vsock_vm(dir.path(), 0, 1234);
     vm.machine.start().unwrap();
     // The host side listens once the guest driver has activated the device.
-    let mut s = vmm::guests::vsock_connect(&dir.path().join("v.sock"), 1234, LIMIT).unwrap();
+    let mut s = vmm::handover::vsock_connect(&dir.path().join("v.sock"), 1234, LIMIT).unwrap();
     let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&msg).unwrap();
     let mut back = vec![0u8; msg.len()];

@@ -14,8 +14,8 @@ use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::StopReason;
 use vmm::config::{ConsoleTarget, MachineConfig, NetConfig};
-use vmm::guests::VIRTIO_NET;
 use vmm::machine::{CloneOptions, Machine};
+use vmm_test_guests::VIRTIO_NET;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const MAC0: &str = "06:00:0a:00:00:02";

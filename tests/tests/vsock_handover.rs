@@ -15,9 +15,9 @@ use devices::legacy::{SerialOutput, SharedBuffer};
 use microvmm_tests::{TestVm, kvm_or_skip};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::config::{MachineConfig, VsockConfig};
-use vmm::guests::VIRTIO_VSOCK;
 use vmm::handover::VsockHandover;
 use vmm::{Machine, StopReason};
+use vmm_test_guests::VIRTIO_VSOCK;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const CID: u64 = 42;
@@ -89,7 +89,7 @@ fn vsock_connection_survives_snapshot_restore_in_a_new_process() {
         .write_obj(1234u64, sym("shared_port"))
         .unwrap();
     vm.machine.start().unwrap();
-    let mut host = vmm::guests::vsock_connect(&uds, 1234, LIMIT).unwrap();
+    let mut host = vmm::handover::vsock_connect(&uds, 1234, LIMIT).unwrap();
     // Some traffic, then bytes still in flight when the VM pauses.
     let first = pattern(0, 1000);
     host.write_all(&first).unwrap();

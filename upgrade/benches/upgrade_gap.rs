@@ -19,7 +19,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    if !vmm::guests::kvm_or_skip("upgrade_gap bench") {
+    if !vmm_test_guests::kvm_or_skip("upgrade_gap bench") {
         return;
     }
     // `cargo bench` passes `--bench`; nothing else is taken.

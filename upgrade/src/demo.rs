@@ -226,7 +226,7 @@ pub fn boot_with(dir: &Path, net: Vec<vmm::config::NetConfig>) -> Result<DemoVm,
     machine.boot().map_err(setup("boot"))?;
     // The vsock device comes after the disk and the NICs, one MMIO window each.
     let base = vmm::layout::VIRTIO_MMIO_START + slots * vmm::layout::VIRTIO_MMIO_SIZE;
-    let sym = vmm::guests::TestGuest::by_name(service_guest::GUEST_NAME)
+    let sym = vmm_test_guests::TestGuest::by_name(service_guest::GUEST_NAME)
         .and_then(|g| g.symbol("shared_vsock_base"))
         .map_err(setup("guest symbols"))?;
     vm_memory::Bytes::write_obj(machine.memory(), base, vm_memory::GuestAddress(sym))

@@ -26,6 +26,7 @@
 pub mod agent;
 mod clone;
 pub mod criu_agent;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod journal;
 mod merge;

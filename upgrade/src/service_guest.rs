@@ -1,4 +1,4 @@
-//! Host side of the `service` test guest (`vmm/guests/service.c`): a tiny stateful network
+//! Host side of the `service` test guest (`test-guests/guests/service.c`): a tiny stateful network
 //! service with its own agent, the stand-in for a Java service and the guest agent in the live
 //! OS-upgrade demo.
 //!
@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Name of the guest in the test-guest kit (`vmm::guests::SERVICE`).
+/// Name of the guest in the test-guest kit (`vmm_test_guests::SERVICE`).
 pub const GUEST_NAME: &str = "service";
 /// Start of the OS region (the OS stamp is its first sector).
 pub const OS_REGION_START: u64 = 0;
@@ -177,7 +177,7 @@ struct Wire {
 
 impl Wire {
     fn connect(uds: &Path, port: u32, wait: Duration) -> Result<Self> {
-        let stream = vmm::guests::vsock_connect(uds, port, wait).map_err(|source| {
+        let stream = vmm::handover::vsock_connect(uds, port, wait).map_err(|source| {
             ServiceGuestError::Connect {
                 uds: uds.to_owned(),
                 port,

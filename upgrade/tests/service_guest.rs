@@ -1,4 +1,4 @@
-//! The `service` test guest under KVM (`vmm/guests/service.c`, host side
+//! The `service` test guest under KVM (`test-guests/guests/service.c`, host side
 //! `upgrade::service_guest`): it serves checked, logged requests over vsock; its agent runs
 //! commands, freezes and rolls back; a live clone of it goes standby on the transport reset and
 //! takes over the service state from a checkpoint, and the live connections themselves move to
@@ -86,7 +86,7 @@ impl ServiceVm {
     /// A `shared_*` variable of the guest (read through the RAM memfd: the first region starts
     /// at guest address 0 and offset 0).
     fn shared(&self, name: &'static str) -> u64 {
-        let addr = vmm::guests::SERVICE.symbol(name).unwrap();
+        let addr = vmm_test_guests::SERVICE.symbol(name).unwrap();
         let mut b = [0u8; 8];
         self.machine
             .vm()

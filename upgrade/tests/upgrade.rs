@@ -761,7 +761,7 @@ fn recovery_of_a_clone_killed_while_its_fork_was_half_made() {
 fn the_backup_takes_over_the_tap_and_a_rollback_gives_it_back() {
     use devices::virtio::testing::{NetNs, net_or_skip};
     let name = "the_backup_takes_over_the_tap_and_a_rollback_gives_it_back";
-    if !vmm::guests::kvm_or_skip(name) || !net_or_skip(name) {
+    if !vmm_test_guests::kvm_or_skip(name) || !net_or_skip(name) {
         return;
     }
     let _g = serial();

@@ -19,9 +19,9 @@ use devices::legacy::SerialOutput;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm::Machine;
 use vmm::config::MachineConfig;
-use vmm::guests::{DIRTIER, kvm_or_skip};
 use vmm::machine::CloneOptions;
 use vmm::memory::GuestRam;
+use vmm_test_guests::{DIRTIER, kvm_or_skip};
 
 fn dirtier(mem_mib: u64, pages: u64, disk: Option<&Path>) -> Machine {
     let mut cfg = MachineConfig::test_guest("dirtier");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::SerialOutput;
 use vmm::config::{ConsoleTarget, MachineConfig};
-use vmm::guests::{CounterProbe, REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 use vmm::{Machine, StopReason};
+use vmm_test_guests::{CounterProbe, REPORT_PORT, REPORT_PORT_LEN, ReportDevice};
 
 fn summary(name: &str, mut v: Vec<Duration>) {
     v.sort();

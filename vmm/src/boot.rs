@@ -497,7 +497,7 @@ mod tests {
     #[test]
     fn loads_a_test_guest_elf_and_places_initrd() {
         let ram = GuestRam::new(16 << 20).unwrap();
-        let mut img = std::io::Cursor::new(crate::guests::HELLO.elf);
+        let mut img = std::io::Cursor::new(vmm_test_guests::HELLO.elf);
         let k = load_kernel(ram.memory(), &mut img).unwrap();
         assert_eq!(k.entry, BootEntry::Linux64 { entry: 0x100000 });
         let mut initrd = std::io::Cursor::new(vec![7u8; 10_000]);
@@ -536,7 +536,7 @@ mod tests {
         fn corrupted_elf_headers_never_panic(
             edits in proptest::collection::vec((0usize..0x200, proptest::prelude::any::<u8>()), 1..8),
         ) {
-            let mut img = crate::guests::HELLO.elf.to_vec();
+            let mut img = vmm_test_guests::HELLO.elf.to_vec();
             for (at, v) in edits {
                 if at < img.len() {
                     img[at] = v;

@@ -131,6 +131,32 @@ pub fn connect_retrying(
     }
 }
 
+/// The host side of a vsock connection to guest port `port` through the device's Unix socket
+/// `uds` (Firecracker's convention): waits up to `wait` for the socket to appear (the device
+/// binds it when the guest driver activates it), sends `CONNECT <port>`, reads the `OK` line.
+/// The stream gets `wait` as its read timeout.
+pub fn vsock_connect(
+    uds: &std::path::Path,
+    port: u32,
+    wait: std::time::Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = connect_retrying(uds, wait)?;
+    s.set_read_timeout(Some(wait))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: nothing after the line may be consumed.
+    let mut line = Vec::new();
+    let mut r = BufReader::with_capacity(1, s.try_clone()?);
+    r.read_until(b'\n', &mut line)?;
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "vsock connect to port {port} answered {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(s)
+}
+
 /// One `recvmsg` of a byte and up to `fds.len()` descriptors: (bytes, descriptors).
 fn recv_fds(
     sock: &UnixStream,

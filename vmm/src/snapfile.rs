@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"MVMMSNAP";
-/// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this code writes. Version 2 keeps every state as a named, versioned
+/// entry (`devices::persist::SavedState`); version 1 had one fixed structure per section.
+pub const VERSION: u32 = 2;
+/// The oldest format version this code reads.
+pub const MIN_VERSION: u32 = 1;
 /// Largest section accepted when reading (memory is stored beside the file, not in it).
 pub const MAX_SECTION: u64 = 256 << 20;
 /// Largest state file read (checked before it is read into memory).
@@ -39,11 +42,13 @@ pub enum SnapshotFileError {
     #[error("{0} is not a microvmm snapshot (bad magic)")]
     BadMagic(PathBuf),
     /// Written by a format version this build cannot read.
-    #[error("snapshot format version {found} is not supported (this build reads {supported})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads {MIN_VERSION} to {supported})"
+    )]
     UnsupportedVersion {
         /// Version in the file.
         found: u32,
-        /// Version this build reads.
+        /// Newest version this build reads.
         supported: u32,
     },
     /// The file ends early.
@@ -134,6 +139,7 @@ impl SnapshotWriter {
 /// A verified snapshot file.
 #[derive(Debug)]
 pub struct SnapshotReader {
+    version: u32,
     sections: BTreeMap<String, Vec<u8>>,
 }
 
@@ -190,7 +196,7 @@ impl SnapshotReader {
             return Err(SnapshotFileError::BadMagic(PathBuf::new()));
         }
         let version = c.u32()?;
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(SnapshotFileError::UnsupportedVersion {
                 found: version,
                 supported: VERSION,
@@ -234,7 +240,12 @@ impl SnapshotReader {
         if c.pos != body.len() {
             return Err(SnapshotFileError::BadSection("trailing bytes".into()));
         }
-        Ok(Self { sections })
+        Ok(Self { version, sections })
+    }
+
+    /// The file's format version.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// A section's payload.
@@ -334,15 +345,30 @@ mod tests {
 
     #[test]
     fn wrong_version_is_a_typed_error() {
+        for v in [0u32, VERSION + 1, 7] {
+            let mut b = sample();
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            // Re-seal the file CRC so that only the version is wrong.
+            let n = b.len() - 4;
+            let crc = crc32c::crc32c(&b[..n]);
+            b[n..].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(
+                    SnapshotReader::parse(&b),
+                    Err(SnapshotFileError::UnsupportedVersion { found, supported: VERSION })
+                        if found == v
+                ),
+                "{v}"
+            );
+        }
+        assert_eq!(SnapshotReader::parse(&sample()).unwrap().version(), VERSION);
+        // Version 1 files (the first format) are still read.
         let mut b = sample();
-        b[8..12].copy_from_slice(&7u32.to_le_bytes());
-        assert!(matches!(
-            SnapshotReader::parse(&b),
-            Err(SnapshotFileError::UnsupportedVersion {
-                found: 7,
-                supported: VERSION
-            })
-        ));
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let n = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(SnapshotReader::parse(&b).unwrap().version(), 1);
     }
 
     #[test]

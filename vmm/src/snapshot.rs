@@ -4,7 +4,10 @@
 //! A snapshot directory holds two files:
 //! - `state`: a [`snapfile`](crate::snapfile) container (magic `MVMMSNAP`, format version, one
 //!   CRC32C per section and one over the file) with JSON sections `meta` ([`SnapshotMeta`]),
-//!   `vcpus` (`Vec<VcpuState>`), `vm` ([`VmKvmState`]) and `devices` ([`DeviceStates`]);
+//!   `vcpus` (one [`SavedState`] per vCPU, `vcpu/<id>`), `vm` (the [`SavedState`] `vm`) and
+//!   `devices` (the list of [`SavedState`]s of the VMM's devices, named as in [`names`]). Every
+//!   entry carries its kind and layout version ([`devices::persist`]). Version 1 files (one
+//!   fixed structure per section) are still read, converted to the list on the way in;
 //! - `memory`: guest RAM as the memfd lays it out (region after region), `meta.mem_size` bytes,
 //!   written sparse (all-zero pages are holes); its CRC32C is in `meta.mem_crc`.
 //!
@@ -21,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use devices::legacy::{CmosState, I8042State, SerialDeviceState};
+use devices::persist::{PersistError, SavedState, StateList, Versioned};
 use devices::virtio::mmio::MmioState;
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
@@ -111,6 +115,35 @@ pub enum SnapshotError {
     /// The snapshot does not fit the machine it is restored into.
     #[error("snapshot does not fit this machine: {0}")]
     Mismatch(String),
+    /// A saved state is of another kind or layout version, does not decode, or was refused.
+    #[error(transparent)]
+    State(#[from] PersistError),
+}
+
+/// Names of the entries in a snapshot's state lists.
+pub mod names {
+    /// COM1.
+    pub const SERIAL: &str = "serial";
+    /// The i8042.
+    pub const I8042: &str = "i8042";
+    /// CMOS/RTC.
+    pub const CMOS: &str = "cmos";
+    /// The vsock connections handed over with the snapshot (absent when they were not).
+    pub const VSOCK_CONNECTIONS: &str = "vsock-connections";
+    /// The VM's in-kernel devices.
+    pub const VM: &str = "vm";
+    /// Virtio-mmio transport `index` (attach order).
+    pub fn virtio(index: usize) -> String {
+        format!("virtio-mmio/{index}")
+    }
+    /// Network device `index` (configuration order): its MAC and TAP.
+    pub fn net(index: usize) -> String {
+        format!("virtio-net/{index}")
+    }
+    /// vCPU `id`.
+    pub fn vcpu(id: u8) -> String {
+        format!("vcpu/{id}")
+    }
 }
 
 /// Everything KVM keeps for one vCPU.
@@ -140,6 +173,11 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
 }
 
+impl Versioned for VcpuState {
+    const KIND: &'static str = "vcpu";
+    const VERSION: u32 = 1;
+}
+
 /// State of the VM's in-kernel devices.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmKvmState {
@@ -151,9 +189,14 @@ pub struct VmKvmState {
     pub irqchips: Vec<kvm_irqchip>,
 }
 
-/// State of the VMM's devices.
+impl Versioned for VmKvmState {
+    const KIND: &'static str = "kvm-vm";
+    const VERSION: u32 = 1;
+}
+
+/// The `devices` section of a version 1 snapshot: one field per device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceStates {
+struct DeviceStatesV1 {
     /// COM1.
     pub serial: SerialDeviceState,
     /// The i8042.
@@ -191,20 +234,10 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     /// In-kernel devices.
     pub vm: VmKvmState,
-    /// VMM devices.
-    pub devices: DeviceStates,
+    /// The VMM's devices, one named, versioned entry each (see [`names`]).
+    pub devices: Vec<SavedState>,
     /// Device types of the virtio transports, in order.
     pub virtio_types: Vec<u32>,
-}
-
-/// The MSRs KVM lets the host save for a vCPU (`KVM_GET_MSR_INDEX_LIST`).
-pub fn msr_index_list(kvm: &Kvm) -> Result<Vec<u32>, SnapshotError> {
-    kvm.get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .map_err(|source| SnapshotError::Vm {
-            op: "KVM_GET_MSR_INDEX_LIST",
-            source,
-        })
 }
 
 /// Checks that the legacy 4 KiB xsave area holds this host's whole xsave state.
@@ -256,7 +289,11 @@ pub fn read_msrs(
 
 /// Reads the whole state of a vCPU that is not in `KVM_RUN` (call it on the vCPU's thread
 /// while the machine is paused, or on a vCPU without a thread).
-pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, SnapshotError> {
+pub(crate) fn save_vcpu(
+    fd: &VcpuFd,
+    id: u8,
+    msr_indices: &[u32],
+) -> Result<VcpuState, SnapshotError> {
     let op = |op| move |source| SnapshotError::Vcpu { id, op, source };
     let mp_state = fd.get_mp_state().map_err(op("KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(op("KVM_GET_REGS"))?;
@@ -288,7 +325,7 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, 
 }
 
 /// Writes a saved state into a fresh vCPU, in the order the KVM API requires.
-pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
+pub(crate) fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
     let id = s.id;
     let op = |op| move |source| SnapshotError::Vcpu { id, op, source };
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| SnapshotError::Fam("CPUID"))?;
@@ -318,7 +355,7 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
 }
 
 /// Reads the PIT, kvmclock and irqchip state of a paused VM.
-pub fn save_vm(fd: &VmFd) -> Result<VmKvmState, SnapshotError> {
+pub(crate) fn save_vm(fd: &VmFd) -> Result<VmKvmState, SnapshotError> {
     let op = |op| move |source| SnapshotError::Vm { op, source };
     let pit = fd.get_pit2().map_err(op("KVM_GET_PIT2"))?;
     let clock = fd.get_clock().map_err(op("KVM_GET_CLOCK"))?;
@@ -343,7 +380,7 @@ pub fn save_vm(fd: &VmFd) -> Result<VmKvmState, SnapshotError> {
 }
 
 /// Writes saved PIT, kvmclock and irqchip state into a fresh VM.
-pub fn restore_vm(fd: &VmFd, s: &VmKvmState) -> Result<(), SnapshotError> {
+pub(crate) fn restore_vm(fd: &VmFd, s: &VmKvmState) -> Result<(), SnapshotError> {
     let op = |op| move |source| SnapshotError::Vm { op, source };
     fd.set_pit2(&s.pit).map_err(op("KVM_SET_PIT2"))?;
     // Only the clock value carries over; the flags describe the old host's clock source.
@@ -581,24 +618,66 @@ pub fn write_snapshot(
         vcpus: state.vcpus.len() as u8,
         virtio_types: state.virtio_types.clone(),
     };
+    let vcpus = state
+        .vcpus
+        .iter()
+        .map(|v| SavedState::encode(names::vcpu(v.id), v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vm = SavedState::encode(names::VM, &state.vm)?;
     let mut w = SnapshotWriter::new();
     w.section("meta", to_json("meta", &meta)?)
-        .section("vcpus", to_json("vcpus", &state.vcpus)?)
-        .section("vm", to_json("vm", &state.vm)?)
+        .section("vcpus", to_json("vcpus", &vcpus)?)
+        .section("vm", to_json("vm", &vm)?)
         .section("devices", to_json("devices", &state.devices)?);
     w.write(&dir.join(STATE_FILE))?;
     Ok(meta)
+}
+
+/// The state of a version 1 file (fixed structures), its devices converted to the list.
+fn read_state_v1(r: &SnapshotReader, meta: &SnapshotMeta) -> Result<MachineState, SnapshotError> {
+    let d: DeviceStatesV1 = from_json(r, "devices")?;
+    let mut devices = vec![
+        SavedState::encode(names::SERIAL, &d.serial)?,
+        SavedState::encode(names::I8042, &d.i8042)?,
+        SavedState::encode(names::CMOS, &d.cmos)?,
+    ];
+    for (i, t) in d.virtio.iter().enumerate() {
+        devices.push(SavedState::encode(names::virtio(i), t)?);
+    }
+    for (i, n) in d.net.iter().enumerate() {
+        devices.push(SavedState::encode(names::net(i), n)?);
+    }
+    if let Some(v) = &d.vsock {
+        devices.push(SavedState::encode(names::VSOCK_CONNECTIONS, v)?);
+    }
+    Ok(MachineState {
+        vcpus: from_json(r, "vcpus")?,
+        vm: from_json(r, "vm")?,
+        devices,
+        virtio_types: meta.virtio_types.clone(),
+    })
 }
 
 /// Reads and verifies a snapshot directory: the state and a fresh memfd with its RAM.
 pub fn read_snapshot(dir: &Path) -> Result<(SnapshotMeta, MachineState, GuestRam), SnapshotError> {
     let r = SnapshotReader::open(&dir.join(STATE_FILE))?;
     let meta: SnapshotMeta = from_json(&r, "meta")?;
-    let state = MachineState {
-        vcpus: from_json(&r, "vcpus")?,
-        vm: from_json(&r, "vm")?,
-        devices: from_json(&r, "devices")?,
-        virtio_types: meta.virtio_types.clone(),
+    let state = if r.version() == 1 {
+        read_state_v1(&r, &meta)?
+    } else {
+        let vcpus: Vec<SavedState> = from_json(&r, "vcpus")?;
+        let vm: SavedState = from_json(&r, "vm")?;
+        let devices: Vec<SavedState> = from_json(&r, "devices")?;
+        devices.check_names()?;
+        MachineState {
+            vcpus: vcpus
+                .iter()
+                .map(SavedState::decode)
+                .collect::<Result<_, _>>()?,
+            vm: vm.decode()?,
+            devices,
+            virtio_types: meta.virtio_types.clone(),
+        }
     };
     if state.vcpus.len() != usize::from(meta.vcpus) {
         return Err(SnapshotError::Mismatch(format!(

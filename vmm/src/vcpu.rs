@@ -214,6 +214,8 @@ pub struct VcpuIo {
     pub memory: GuestMemoryMmap,
     /// Exit counters shared by the machine's vCPUs.
     pub exits: Arc<ExitCounters>,
+    /// The MSRs a saved vCPU state holds ([`crate::vm::Vm::msr_indices`]).
+    pub msr_indices: Arc<[u32]>,
 }
 
 /// How many times the machine's vCPUs left `KVM_RUN`, by kind (for metrics).
@@ -260,6 +262,29 @@ impl fmt::Debug for Vcpu {
         f.debug_struct("Vcpu")
             .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+impl devices::persist::Persist for Vcpu {
+    type State = crate::snapshot::VcpuState;
+    type Error = crate::snapshot::SnapshotError;
+
+    /// Reads the whole vCPU state (call it on the vCPU's thread while the machine is paused, or
+    /// on a vCPU without a thread).
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        crate::snapshot::save_vcpu(&self.fd, self.id, &self.io.msr_indices)
+    }
+
+    /// Writes a saved state into this fresh vCPU, in the order the KVM API requires. A state
+    /// saved from another vCPU id is refused.
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        if state.id != self.id {
+            return Err(crate::snapshot::SnapshotError::Mismatch(format!(
+                "vCPU {} given the state of vCPU {}",
+                self.id, state.id
+            )));
+        }
+        crate::snapshot::restore_vcpu(&self.fd, state)
     }
 }
 

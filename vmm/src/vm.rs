@@ -91,6 +91,8 @@ pub struct Vm {
     ram: GuestRam,
     slots: Vec<MemSlot>,
     dirty_logging: bool,
+    /// The MSRs KVM lets the host save for a vCPU (`KVM_GET_MSR_INDEX_LIST`, read once).
+    msr_indices: Arc<[u32]>,
 }
 
 /// Opens /dev/kvm and checks the API version and the required capabilities.
@@ -156,12 +158,18 @@ impl Vm {
                 host_addr,
             })
             .collect();
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(setup("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .into();
         let vm = Self {
             kvm,
             fd: Arc::new(fd),
             ram,
             slots,
             dirty_logging: false,
+            msr_indices,
         };
         vm.register_slots(false)?;
         Ok(vm)
@@ -236,6 +244,11 @@ impl Vm {
         &self.kvm
     }
 
+    /// The MSRs a vCPU state saves (those KVM lets the host read and write).
+    pub fn msr_indices(&self) -> &Arc<[u32]> {
+        &self.msr_indices
+    }
+
     /// The VM fd (shared with the vCPU threads and devices that register ioeventfds).
     pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
@@ -249,6 +262,21 @@ impl Vm {
     /// The memory slots.
     pub fn slots(&self) -> &[MemSlot] {
         &self.slots
+    }
+}
+
+impl devices::persist::Persist for Vm {
+    type State = crate::snapshot::VmKvmState;
+    type Error = crate::snapshot::SnapshotError;
+
+    /// The PIT, kvmclock and irqchip state (the VM's vCPUs paused).
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        crate::snapshot::save_vm(&self.fd)
+    }
+
+    /// Writes saved PIT, kvmclock and irqchip state into this fresh VM.
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        crate::snapshot::restore_vm(&self.fd, state)
     }
 }
 

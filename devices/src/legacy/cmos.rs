@@ -33,6 +33,11 @@ pub struct CmosState {
     pub ram: Vec<u8>,
 }
 
+impl crate::persist::Versioned for CmosState {
+    const KIND: &'static str = "cmos";
+    const VERSION: u32 = 1;
+}
+
 /// The CMOS/RTC device.
 #[derive(Debug)]
 pub struct Cmos {
@@ -92,25 +97,6 @@ impl Cmos {
         }
     }
 
-    /// Its state (for snapshots).
-    pub fn save(&self) -> CmosState {
-        CmosState {
-            index: self.index,
-            ram: self.ram.to_vec(),
-        }
-    }
-
-    /// A CMOS in saved state `state` reading the host clock (RAM beyond 128 bytes is ignored,
-    /// missing bytes are zero).
-    pub fn restore(state: &CmosState) -> Self {
-        let mut c = Self::new();
-        c.index = state.index & 0x7f;
-        for (d, s) in c.ram.iter_mut().zip(&state.ram) {
-            *d = *s;
-        }
-        c
-    }
-
     fn read_register(&self, index: u8) -> u8 {
         let secs = (self.now)();
         let days = (secs / 86_400) as i64;
@@ -131,6 +117,28 @@ impl Cmos {
             RTC_REG_D => REG_D_VRT,
             i => self.ram[usize::from(i & 0x7f)],
         }
+    }
+}
+
+impl crate::persist::Persist for Cmos {
+    type State = CmosState;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<CmosState, Self::Error> {
+        Ok(CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        })
+    }
+
+    /// RAM beyond 128 bytes is ignored, missing bytes are zero; the clock stays the host's.
+    fn restore(&mut self, state: &CmosState) -> Result<(), Self::Error> {
+        self.index = state.index & 0x7f;
+        self.ram = [0; 128];
+        for (d, s) in self.ram.iter_mut().zip(&state.ram) {
+            *d = *s;
+        }
+        Ok(())
     }
 }
 
@@ -164,6 +172,7 @@ impl BusDevice for Cmos {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
 
     fn read(c: &mut Cmos, reg: u8) -> u8 {
         c.write(0, &[reg]);
@@ -199,7 +208,8 @@ mod tests {
         c.write(1, &[0x33]);
         assert_eq!(read(&mut c, RTC_SECONDS), 0);
         c.write(0, &[0x40]);
-        let mut r = Cmos::restore(&c.save());
+        let mut r = Cmos::with_clock(|| 0);
+        r.restore(&c.save().unwrap()).unwrap();
         let mut b = [0u8];
         r.read(1, &mut b);
         assert_eq!(b[0], 0xab, "NVRAM and index survive save/restore");

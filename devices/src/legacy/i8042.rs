@@ -57,29 +57,35 @@ impl I8042 {
         }
     }
 
-    /// Its state (for snapshots).
-    pub fn save(&self) -> I8042State {
-        I8042State {
+    fn status(&self) -> u8 {
+        self.status | if self.out.is_some() { SB_OUT_FULL } else { 0 }
+    }
+}
+
+impl crate::persist::Versioned for I8042State {
+    const KIND: &'static str = "i8042";
+    const VERSION: u32 = 1;
+}
+
+impl crate::persist::Persist for I8042 {
+    type State = I8042State;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<I8042State, Self::Error> {
+        Ok(I8042State {
             ctr: self.ctr,
             status: self.status,
             out: self.out,
             expect_ctr: self.expect_ctr,
-        }
+        })
     }
 
-    /// A controller in saved state `state`, reporting resets to `power`.
-    pub fn restore(power: Arc<PowerControl>, state: &I8042State) -> Self {
-        Self {
-            power,
-            ctr: state.ctr,
-            status: state.status,
-            out: state.out,
-            expect_ctr: state.expect_ctr,
-        }
-    }
-
-    fn status(&self) -> u8 {
-        self.status | if self.out.is_some() { SB_OUT_FULL } else { 0 }
+    fn restore(&mut self, state: &I8042State) -> Result<(), Self::Error> {
+        self.ctr = state.ctr;
+        self.status = state.status;
+        self.out = state.out;
+        self.expect_ctr = state.expect_ctr;
+        Ok(())
     }
 }
 
@@ -126,6 +132,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
 
     #[test]
     fn self_test_ctr_and_reset() {
@@ -163,9 +170,10 @@ mod tests {
         k.write(4, &[CMD_WRITE_CTR]);
         k.write(0, &[0x61]);
         k.write(4, &[CMD_READ_CTR]);
-        let state = k.save();
-        let mut r = I8042::restore(power, &state);
-        assert_eq!(r.save(), state);
+        let state = k.save().unwrap();
+        let mut r = I8042::new(power);
+        r.restore(&state).unwrap();
+        assert_eq!(r.save().unwrap(), state);
         let mut b = [0u8];
         r.read(0, &mut b);
         assert_eq!(b[0], 0x61, "pending output byte survives");

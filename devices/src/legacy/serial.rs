@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -178,11 +179,21 @@ impl SerialDevice {
             Err(e) => Err(SerialError::Input(format!("{e:?}"))),
         }
     }
+}
 
-    /// The UART's register state (for snapshots).
-    pub fn save(&self) -> SerialDeviceState {
+impl crate::persist::Versioned for SerialDeviceState {
+    const KIND: &'static str = "serial";
+    const VERSION: u32 = 1;
+}
+
+impl crate::persist::Persist for SerialDevice {
+    type State = SerialDeviceState;
+    type Error = SerialError;
+
+    /// The UART's registers and receive FIFO.
+    fn save(&self) -> Result<SerialDeviceState, SerialError> {
         let s = self.serial.state();
-        SerialDeviceState {
+        Ok(SerialDeviceState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -193,16 +204,13 @@ impl SerialDevice {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
-        }
+        })
     }
 
-    /// A UART in saved state `state`, writing to `out` and raising `irq` (re-raised at once if
-    /// the state has an interrupt pending).
-    pub fn restore(
-        state: &SerialDeviceState,
-        irq: IrqTrigger,
-        out: SerialOutput,
-    ) -> Result<Self, SerialError> {
+    /// Puts the saved registers and FIFO into this UART, which keeps its output and interrupt
+    /// line (the interrupt is raised at once if the state has one pending). A state the UART
+    /// cannot take (a FIFO over its size) is refused and changes nothing.
+    fn restore(&mut self, state: &SerialDeviceState) -> Result<(), SerialError> {
         let s = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -215,14 +223,27 @@ impl SerialDevice {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let stats = Arc::new(SerialSinkStats::default());
+        let irq = |evt: &EventFd| {
+            evt.try_clone()
+                .map(IrqTrigger)
+                .map_err(SerialError::EventFd)
+        };
+        // Checked on a scratch UART first, so a refused state leaves this one as it was.
+        let scratch = Sink {
+            out: SerialOutput::Sink,
+            stats: Arc::default(),
+        };
+        Serial::from_state(&s, irq(&self.serial.interrupt_evt().0)?, NoEvents, scratch)
+            .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        let trigger = irq(&self.serial.interrupt_evt().0)?;
+        let out = std::mem::replace(&mut self.serial.writer_mut().out, SerialOutput::Sink);
         let sink = Sink {
             out,
-            stats: Arc::clone(&stats),
+            stats: Arc::clone(&self.stats),
         };
-        let serial = Serial::from_state(&s, irq, vm_superio::serial::NoEvents, sink)
+        self.serial = Serial::from_state(&s, trigger, NoEvents, sink)
             .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
-        Ok(Self { serial, stats })
+        Ok(())
     }
 }
 
@@ -249,6 +270,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
 
     #[test]
     fn transmits_to_buffer_and_records_first_byte() {
@@ -275,12 +297,12 @@ mod tests {
         dev.write(7, &[0x5a]); // scratch
         dev.write(3, &[0x1b]); // LCR: 8 data bits, 2 stop bits, even parity
         dev.enqueue_input(b"ab").unwrap();
-        let state = dev.save();
+        let state = dev.save().unwrap();
         assert_eq!(state.in_buffer, b"ab");
         let json = serde_json::to_string(&state).unwrap();
         let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
-        let mut restored =
-            SerialDevice::restore(&back, IrqTrigger::new().unwrap(), SerialOutput::Sink).unwrap();
+        let mut restored = SerialDevice::new(IrqTrigger::new().unwrap(), SerialOutput::Sink);
+        restored.restore(&back).unwrap();
         let mut b = [0u8];
         restored.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
@@ -293,9 +315,12 @@ mod tests {
             ..state
         };
         assert!(matches!(
-            SerialDevice::restore(&too_big, IrqTrigger::new().unwrap(), SerialOutput::Sink),
+            restored.restore(&too_big),
             Err(SerialError::Restore(_))
         ));
+        // The refused state changed nothing.
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
     }
 
     /// The Linux 8250 driver transmits from its interrupt handler: it enables the THRE

@@ -1215,7 +1215,7 @@ mod tests {
         .unwrap();
         d.transport.write(0x70, &0u32.to_le_bytes()); // stop the old device first
         let restored: crate::virtio::mmio::MmioState = serde_json::from_str(&json).unwrap();
-        d2.transport.restore(&restored).unwrap();
+        crate::persist::Persist::restore(&mut d2.transport, &restored).unwrap();
         assert!(d2.transport.is_activated());
         assert_eq!(d2.transport.state(), state);
     }

@@ -263,9 +263,29 @@ impl MmioTransport {
         }
     }
 
+    /// Queue registers may change only between FEATURES_OK and DRIVER_OK, on a queue not ready.
+    fn queue_config_allowed(&self) -> bool {
+        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_FEATURES_OK
+    }
+}
+
+impl crate::persist::Versioned for MmioState {
+    const KIND: &'static str = "virtio-mmio";
+    const VERSION: u32 = 1;
+}
+
+impl crate::persist::Persist for MmioTransport {
+    type State = MmioState;
+    type Error = MmioError;
+
+    /// [`MmioTransport::state`].
+    fn save(&self) -> Result<MmioState, MmioError> {
+        Ok(self.state())
+    }
+
     /// Restores registers saved by [`MmioTransport::state`] into a fresh transport; a device that
     /// was running is activated again on the restored queues.
-    pub fn restore(&mut self, state: &MmioState) -> Result<(), MmioError> {
+    fn restore(&mut self, state: &MmioState) -> Result<(), MmioError> {
         if self.activated {
             return Err(MmioError::BadState("transport already active"));
         }
@@ -294,12 +314,9 @@ impl MmioTransport {
         }
         Ok(())
     }
+}
 
-    /// Queue registers may change only between FEATURES_OK and DRIVER_OK, on a queue not ready.
-    fn queue_config_allowed(&self) -> bool {
-        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_FEATURES_OK
-    }
-
+impl MmioTransport {
     fn with_config_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_config_allowed() {
             return;

@@ -123,6 +123,11 @@ pub struct NetState {
     pub tap: String,
 }
 
+impl crate::persist::Versioned for NetState {
+    const KIND: &'static str = "virtio-net";
+    const VERSION: u32 = 1;
+}
+
 /// The virtio-net configuration space up to `mtu` (virtio 1.2 §5.1.4): 12 bytes, no padding.
 #[repr(C, packed)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -224,6 +229,25 @@ impl NetHandle {
             mac: self.mac(),
             tap: self.tap_name().unwrap_or_default(),
         }
+    }
+}
+
+impl crate::persist::Persist for NetHandle {
+    type State = NetState;
+    type Error = std::convert::Infallible;
+
+    /// [`NetHandle::state`].
+    fn save(&self) -> Result<NetState, Self::Error> {
+        Ok(self.state())
+    }
+
+    /// Gives the device the saved MAC address (the TAP is the configuration's: a restored VM
+    /// attaches to the TAP its config names).
+    fn restore(&mut self, state: &NetState) -> Result<(), Self::Error> {
+        if self.mac() != state.mac {
+            self.set_mac(state.mac);
+        }
+        Ok(())
     }
 }
 

@@ -210,6 +210,11 @@ pub struct MuxerState {
     pub next_host_port: u32,
 }
 
+impl crate::persist::Versioned for MuxerState {
+    const KIND: &'static str = "vsock-connections";
+    const VERSION: u32 = 1;
+}
+
 /// A vsock device's host listener in transit between two devices of one process
 /// ([`Muxer::take_listener`], [`Muxer::adopt_listener`]).
 #[derive(Debug)]

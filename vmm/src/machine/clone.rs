@@ -1,16 +1,14 @@
-//! Lifecycle operations on a [`Machine`] beyond start/pause/resume: saving the full state,
-//! restoring it into a new machine (from a snapshot directory or in memory), and cloning a
-//! running machine in-process with pre-copy of its RAM over KVM dirty logging.
+//! Cloning a running [`Machine`] in-process: pre-copy of its RAM over KVM dirty logging, a short
+//! pause for the last pages, the state and the disk forks, then the clone built from them.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use block::{ForkCommit, Layer, PreparedFork};
 use devices::legacy::SerialOutput;
 use devices::virtio::blk::DEVICE_TYPE_BLOCK;
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::net::{DEVICE_TYPE_NET, tap::Tap};
+use devices::virtio::net::DEVICE_TYPE_NET;
 use devices::virtio::vsock::DEVICE_TYPE_VSOCK;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
@@ -18,10 +16,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{Machine, MachineError, VmState};
 use crate::config::MachineConfig;
-use crate::handover::VsockHandover;
 use crate::memory::{GuestMemoryMmap, GuestRam};
-use crate::snapshot::{self, DeviceStates, MachineState, SnapshotError, SnapshotMeta, VcpuState};
-use crate::vcpu::Vcpu;
+use crate::snapshot::MachineState;
 
 const PAGE: u64 = 4096;
 
@@ -204,335 +200,8 @@ fn drop_clone_child(layer: Arc<Layer>, commit: &ForkCommit) {
 
 /// Per disk, in order: this machine's child, the clone's child, and the commit of their fork.
 type ForkedDisks = Vec<(Arc<Layer>, Arc<Layer>, Arc<ForkCommit>)>;
-type QueueGuards<'a> = Vec<MutexGuard<'a, virtio_queue::Queue>>;
 
 impl Machine {
-    /// Reads the whole state of every vCPU. The vCPUs must not be in `KVM_RUN`: paused, or not
-    /// started.
-    fn save_vcpus(&self) -> Result<Vec<VcpuState>, MachineError> {
-        snapshot::check_xsave_size(self.vm.kvm())?;
-        let msrs = Arc::new(snapshot::msr_index_list(self.vm.kvm())?);
-        let out: Arc<Mutex<Vec<Result<VcpuState, SnapshotError>>>> = Arc::default();
-        let (o, idx) = (out.clone(), msrs.clone());
-        self.on_each_vcpu(Arc::new(move |v: &Vcpu| {
-            let r = snapshot::save_vcpu(v.fd(), v.id(), &idx);
-            o.lock().unwrap_or_else(|p| p.into_inner()).push(r);
-        }))?;
-        let mut states = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        states.sort_by_key(|s| s.id);
-        Ok(states)
-    }
-
-    /// Captures the machine's state with its device queues locked by `guards` (one entry per
-    /// transport), so no device worker touches memory or rings meanwhile.
-    fn capture_locked(
-        &self,
-        transports: &[MutexGuard<'_, MmioTransport>],
-        guards: &[QueueGuards<'_>],
-    ) -> Result<MachineState, MachineError> {
-        let vcpus = self.save_vcpus()?;
-        let vm = snapshot::save_vm(self.vm.fd())?;
-        let devices = DeviceStates {
-            serial: self.serial.lock().unwrap_or_else(|p| p.into_inner()).save(),
-            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).save(),
-            cmos: self.cmos.lock().unwrap_or_else(|p| p.into_inner()).save(),
-            virtio: transports
-                .iter()
-                .zip(guards)
-                .map(|(t, g)| t.state_locked(g))
-                .collect(),
-            vsock: None,
-            net: self.nets.iter().map(|n| n.handle.state()).collect(),
-        };
-        Ok(MachineState {
-            vcpus,
-            vm,
-            devices,
-            virtio_types: transports.iter().map(|t| t.device_type()).collect(),
-        })
-    }
-
-    /// Runs `f` with every transport and every device queue locked: no MMIO register access
-    /// and no device worker touching guest memory meanwhile.
-    fn with_devices_held<R>(
-        &self,
-        f: impl FnOnce(&[MutexGuard<'_, MmioTransport>], &[QueueGuards<'_>]) -> R,
-    ) -> R {
-        let transports: Vec<_> = self
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let guards: Vec<_> = transports.iter().map(|t| t.lock_queues()).collect();
-        f(&transports, &guards)
-    }
-
-    fn check_quiet(&self) -> Result<(), MachineError> {
-        match self.state {
-            VmState::Paused | VmState::Booted => Ok(()),
-            from => Err(MachineError::InvalidTransition {
-                from,
-                to: VmState::Paused,
-            }),
-        }
-    }
-
-    /// Makes the running virtio-blk device of disk `index` serve `layer` from now on (same
-    /// size and writability), with its worker held off the queue, so no request is split
-    /// between the two; the machine's [`Machine::disks`] follow, so a later clone forks the
-    /// new layer. The machine must be paused (or booted, not started). Returns the layer it
-    /// served before.
-    pub fn replace_disk(
-        &mut self,
-        index: usize,
-        layer: Arc<Layer>,
-    ) -> Result<Arc<Layer>, MachineError> {
-        self.check_quiet()?;
-        let count = self.disks.len();
-        let disk = self
-            .disks
-            .get(index)
-            .ok_or(MachineError::NoSuchDisk { index, count })?;
-        let swapped = self.with_devices_held(|_, _| disk.slot.swap(layer.clone()));
-        if swapped.is_err() {
-            return Err(MachineError::DiskReplace {
-                index,
-                path: layer.path().to_owned(),
-            });
-        }
-        let old = std::mem::replace(&mut self.disks[index].layer, layer);
-        tracing::debug!(index, from = %old.path().display(), to = %self.disks[index].layer.path().display(), "disk replaced");
-        Ok(old)
-    }
-
-    /// Takes over `donor`'s network: each of its NICs' TAP moves to this machine's NIC of the
-    /// same position (the open fd moves; nothing is reopened), with its MAC address (the
-    /// configuration change is signalled to this guest). The upgrade's cutover uses it so the
-    /// backup answers on the active VM's links with the active VM's addresses. Both machines
-    /// must be quiet (paused, or booted and not started) and have the same number of NICs, each
-    /// of `donor`'s with its TAP. Returns this machine's previous TAPs, for the caller to close
-    /// or give back.
-    pub fn take_over_net(&mut self, donor: &Machine) -> Result<Vec<Option<Tap>>, MachineError> {
-        self.check_quiet()?;
-        donor.check_quiet()?;
-        if self.nets.len() != donor.nets.len() {
-            return Err(MachineError::NetTakeover(format!(
-                "{} NICs here, {} on the donor",
-                self.nets.len(),
-                donor.nets.len()
-            )));
-        }
-        if let Some(n) = donor.nets.iter().find(|n| n.handle.tap_name().is_none()) {
-            return Err(MachineError::NetTakeover(format!(
-                "the donor's {} has no TAP",
-                n.iface_id
-            )));
-        }
-        let mut previous = Vec::with_capacity(self.nets.len());
-        for (mine, theirs) in self.nets.iter().zip(&donor.nets) {
-            let mac = theirs.handle.mac();
-            // Checked above, and both machines are quiet: every donor NIC still has its TAP.
-            let Some(tap) = theirs.handle.take_tap() else {
-                previous.push(None);
-                continue;
-            };
-            tracing::info!(iface = %mine.iface_id, tap = %tap.name(), %mac, "TAP taken over");
-            let name = tap.name().to_string();
-            previous.push(mine.handle.attach_tap(tap));
-            mine.handle.set_mac(mac);
-            // Keep the configuration true (a restart or a later clone reads it).
-            if let Some(c) = self
-                .cfg
-                .net
-                .iter_mut()
-                .find(|c| c.iface_id == mine.iface_id)
-            {
-                c.host_dev_name = name;
-                c.guest_mac = Some(mac);
-            }
-        }
-        Ok(previous)
-    }
-
-    /// The host socket the VM's vsock device answers on: the one it adopted from another VM
-    /// (an upgrade moves the active VM's listener to the backup), else its configured one.
-    pub fn vsock_uds_path(&self) -> Option<std::path::PathBuf> {
-        let configured = self.cfg.vsock.as_ref().map(|v| v.uds_path.clone());
-        self.vsock
-            .as_ref()
-            .and_then(devices::virtio::vsock::VsockHandle::uds_path)
-            .or(configured)
-    }
-
-    /// The vsock device's host side (to move its connections and listener), if there is one.
-    pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
-        self.vsock.as_ref()
-    }
-
-    /// The whole state (vCPUs, in-kernel devices, VMM devices) of a paused (or booted, not yet
-    /// started) machine. Memory is not included: it is [`Machine::memory`].
-    pub fn capture_state(&self) -> Result<MachineState, MachineError> {
-        self.check_quiet()?;
-        self.with_devices_held(|t, g| self.capture_locked(t, g))
-    }
-
-    /// Writes a snapshot of a paused machine into directory `dir` (see [`crate::snapshot`] for
-    /// the format).
-    /// The devices stay held while memory is written, so no device worker writes guest RAM
-    /// after its state was captured. Vsock connections are not in it: a restore resets them.
-    pub fn save_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, MachineError> {
-        self.check_quiet()?;
-        self.with_devices_held(|t, g| {
-            let state = self.capture_locked(t, g)?;
-            Ok(snapshot::write_snapshot(dir, &state, self.vm.ram())?)
-        })
-    }
-
-    /// Like [`Machine::save_snapshot`], but also takes the vsock connections out of this
-    /// machine, their states into the snapshot and their host sockets into the returned
-    /// [`VsockHandover`] (send it to the restoring process). This machine's guest loses them
-    /// (it would get RST if it went on): stop it. If writing the snapshot fails, the
-    /// connections are given back and nothing changes.
-    pub fn save_snapshot_handover(
-        &self,
-        dir: &Path,
-    ) -> Result<(SnapshotMeta, VsockHandover), MachineError> {
-        self.check_quiet()?;
-        self.with_devices_held(|t, g| {
-            let mut state = self.capture_locked(t, g)?;
-            let Some((conns, fds)) = self.vsock.as_ref().and_then(|h| h.export()) else {
-                let meta = snapshot::write_snapshot(dir, &state, self.vm.ram())?;
-                return Ok((meta, VsockHandover::default()));
-            };
-            state.devices.vsock = Some(conns.clone());
-            match snapshot::write_snapshot(dir, &state, self.vm.ram()) {
-                Ok(meta) => {
-                    if let Some(h) = &self.vsock {
-                        h.stop_listening();
-                    }
-                    Ok((meta, VsockHandover { fds }))
-                }
-                Err(e) => {
-                    if let Some(h) = &self.vsock {
-                        // Cannot fail: the same connections, just taken out.
-                        let _ = h.import(conns, fds);
-                    }
-                    Err(e.into())
-                }
-            }
-        })
-    }
-
-    /// Builds a machine from a snapshot written by [`Machine::save_snapshot_handover`] with
-    /// the vsock sockets received from the saving process; the connections go on (no
-    /// transport reset). A handover whose socket count differs from the snapshot's connection
-    /// list is `HandoverError::Mismatch`.
-    pub fn restore_snapshot_handover(
-        cfg: MachineConfig,
-        console: Option<SerialOutput>,
-        dir: &Path,
-        handover: VsockHandover,
-    ) -> Result<Self, MachineError> {
-        let (_, state, ram) = snapshot::read_snapshot(dir)?;
-        let mismatch =
-            |m: String| -> MachineError { crate::handover::HandoverError::Mismatch(m).into() };
-        match &state.devices.vsock {
-            None if !handover.is_empty() => {
-                return Err(mismatch(format!(
-                    "{} sockets for a snapshot without vsock connections",
-                    handover.len()
-                )));
-            }
-            Some(_) if cfg.vsock.is_none() => {
-                return Err(mismatch(
-                    "the snapshot has vsock connections, the config no vsock device".into(),
-                ));
-            }
-            Some(conns) => conns
-                .validate(handover.len())
-                .map_err(|e| mismatch(e.to_string()))?,
-            None => {}
-        }
-        Self::restore_from(cfg, console, ram, None, &state, Some(handover))
-    }
-
-    /// Builds a machine from a snapshot directory written by [`Machine::save_snapshot`]. `cfg`
-    /// gives the devices (the same kinds, in the same order, as the saved machine) and the
-    /// console; its memory size and vCPU count come from the snapshot. The machine is left
-    /// `Booted`: add host-side devices, then [`Machine::start`].
-    pub fn restore_snapshot(
-        cfg: MachineConfig,
-        console: Option<SerialOutput>,
-        dir: &Path,
-    ) -> Result<Self, MachineError> {
-        let (_, state, ram) = snapshot::read_snapshot(dir)?;
-        Self::from_state(cfg, console, ram, None, &state)
-    }
-
-    /// Builds a machine on `ram` in saved `state` (optionally on already opened disks).
-    pub fn from_state(
-        cfg: MachineConfig,
-        console: Option<SerialOutput>,
-        ram: GuestRam,
-        layers: Option<Vec<Arc<Layer>>>,
-        state: &MachineState,
-    ) -> Result<Self, MachineError> {
-        Self::restore_from(cfg, console, ram, layers, state, None)
-    }
-
-    fn restore_from(
-        mut cfg: MachineConfig,
-        console: Option<SerialOutput>,
-        ram: GuestRam,
-        layers: Option<Vec<Arc<Layer>>>,
-        state: &MachineState,
-        handover: Option<VsockHandover>,
-    ) -> Result<Self, MachineError> {
-        cfg.vcpus = u8::try_from(state.vcpus.len())
-            .map_err(|_| SnapshotError::Mismatch(format!("{} vCPUs", state.vcpus.len())))?;
-        let mut m = Self::build(
-            cfg,
-            console,
-            Some(ram),
-            layers,
-            Some(&state.devices),
-            handover,
-        )?;
-        let types: Vec<u32> = m
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type())
-            .collect();
-        if types != state.virtio_types || types.len() != state.devices.virtio.len() {
-            return Err(SnapshotError::Mismatch(format!(
-                "virtio devices {types:?}, the snapshot has {:?}",
-                state.virtio_types
-            ))
-            .into());
-        }
-        snapshot::check_xsave_size(m.vm.kvm())?;
-        snapshot::restore_vm(m.vm.fd(), &state.vm)?;
-        let io = m.vcpu_io();
-        for (i, s) in state.vcpus.iter().enumerate() {
-            if usize::from(s.id) != i {
-                return Err(SnapshotError::Mismatch(format!("vCPU {i} has id {}", s.id)).into());
-            }
-            let vcpu = Vcpu::new(m.vm.fd(), s.id, io.clone())?;
-            snapshot::restore_vcpu(vcpu.fd(), s)?;
-            m.vcpus.push(vcpu);
-        }
-        for (index, (t, s)) in m.transports.iter().zip(&state.devices.virtio).enumerate() {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore(s)
-                .map_err(|source| MachineError::VirtioRestore { index, source })?;
-        }
-        m.transition(VmState::Booted)?;
-        Ok(m)
-    }
-
     /// Clones this running machine in-process. Guest RAM is copied into a new memfd while the
     /// guest runs (a full copy, then rounds of the pages KVM and the VMM's bitmap saw dirtied,
     /// until a round is small or `max_rounds` is reached); then the vCPUs are paused, device
@@ -550,10 +219,10 @@ impl Machine {
                 to: VmState::Paused,
             });
         }
-        if opts.disk_dirs.len() != self.disks.len() {
+        if opts.disk_dirs.len() != self.devices.disks.len() {
             return Err(CloneError::DiskDirs {
                 pairs: opts.disk_dirs.len(),
-                disks: self.disks.len(),
+                disks: self.devices.disks.len(),
             }
             .into());
         }
@@ -561,19 +230,16 @@ impl Machine {
         // source's addresses unless the config gives others) and the config's vsock: check up
         // front that
         // this gives the source's virtio devices, before any copying or forking.
-        let want: Vec<u32> = std::iter::repeat_n(DEVICE_TYPE_BLOCK, self.disks.len())
+        let want: Vec<u32> = std::iter::repeat_n(DEVICE_TYPE_BLOCK, self.devices.disks.len())
             .chain(std::iter::repeat_n(DEVICE_TYPE_NET, opts.config.net.len()))
             .chain(opts.config.vsock.as_ref().map(|_| DEVICE_TYPE_VSOCK))
             .collect();
-        let have: Vec<u32> = self
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type())
-            .collect();
+        let have: Vec<u32> = self.devices.virtio_types();
         if want != have {
             return Err(CloneError::Devices { clone: want, have }.into());
         }
         if let Some(d) = self
+            .devices
             .disks
             .iter()
             .find(|d| block::Disk::is_read_only(d.layer.as_ref()))
@@ -585,8 +251,8 @@ impl Machine {
         // The slow part of each disk fork (creating the children's files) happens now, while
         // the source runs; a failure here changes nothing.
         let tp = Instant::now();
-        let mut prepared = Vec::with_capacity(self.disks.len());
-        for (disk, (dir_mine, dir_theirs)) in self.disks.iter().zip(&opts.disk_dirs) {
+        let mut prepared = Vec::with_capacity(self.devices.disks.len());
+        for (disk, (dir_mine, dir_theirs)) in self.devices.disks.iter().zip(&opts.disk_dirs) {
             let p = block::prepare_fork(disk.layer.clone(), dir_mine, dir_theirs).map_err(
                 |source| MachineError::Disk {
                     path: disk.layer.path().to_owned(),
@@ -693,7 +359,7 @@ impl Machine {
         let resumed = self.resume();
         tl.pause = p0.elapsed();
         // Whatever was cut is this machine's disk now, even if a later step failed.
-        for (d, (mine, _, _)) in self.disks.iter_mut().zip(&forked) {
+        for (d, (mine, _, _)) in self.devices.disks.iter_mut().zip(&forked) {
             d.layer = mine.clone();
         }
         match captured.and_then(|state| resumed.map(|()| state)) {
@@ -741,7 +407,7 @@ impl Machine {
         prepared: Vec<PreparedFork>,
         forked: &mut ForkedDisks,
     ) -> Result<(), MachineError> {
-        for (disk, p) in self.disks.iter().zip(prepared) {
+        for (disk, p) in self.devices.disks.iter().zip(prepared) {
             let err = |source| MachineError::Disk {
                 path: disk.layer.path().to_owned(),
                 source,

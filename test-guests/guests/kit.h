@@ -1,9 +1,9 @@
 /*
- * C interface of the test-guest kit for freestanding CPL3 guests (`vmm/guests/<name>.c`, built by
- * vmm/build.rs with gcc -ffreestanding -mgeneral-regs-only and linked with stub.S and lib.S).
+ * C interface of the test-guest kit for freestanding CPL3 guests (`test-guests/guests/<name>.c`, built by
+ * test-guests/build.rs with gcc -ffreestanding -mgeneral-regs-only and linked with stub.S and lib.S).
  * Define `void guest_main(unsigned long cpu, unsigned long ncpus)`; returning powers off.
  * Put host-visible variables in `SHARED` (section .shared) with external linkage: their
- * addresses appear in `vmm::guests::<NAME>.symbols`.
+ * addresses appear in `vmm_test_guests::<NAME>.symbols`.
  */
 #ifndef MICROVMM_KIT_H
 #define MICROVMM_KIT_H

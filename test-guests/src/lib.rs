@@ -1,5 +1,8 @@
-//! The test-guest kit: tiny guests assembled from `vmm/guests/*.S` by `build.rs`, and host-side
-//! helpers to drive them.
+//! The test-guest kit: tiny guests assembled from `test-guests/guests/*.S` and `*.c` by this
+//! crate's `build.rs` (the only place `gcc` runs), and host-side helpers to drive them. The VMM
+//! boots them by name when built with its `test-guests` feature
+//! (`vmm::config::KernelSource::TestGuest`); the `microvmm` binary embeds them for its demo and for
+//! `run` without a kernel.
 //!
 //! Each guest is an ELF image loaded at 1 MiB like a kernel. Unless it brings its own `_start`,
 //! it is linked with `guests/stub.S`, a short CPL0 stub that sets up its own GDT, one TSS per
@@ -17,12 +20,13 @@ use std::time::Duration;
 use devices::BusDevice;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::memory::GuestMemoryMmap;
+/// Guest memory as the VMM maps it (dirty-page tracking on).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// A test guest image.
 #[derive(Debug, Clone, Copy)]
 pub struct TestGuest {
-    /// Name (file stem in `vmm/guests/`).
+    /// Name (file stem in `test-guests/guests/`).
     pub name: &'static str,
     /// ELF image.
     pub elf: &'static [u8],
@@ -66,32 +70,6 @@ pub enum GuestKitError {
     /// The report device is gone.
     #[error("the report device was dropped")]
     Disconnected,
-}
-
-/// The host side of a vsock connection to guest port `port` through the device's Unix socket
-/// `uds` (Firecracker's convention): waits up to `wait` for the socket to appear (the device
-/// binds it when the guest driver activates it), sends `CONNECT <port>`, reads the `OK` line.
-/// The stream gets `wait` as its read timeout.
-pub fn vsock_connect(
-    uds: &std::path::Path,
-    port: u32,
-    wait: Duration,
-) -> std::io::Result<std::os::unix::net::UnixStream> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = crate::handover::connect_retrying(uds, wait)?;
-    s.set_read_timeout(Some(wait))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Byte by byte: nothing after the line may be consumed.
-    let mut line = Vec::new();
-    let mut r = BufReader::with_capacity(1, s.try_clone()?);
-    r.read_until(b'\n', &mut line)?;
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::other(format!(
-            "vsock connect to port {port} answered {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    Ok(s)
 }
 
 /// Whether /dev/kvm can be used; prints `SKIP: <test>: <reason>` when it cannot (for tests that
@@ -262,91 +240,5 @@ mod tests {
         d.write(0, &0x89ab_cdefu32.to_le_bytes());
         d.write(4, &0x0123_4567u32.to_le_bytes());
         assert_eq!(rx.try_recv().unwrap(), 0x0123_4567_89ab_cdef);
-    }
-}
-
-/// How one instruction of the `insn_probe` guest fared at CPL0.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProbeOutcome {
-    /// KVM executed it.
-    Ran,
-    /// KVM could not emulate it (`KVM_EXIT_INTERNAL_ERROR`, emulation failure); the bytes KVM
-    /// reported.
-    EmulationFailure(Vec<u8>),
-    /// It faulted architecturally and, with no IDT, the guest triple-faulted.
-    Fault,
-    /// Something else ended the VM.
-    Other(String),
-}
-
-/// Runs every probe of the [`INSN_PROBE`] guest, one VM per failure, and returns each probe's
-/// name and outcome.
-pub fn run_insn_probes() -> Result<Vec<(String, ProbeOutcome)>, crate::MachineError> {
-    use crate::config::{ConsoleTarget, MachineConfig};
-    use crate::vcpu::VcpuError;
-    use crate::{Machine, MachineError};
-
-    let mut results: Vec<(String, ProbeOutcome)> = Vec::new();
-    let mut start = 0u64;
-    loop {
-        let mut cfg = MachineConfig::test_guest(INSN_PROBE.name);
-        cfg.mem_mib = 16;
-        cfg.console = ConsoleTarget::Null;
-        let mut m = Machine::new(cfg, None)?;
-        let (dev, reports) = ReportDevice::new();
-        m.pio_bus().insert(REPORT_PORT, REPORT_PORT_LEN, dev)?;
-        m.boot()?;
-        let mem = m.memory().clone();
-        let read = |addr: u64| -> Result<u64, MachineError> {
-            mem.read_obj(GuestAddress(addr))
-                .map_err(|e| GuestKitError::Memory(addr, e).into())
-        };
-        let count = read(INSN_PROBE.symbol("probe_count")?)?;
-        let table = INSN_PROBE.symbol("probe_table")?;
-        let start_at = INSN_PROBE.symbol("shared_probe_start")?;
-        mem.write_obj(start, GuestAddress(start_at))
-            .map_err(|e| GuestKitError::Memory(start_at, e))?;
-        m.start()?;
-        let end = m.wait(Some(Duration::from_secs(30)));
-        let ran: Vec<u64> = reports.try_iter().collect();
-        let name = |i: u64| -> Result<String, MachineError> {
-            let mut p = read(table + 16 * i + 8)?;
-            let mut s = Vec::new();
-            loop {
-                let b: u8 = mem
-                    .read_obj(GuestAddress(p))
-                    .map_err(|e| GuestKitError::Memory(p, e))?;
-                if b == 0 || s.len() > 64 {
-                    break;
-                }
-                s.push(b);
-                p += 1;
-            }
-            Ok(String::from_utf8_lossy(&s).into_owned())
-        };
-        let last = ran.last().copied();
-        for &i in &ran {
-            if Some(i) != last || end.is_ok() {
-                results.push((name(i)?, ProbeOutcome::Ran));
-            }
-        }
-        match (end, last) {
-            (Ok(_), _) => return Ok(results),
-            (Err(e), Some(i)) => {
-                let outcome = match e {
-                    MachineError::Vcpu(VcpuError::EmulationFailure { insn, .. }) => {
-                        ProbeOutcome::EmulationFailure(insn)
-                    }
-                    MachineError::Vcpu(VcpuError::TripleFault { .. }) => ProbeOutcome::Fault,
-                    other => ProbeOutcome::Other(other.to_string()),
-                };
-                results.push((name(i)?, outcome));
-                start = i + 1;
-                if start >= count {
-                    return Ok(results);
-                }
-            }
-            (Err(e), None) => return Err(e),
-        }
     }
 }
