@@ -136,6 +136,12 @@ impl AgentClient {
         }
     }
 
+    /// A second handle on the connection: its `shutdown` (from any thread) ends a call blocked
+    /// on the agent at once, with an error.
+    pub fn interrupter(&self) -> std::io::Result<Box<dyn Connection>> {
+        self.conn.try_clone_conn()
+    }
+
     /// Sets how long any wait for the agent may take (`None` = no limit); kept across reconnects.
     pub fn set_read_timeout(&mut self, t: Option<Duration>) -> Result<(), HostError> {
         self.read_timeout = t;

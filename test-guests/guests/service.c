@@ -16,7 +16,8 @@
  * connections share the one state. New connections only in mode SERVING.
  *
  * Agent (vsock port `shared_agent_port`): one text line in, one line out ("ok ..." or
- * "err <reason>"): status, exec <argv...> (upgrade, true, false, sleep <ms>, else exit 127),
+ * "err <reason>"): status, exec <argv...> (upgrade, true, false, sleep <ms>, poweroff (after
+ * answering), crash (powers off without answering), else exit 127),
  * freeze, checkpoint, restore <hex>, release, rollback. See upgrade/src/service_guest.rs for the
  * checkpoint image format (built in `checkpoint_image` below).
  *
@@ -934,6 +935,10 @@ static void cmd_exec(int ci, char **argv, int argc)
          * during its upgrade). */
         agent_reply(ci, "ok exit=0");
         poweroff_at = deadline_ms(200);
+    } else if (streq(argv[0], "crash")) {
+        /* Test hook: the guest powers itself off without answering (a backup that dies in the
+         * middle of a command: the host must not wait out the command's timeout). */
+        poweroff_at = deadline_ms(100);
     } else if (streq(argv[0], "sleep")) {
         u64 ms;
         if (argc != 2 || parse_u64(argv[1], &ms) != 0 || ms > 3600000) {

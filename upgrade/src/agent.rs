@@ -73,7 +73,16 @@ pub trait GuestAgent: Send {
     fn discard(&mut self) -> Result<(), AgentError> {
         Ok(())
     }
+    /// Something that ends a call blocked on this agent at once, with an error, from any thread
+    /// (the orchestrator uses it when the guest's vCPU stops: a dead guest never answers).
+    /// `None` when the connection cannot give one.
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
+    }
 }
+
+/// Ends a blocked agent call (see [`GuestAgent::interrupter`]).
+pub type Interrupter = Box<dyn Fn() + Send + Sync>;
 
 /// Makes agent connections.
 pub trait AgentConnector: Send + Sync {

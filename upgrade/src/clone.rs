@@ -75,7 +75,7 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Result<(), StepE
         .and_then(Machine::vsock_uds_path)
         .ok_or_else(|| StepError::Internal("backup without vsock".into()))?;
     let agent = connect(s, Role::Backup, uds)?;
-    s.backup_agent = Some(agent);
+    s.set_backup_agent(agent);
     // The backup's copy of the workload must not run beside the one restored there later.
     s.backup_agent()?.discard()?;
     Ok(())

@@ -13,7 +13,9 @@ use guest_agent::host::{AgentClient, CheckpointImage, HostError};
 use guest_agent::protocol::CheckpointOpts;
 use guest_agent::transport::Endpoint;
 
-use crate::agent::{AgentConnector, AgentEndpoint, AgentError, GuestAgent, WorkloadImage};
+use crate::agent::{
+    AgentConnector, AgentEndpoint, AgentError, GuestAgent, Interrupter, WorkloadImage,
+};
 
 /// Connects to `guest-agent`s over the VM's vsock host socket.
 #[derive(Debug, Clone, Default)]
@@ -91,6 +93,16 @@ const SYNC_LIMIT: Duration = Duration::from_secs(60);
 const CRIU_LIMIT: Duration = Duration::from_secs(120);
 
 impl GuestAgent for CriuAgent {
+    fn interrupter(&self) -> Option<Interrupter> {
+        // A Mutex makes the handle shareable (`Connection` is only `Send`).
+        let conn = std::sync::Mutex::new(self.client.interrupter().ok()?);
+        Some(Box::new(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = conn.shutdown() {
+                tracing::debug!("shutting the agent connection down: {e}");
+            }
+        }))
+    }
     fn exec(&mut self, argv: &[String], timeout: Duration) -> Result<i32, AgentError> {
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         // The agent kills the command at `timeout`; the host waits a little longer for that.

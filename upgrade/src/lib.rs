@@ -333,6 +333,7 @@ pub fn run(
         backup: None,
         active_agent: None,
         backup_agent: None,
+        backup_watch: None,
         frozen: false,
         resources: Resources::default(),
         resources_at: ResourcesAt::Active,
@@ -350,6 +351,17 @@ pub fn run(
         Ok(()) => {}
         Err(cause) => {
             let phase = s.phase;
+            // A step that failed because the backup's guest is gone (its agent call ended by
+            // the watch, or timed out) failed because of that.
+            let cause = match s.backup.as_ref().and_then(Machine::stopped_vcpu) {
+                Some(why) if !matches!(cause, StepError::VcpuStopped { .. }) => {
+                    StepError::VcpuStopped {
+                        vm: "backup",
+                        why: format!("{why} (the step then failed: {cause})"),
+                    }
+                }
+                _ => cause,
+            };
             tracing::error!(
                 phase = phase.name(),
                 "upgrade failed: {cause}; rolling back"

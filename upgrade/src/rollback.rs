@@ -56,12 +56,12 @@ pub(crate) fn run(s: &mut Session<'_>, active: &mut Machine) -> Vec<String> {
         }
     }
     // The backup goes away first, so the restored copy can never serve.
+    s.drop_backup_agent();
     if let Some(mut b) = s.backup.take()
         && let Err(e) = b.stop()
     {
         note("stopping the backup", &e);
     }
-    s.backup_agent = None;
     if s.frozen
         && let Some(a) = s.active_agent.as_mut()
     {

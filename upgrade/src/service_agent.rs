@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::agent::{AgentConnector, AgentEndpoint, AgentError, GuestAgent, WorkloadImage};
+use crate::agent::{
+    AgentConnector, AgentEndpoint, AgentError, GuestAgent, Interrupter, WorkloadImage,
+};
 use crate::service_guest::{ServiceAgent, ServiceGuestError};
 
 /// Connects to `service` guests' agents.
@@ -40,6 +42,14 @@ fn map(e: ServiceGuestError) -> AgentError {
 }
 
 impl GuestAgent for ServiceGuestAgent {
+    fn interrupter(&self) -> Option<Interrupter> {
+        let stream = self.0.stream_handle().ok()?;
+        Some(Box::new(move || {
+            if let Err(e) = stream.shutdown(std::net::Shutdown::Both) {
+                tracing::debug!("shutting the agent connection down: {e}");
+            }
+        }))
+    }
     fn exec(&mut self, argv: &[String], timeout: Duration) -> Result<i32, AgentError> {
         self.0.exec(argv, timeout).map_err(map)
     }

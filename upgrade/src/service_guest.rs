@@ -529,6 +529,11 @@ pub struct ServiceAgent {
 }
 
 impl ServiceAgent {
+    /// A second handle on the agent connection (its `shutdown` ends a blocked command).
+    pub fn stream_handle(&self) -> std::io::Result<UnixStream> {
+        self.wire.stream.try_clone()
+    }
+
     /// Connects to the agent on guest port `port` through the vsock device's host socket `uds`,
     /// waiting up to `wait`; `wait` is also each command's timeout.
     pub fn connect(uds: &Path, port: u32, wait: Duration) -> Result<Self> {

@@ -74,6 +74,63 @@ impl CommitGate {
     }
 }
 
+/// Watches a VM's vCPUs for a stop while the orchestrator may be blocked on its guest agent,
+/// and then ends the agent call at once (a guest that is gone never answers: without this
+/// the call would wait out its timeout, with the active VM's workload frozen meanwhile).
+/// Dropping it ends the watch.
+pub(crate) struct AgentWatch {
+    quit: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentWatch {
+    /// How often the watch looks at its quit flag.
+    const POLL: Duration = Duration::from_millis(50);
+
+    /// Watches `notice` (a VM's) and calls `interrupt` if it is raised; `None` when the watch
+    /// thread cannot start (the agent calls then only have their timeouts).
+    pub(crate) fn start(
+        notice: Arc<vmm::vcpu::StopNotice>,
+        interrupt: crate::agent::Interrupter,
+    ) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let q = Arc::clone(&quit);
+        let thread = std::thread::Builder::new()
+            .name("agent-watch".into())
+            .spawn(move || {
+                while !q.load(Ordering::SeqCst) {
+                    if let Some(why) = notice.wait(Self::POLL) {
+                        tracing::warn!("{why}: ending the call to its guest agent");
+                        interrupt();
+                        return;
+                    }
+                }
+            });
+        match thread {
+            Ok(t) => Some(Self {
+                quit,
+                thread: Some(t),
+            }),
+            Err(e) => {
+                tracing::warn!("cannot start the agent watch: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for AgentWatch {
+    fn drop(&mut self) {
+        self.quit.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::warn!("the agent watch thread panicked");
+        }
+    }
+}
+
 pub(crate) struct Session<'a> {
     pub(crate) plan: &'a UpgradePlan,
     pub(crate) opts: &'a UpgradeOptions,
@@ -84,6 +141,8 @@ pub(crate) struct Session<'a> {
     pub(crate) backup: Option<Machine>,
     pub(crate) active_agent: Option<Box<dyn GuestAgent>>,
     pub(crate) backup_agent: Option<Box<dyn GuestAgent>>,
+    /// Ends a call blocked on the backup's agent when a backup vCPU stops.
+    pub(crate) backup_watch: Option<AgentWatch>,
     /// The active VM's workload is frozen (or checkpointed).
     pub(crate) frozen: bool,
     pub(crate) resources: Resources,
@@ -211,6 +270,23 @@ impl Session<'_> {
         self.active_agent
             .as_mut()
             .ok_or_else(|| StepError::Internal("no active agent".into()))
+    }
+
+    /// Takes `agent` as the backup's agent, watched: a backup vCPU that stops ends a call
+    /// blocked on it.
+    pub(crate) fn set_backup_agent(&mut self, agent: Box<dyn GuestAgent>) {
+        self.backup_watch = None;
+        self.backup_watch = match (self.backup.as_ref(), agent.interrupter()) {
+            (Some(b), Some(interrupt)) => AgentWatch::start(b.stop_notice(), interrupt),
+            _ => None,
+        };
+        self.backup_agent = Some(agent);
+    }
+
+    /// Drops the backup's agent connection and its watch.
+    pub(crate) fn drop_backup_agent(&mut self) {
+        self.backup_watch = None;
+        self.backup_agent = None;
     }
 
     pub(crate) fn backup_agent(&mut self) -> Result<&mut Box<dyn GuestAgent>, StepError> {

@@ -57,7 +57,7 @@ fn restart(s: &mut Session<'_>, r: &crate::plan::Restart) -> Result<(), StepErro
         .backup
         .take()
         .ok_or_else(|| StepError::Internal("no backup VM".into()))?;
-    s.backup_agent = None;
+    s.drop_backup_agent();
     let mut cfg = old.config().clone();
     // The new kernel reads its NICs' MACs at probe: give it the ones the guest had (the
     // active VM's), so the backup answers with them when it takes over the TAPs.
@@ -95,6 +95,6 @@ fn restart(s: &mut Session<'_>, r: &crate::plan::Restart) -> Result<(), StepErro
         .ok_or_else(|| StepError::Internal("backup without vsock".into()))?;
     s.backup = Some(m);
     let agent = crate::clone::connect(s, Role::Backup, uds)?;
-    s.backup_agent = Some(agent);
+    s.set_backup_agent(agent);
     Ok(())
 }

@@ -179,13 +179,16 @@ impl GuestAgent for FaultyAgent {
 /// Boots the demo VM with a client, runs an upgrade that must fail in `phase` and roll back,
 /// and checks that the client never noticed, the disk holds every acknowledged request, the
 /// active VM's chain is its own, and nothing of the backup is left.
+/// Runs an upgrade of the demo VM that `tune` makes fail in `phase`, checks the rollback left
+/// everything as it was, and returns the error and how long the upgrade took to fail (`None`
+/// when the test is skipped).
 fn rolls_back(
     name: &str,
     phase: Phase,
     tune: impl FnOnce(&Path, &mut UpgradePlan, &mut UpgradeOptions),
-) {
+) -> Option<(UpgradeError, Duration)> {
     if !microvmm_tests::kvm_or_skip(name) {
-        return;
+        return None;
     }
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
@@ -199,8 +202,10 @@ fn rolls_back(
     let before = (count("/proc/self/fd"), count("/proc/self/task"));
     let res_before = resources();
     let files_before = listing(dir.path());
+    let t0 = std::time::Instant::now();
     let err = upgrade::run(&mut vm.machine, &plan, &opts).unwrap_err();
-    println!("{name}: {err}");
+    let took = t0.elapsed();
+    println!("{name}: {err} (after {took:?})");
     match &err {
         UpgradeError::Failed {
             phase: p,
@@ -280,6 +285,7 @@ fn rolls_back(
     let state = demo::finish(&mut vm.machine).unwrap();
     service_guest::check_log(&state.records, &acked).unwrap();
     assert_eq!(state.os_version, 1, "the active VM's OS is unchanged");
+    Some((err, took))
 }
 
 #[test]
@@ -379,6 +385,33 @@ fn a_backup_that_stops_during_the_upgrade_rolls_back() {
             }
         }));
     });
+}
+
+/// The backup's guest dies in the middle of a command (it never answers): the upgrade fails
+/// with the vCPU stop as its cause at once, not after the command's 60 s timeout, and rolls
+/// back with the client served throughout.
+#[test]
+fn a_backup_that_dies_during_a_command_rolls_back_at_once() {
+    let Some((err, took)) = rolls_back("backup_dies", Phase::UpgradeBackup, |_, p, _| {
+        p.commands[0].argv = vec!["crash".into()];
+        p.commands[0].timeout_ms = 60_000;
+    }) else {
+        return;
+    };
+    let UpgradeError::Failed { cause, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        matches!(
+            **cause,
+            upgrade::StepError::VcpuStopped { vm: "backup", .. }
+        ),
+        "{cause:?}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the failure came after {took:?}: the command's timeout was waited out"
+    );
 }
 
 #[test]

@@ -216,6 +216,43 @@ pub struct VcpuIo {
     pub exits: Arc<ExitCounters>,
     /// The MSRs a saved vCPU state holds ([`crate::vm::Vm::msr_indices`]).
     pub msr_indices: Arc<[u32]>,
+    /// Raised when a vCPU stops on its own (shared by the machine's vCPUs).
+    pub stops: Arc<StopNotice>,
+}
+
+/// Raised by the first vCPU of a machine that stops on its own (the guest powered off or
+/// reset, or the vCPU failed), for whoever must not wait on a guest that is gone: a thread
+/// blocked on a guest agent can be woken by a watcher of this notice.
+#[derive(Debug, Default)]
+pub struct StopNotice {
+    what: std::sync::Mutex<Option<String>>,
+    raised: std::sync::Condvar,
+}
+
+impl StopNotice {
+    /// Records the first stop (`what` happened) and wakes every waiter.
+    pub fn raise(&self, what: String) {
+        let mut w = self.what.lock().unwrap_or_else(|p| p.into_inner());
+        if w.is_none() {
+            *w = Some(what);
+        }
+        self.raised.notify_all();
+    }
+
+    /// What stopped, once a vCPU has.
+    pub fn get(&self) -> Option<String> {
+        self.what.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits up to `timeout` for a stop; what stopped, or `None` if nothing did meanwhile.
+    pub fn wait(&self, timeout: Duration) -> Option<String> {
+        let w = self.what.lock().unwrap_or_else(|p| p.into_inner());
+        let (w, _) = self
+            .raised
+            .wait_timeout_while(w, timeout, |w| w.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        w.clone()
+    }
 }
 
 /// How many times the machine's vCPUs left `KVM_RUN`, by kind (for metrics).
@@ -673,6 +710,9 @@ impl Vcpu {
                         VcpuStop::Power(ev) => tracing::info!(vcpu = self.id, ?ev, "vCPU stopped"),
                         other => tracing::warn!(vcpu = self.id, stop = ?other, "vCPU stopped"),
                     }
+                    self.io
+                        .stops
+                        .raise(format!("vCPU {} stopped: {stop:?}", self.id));
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
@@ -683,6 +723,7 @@ impl Vcpu {
                     running = false;
                     finished = true;
                     tracing::error!(vcpu = self.id, error = %e, "vCPU failed; it runs no more");
+                    self.io.stops.raise(format!("vCPU {} failed: {e}", self.id));
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
@@ -841,5 +882,25 @@ impl VcpuHandle {
         thread
             .join()
             .map_err(|_| VcpuHandleError::Panicked(self.id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_notice_wakes_its_waiter_and_keeps_the_first_stop() {
+        let n = Arc::new(StopNotice::default());
+        assert_eq!(n.wait(Duration::from_millis(10)), None);
+        let waiter = {
+            let n = Arc::clone(&n);
+            std::thread::spawn(move || n.wait(Duration::from_secs(30)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        n.raise("vCPU 1 stopped".into());
+        n.raise("vCPU 0 stopped".into());
+        assert_eq!(waiter.join().unwrap().as_deref(), Some("vCPU 1 stopped"));
+        assert_eq!(n.get().as_deref(), Some("vCPU 1 stopped"));
     }
 }

@@ -465,7 +465,15 @@ impl Machine {
             memory: self.memory().clone(),
             exits: Arc::clone(self.cpus.exits()),
             msr_indices: Arc::clone(self.vm.msr_indices()),
+            stops: Arc::clone(self.cpus.stops()),
         }
+    }
+
+    /// Raised when one of this machine's vCPUs stops on its own (the guest powered off or
+    /// reset, or the vCPU failed): a thread waiting on something in the guest (an agent's
+    /// answer) can watch it instead of waiting out its timeout.
+    pub fn stop_notice(&self) -> Arc<crate::vcpu::StopNotice> {
+        Arc::clone(self.cpus.stops())
     }
 
     /// How often the vCPUs exited, by kind.

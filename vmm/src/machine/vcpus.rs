@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::MachineError;
 use crate::vcpu::{
-    ExitCounters, Vcpu, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuResponse, VcpuTask,
+    ExitCounters, StopNotice, Vcpu, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuResponse, VcpuTask,
 };
 
 /// How long a pause or resume waits for each vCPU's answer by default.
@@ -24,6 +24,7 @@ pub(super) struct VcpuManager {
     exit_rx: Receiver<VcpuExitReport>,
     ack_timeout: Duration,
     exits: Arc<ExitCounters>,
+    stops: Arc<StopNotice>,
 }
 
 impl VcpuManager {
@@ -36,6 +37,7 @@ impl VcpuManager {
             exit_rx,
             ack_timeout: VCPU_ACK_TIMEOUT,
             exits: Arc::default(),
+            stops: Arc::default(),
         }
     }
 
@@ -52,6 +54,11 @@ impl VcpuManager {
     /// Exit counters shared by the vCPU threads.
     pub(super) fn exits(&self) -> &Arc<ExitCounters> {
         &self.exits
+    }
+
+    /// Raised when a vCPU stops on its own.
+    pub(super) fn stops(&self) -> &Arc<StopNotice> {
+        &self.stops
     }
 
     /// Sets the per-vCPU answer timeout of pause, resume and tasks.
