@@ -130,6 +130,11 @@ pub fn main(args: UpgradeArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let (Some(config), Some(plan)) = (&args.config, &args.plan) {
         return linux(config, plan, args.boot_timeout, args.json);
     }
+    // This thread runs the orchestrator from here on: the demo VM, its backup, the client. The
+    // vCPU kick handler first (its `rt_sigaction` is not on the list).
+    vmm::vcpu::install_kick_handler()?;
+    sandbox::apply(sandbox::ThreadKind::Upgrade)?;
+    vmm::test_hook_forbidden_syscall("upgrade");
     let file_plan = match &args.plan {
         Some(p) => Some(::upgrade::UpgradePlan::load(p)?),
         None => None,
@@ -204,6 +209,9 @@ fn linux(
     let mut machine = vmm::Machine::new(cfg, None)?;
     machine.boot()?;
     machine.start()?;
+    // This thread runs the orchestrator from here on (the backup's restart included).
+    sandbox::apply(sandbox::ThreadKind::Upgrade)?;
+    vmm::test_hook_forbidden_syscall("upgrade");
     let ep = Endpoint::VsockUds {
         path: vsock.uds_path.clone(),
         port: plan.workload.agent_port,

@@ -78,9 +78,14 @@ fn stderr_of(child: &mut Child) -> String {
 /// `microvmm ARGS` with the test hook on (vmm's `test-hooks`, in this binary only through the
 /// tests: vCPU 0 opens a file before its first KVM_RUN): (status, stdout, stderr).
 fn with_forbidden_call(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    forbidden_call_at("vcpu", args)
+}
+
+/// `microvmm ARGS` with the test hook making the forbidden call at `point` (`vcpu`, `upgrade`).
+fn forbidden_call_at(point: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = Command::new(BIN)
         .args(args)
-        .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", "1")
+        .env("MICROVMM_TEST_FORBIDDEN_SYSCALL", point)
         .output()
         .unwrap();
     (out.status, text(&out.stdout), text(&out.stderr))
@@ -127,6 +132,26 @@ fn the_upgrade_demo_runs_its_vms_under_the_filters() {
         "{stderr}"
     );
     let (status, stdout, stderr) = run(&["--no-seccomp"]);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains("client gap:"), "{stdout}");
+}
+
+/// The thread that runs `microvmm upgrade`'s orchestrator is filtered too (the `upgrade` kind):
+/// a system call its list lacks (`syslog`) ends the demo with SIGSYS, before any VM exists.
+#[test]
+fn the_upgrade_orchestrator_runs_under_its_filter() {
+    if !kvm_or_skip("the_upgrade_orchestrator_runs_under_its_filter") {
+        return;
+    }
+    let (status, stdout, stderr) = forbidden_call_at("upgrade", &["upgrade"]);
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
+    assert!(
+        stderr.contains("microvmm: seccomp: an upgrade thread made system call 103 (syslog)"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("client gap:"), "{stdout}");
+    // Without the filters the same call is harmless and the demo completes.
+    let (status, stdout, stderr) = forbidden_call_at("upgrade", &["upgrade", "--no-seccomp"]);
     assert!(status.success(), "{status}: {stderr}");
     assert!(stdout.contains("client gap:"), "{stdout}");
 }

@@ -195,7 +195,8 @@ fn lists_of(kind: ThreadKind) -> Vec<List> {
         ThreadKind::NbdConnection => vec![COMMON, DISK_IO, NBD_CONNECTION],
         ThreadKind::NbdServer => vec![COMMON, DISK_IO, NBD_SERVER],
         ThreadKind::Main => vec![COMMON, DISK_IO, MAIN],
-        ThreadKind::Api => vec![COMMON, DISK_IO, API],
+        // An upgrade does on its own thread what the API's upgrade thread does.
+        ThreadKind::Api | ThreadKind::Upgrade => vec![COMMON, DISK_IO, API],
         ThreadKind::Spawner => vec![COMMON, THREAD_START],
     }
 }
@@ -228,6 +229,7 @@ const NOTABLE: List = &[
     (libc::SYS_fork, "fork"),
     (libc::SYS_vfork, "vfork"),
     (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_syslog, "syslog"),
     (libc::SYS_open, "open"),
     (libc::SYS_kill, "kill"),
     (libc::SYS_getppid, "getppid"),
@@ -308,13 +310,17 @@ fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, SandboxError> {
     let mut rules = vec![request(SeccompCmpOp::Eq, libc::FIONBIO)?];
     if matches!(
         kind,
-        ThreadKind::Vcpu | ThreadKind::Main | ThreadKind::Api | ThreadKind::Spawner
+        ThreadKind::Vcpu
+            | ThreadKind::Main
+            | ThreadKind::Api
+            | ThreadKind::Upgrade
+            | ThreadKind::Spawner
     ) {
         rules.push(request(SeccompCmpOp::MaskedEq(0xff00), 0xae00)?);
     }
     if matches!(
         kind,
-        ThreadKind::DeviceWorker | ThreadKind::Api | ThreadKind::Spawner
+        ThreadKind::DeviceWorker | ThreadKind::Api | ThreadKind::Upgrade | ThreadKind::Spawner
     ) {
         // TUN's (type 'T'): a virtio-net worker sets its TAP's offloads; an upgrade's clone
         // creates its backup's detached TAPs.

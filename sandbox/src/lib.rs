@@ -81,6 +81,9 @@ pub enum ThreadKind {
     NbdConnection,
     /// The control API thread (and the upgrade and HTTP threads it starts).
     Api,
+    /// The thread that runs `microvmm upgrade`'s orchestrator (the demo or `--config` VM's upgrade:
+    /// agent connections, clones, merges, the backup's restart) once its sandbox is on.
+    Upgrade,
     /// The main thread of `microvmm run` from just before it starts the vCPUs (through the spawner; it starts no threads itself).
     Main,
     /// The thread that starts the others (see the module documentation).
@@ -89,12 +92,13 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         Self::Vcpu,
         Self::DeviceWorker,
         Self::NbdServer,
         Self::NbdConnection,
         Self::Api,
+        Self::Upgrade,
         Self::Main,
         Self::Spawner,
     ];
@@ -107,6 +111,7 @@ impl ThreadKind {
             Self::NbdServer => "nbd-server",
             Self::NbdConnection => "nbd-connection",
             Self::Api => "api",
+            Self::Upgrade => "upgrade",
             Self::Main => "main",
             Self::Spawner => "spawner",
         }
@@ -122,7 +127,7 @@ impl ThreadKind {
 
     /// Whether threads of this kind start threads themselves.
     fn starts_threads(self) -> bool {
-        matches!(self, Self::Api | Self::Spawner)
+        matches!(self, Self::Api | Self::Upgrade | Self::Spawner)
     }
 }
 

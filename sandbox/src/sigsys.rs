@@ -69,7 +69,9 @@ extern "C" fn on_sigsys(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc:
     line.push(b"microvmm: seccomp: ");
     match kind {
         Some(k) => {
-            line.push(b"a ");
+            // "an api", "an upgrade", "a vcpu".
+            let vowel = k.name().starts_with(['a', 'e', 'i', 'o', 'u']);
+            line.push(if vowel { &b"an "[..] } else { &b"a "[..] });
             line.push(k.name().as_bytes());
             line.push(b" thread");
         }

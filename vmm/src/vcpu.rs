@@ -619,9 +619,8 @@ impl Vcpu {
         exits: Sender<VcpuExitReport>,
         start_running: bool,
     ) -> Vcpu {
-        #[cfg(feature = "test-hooks")]
-        if self.id == 0 && std::env::var_os("MICROVMM_TEST_FORBIDDEN_SYSCALL").is_some() {
-            forbidden_syscall();
+        if self.id == 0 {
+            crate::test_hook_forbidden_syscall("vcpu");
         }
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         // A kick that arrived before the pointer was set found nothing to flag; make the first
@@ -741,7 +740,7 @@ impl Vcpu {
 /// over by the guest might make. Under the sandbox it ends the process with SIGSYS; without it
 /// the file is opened and closed, and the vCPU runs on.
 #[cfg(feature = "test-hooks")]
-fn forbidden_syscall() {
+pub(crate) fn forbidden_syscall() {
     // SAFETY: a NUL-terminated path and flags; the fd, if any, is closed at once.
     unsafe {
         let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
