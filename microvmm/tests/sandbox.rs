@@ -154,6 +154,18 @@ fn the_upgrade_orchestrator_runs_under_its_filter() {
     let (status, stdout, stderr) = forbidden_call_at("upgrade", &["upgrade", "--no-seccomp"]);
     assert!(status.success(), "{status}: {stderr}");
     assert!(stdout.contains("client gap:"), "{stdout}");
+    // Under the filter, with a relative --dir (resolving it takes `getcwd`, found missing from
+    // the list by review: the demo died with SIGSYS).
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["upgrade", "--dir", "rel"])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert!(stdout.contains("client gap:"), "{stdout}");
+    assert!(cwd.path().join("rel/upgrade").is_dir());
 }
 
 #[test]

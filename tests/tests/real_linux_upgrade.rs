@@ -479,28 +479,55 @@ fn real_linux_upgrade() {
     );
     assert!(threads1 <= threads0, "the rolled-back backups left threads");
 
-    // 3. The upgrade.
-    let t = Instant::now();
-    let report = match upgrade::run(
-        &mut vm.machine,
-        &plan(
-            &dir.path().join("upgrade3"),
-            "dpkg -i /var/cache/microvmm-staged/*.deb && echo v2 > /etc/microvmm-os-version && sync",
-            "",
-            kernel.as_ref(),
-            true,
-        ),
-        &opts,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            let active = vm.serial_text();
-            let n = active.chars().count();
-            let active: String = active.chars().skip(n.saturating_sub(3000)).collect();
-            panic!(
-                "upgrade failed: {e}\n{e:?}\nbackup console tail:\n{}\nactive console tail:\n{active}",
-                backup_console(&dir.path().join("upgrade3"))
-            )
+    // 3. The upgrade. Under nested emulation a backup's vCPU has triple-faulted now and then
+    //    under load (see docs/ARCHITECTURE.md); the upgrade then rolls back at once with the
+    //    active VM serving (checked like any rollback), and is tried again, as an operator
+    //    would, at most twice more.
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 0;
+    let (t, report) = loop {
+        attempt += 1;
+        let work = dir.path().join(format!("upgrade3-{attempt}"));
+        let t = Instant::now();
+        let res = upgrade::run(
+            &mut vm.machine,
+            &plan(
+                &work,
+                "dpkg -i /var/cache/microvmm-staged/*.deb && echo v2 > /etc/microvmm-os-version && sync",
+                "",
+                kernel.as_ref(),
+                true,
+            ),
+            &opts,
+        );
+        match res {
+            Ok(r) => break (t, r),
+            Err(upgrade::UpgradeError::Failed {
+                cause,
+                rolled_back: true,
+                rollback_errors,
+                phase,
+            }) if attempt < ATTEMPTS
+                && rollback_errors.is_empty()
+                && matches!(*cause, upgrade::StepError::VcpuStopped { vm: "backup", .. }) =>
+            {
+                println!(
+                    "{test}: attempt {attempt}: the backup lost a vCPU in phase {phase:?} \
+                     ({cause}); rolled back after {:.1?}, trying again",
+                    t.elapsed()
+                );
+                // The active VM serves on: the client gets replies again.
+                client.wait_more(5);
+            }
+            Err(e) => {
+                let active = vm.serial_text();
+                let n = active.chars().count();
+                let active: String = active.chars().skip(n.saturating_sub(3000)).collect();
+                panic!(
+                    "upgrade failed: {e}\n{e:?}\nbackup console tail:\n{}\nactive console tail:\n{active}",
+                    backup_console(&work)
+                )
+            }
         }
     };
     let t_end = Instant::now();
@@ -519,12 +546,15 @@ fn real_linux_upgrade() {
         resets.is_empty(),
         "RST on the service's connections: {resets:?}"
     );
-    // The upgraded VM runs on the merged layers (upgrade3's), whose parents are the frozen
-    // layers of the earlier rollbacks; the old VM's fork children and every fd of its own are
-    // gone.
+    // The upgraded VM runs on the merged layers (the last attempt's), whose parents are the
+    // frozen layers of the earlier rollbacks; the old VM's fork children and every fd of its
+    // own are gone.
+    let last = format!("/upgrade3-{attempt}/disk");
     let (added, threads2) = settled_fds(&fds0, |f| {
-        f.contains("/upgrade3/disk") && f.contains("-merged/")
-            || (f.contains("/upgrade1/disk") || f.contains("/upgrade2/disk"))
+        f.contains(&last) && f.contains("-merged/")
+            || (f.contains("/upgrade1/disk")
+                || f.contains("/upgrade2/disk")
+                || f.contains("/upgrade3-"))
                 && f.contains("-active/")
     });
     println!(

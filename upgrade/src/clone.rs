@@ -101,6 +101,16 @@ pub(crate) fn connect(
         match r {
             Ok(a) => return Ok(a),
             Err(e) if Instant::now() >= end => return Err(e.into()),
+            // A backup whose vCPU stopped (a restarted kernel that crashed) never answers.
+            Err(e)
+                if role == Role::Backup
+                    && let Some(why) = s.backup.as_ref().and_then(Machine::stopped_vcpu) =>
+            {
+                return Err(StepError::VcpuStopped {
+                    vm: "backup",
+                    why: format!("{why} (while connecting to its agent: {e})"),
+                });
+            }
             Err(e) => {
                 tracing::debug!(?role, "agent not ready yet: {e}");
                 std::thread::sleep(Duration::from_millis(20));

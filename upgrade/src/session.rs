@@ -85,7 +85,7 @@ pub(crate) struct AgentWatch {
 
 impl AgentWatch {
     /// How often the watch looks at its quit flag.
-    const POLL: Duration = Duration::from_millis(50);
+    const POLL: Duration = Duration::from_millis(10);
 
     /// Watches `notice` (a VM's) and calls `interrupt` if it is raised; `None` when the watch
     /// thread cannot start (the agent calls then only have their timeouts).

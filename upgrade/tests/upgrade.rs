@@ -387,15 +387,10 @@ fn a_backup_that_stops_during_the_upgrade_rolls_back() {
     });
 }
 
-/// The backup's guest dies in the middle of a command (it never answers): the upgrade fails
-/// with the vCPU stop as its cause at once, not after the command's 60 s timeout, and rolls
-/// back with the client served throughout.
-#[test]
-fn a_backup_that_dies_during_a_command_rolls_back_at_once() {
-    let Some((err, took)) = rolls_back("backup_dies", Phase::UpgradeBackup, |_, p, _| {
-        p.commands[0].argv = vec!["crash".into()];
-        p.commands[0].timeout_ms = 60_000;
-    }) else {
+/// Checks a rolled-back upgrade (from [`rolls_back`]) failed because the backup lost a vCPU,
+/// at once rather than after a timeout of 60 s.
+fn stopped_backup_failed_at_once(res: Option<(UpgradeError, Duration)>) {
+    let Some((err, took)) = res else {
         return;
     };
     let UpgradeError::Failed { cause, .. } = &err else {
@@ -410,8 +405,36 @@ fn a_backup_that_dies_during_a_command_rolls_back_at_once() {
     );
     assert!(
         took < Duration::from_secs(30),
-        "the failure came after {took:?}: the command's timeout was waited out"
+        "the failure came after {took:?}: a timeout was waited out"
     );
+}
+
+/// The backup's guest dies in the middle of a command (it never answers): the upgrade fails
+/// with the vCPU stop as its cause at once, not after the command's 60 s timeout, and rolls
+/// back with the client served throughout.
+#[test]
+fn a_backup_that_dies_during_a_command_rolls_back_at_once() {
+    let res = rolls_back("backup_dies", Phase::UpgradeBackup, |_, p, _| {
+        p.commands[0].argv = vec!["crash".into()];
+        p.commands[0].timeout_ms = 60_000;
+    });
+    stopped_backup_failed_at_once(res);
+}
+
+/// The backup restarts into a kernel that crashes at once (the kit's `triple_fault` guest): its
+/// agent can never answer, and the upgrade fails with the vCPU stop at once instead of retrying
+/// the connection for the agent timeout (60 s here).
+#[test]
+fn a_backup_whose_new_kernel_crashes_rolls_back_at_once() {
+    let res = rolls_back("new_kernel_crashes", Phase::UpgradeBackup, |_, p, _| {
+        p.limits.agent_timeout_ms = 60_000;
+        p.restart = Some(upgrade::plan::Restart {
+            kernel: vmm::config::KernelSource::TestGuest("triple_fault".into()),
+            initrd: None,
+            cmdline: None,
+        });
+    });
+    stopped_backup_failed_at_once(res);
 }
 
 #[test]

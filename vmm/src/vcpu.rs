@@ -709,25 +709,27 @@ impl Vcpu {
                         VcpuStop::Power(ev) => tracing::info!(vcpu = self.id, ?ev, "vCPU stopped"),
                         other => tracing::warn!(vcpu = self.id, stop = ?other, "vCPU stopped"),
                     }
-                    self.io
-                        .stops
-                        .raise(format!("vCPU {} stopped: {stop:?}", self.id));
+                    let what = format!("vCPU {} stopped: {stop:?}", self.id);
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
                         result: Ok(stop),
                     });
+                    // After the report: whoever the notice wakes finds it queued.
+                    self.io.stops.raise(what);
                 }
                 Err(e) => {
                     running = false;
                     finished = true;
                     tracing::error!(vcpu = self.id, error = %e, "vCPU failed; it runs no more");
-                    self.io.stops.raise(format!("vCPU {} failed: {e}", self.id));
+                    let what = format!("vCPU {} failed: {e}", self.id);
                     // The machine dropped its receiver only when it is gone: nobody to tell.
                     let _ = exits.send(VcpuExitReport {
                         id: self.id,
                         result: Err(e),
                     });
+                    // After the report: whoever the notice wakes finds it queued.
+                    self.io.stops.raise(what);
                 }
             }
         }

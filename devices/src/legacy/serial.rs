@@ -233,7 +233,9 @@ impl crate::persist::Persist for SerialDevice {
             out: SerialOutput::Sink,
             stats: Arc::default(),
         };
-        Serial::from_state(&s, irq(&self.serial.interrupt_evt().0)?, NoEvents, scratch)
+        // Its own eventfd: a pending interrupt in the state must not reach the live line twice.
+        let scratch_irq = IrqTrigger::new()?;
+        Serial::from_state(&s, scratch_irq, NoEvents, scratch)
             .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
         let trigger = irq(&self.serial.interrupt_evt().0)?;
         let out = std::mem::replace(&mut self.serial.writer_mut().out, SerialOutput::Sink);
