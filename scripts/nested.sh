@@ -188,7 +188,9 @@ l1_timer="lapic=notscdeadline"
 # now and then, at random moments of a plain boot too (the vCPU found reset, RIP 0xfff0), and L1 itself
 # died in the window after a #VMEXIT; 5-level paging under TCG's nested SVM is the least-trodden path.
 l1_cpu="max,la57=off"
-say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), TCG -cpu $l1_cpu, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s"
+# Extra L1 kernel parameters for experiments (e.g. kvm_amd.npt=0: L1's KVM on shadow paging).
+l1_extra=${MICROVMM_NESTED_L1_APPEND:-}
+say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), TCG -cpu $l1_cpu, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s${l1_extra:+; kernel parameters: $l1_extra}"
 say "L1: console $work/console.log, QEMU monitor $work/monitor.sock (e.g. socat - UNIX-CONNECT:...)"
 start=$(date +%s.%N)
 TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel tcg -cpu "$l1_cpu" -m "$mem" -smp "$smp" -nodefaults -no-user-config \
@@ -196,7 +198,7 @@ TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel tcg -cpu "$l1_cpu" -m "$mem" -smp 
     -no-reboot -rtc base=utc \
     -d cpu_reset,guest_errors -D "$work/qemu-debug.log" \
     -kernel "$kernel" -initrd "$l1initrd" \
-    -append "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable $l1_timer" "${drives[@]}" \
+    -append "console=ttyS0 panic=-1 quiet mitigations=off tsc=reliable $l1_timer $l1_extra" "${drives[@]}" \
     </dev/null >"$work/qemu.log" 2>&1 &
 qpid=$!
 if ((console)); then

@@ -298,17 +298,30 @@ pub fn connect_service(addr: &str) -> std::net::TcpStream {
 }
 
 /// Connects to the guest agent on vsock port 1024 through the device's Unix socket `uds`,
-/// retrying (up to 180 s) until it listens.
+/// retrying (up to 180 s) until it listens; panics if it never does.
 pub fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
+    try_agent_stream(vm, uds).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`agent_stream`], but an error instead of a panic, and at once when a vCPU of the VM
+/// has stopped (the guest died while booting: it will never answer).
+pub fn try_agent_stream(vm: &TestVm, uds: &Path) -> Result<std::os::unix::net::UnixStream, String> {
     use std::io::{BufRead, Write};
     // Until the agent listens, the guest refuses the connection and the host side closes it.
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent never answered on vsock port 1024:\n{}",
-            vm.serial_text()
-        );
+        if let Some(why) = vm.machine.stopped_vcpu() {
+            return Err(format!(
+                "the guest died before its agent answered: {why}\n{}",
+                vm.serial_text()
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "agent never answered on vsock port 1024:\n{}",
+                vm.serial_text()
+            ));
+        }
         std::thread::sleep(Duration::from_millis(500));
         let Ok(mut s) = std::os::unix::net::UnixStream::connect(uds) else {
             continue;
@@ -320,7 +333,7 @@ pub fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
         let mut line = String::new();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
-            return s;
+            return Ok(s);
         }
     }
 }
