@@ -333,8 +333,10 @@ proptest! {
                 Ok(_) | Err(_) => break,
             }
         }
-        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        prop_assert!(usize::from(used_idx) <= heads.len());
+        // The device's own count of used entries (not the ring in memory: a receive buffer the
+        // guest points at its own rings gets the frame written over them, as asked; found by
+        // this test in a CI run, a chain at guest address 0 covering the used ring).
+        prop_assert!(usize::from(q.next_used()) <= heads.len());
         prop_assert!(delivered <= heads.len());
     }
 }
