@@ -205,8 +205,13 @@ pub enum UpgradeError {
     #[error("cannot start the upgrade")]
     Start(#[source] JournalError),
     /// A phase failed. Before the commit point the upgrade rolled back (`rolled_back`): the
-    /// active VM serves as before. `rollback_errors` lists what the rollback could not undo.
-    #[error("upgrade failed in phase {phase}{}", if *.rolled_back { "; rolled back, the active VM keeps serving" } else { "" })]
+    /// active VM serves as before, unless `rollback_errors` lists what the rollback could not
+    /// undo (or that the active VM itself lost a vCPU).
+    #[error("upgrade failed in phase {phase}{}", match (*.rolled_back, .rollback_errors.is_empty()) {
+        (true, true) => "; rolled back, the active VM keeps serving",
+        (true, false) => "; rolled back, with errors (see rollback_errors)",
+        (false, _) => "",
+    })]
     Failed {
         /// The phase that failed.
         phase: Phase,
@@ -353,20 +358,31 @@ pub fn run(
             let phase = s.phase;
             // A step that failed because the backup's guest is gone (its agent call ended by
             // the watch, or timed out) failed because of that.
-            let cause = match s.backup.as_ref().and_then(Machine::stopped_vcpu) {
-                Some(why) if !matches!(cause, StepError::VcpuStopped { .. }) => {
-                    StepError::VcpuStopped {
-                        vm: "backup",
-                        why: format!("{why} (the step then failed: {cause})"),
-                    }
-                }
-                _ => cause,
+            // The same for the active VM (whose guest the upgrade cannot bring back).
+            let active_lost = active.stopped_vcpu();
+            let cause = match (
+                &active_lost,
+                s.backup.as_ref().and_then(Machine::stopped_vcpu),
+            ) {
+                _ if matches!(cause, StepError::VcpuStopped { .. }) => cause,
+                (Some(why), _) => StepError::VcpuStopped {
+                    vm: "active",
+                    why: format!("{why} (the step then failed: {cause})"),
+                },
+                (None, Some(why)) => StepError::VcpuStopped {
+                    vm: "backup",
+                    why: format!("{why} (the step then failed: {cause})"),
+                },
+                (None, None) => cause,
             };
             tracing::error!(
                 phase = phase.name(),
                 "upgrade failed: {cause}; rolling back"
             );
-            let rollback_errors = rollback::run(&mut s, active);
+            let mut rollback_errors = rollback::run(&mut s, active);
+            if let Some(why) = active_lost {
+                rollback_errors.push(format!("the active VM does not serve: {why}"));
+            }
             return Err(UpgradeError::Failed {
                 phase,
                 rolled_back: true,

@@ -437,6 +437,60 @@ fn a_backup_whose_new_kernel_crashes_rolls_back_at_once() {
     stopped_backup_failed_at_once(res);
 }
 
+/// The active VM's guest powers itself off during the upgrade (here: told to by the test, while
+/// the backup runs its command): the upgrade fails, rolls back what it did, and does not claim
+/// the active VM keeps serving: the cause names the active VM's vCPU, and the rollback errors say
+/// it does not serve. (Seen in the nested harness: an active VM's vCPU triple-faulted during
+/// the clone's pre-copy, and the report said "the active VM keeps serving".)
+#[test]
+fn an_active_vm_that_dies_is_not_reported_serving() {
+    if !microvmm_tests::kvm_or_skip("active_dies") {
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = demo::boot(dir.path()).unwrap();
+    let mut plan = demo::plan(&dir.path().join("upgrade"));
+    plan.commands[0].argv = vec!["sleep".into(), "500".into()];
+    let mut opts = UpgradeOptions::new(Arc::new(ServiceConnector));
+    let (uds, port) = (vm.uds.clone(), plan.workload.agent_port);
+    opts.on_event = Some(Arc::new(move |e: &upgrade::Event| {
+        if matches!(e, upgrade::Event::Phase(Phase::UpgradeBackup)) {
+            let mut a =
+                service_guest::ServiceAgent::connect(&uds, port, Duration::from_secs(5)).unwrap();
+            // It powers off without answering: the wait ends in a timeout.
+            let r = a.exec(&["crash".into()], Duration::from_millis(300));
+            assert!(r.is_err(), "{r:?}");
+        }
+    }));
+    let err = upgrade::run(&mut vm.machine, &plan, &opts).unwrap_err();
+    println!("active_dies: {err}");
+    let UpgradeError::Failed {
+        cause,
+        rolled_back,
+        rollback_errors,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert!(*rolled_back);
+    assert!(
+        matches!(
+            **cause,
+            upgrade::StepError::VcpuStopped { vm: "active", .. }
+        ),
+        "{cause:?}"
+    );
+    assert!(
+        rollback_errors
+            .iter()
+            .any(|e| e.starts_with("the active VM does not serve")),
+        "{rollback_errors:?}"
+    );
+    assert!(!err.to_string().contains("keeps serving"), "{err}");
+}
+
 #[test]
 fn a_backup_command_past_its_timeout_rolls_back() {
     rolls_back("command_times_out", Phase::UpgradeBackup, |_, p, _| {
