@@ -132,9 +132,11 @@ pub mod names {
     pub const VSOCK_CONNECTIONS: &str = "vsock-connections";
     /// The VM's in-kernel devices.
     pub const VM: &str = "vm";
+    /// Prefix of the virtio-mmio transports' entries.
+    pub const VIRTIO_PREFIX: &str = "virtio-mmio/";
     /// Virtio-mmio transport `index` (attach order).
     pub fn virtio(index: usize) -> String {
-        format!("virtio-mmio/{index}")
+        format!("{VIRTIO_PREFIX}{index}")
     }
     /// Network device `index` (configuration order): its MAC and TAP.
     pub fn net(index: usize) -> String {

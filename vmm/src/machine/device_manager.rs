@@ -90,7 +90,7 @@ fn restore_named<P: Persist>(
 }
 
 /// The state of the device behind `dev` as the entry `name`.
-fn save_locked<P: Persist>(name: &str, dev: &Mutex<P>) -> Result<SavedState, SnapshotError> {
+fn save_device<P: Persist>(name: &str, dev: &Mutex<P>) -> Result<SavedState, SnapshotError> {
     let dev = dev.lock().unwrap_or_else(|p| p.into_inner());
     Ok(SavedState::save(name, &*dev)?)
 }
@@ -239,9 +239,9 @@ impl DeviceManager {
         guards: &[QueueGuards<'_>],
     ) -> Result<Vec<SavedState>, SnapshotError> {
         let mut out = vec![
-            save_locked(names::SERIAL, &self.serial)?,
-            save_locked(names::I8042, &self.i8042)?,
-            save_locked(names::CMOS, &self.cmos)?,
+            save_device(names::SERIAL, &self.serial)?,
+            save_device(names::I8042, &self.i8042)?,
+            save_device(names::CMOS, &self.cmos)?,
         ];
         for (i, (t, g)) in transports.iter().zip(guards).enumerate() {
             out.push(SavedState::encode(names::virtio(i), &t.state_locked(g))?);
@@ -256,7 +256,7 @@ impl DeviceManager {
     pub(super) fn restore_transports(&self, saved: &[SavedState]) -> Result<(), MachineError> {
         let count = saved
             .iter()
-            .filter(|d| d.name.starts_with("virtio-mmio/"))
+            .filter(|d| d.name.starts_with(names::VIRTIO_PREFIX))
             .count();
         let types = self.virtio_types();
         if types.len() != count {

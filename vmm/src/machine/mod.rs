@@ -489,13 +489,11 @@ impl Machine {
     }
 
     /// Whether a vCPU has stopped on its own (the guest powered off or reset, or the vCPU failed)
-    /// while the machine runs or is paused: what it reported, or `None`. The report stays
-    /// queued for [`Machine::wait`]. A caller driving a long operation on a running machine
-    /// (an upgrade) checks this instead of going on with a guest that lost a vCPU.
+    /// while the machine runs or is paused: what the first one reported (its [`Machine::stop_notice`]),
+    /// or `None`. A caller driving a long operation on a running machine (an upgrade) checks
+    /// this instead of going on with a guest that lost a vCPU.
     pub fn stopped_vcpu(&self) -> Option<String> {
-        self.cpus
-            .peek_report(|_| true)
-            .map(|(id, what)| format!("vCPU {id} {what}"))
+        self.cpus.stops().get()
     }
 
     /// Parks every vCPU (each completes its pending I/O exit first). The machine is `Paused`

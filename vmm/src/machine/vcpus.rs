@@ -130,31 +130,22 @@ impl VcpuManager {
         self.broadcast(VcpuEvent::Run(task), VcpuResponse::Ran)
     }
 
-    /// The first queued exit report `pick` accepts: its vCPU and `stopped: ...` or
-    /// `failed: ...`. Every report stays queued for [`VcpuManager::next_exit`].
-    pub(super) fn peek_report(
-        &self,
-        pick: impl Fn(&VcpuExitReport) -> bool,
-    ) -> Option<(u8, String)> {
+    /// What vCPU `id` reported when its thread finished, if it did (`it stopped: ...` or `it
+    /// failed: ...`). Every report stays queued for [`VcpuManager::next_exit`].
+    fn finish_reason(&self, id: u8) -> Option<String> {
         let reports: Vec<VcpuExitReport> = self.exit_rx.try_iter().collect();
-        let found = reports.iter().find(|r| pick(r)).map(|r| {
-            let what = match &r.result {
-                Ok(stop) => format!("stopped: {stop:?}"),
-                Err(e) => format!("failed: {e}"),
-            };
-            (r.id, what)
-        });
+        let found = reports
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| match &r.result {
+                Ok(stop) => format!("it stopped: {stop:?}"),
+                Err(e) => format!("it failed: {e}"),
+            });
         for r in reports {
             // Our own channel: the receiver lives in `self`, so the send cannot fail.
             let _ = self.exit_tx.send(r);
         }
         found
-    }
-
-    /// What vCPU `id` reported when its thread finished, if it did.
-    fn finish_reason(&self, id: u8) -> Option<String> {
-        self.peek_report(|r| r.id == id)
-            .map(|(_, what)| format!("it {what}"))
     }
 
     /// The next exit report, waiting up to `timeout` (forever for `None`).
