@@ -363,22 +363,32 @@ fn an_upgrade_through_the_api_and_a_cancelled_one() {
         client.wait_for(n + 20, Duration::from_secs(10)),
         "serving after the cancel"
     );
-    // The real one, with `microvmm upgrade --api-socket` following it.
-    let plan = upgrade::demo::plan(&dir.path().join("upgraded"));
-    let plan_file = dir.path().join("plan.json");
-    std::fs::write(&plan_file, serde_json::to_string(&plan).unwrap()).unwrap();
-    let o = Command::new(BIN)
-        .args(["upgrade", "--api-socket"])
-        .arg(&vm.api)
-        .arg("--plan")
-        .arg(&plan_file)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    // Ctrl-C on `microvmm upgrade --api-socket` asks; "y" cancels it, rolled back.
+    let o = interrupted_upgrade(&vm, &slow_plan(dir.path(), "interrupted"), "y\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
     assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
+        err.contains("cancel the upgrade") && err.contains("cancelling"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rolled-back") && err.contains("cancelled"),
+        "{err}"
+    );
+    let n = client.answered();
+    assert!(
+        client.wait_for(n + 20, Duration::from_secs(10)),
+        "serving after the Ctrl-C cancel"
+    );
+    // The real one, with `microvmm upgrade --api-socket` following it; a Ctrl-C answered "n"
+    // lets it go on.
+    let o = interrupted_upgrade(&vm, &slow_plan(dir.path(), "upgraded"), "n\n");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(
+        err.contains("cancel the upgrade") && !err.contains("cancelling"),
+        "{err}"
     );
     assert!(
         out.contains("cutover:") && out.contains("clone pause:"),
@@ -422,4 +432,53 @@ fn an_upgrade_through_the_api_and_a_cancelled_one() {
     let state = service_guest::read_disk_state(&layer).unwrap();
     assert_eq!(state.os_version, 2, "{err}");
     service_guest::check_log(&state.records, &acked).unwrap();
+}
+
+/// The demo plan (work dir `DIR/name`) with a 1.5 s command run in the backup first, written to
+/// `DIR/name.json`.
+fn slow_plan(dir: &Path, name: &str) -> PathBuf {
+    let mut plan = upgrade::demo::plan(&dir.join(name));
+    let mut sleep = plan.commands[0].clone();
+    sleep.argv = vec!["sleep".into(), "1500".into()];
+    plan.commands.insert(0, sleep);
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_string(&plan).unwrap()).unwrap();
+    file
+}
+
+/// Runs `microvmm upgrade --api-socket` with `plan`, sends it SIGINT (Ctrl-C) once the backup's
+/// first command runs, and answers its question with `answer` on stdin.
+fn interrupted_upgrade(vm: &Run, plan: &Path, answer: &str) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(["upgrade", "--api-socket"])
+        .arg(&vm.api)
+        .arg("--plan")
+        .arg(plan)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(answer.as_bytes())
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = json(&curl(&vm.api, "GET", "/upgrade", None).1);
+        if st["state"] == "running" && st["phase"] == "upgrade-backup" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "never reached the backup's command: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for, so it is not reused.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    child.wait_with_output().unwrap()
 }
