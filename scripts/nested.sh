@@ -20,6 +20,8 @@
 #                      -d cpu_reset,guest_errors log: an L1 crash's registers) in DIR
 #   --console          stream L1's console to stderr while it runs
 #   --keep             keep the work directory (printed) instead of removing it
+# Environment: MICROVMM_NESTED_L1_APPEND (extra L1 kernel parameters), MICROVMM_NESTED_TCG_THREAD
+# (single | multi: QEMU's TCG threading for L1), MICROVMM_NESTED_QEMU (the QEMU binary).
 # In L1, CMD runs with /nested (the scratch disk) as working directory, TMPDIR=/nested/tmp and
 # MICROVMM_NESTED_L1=1. Exit status: CMD's; 124 if CMD or L1 timed out; 123 if L1 ended without CMD's status
 # (it crashed or reset: QEMU's `cpu_reset` log tail is printed; CMD's output up to L1's last sync is given);
@@ -190,10 +192,15 @@ l1_timer="lapic=notscdeadline"
 l1_cpu="max,la57=off"
 # Extra L1 kernel parameters for experiments (e.g. kvm_amd.npt=0: L1's KVM on shadow paging).
 l1_extra=${MICROVMM_NESTED_L1_APPEND:-}
-say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), TCG -cpu $l1_cpu, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s${l1_extra:+; kernel parameters: $l1_extra}"
+# TCG threading for experiments: MICROVMM_NESTED_TCG_THREAD=single runs all L1 vCPUs on one host thread
+# (QEMU's default here is multi-threaded TCG, one host thread per vCPU).
+tcg_thread=${MICROVMM_NESTED_TCG_THREAD:-}
+case $tcg_thread in "" | single | multi) ;; *) fail "MICROVMM_NESTED_TCG_THREAD must be single or multi" ;; esac
+accel=tcg${tcg_thread:+,thread=$tcg_thread}
+say "L1: $("$qemu" --version | head -n1 | sed 's/ (.*//'), ${accel^^} -cpu $l1_cpu, ${mem} MiB, ${smp} vCPUs; scratch disk ${used} MiB used; command limit ${timeout_s} s${l1_extra:+; kernel parameters: $l1_extra}"
 say "L1: console $work/console.log, QEMU monitor $work/monitor.sock (e.g. socat - UNIX-CONNECT:...)"
 start=$(date +%s.%N)
-TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel tcg -cpu "$l1_cpu" -m "$mem" -smp "$smp" -nodefaults -no-user-config \
+TMPDIR=$work "$qemu" "${qemu_data[@]}" -accel "$accel" -cpu "$l1_cpu" -m "$mem" -smp "$smp" -nodefaults -no-user-config \
     -display none -serial "file:$work/console.log" -monitor "unix:$work/monitor.sock,server=on,wait=off" \
     -no-reboot -rtc base=utc \
     -d cpu_reset,guest_errors -D "$work/qemu-debug.log" \
