@@ -653,7 +653,7 @@ impl Receiver {
         counters: &DeviceCounters,
         interrupt: &Interrupt,
     ) -> Result<(), RingError> {
-        let mut delivered_any = false;
+        let (mut delivered, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
         let mut budget = BATCH * 4;
         // The queue before the TAP, as everywhere (the transmit path, and a VMM that captures
         // the device's state with its queues held and then asks for the TAP's name): the other
@@ -669,7 +669,7 @@ impl Receiver {
                 match tap.as_ref().map(|t| t.read_frame(&mut self.buf)) {
                     Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => self.pending = Some(n),
                     // A runt from the host: nothing to deliver.
-                    Some(Ok(_)) => DeviceCounters::add(&counters.dropped, 1),
+                    Some(Ok(_)) => dropped += 1,
                     Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     // Empty (WouldBlock), gone, or failing: nothing to deliver now.
                     _ => break Ok(()),
@@ -677,18 +677,22 @@ impl Receiver {
                 continue;
             };
             let frame = &mut self.buf[..len];
-            match queue_io::deliver_rx(&mut q, mem, frame, mergeable, &mut self.scratch) {
+            // The used index moves once for the frames of this run (before a wait for buffers,
+            // and at the end), not once per frame.
+            match queue_io::place_rx(&mut q, mem, frame, mergeable, &mut self.scratch) {
                 Ok(RxOutcome::Delivered(_)) => {
                     self.pending = None;
-                    delivered_any = true;
-                    DeviceCounters::add(&counters.deliveries, 1);
-                    DeviceCounters::add(&counters.bytes_out, (len - VNET_HDR_LEN) as u64);
+                    delivered += 1;
+                    bytes += (len - VNET_HDR_LEN) as u64;
                 }
                 Ok(RxOutcome::Dropped) => {
                     self.pending = None;
-                    DeviceCounters::add(&counters.dropped, 1);
+                    dropped += 1;
                 }
                 Ok(RxOutcome::NoBuffers) => {
+                    if let Err(e) = self.scratch.publish(&mut q, mem) {
+                        break Err(e);
+                    }
                     // Ask for a notification when buffers come; if some came meanwhile, go on.
                     match q.enable_notification(mem) {
                         Ok(true) => {}
@@ -699,9 +703,18 @@ impl Receiver {
                 Err(e) => break Err(e),
             }
         };
-        if delivered_any {
+        // Frames placed before an error are published too: their chains are consumed.
+        let published = self.scratch.publish(&mut q, mem);
+        if delivered > 0 {
+            DeviceCounters::add(&counters.deliveries, delivered);
+            DeviceCounters::add(&counters.bytes_out, bytes);
+        }
+        if dropped > 0 {
+            DeviceCounters::add(&counters.dropped, dropped);
+        }
+        if delivered > 0 && published.is_ok() {
             notify(&mut q, mem, interrupt)?;
         }
-        result
+        result.and(published)
     }
 }

@@ -280,7 +280,26 @@ pub struct RxScratch {
     /// Per chain taken for the frame: head, end of its regions, capacity.
     chains: Vec<(u16, usize, usize)>,
     broken: Vec<(u16, u32)>,
+    /// Used entries of frames placed by [`place_rx`] and not yet published.
     used: Vec<(u16, u32)>,
+}
+
+impl RxScratch {
+    /// Whether frames placed by [`place_rx`] wait for [`RxScratch::publish`].
+    pub fn has_unpublished(&self) -> bool {
+        !self.used.is_empty()
+    }
+
+    /// Publishes the used entries of every frame placed since the last call, with one
+    /// used-index update.
+    pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), RingError> {
+        if self.used.is_empty() {
+            return Ok(());
+        }
+        let r = publish_used(queue, mem, &self.used);
+        self.used.clear();
+        r
+    }
 }
 
 /// Places `frame` (a 12-byte virtio-net header, then the Ethernet frame, as the TAP gives it)
@@ -294,10 +313,25 @@ pub fn deliver_rx(
     mergeable: bool,
     s: &mut RxScratch,
 ) -> Result<RxOutcome, RingError> {
+    let out = place_rx(queue, mem, frame, mergeable, s);
+    // Whatever was placed before an error is published too: its chains are consumed.
+    s.publish(queue, mem)?;
+    out
+}
+
+/// [`deliver_rx`] without the publication: the frame's used entries (after those of frames
+/// placed before it) wait in `s` for [`RxScratch::publish`], so that a batch of frames moves
+/// the used index once. `Delivered` counts the frame's chains, as `deliver_rx` does.
+pub fn place_rx(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    frame: &mut [u8],
+    mergeable: bool,
+    s: &mut RxScratch,
+) -> Result<RxOutcome, RingError> {
     s.regions.clear();
     s.chains.clear();
     s.broken.clear();
-    s.used.clear();
     if frame.len() < VNET_HDR_LEN {
         return Ok(RxOutcome::Dropped);
     }
@@ -359,6 +393,5 @@ pub fn deliver_rx(
     }
     // The broken chains skipped on the way are consumed too, returned empty.
     s.used.extend_from_slice(&s.broken);
-    publish_used(queue, mem, &s.used)?;
     Ok(RxOutcome::Delivered(count))
 }
