@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use self::queue_io::{MAX_BUFFER, Negotiated, RingError, RxOutcome, RxScratch};
+use self::queue_io::{
+    MAX_BUFFER, Negotiated, RingError, RxOutcome, RxScratch, TxBuffers, TxScratch,
+};
 use self::tap::{Tap, VNET_HDR_LEN};
 use super::{
     ActivateError, Activation, DeviceCounters, GuestMemory, INT_CONFIG, INT_VRING, Interrupt,
@@ -512,8 +513,7 @@ fn notify(q: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) -> Result<(),
 /// The transmit path: guest chains to the TAP, written from guest memory without a copy.
 pub struct Transmitter {
     neg: Negotiated,
-    regions: Vec<(GuestAddress, usize)>,
-    iov: Vec<libc::iovec>,
+    scratch: TxScratch,
     /// Used entries not yet published (one publication per batch).
     used: Vec<(u16, u32)>,
 }
@@ -531,8 +531,7 @@ impl Transmitter {
     pub fn new(neg: Negotiated) -> Self {
         Self {
             neg,
-            regions: Vec::new(),
-            iov: Vec::new(),
+            scratch: TxScratch::default(),
             used: Vec::with_capacity(BATCH),
         }
     }
@@ -587,24 +586,15 @@ impl Transmitter {
         mem: &GuestMemory,
         tap: Option<&Tap>,
     ) -> Option<usize> {
-        let len = match queue_io::parse_tx_chain(chain, mem, &self.neg, &mut self.regions) {
+        let mut bufs = TxBuffers::new(&mut self.scratch, mem);
+        let len = match queue_io::parse_tx_chain(chain, mem, &self.neg, &mut bufs) {
             Ok(len) => len,
             Err(e) => {
                 tracing::debug!(error = %e, "virtio-net: transmit chain dropped");
                 return None;
             }
         };
-        let tap = tap?;
-        // The regions were checked against guest memory while parsing; one slice each, or
-        // several for a buffer that crosses regions.
-        let slices = self.regions.iter().flat_map(|&(addr, n)| {
-            let one = mem.get_slice(addr, n).ok();
-            let many = one
-                .is_none()
-                .then(|| mem.get_slices(addr, n).filter_map(Result::ok));
-            one.into_iter().chain(many.into_iter().flatten())
-        });
-        match tap.write_guest(slices, &mut self.iov) {
+        match tap?.write_buffers(&bufs) {
             Ok(n) if n == len => Some(len),
             _ => None,
         }

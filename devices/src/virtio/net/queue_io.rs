@@ -2,6 +2,7 @@
 //! transmit chains, and placing received frames into the guest's receive buffers (one chain
 //! each, or spread over several with mergeable receive buffers). Nothing here does host I/O.
 
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net as vn;
@@ -168,19 +169,93 @@ pub fn read_regions(
     }
 }
 
-/// Validates one transmit chain (header and frame, all device-readable) against `neg`
-/// without copying the frame: `regions` receives its guest buffers; returns its length.
-pub fn parse_tx_chain(
-    chain: DescriptorChain<&GuestMemory>,
-    mem: &GuestMemory,
+/// Reusable space for the guest buffers of one transmit chain (see [`TxBuffers`]).
+#[derive(Debug, Default)]
+pub struct TxScratch {
+    iov: Vec<libc::iovec>,
+    regions: Vec<(GuestAddress, usize)>,
+}
+
+/// The guest buffers of one validated transmit chain, as an I/O vector for the TAP. Every entry
+/// points into a guest memory region borrowed for `'m`, so the vector stays valid for host I/O
+/// while this value lives.
+#[derive(Debug)]
+pub struct TxBuffers<'s, 'm> {
+    scratch: &'s mut TxScratch,
+    _mem: PhantomData<&'m GuestMemory>,
+}
+
+impl<'s, 'm> TxBuffers<'s, 'm> {
+    /// Empty buffers for chains of `mem`, kept in `scratch`.
+    pub fn new(scratch: &'s mut TxScratch, _mem: &'m GuestMemory) -> Self {
+        scratch.iov.clear();
+        scratch.regions.clear();
+        Self {
+            scratch,
+            _mem: PhantomData,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.scratch.iov.clear();
+        self.scratch.regions.clear();
+    }
+
+    fn push<B: vm_memory::bitmap::BitmapSlice>(&mut self, s: &vm_memory::VolatileSlice<'m, B>) {
+        self.scratch.iov.push(libc::iovec {
+            iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
+            iov_len: s.len(),
+        });
+    }
+
+    /// The I/O vector: header and frame, in chain order.
+    pub fn iov(&self) -> &[libc::iovec] {
+        &self.scratch.iov
+    }
+
+    /// The guest buffers (address, length), in chain order.
+    pub fn regions(&self) -> &[(GuestAddress, usize)] {
+        &self.scratch.regions
+    }
+}
+
+/// Validates one transmit chain (header and frame, all device-readable, inside guest memory)
+/// against `neg` without copying the frame; `bufs` receives its guest buffers (each looked up
+/// once, the header read from them). Returns its length.
+pub fn parse_tx_chain<'m>(
+    chain: DescriptorChain<&'m GuestMemory>,
+    mem: &'m GuestMemory,
     neg: &Negotiated,
-    regions: &mut Vec<(GuestAddress, usize)>,
+    bufs: &mut TxBuffers<'_, 'm>,
 ) -> Result<usize, TxError> {
-    regions.clear();
-    let len = walk(chain, mem, false, regions).map_err(|e| match e {
-        WalkError::Direction => TxError::WritableBuffer,
-        WalkError::Invalid => TxError::InvalidChain,
-    })?;
+    bufs.clear();
+    let mut hdr = [0u8; VNET_HDR_LEN];
+    let mut have = 0usize;
+    let mut len = 0usize;
+    // Loops end at the queue size and indirect tables are followed, by the chain iterator.
+    for d in chain {
+        if d.is_write_only() {
+            return Err(TxError::WritableBuffer);
+        }
+        let n = d.len() as usize;
+        len = len.checked_add(n).ok_or(TxError::InvalidChain)?;
+        bufs.scratch.regions.push((d.addr(), n));
+        if let Ok(s) = mem.get_slice(d.addr(), n) {
+            // One region holds almost every buffer.
+            have += s.copy_to(&mut hdr[have..]);
+            bufs.push(&s);
+        } else {
+            // A buffer that crosses from one region into the next, or lies outside memory.
+            if !mem.check_range(d.addr(), n) {
+                return Err(TxError::InvalidChain);
+            }
+            for s in mem.get_slices(d.addr(), n) {
+                let s = s.map_err(|_| TxError::InvalidChain)?;
+                have += s.copy_to(&mut hdr[have..]);
+                bufs.push(&s);
+            }
+        }
+    }
     if len < VNET_HDR_LEN {
         return Err(TxError::ShortHeader(len));
     }
@@ -192,8 +267,6 @@ pub fn parse_tx_chain(
     if frame < 14 {
         return Err(TxError::Runt(frame));
     }
-    let mut hdr = [0u8; VNET_HDR_LEN];
-    read_regions(mem, regions, &mut hdr)?;
     neg.check_header(&hdr)?;
     // `num_buffers` means nothing on transmit; the TAP ignores it.
     Ok(len)
@@ -207,10 +280,11 @@ pub fn read_tx_chain(
     neg: &Negotiated,
     buf: &mut Vec<u8>,
 ) -> Result<usize, TxError> {
-    let mut regions = Vec::new();
-    let len = parse_tx_chain(chain, mem, neg, &mut regions)?;
+    let mut scratch = TxScratch::default();
+    let mut bufs = TxBuffers::new(&mut scratch, mem);
+    let len = parse_tx_chain(chain, mem, neg, &mut bufs)?;
     buf.resize(len, 0);
-    read_regions(mem, &regions, &mut buf[..len])?;
+    read_regions(mem, bufs.regions(), &mut buf[..len])?;
     Ok(len)
 }
 

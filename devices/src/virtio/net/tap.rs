@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use super::queue_io::TxBuffers;
+
 /// Length of the virtio-net header on every frame (`virtio_net_hdr_v1`, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 
@@ -219,26 +221,15 @@ impl Tap {
         io::Write::write(&mut &self.file, frame)
     }
 
-    /// Writes one frame (header included) gathered straight from guest memory `slices`,
-    /// without copying it first; `iov` is scratch space.
-    pub fn write_guest<'a, B: vm_memory::bitmap::BitmapSlice + 'a>(
-        &self,
-        slices: impl IntoIterator<Item = vm_memory::VolatileSlice<'a, B>>,
-        iov: &mut Vec<libc::iovec>,
-    ) -> io::Result<usize> {
-        iov.clear();
-        for s in slices {
-            iov.push(libc::iovec {
-                iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
-                iov_len: s.len(),
-            });
-        }
+    /// Writes one frame (header included) straight from the guest buffers of a validated
+    /// transmit chain, without copying it first.
+    pub fn write_buffers(&self, bufs: &TxBuffers<'_, '_>) -> io::Result<usize> {
+        let iov = bufs.iov();
         let count = libc::c_int::try_from(iov.len())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let n = if let [one] = iov.as_slice() {
-            // SAFETY: the iovec describes a `VolatileSlice` of guest memory, which stays
-            // mapped for 'a, beyond this call (without vm-memory's `xen` feature a slice's
-            // pointer guard holds no mapping of its own); write only reads that memory.
+        let n = if let [one] = iov {
+            // SAFETY: the iovec points into guest memory that `bufs` keeps borrowed (mapped)
+            // for this call; write only reads that memory.
             unsafe { libc::write(self.file.as_raw_fd(), one.iov_base, one.iov_len) }
         } else {
             // SAFETY: as above, for every iovec; writev only reads that memory.
