@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
 use crate::virtio::GuestMemory;
@@ -112,38 +112,70 @@ impl Negotiated {
     }
 }
 
-/// Why a chain's buffers are unusable.
-enum WalkError {
-    /// A buffer has the wrong direction.
-    Direction,
-    /// A buffer lies outside guest memory, or the lengths overflow.
-    Invalid,
-}
-
-/// Walks `chain` once, appending its buffers to `regions`: all must be device-writable
-/// (`writable`) or all device-readable, and inside guest memory. Returns their total length.
-/// (Loops end at the queue size and indirect tables are followed, by the chain iterator.)
-fn walk(
+/// Walks a receive chain once: all its buffers must be device-writable and inside guest
+/// memory. On the way it copies the start of `data` into them (each buffer looked up once) and
+/// appends them to `regions`. Returns the chain's capacity, or `None` for a broken chain. (Its
+/// buffers may have been written: available buffers belong to the device, and a broken chain
+/// goes back empty. Loops end at the queue size and indirect tables are followed, by the chain
+/// iterator.)
+fn fill_rx(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
-    writable: bool,
+    data: &[u8],
     regions: &mut Vec<(GuestAddress, usize)>,
-) -> Result<usize, WalkError> {
-    let mut total = 0usize;
+) -> Option<usize> {
+    let mut cap = 0usize;
     for d in chain {
-        if d.is_write_only() != writable {
-            return Err(WalkError::Direction);
+        if !d.is_write_only() {
+            return None;
         }
         let len = d.len() as usize;
-        // One region holds almost every buffer (the quick check); the slow one also accepts
-        // buffers that cross from one region into the next.
-        if mem.get_slice(d.addr(), len).is_err() && !mem.check_range(d.addr(), len) {
-            return Err(WalkError::Invalid);
+        let done = cap.min(data.len());
+        if let Ok(s) = mem.get_slice(d.addr(), len) {
+            // One region holds almost every buffer.
+            s.copy_from(&data[done..]);
+        } else {
+            // A buffer that crosses from one region into the next, or lies outside memory.
+            if !mem.check_range(d.addr(), len) {
+                return None;
+            }
+            let mut at = done;
+            for s in mem.get_slices(d.addr(), len) {
+                let s = s.ok()?;
+                s.copy_from(&data[at.min(data.len())..]);
+                at = at.saturating_add(s.len());
+            }
         }
-        total = total.checked_add(len).ok_or(WalkError::Invalid)?;
+        cap = cap.checked_add(len)?;
         regions.push((d.addr(), len));
     }
-    Ok(total)
+    Some(cap)
+}
+
+/// Writes `bytes` at byte `at` of the buffers `regions` (taken in order as one space).
+fn write_at(
+    mem: &GuestMemory,
+    regions: &[(GuestAddress, usize)],
+    mut at: usize,
+    mut bytes: &[u8],
+) -> Result<(), RingError> {
+    for &(addr, len) in regions {
+        if bytes.is_empty() {
+            break;
+        }
+        if at >= len {
+            at -= len;
+            continue;
+        }
+        let n = (len - at).min(bytes.len());
+        let to = addr
+            .checked_add(at as u64)
+            .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
+        mem.write_slice(&bytes[..n], to)?;
+        bytes = &bytes[n..];
+        at = 0;
+    }
+    Ok(())
 }
 
 /// Copies the first `out.len()` bytes of `regions` into `out`.
@@ -325,19 +357,29 @@ pub fn publish_used(
     }
     let ring = queue.used_ring();
     let mut idx = queue.next_used();
+    // The elements (id, len) go out in runs of consecutive ring slots, each run in one write
+    // (one memory lookup and dirty-bitmap update), up to where the ring wraps.
+    let mut run = [0u8; 8 * 16];
+    let mut k = 0usize;
+    let mut run_start = idx;
     for &(head, len) in entries {
         if head >= size {
             return Err(RingError::Queue(
                 virtio_queue::Error::InvalidDescriptorIndex,
             ));
         }
-        let at = ring
-            .checked_add(4 + u64::from(idx % size) * 8)
-            .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
-        // The element (id, len) in one write: one dirty-bitmap update, not two.
+        if k == run.len() / 8 || (k > 0 && idx.is_multiple_of(size)) {
+            write_used_run(mem, ring, run_start % size, &run[..k * 8])?;
+            k = 0;
+            run_start = idx;
+        }
         let elem = u64::from(head) | (u64::from(len) << 32);
-        mem.write_obj(elem.to_le(), GuestAddress(at))?;
+        run[k * 8..k * 8 + 8].copy_from_slice(&elem.to_le_bytes());
+        k += 1;
         idx = idx.wrapping_add(1);
+    }
+    if k > 0 {
+        write_used_run(mem, ring, run_start % size, &run[..k * 8])?;
     }
     let at = ring
         .checked_add(2)
@@ -347,12 +389,21 @@ pub fn publish_used(
     Ok(())
 }
 
+/// Writes used-ring elements starting at ring slot `slot`.
+fn write_used_run(mem: &GuestMemory, ring: u64, slot: u16, elems: &[u8]) -> Result<(), RingError> {
+    let at = ring
+        .checked_add(4 + u64::from(slot) * 8)
+        .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
+    mem.write_slice(elems, GuestAddress(at))?;
+    Ok(())
+}
+
 /// Reusable space for [`deliver_rx`], so that receiving does not allocate per frame.
 #[derive(Debug, Default)]
 pub struct RxScratch {
     regions: Vec<(GuestAddress, usize)>,
-    /// Per chain taken for the frame: head, end of its regions, capacity.
-    chains: Vec<(u16, usize, usize)>,
+    /// Per chain taken for the frame: head, bytes of the frame placed in it.
+    chains: Vec<(u16, usize)>,
     broken: Vec<(u16, u32)>,
     /// Used entries of frames placed by [`place_rx`] and not yet published.
     used: Vec<(u16, u32)>,
@@ -409,11 +460,15 @@ pub fn place_rx(
     if frame.len() < VNET_HDR_LEN {
         return Ok(RxOutcome::Dropped);
     }
+    // The frame is copied while the chains are walked. Most frames take one chain: the
+    // header says so until a second one is needed.
+    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
     let start = queue.next_avail();
     let size = queue.size();
-    let mut room = 0usize;
+    let mut placed = 0usize;
+    let mut first_end = 0usize;
     let mut popped = 0u16;
-    while room < frame.len() {
+    while placed < frame.len() {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             // Everything popped goes back, broken chains too (they are met, and returned, with
             // the next frame that fits). A frame larger than the whole ring never fits.
@@ -426,43 +481,38 @@ pub fn place_rx(
         };
         popped = popped.saturating_add(1);
         let head = chain.head_index();
-        let first = s.regions.len();
-        match walk(chain, mem, true, &mut s.regions) {
-            // The first buffer must hold at least the header.
-            Ok(cap) if cap >= VNET_HDR_LEN || (!s.chains.is_empty() && cap > 0) => {
+        let mark = s.regions.len();
+        match fill_rx(chain, mem, &frame[placed..], &mut s.regions) {
+            // The first chain must hold at least the header.
+            Some(cap) if cap >= VNET_HDR_LEN || (!s.chains.is_empty() && cap > 0) => {
                 if !mergeable && cap < frame.len() {
                     // This chain can never hold it, and it is the only one the frame may use.
                     queue.set_next_avail(start);
                     return Ok(RxOutcome::Dropped);
                 }
-                room += cap;
-                s.chains.push((head, s.regions.len(), cap));
+                if s.chains.is_empty() {
+                    first_end = s.regions.len();
+                }
+                let take = (frame.len() - placed).min(cap);
+                placed += take;
+                s.chains.push((head, take));
                 if !mergeable {
                     break;
                 }
             }
             _ => {
-                s.regions.truncate(first);
+                s.regions.truncate(mark);
                 s.broken.push((head, 0));
             }
         }
     }
     let count = u16::try_from(s.chains.len()).unwrap_or(u16::MAX);
-    frame[10..12].copy_from_slice(&count.to_le_bytes());
-    let mut off = 0usize;
-    let mut region = 0usize;
-    for &(head, end, cap) in &s.chains {
-        let take = (frame.len() - off).min(cap);
-        let mut left = take;
-        while left > 0 && region < end {
-            let (addr, len) = s.regions[region];
-            let n = len.min(left);
-            mem.write_slice(&frame[off..off + n], addr)?;
-            off += n;
-            left -= n;
-            region += 1;
-        }
-        region = end;
+    if count != 1 {
+        // `num_buffers`, in the first chain (which holds the whole header).
+        frame[10..12].copy_from_slice(&count.to_le_bytes());
+        write_at(mem, &s.regions[..first_end], 10, &frame[10..12])?;
+    }
+    for &(head, take) in &s.chains {
         s.used.push((head, u32::try_from(take).unwrap_or(u32::MAX)));
     }
     // The broken chains skipped on the way are consumed too, returned empty.

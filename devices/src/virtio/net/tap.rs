@@ -305,6 +305,12 @@ mod tests {
             io::ErrorKind::WouldBlock
         );
         drop(tap);
+        // A process another test forks at this moment holds a copy of the fd until its exec
+        // closes it: the interface goes with the last copy.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while if_index(&name).is_some() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert!(if_index(&name).is_none(), "removed with its fd");
         drop(guard);
     }

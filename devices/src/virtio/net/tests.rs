@@ -252,6 +252,65 @@ fn a_received_frame_spans_mergeable_buffers_published_at_once() {
 }
 
 #[test]
+fn a_frame_after_a_half_written_broken_chain_starts_afresh_and_num_buffers_may_straddle() {
+    let mem = memory();
+    // Chain 0: a writable buffer, then a read-only one (broken, found after the first got
+    // written). Chain 1: an 8-byte buffer and a 1000-byte one, so `num_buffers` (header bytes
+    // 10..12) lies in its second buffer. Chain 2: 1024 bytes for the rest of the frame.
+    write_desc(&mem, DESC, 0, DATA, 512, 3, 1);
+    write_desc(&mem, DESC, 1, DATA + 0x1000, 512, 0, 0);
+    write_desc(&mem, DESC, 2, DATA + 0x10000, 8, 3, 3);
+    write_desc(&mem, DESC, 3, DATA + 0x20000, 1000, 2, 0);
+    write_desc(&mem, DESC, 4, DATA + 0x30000, 1024, 2, 0);
+    publish(&mem, &[0, 2, 4]);
+    let mut q = queue();
+    let f = frame(1500, 6);
+    let mut buf = vec![0u8; 12];
+    buf.extend(&f);
+    let out = deliver_rx(&mut q, &mem, &mut buf, true, &mut RxScratch::default()).unwrap();
+    assert_eq!(out, RxOutcome::Delivered(2));
+    assert_eq!(
+        used_entries(&mem),
+        vec![(2, 1008), (4, 1512 - 1008), (0, 0)]
+    );
+    let mut got = vec![0u8; 1512];
+    mem.read_slice(&mut got[..8], GuestAddress(DATA + 0x10000))
+        .unwrap();
+    mem.read_slice(&mut got[8..1008], GuestAddress(DATA + 0x20000))
+        .unwrap();
+    mem.read_slice(&mut got[1008..], GuestAddress(DATA + 0x30000))
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+    assert_eq!(&got[12..], &f[..]);
+}
+
+#[test]
+fn used_entries_are_published_across_the_ring_wrap_with_one_index_update() {
+    let mem = memory();
+    let mut q = queue();
+    q.set_next_used(12);
+    let entries: Vec<(u16, u32)> = (0..40u16).map(|i| (i % 16, 100 + u32::from(i))).collect();
+    queue_io::publish_used(&mut q, &mem, &entries).unwrap();
+    assert_eq!(q.next_used(), 52);
+    let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(idx, 52);
+    // Slot of entry i is (12 + i) % 16; the last 16 entries (24..40) are what the ring holds.
+    for i in 24..40u16 {
+        let at = USED + 4 + u64::from((12 + i) % 16) * 8;
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        assert_eq!(
+            (id, len),
+            (u32::from(i % 16), 100 + u32::from(i)),
+            "entry {i}"
+        );
+    }
+    // Nothing past the ring's 16 slots was written.
+    let after: u64 = mem.read_obj(GuestAddress(USED + 4 + 16 * 8)).unwrap();
+    assert_eq!(after, 0);
+}
+
+#[test]
 fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
     let mem = memory();
     let mut f = vec![0u8; 12];
