@@ -441,6 +441,9 @@ fn handle_chain_general(
     }
 }
 
+/// Completed requests published with one used-index update, at most.
+const USED_BATCH: usize = 8;
+
 /// Processes every available request on `queue`; returns whether the driver must be notified.
 pub fn process_queue(
     queue: &mut Queue,
@@ -457,16 +460,26 @@ pub fn process_queue(
     let mut used_any = false;
     // Whether the last look at the available index found requests pending.
     let mut pending = false;
+    // Completions wait here for one used-index update per few requests (a short wait: the
+    // requests run one after the other on this thread).
+    let mut done = [(0u16, 0u32); USED_BATCH];
     loop {
         queue.disable_notification(mem).map_err(QueueError::Ring)?;
         let mut took = false;
+        let mut n = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let len = handle_chain(chain, mem, disk, &limits, id, buf);
-            queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+            done[n] = (head, len);
+            n += 1;
+            if n == USED_BATCH {
+                super::publish_used(queue, mem, &done).map_err(QueueError::Ring)?;
+                n = 0;
+            }
             used_any = true;
             took = true;
         }
+        super::publish_used(queue, mem, &done[..n]).map_err(QueueError::Ring)?;
         // A driver's index only grows: pending requests that cannot be taken mean a broken
         // ring, not a reason to look again (forever).
         if pending && !took {

@@ -235,3 +235,64 @@ impl WorkerThread {
         let _ = self.handle.join();
     }
 }
+
+/// Publishes `(head, len)` used entries in one step: the elements go out in runs of
+/// consecutive ring slots (one guest-memory write each, up to where the ring wraps), then the
+/// used index moves once, so a driver never sees part of the batch (a mergeable frame's chains,
+/// say). With `VIRTIO_F_EVENT_IDX` in use the entries go through `Queue::add_used` one by one
+/// instead, which keeps the queue's count for `needs_notification` right.
+pub fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    entries: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::{Error, QueueT};
+    use vm_memory::{Bytes, GuestAddress};
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if queue.event_idx_enabled() {
+        for &(head, len) in entries {
+            queue.add_used(mem, head, len)?;
+        }
+        return Ok(());
+    }
+    let size = queue.size();
+    if size == 0 {
+        return Err(Error::InvalidSize);
+    }
+    let ring = queue.used_ring();
+    let write_run = |slot: u16, elems: &[u8]| -> Result<(), Error> {
+        let at = ring
+            .checked_add(4 + u64::from(slot) * 8)
+            .ok_or(Error::AddressOverflow)?;
+        mem.write_slice(elems, GuestAddress(at))
+            .map_err(Error::GuestMemory)
+    };
+    let mut idx = queue.next_used();
+    let mut run = [0u8; 8 * 16];
+    let mut k = 0usize;
+    let mut run_start = idx;
+    for &(head, len) in entries {
+        if head >= size {
+            return Err(Error::InvalidDescriptorIndex);
+        }
+        if k == run.len() / 8 || (k > 0 && idx.is_multiple_of(size)) {
+            write_run(run_start % size, &run[..k * 8])?;
+            k = 0;
+            run_start = idx;
+        }
+        let elem = u64::from(head) | (u64::from(len) << 32);
+        run[k * 8..k * 8 + 8].copy_from_slice(&elem.to_le_bytes());
+        k += 1;
+        idx = idx.wrapping_add(1);
+    }
+    if k > 0 {
+        write_run(run_start % size, &run[..k * 8])?;
+    }
+    let at = ring.checked_add(2).ok_or(Error::AddressOverflow)?;
+    mem.store(idx.to_le(), GuestAddress(at), Ordering::Release)
+        .map_err(Error::GuestMemory)?;
+    queue.set_next_used(idx);
+    Ok(())
+}

@@ -3,7 +3,6 @@
 //! each, or spread over several with mergeable receive buffers). Nothing here does host I/O.
 
 use std::marker::PhantomData;
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -11,6 +10,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
 use crate::virtio::GuestMemory;
+pub use crate::virtio::publish_used;
 
 /// Largest Ethernet frame without offloads: 1500 bytes of payload, the 14-byte header and a
 /// VLAN tag.
@@ -344,60 +344,6 @@ pub enum RingError {
     Memory(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Publishes `(head, len)` used entries in one step: the used index moves once, after all
-/// entries are written, so the driver never sees part of a mergeable frame.
-pub fn publish_used(
-    queue: &mut Queue,
-    mem: &GuestMemory,
-    entries: &[(u16, u32)],
-) -> Result<(), RingError> {
-    let size = queue.size();
-    if size == 0 {
-        return Err(RingError::Queue(virtio_queue::Error::InvalidSize));
-    }
-    let ring = queue.used_ring();
-    let mut idx = queue.next_used();
-    // The elements (id, len) go out in runs of consecutive ring slots, each run in one write
-    // (one memory lookup and dirty-bitmap update), up to where the ring wraps.
-    let mut run = [0u8; 8 * 16];
-    let mut k = 0usize;
-    let mut run_start = idx;
-    for &(head, len) in entries {
-        if head >= size {
-            return Err(RingError::Queue(
-                virtio_queue::Error::InvalidDescriptorIndex,
-            ));
-        }
-        if k == run.len() / 8 || (k > 0 && idx.is_multiple_of(size)) {
-            write_used_run(mem, ring, run_start % size, &run[..k * 8])?;
-            k = 0;
-            run_start = idx;
-        }
-        let elem = u64::from(head) | (u64::from(len) << 32);
-        run[k * 8..k * 8 + 8].copy_from_slice(&elem.to_le_bytes());
-        k += 1;
-        idx = idx.wrapping_add(1);
-    }
-    if k > 0 {
-        write_used_run(mem, ring, run_start % size, &run[..k * 8])?;
-    }
-    let at = ring
-        .checked_add(2)
-        .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
-    mem.store(idx.to_le(), GuestAddress(at), Ordering::Release)?;
-    queue.set_next_used(idx);
-    Ok(())
-}
-
-/// Writes used-ring elements starting at ring slot `slot`.
-fn write_used_run(mem: &GuestMemory, ring: u64, slot: u16, elems: &[u8]) -> Result<(), RingError> {
-    let at = ring
-        .checked_add(4 + u64::from(slot) * 8)
-        .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
-    mem.write_slice(elems, GuestAddress(at))?;
-    Ok(())
-}
-
 /// Reusable space for [`deliver_rx`], so that receiving does not allocate per frame.
 #[derive(Debug, Default)]
 pub struct RxScratch {
@@ -423,7 +369,7 @@ impl RxScratch {
         }
         let r = publish_used(queue, mem, &self.used);
         self.used.clear();
-        r
+        Ok(r?)
     }
 }
 
