@@ -690,6 +690,14 @@ impl Delta {
         check_io(offset, len as u64, self.meta.size)?;
         let mut st = self.writer()?;
         let aligned = offset.is_multiple_of(BLOCK_SIZE) && (len as u64).is_multiple_of(BLOCK_SIZE);
+        if len > 0
+            && aligned
+            && st.inline.is_some()
+            && st.inline_bytes + len as u64 <= INLINE_FLUSH_BYTES
+        {
+            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+            return unsafe { self.write_inline_raw(&mut st, src, len, offset) };
+        }
         if len == 0 || !aligned || st.inline.is_some() {
             // SAFETY: `src` is valid for `len` bytes (the caller's contract).
             unsafe { crate::layer::copy_raw(src, len, scratch) };
@@ -700,6 +708,54 @@ impl Delta {
         unsafe { crate::sys::pwrite_raw(&self.data, src, len, offset) }
             .map_err(BlockError::io("write", &self.dir))?;
         self.record(&mut st, RecordKind::Write, offset, len as u64, &[])
+    }
+
+    /// The common case of [`Delta::write_at_raw`] when the next flush carries its data: the
+    /// bytes at `src` are copied once, into the pending batch after their `WRITE_DATA` record,
+    /// and the data file is written from that copy (so both hold the same bytes, whatever the
+    /// guest does to its buffer meanwhile). The same effects as [`Delta::write_at`].
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes until the call returns.
+    unsafe fn write_inline_raw(
+        &self,
+        st: &mut WriteState,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        self.reserve_seqs(st, 2)?;
+        let Some(batch) = st.inline.as_mut() else {
+            // Not reached from `write_at_raw`; the general path does the same.
+            let mut copy = Vec::new();
+            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+            unsafe { crate::layer::copy_raw(src, len, &mut copy) };
+            return self.write_locked(st, &copy, offset);
+        };
+        let at = batch.len();
+        let data_at = at + RECORD_SIZE;
+        batch.resize(data_at + len, 0);
+        // SAFETY: `src` is valid for `len` bytes (the caller's contract); `batch[data_at..]`
+        // holds `len` bytes of our own allocation, so the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, batch[data_at..].as_mut_ptr(), len) };
+        if let Err(e) = self.data.write_all_at(&batch[data_at..], offset) {
+            batch.truncate(at);
+            return Err(BlockError::io("write", &self.dir)(e));
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let r = Record::new(RecordKind::Write, seq, offset, len as u64);
+        st.pending.push(r);
+        let mut w = r;
+        w.kind = RecordKind::WriteData;
+        w.aux = u64::from(crc32c::crc32c(&batch[data_at..]));
+        batch[at..data_at].copy_from_slice(&w.encode());
+        st.inline_bytes += len as u64;
+        self.index
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(offset, len as u64, ExtentKind::Data, seq);
+        Ok(())
     }
 
     fn write_locked(&self, st: &mut WriteState, buf: &[u8], offset: u64) -> Result<(), BlockError> {
