@@ -232,6 +232,18 @@ pub fn full_guest_vm(dir: &Path, net: Vec<vmm::config::NetConfig>) -> (TestVm, P
     full_guest_vm_with(dir, net, &[])
 }
 
+/// Environment variable that sets the full guest's vCPU count (default 2).
+pub const VCPUS_ENV: &str = "MICROVMM_TEST_LINUX_VCPUS";
+
+/// The full guest's vCPUs: [`VCPUS_ENV`] if it holds 1 to 8, else 2.
+pub fn full_guest_vcpus() -> u8 {
+    std::env::var(VCPUS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=8).contains(n))
+        .unwrap_or(2)
+}
+
 /// [`full_guest_vm`] with more disks after the root (`/dev/vdb`, ...): each raw image in
 /// `extra` becomes the read-only base of a fresh delta in `dir`.
 pub fn full_guest_vm_with(
@@ -268,7 +280,7 @@ pub fn full_guest_vm_with(
         }),
         net,
         ..linux_cfg(
-            2,
+            full_guest_vcpus(),
             1024,
             kernel,
             Some(initrd),
