@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use self::queue_io::{
@@ -549,27 +549,51 @@ impl Transmitter {
     ) -> Result<(), RingError> {
         // One lock for the whole run: a takeover waits for the batch in progress.
         let tap = lock(tap);
+        let (mut sent, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
+        let result = self.run_batches(q, mem, tap.as_ref(), interrupt, |len| match len {
+            Some(len) => {
+                sent += 1;
+                bytes += (len - VNET_HDR_LEN) as u64;
+            }
+            None => dropped += 1,
+        });
+        DeviceCounters::add(&counters.requests, sent);
+        DeviceCounters::add(&counters.bytes_in, bytes);
+        DeviceCounters::add(&counters.dropped, dropped);
+        result
+    }
+
+    /// [`Transmitter::run`] without the counters: `count` hears of each chain.
+    fn run_batches(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemory,
+        tap: Option<&Tap>,
+        interrupt: &Interrupt,
+        mut count: impl FnMut(Option<usize>),
+    ) -> Result<(), RingError> {
         loop {
             q.disable_notification(mem)?;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                if let Some(len) = self.send(chain, mem, tap.as_ref()) {
-                    DeviceCounters::add(&counters.requests, 1);
-                    DeviceCounters::add(&counters.bytes_in, (len - VNET_HDR_LEN) as u64);
-                } else {
-                    DeviceCounters::add(&counters.dropped, 1);
+            loop {
+                // One look at the driver's index per batch. An index more than a ring ahead
+                // is an error here (looking again would never find a chain to take).
+                let mut chains = q.iter(mem)?;
+                let mut took = 0;
+                while took < BATCH {
+                    let Some(chain) = chains.next() else { break };
+                    let head = chain.head_index();
+                    count(self.send(chain, mem, tap));
+                    self.used.push((head, 0));
+                    took += 1;
                 }
-                self.used.push((head, 0));
-                if self.used.len() == BATCH {
+                if !self.used.is_empty() {
                     queue_io::publish_used(q, mem, &self.used)?;
                     self.used.clear();
                     notify(q, mem, interrupt)?;
                 }
-            }
-            if !self.used.is_empty() {
-                queue_io::publish_used(q, mem, &self.used)?;
-                self.used.clear();
-                notify(q, mem, interrupt)?;
+                if took < BATCH {
+                    break;
+                }
             }
             if !q.enable_notification(mem)? {
                 return Ok(());
@@ -626,6 +650,13 @@ impl Receiver {
         }
     }
 
+    /// Makes a `len`-byte frame (zeros) wait for receive buffers, as after a TAP read.
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&mut self, len: usize) {
+        self.buf[..len].fill(0);
+        self.pending = Some(len);
+    }
+
     /// Whether a frame waits for receive buffers (then the TAP need not be watched).
     pub fn is_waiting(&self) -> bool {
         self.pending.is_some()
@@ -650,47 +681,77 @@ impl Receiver {
         // order deadlocked a live clone when a frame arrived during its pause.
         let mut q = lock(queue);
         let tap = lock(tap);
-        let result = loop {
-            let Some(len) = self.pending else {
-                if budget == 0 {
-                    break Ok(());
-                }
-                budget -= 1;
-                match tap.as_ref().map(|t| t.read_frame(&mut self.buf)) {
-                    Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => self.pending = Some(n),
-                    // A runt from the host: nothing to deliver.
-                    Some(Ok(_)) => dropped += 1,
-                    Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // Empty (WouldBlock), gone, or failing: nothing to deliver now.
-                    _ => break Ok(()),
-                }
-                continue;
+        let size = q.size();
+        let result = 'run: loop {
+            // One look at the driver's index per pass. An index more than a ring ahead is an
+            // error here (looking again would never find a chain to take).
+            let seen = match q.avail_idx(mem, Ordering::Acquire) {
+                Ok(i) => i.0,
+                Err(e) => break Err(e.into()),
             };
-            let frame = &mut self.buf[..len];
-            // The used index moves once for the frames of this run (before a wait for buffers,
-            // and at the end), not once per frame.
-            match queue_io::place_rx(&mut q, mem, frame, mergeable, &mut self.scratch) {
-                Ok(RxOutcome::Delivered(_)) => {
-                    self.pending = None;
-                    delivered += 1;
-                    bytes += (len - VNET_HDR_LEN) as u64;
+            let mut chains = match q.iter(mem) {
+                Ok(c) => c,
+                Err(e) => break Err(e.into()),
+            };
+            let pass = loop {
+                let Some(len) = self.pending else {
+                    if budget == 0 {
+                        break Ok(false);
+                    }
+                    budget -= 1;
+                    match tap.as_ref().map(|t| t.read_frame(&mut self.buf)) {
+                        Some(Ok(n)) if n >= VNET_HDR_LEN + 14 => self.pending = Some(n),
+                        // A runt from the host: nothing to deliver.
+                        Some(Ok(_)) => dropped += 1,
+                        Some(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // Empty (WouldBlock), gone, or failing: nothing to deliver now.
+                        _ => break Ok(false),
+                    }
+                    continue;
+                };
+                let frame = &mut self.buf[..len];
+                // The used index moves once for the frames of this run (before a wait for
+                // buffers, and at the end), not once per frame.
+                match queue_io::place_rx(
+                    &mut chains,
+                    size,
+                    mem,
+                    frame,
+                    mergeable,
+                    &mut self.scratch,
+                ) {
+                    Ok(RxOutcome::Delivered(_)) => {
+                        self.pending = None;
+                        delivered += 1;
+                        bytes += (len - VNET_HDR_LEN) as u64;
+                    }
+                    Ok(RxOutcome::Dropped) => {
+                        self.pending = None;
+                        dropped += 1;
+                    }
+                    Ok(RxOutcome::NoBuffers) => break Ok(true),
+                    Err(e) => break Err(e),
                 }
-                Ok(RxOutcome::Dropped) => {
-                    self.pending = None;
-                    dropped += 1;
-                }
-                Ok(RxOutcome::NoBuffers) => {
+            };
+            match pass {
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+                Ok(true) => {
+                    // Not enough buffers: publish what was placed, ask for a notification when
+                    // buffers come, and go on only if the driver added some since this pass
+                    // looked (the chains it has are not enough, however often they are seen).
                     if let Err(e) = self.scratch.publish(&mut q, mem) {
                         break Err(e);
                     }
-                    // Ask for a notification when buffers come; if some came meanwhile, go on.
-                    match q.enable_notification(mem) {
-                        Ok(true) => {}
-                        Ok(false) => break Ok(()),
+                    if let Err(e) = q.enable_notification(mem) {
+                        break Err(e.into());
+                    }
+                    match q.avail_idx(mem, Ordering::Acquire) {
+                        Ok(i) if i.0 != seen => continue 'run,
+                        Ok(_) => break Ok(()),
                         Err(e) => break Err(e.into()),
                     }
                 }
-                Err(e) => break Err(e),
             }
         };
         // Frames placed before an error are published too: their chains are consumed.

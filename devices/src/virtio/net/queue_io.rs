@@ -5,7 +5,7 @@
 use std::marker::PhantomData;
 
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
@@ -384,17 +384,24 @@ pub fn deliver_rx(
     mergeable: bool,
     s: &mut RxScratch,
 ) -> Result<RxOutcome, RingError> {
-    let out = place_rx(queue, mem, frame, mergeable, s);
+    let size = queue.size();
+    let out = {
+        let mut chains = queue.iter(mem)?;
+        place_rx(&mut chains, size, mem, frame, mergeable, s)
+    };
     // Whatever was placed before an error is published too: its chains are consumed.
     s.publish(queue, mem)?;
     out
 }
 
-/// [`deliver_rx`] without the publication: the frame's used entries (after those of frames
-/// placed before it) wait in `s` for [`RxScratch::publish`], so that a batch of frames moves
-/// the used index once. `Delivered` counts the frame's chains, as `deliver_rx` does.
+/// [`deliver_rx`] taking chains from `chains` (of a ring of `size` entries), and without the
+/// publication: the frame's used entries (after those of frames placed before it) wait in `s`
+/// for [`RxScratch::publish`], so that a batch of frames moves the used index once. `Delivered`
+/// counts the frame's chains, as `deliver_rx` does; on `NoBuffers` and `Dropped` the chains
+/// taken go back to `chains`.
 pub fn place_rx(
-    queue: &mut Queue,
+    chains: &mut AvailIter<'_, &GuestMemory>,
+    size: u16,
     mem: &GuestMemory,
     frame: &mut [u8],
     mergeable: bool,
@@ -409,16 +416,19 @@ pub fn place_rx(
     // The frame is copied while the chains are walked. Most frames take one chain: the
     // header says so until a second one is needed.
     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-    let start = queue.next_avail();
-    let size = queue.size();
     let mut placed = 0usize;
     let mut first_end = 0usize;
     let mut popped = 0u16;
+    let give_back = |chains: &mut AvailIter<'_, &GuestMemory>, popped: u16| {
+        for _ in 0..popped {
+            chains.go_to_previous_position();
+        }
+    };
     while placed < frame.len() {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = chains.next() else {
             // Everything popped goes back, broken chains too (they are met, and returned, with
             // the next frame that fits). A frame larger than the whole ring never fits.
-            queue.set_next_avail(start);
+            give_back(chains, popped);
             return Ok(if popped >= size {
                 RxOutcome::Dropped
             } else {
@@ -433,7 +443,7 @@ pub fn place_rx(
             Some(cap) if cap >= VNET_HDR_LEN || (!s.chains.is_empty() && cap > 0) => {
                 if !mergeable && cap < frame.len() {
                     // This chain can never hold it, and it is the only one the frame may use.
-                    queue.set_next_avail(start);
+                    give_back(chains, popped);
                     return Ok(RxOutcome::Dropped);
                 }
                 if s.chains.is_empty() {

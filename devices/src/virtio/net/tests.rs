@@ -310,6 +310,98 @@ fn used_entries_are_published_across_the_ring_wrap_with_one_index_update() {
     assert_eq!(after, 0);
 }
 
+/// Runs `f` on a thread; false if it has not returned within `secs`.
+fn returns_within(secs: u64, f: impl FnOnce() + Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(secs)).is_ok()
+}
+
+#[test]
+fn an_available_index_past_the_ring_is_an_error_not_a_busy_loop() {
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+    // The driver claims 17 new chains on a 16-entry ring: no chain can be taken, and looking
+    // again never helps. Both paths must give up with an error (the device then needs a reset).
+    let transmit = returns_within(5, || {
+        let mem = memory();
+        mem.write_obj(17u16, GuestAddress(AVAIL + 2)).unwrap();
+        let mut q = queue();
+        let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let r = Transmitter::new(Negotiated::default()).run(
+            &mut q,
+            &mem,
+            &std::sync::Mutex::new(None),
+            &crate::virtio::DeviceCounters::default(),
+            &interrupt,
+        );
+        assert!(r.is_err(), "{r:?}");
+    });
+    assert!(transmit, "the transmit path kept looking at a broken ring");
+    let receive = returns_within(5, || {
+        let mem = memory();
+        mem.write_obj(17u16, GuestAddress(AVAIL + 2)).unwrap();
+        let q = std::sync::Mutex::new(queue());
+        let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut rx = Receiver::new();
+        // A frame waits for buffers (as after a TAP read): the path must look at the ring.
+        rx.hold_for_test(64);
+        let r = rx.run(
+            &q,
+            &mem,
+            &std::sync::Mutex::new(None),
+            true,
+            &crate::virtio::DeviceCounters::default(),
+            &interrupt,
+        );
+        assert!(r.is_err(), "{r:?}");
+    });
+    assert!(receive, "the receive path kept looking at a broken ring");
+}
+
+#[test]
+fn a_frame_waiting_for_more_buffers_than_offered_leaves_the_worker_free() {
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+    // Mergeable buffers: one 1024-byte chain for a 1512-byte frame. The path must return (the
+    // frame waits for the driver's notification), not look at the same chain again and again.
+    let done = returns_within(5, || {
+        let mem = memory();
+        rx_buffers(&mem, 1, 1024);
+        let q = std::sync::Mutex::new(queue());
+        let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut rx = Receiver::new();
+        rx.hold_for_test(1512);
+        rx.run(
+            &q,
+            &mem,
+            &std::sync::Mutex::new(None),
+            true,
+            &crate::virtio::DeviceCounters::default(),
+            &interrupt,
+        )
+        .unwrap();
+        assert!(rx.is_waiting());
+        assert_eq!(q.lock().unwrap().next_avail(), 0, "nothing consumed");
+        // A second buffer arrives: the frame goes out over both.
+        write_desc(&mem, DESC, 1, DATA + 0x10000, 1024, 2, 0);
+        publish(&mem, &[0, 1]);
+        rx.run(
+            &q,
+            &mem,
+            &std::sync::Mutex::new(None),
+            true,
+            &crate::virtio::DeviceCounters::default(),
+            &interrupt,
+        )
+        .unwrap();
+        assert!(!rx.is_waiting());
+        assert_eq!(used_entries(&mem), vec![(0, 1024), (1, 1512 - 1024)]);
+    });
+    assert!(done, "the receive path kept looking at too few buffers");
+}
+
 #[test]
 fn without_buffers_nothing_is_consumed_and_oversized_frames_are_dropped() {
     let mem = memory();
