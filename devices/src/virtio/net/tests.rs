@@ -310,6 +310,25 @@ fn used_entries_are_published_across_the_ring_wrap_with_one_index_update() {
     assert_eq!(after, 0);
 }
 
+/// The receive path with no TAP, mergeable buffers and throwaway counters and interrupt.
+fn run_rx(
+    rx: &mut Receiver,
+    q: &std::sync::Mutex<virtio_queue::Queue>,
+    mem: &GuestMemory,
+) -> Result<(), queue_io::RingError> {
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+    let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let counters = crate::virtio::DeviceCounters::default();
+    rx.run(
+        q,
+        mem,
+        &std::sync::Mutex::new(None),
+        true,
+        &counters,
+        &interrupt,
+    )
+}
+
 /// Runs `f` on a thread; false if it has not returned within `secs`.
 fn returns_within(secs: u64, f: impl FnOnce() + Send + 'static) -> bool {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -344,18 +363,10 @@ fn an_available_index_past_the_ring_is_an_error_not_a_busy_loop() {
         let mem = memory();
         mem.write_obj(17u16, GuestAddress(AVAIL + 2)).unwrap();
         let q = std::sync::Mutex::new(queue());
-        let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let mut rx = Receiver::new();
         // A frame waits for buffers (as after a TAP read): the path must look at the ring.
         rx.hold_for_test(64);
-        let r = rx.run(
-            &q,
-            &mem,
-            &std::sync::Mutex::new(None),
-            true,
-            &crate::virtio::DeviceCounters::default(),
-            &interrupt,
-        );
+        let r = run_rx(&mut rx, &q, &mem);
         assert!(r.is_err(), "{r:?}");
     });
     assert!(receive, "the receive path kept looking at a broken ring");
@@ -363,39 +374,21 @@ fn an_available_index_past_the_ring_is_an_error_not_a_busy_loop() {
 
 #[test]
 fn a_frame_waiting_for_more_buffers_than_offered_leaves_the_worker_free() {
-    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
     // Mergeable buffers: one 1024-byte chain for a 1512-byte frame. The path must return (the
     // frame waits for the driver's notification), not look at the same chain again and again.
     let done = returns_within(5, || {
         let mem = memory();
         rx_buffers(&mem, 1, 1024);
         let q = std::sync::Mutex::new(queue());
-        let interrupt = crate::virtio::Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let mut rx = Receiver::new();
         rx.hold_for_test(1512);
-        rx.run(
-            &q,
-            &mem,
-            &std::sync::Mutex::new(None),
-            true,
-            &crate::virtio::DeviceCounters::default(),
-            &interrupt,
-        )
-        .unwrap();
+        run_rx(&mut rx, &q, &mem).unwrap();
         assert!(rx.is_waiting());
         assert_eq!(q.lock().unwrap().next_avail(), 0, "nothing consumed");
         // A second buffer arrives: the frame goes out over both.
         write_desc(&mem, DESC, 1, DATA + 0x10000, 1024, 2, 0);
         publish(&mem, &[0, 1]);
-        rx.run(
-            &q,
-            &mem,
-            &std::sync::Mutex::new(None),
-            true,
-            &crate::virtio::DeviceCounters::default(),
-            &interrupt,
-        )
-        .unwrap();
+        run_rx(&mut rx, &q, &mem).unwrap();
         assert!(!rx.is_waiting());
         assert_eq!(used_entries(&mem), vec![(0, 1024), (1, 1512 - 1024)]);
     });
