@@ -20,7 +20,8 @@
 #                      -d cpu_reset,guest_errors log: an L1 crash's registers) in DIR
 #   --console          stream L1's console to stderr while it runs
 #   --keep             keep the work directory (printed) instead of removing it
-# Environment: MICROVMM_NESTED_L1_APPEND (extra L1 kernel parameters), MICROVMM_NESTED_TCG_THREAD
+# Environment: MICROVMM_NESTED_L1_APPEND (extra L1 kernel parameters), MICROVMM_NESTED_L1_CPU (L1's
+# -cpu model and flags, default max,la57=off), MICROVMM_NESTED_TCG_THREAD
 # (single | multi: QEMU's TCG threading for L1), MICROVMM_NESTED_QEMU (the QEMU binary).
 # In L1, CMD runs with /nested (the scratch disk) as working directory, TMPDIR=/nested/tmp and
 # MICROVMM_NESTED_L1=1. Exit status: CMD's; 124 if CMD or L1 timed out; 123 if L1 ended without CMD's status
@@ -190,6 +191,8 @@ l1_timer="lapic=notscdeadline"
 # now and then, at random moments of a plain boot too (the vCPU found reset, RIP 0xfff0), and L1 itself
 # died in the window after a #VMEXIT; 5-level paging under TCG's nested SVM is the least-trodden path.
 l1_cpu="max,la57=off"
+# MICROVMM_NESTED_L1_CPU replaces it for experiments (e.g. "max,la57=off,avx512f=off").
+l1_cpu=${MICROVMM_NESTED_L1_CPU:-$l1_cpu}
 # Extra L1 kernel parameters for experiments (e.g. kvm_amd.npt=0: L1's KVM on shadow paging).
 l1_extra=${MICROVMM_NESTED_L1_APPEND:-}
 # TCG threading for experiments: MICROVMM_NESTED_TCG_THREAD=single runs all L1 vCPUs on one host thread
