@@ -274,8 +274,10 @@ fn through_api(
     // Checked here first, so that a bad plan names its field before anything is sent.
     let plan = ::upgrade::UpgradePlan::load(plan_path)?;
     let body = serde_json::to_value(&plan)?;
-    request(sock, "PUT", "/upgrade", Some(&body))?;
+    // Before the upgrade starts: a Ctrl-C from then on asks, it never leaves the upgrade
+    // running unwatched.
     catch_sigint()?;
+    request(sock, "PUT", "/upgrade", Some(&body))?;
     let bar = progress();
     let mut asked = false;
     let status = loop {
