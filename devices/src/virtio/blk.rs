@@ -469,6 +469,14 @@ pub fn process_queue(
         let mut n = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
+            if head >= queue.size() {
+                // A broken ring: the requests done before it are acknowledged, nothing after
+                // it runs.
+                super::publish_used(queue, mem, &done[..n]).map_err(QueueError::Ring)?;
+                return Err(QueueError::Ring(
+                    virtio_queue::Error::InvalidDescriptorIndex,
+                ));
+            }
             let len = handle_chain(chain, mem, disk, &limits, id, buf);
             done[n] = (head, len);
             n += 1;
@@ -1086,6 +1094,57 @@ mod tests {
 
     /// Found by the `virtio_blk` fuzz target (a device write landed on the available index): an
     /// index more than a queue ahead made `process_queue` spin forever, holding the queue lock.
+    #[test]
+    fn requests_before_a_bad_head_are_acknowledged_and_none_after_it_runs() {
+        use crate::virtio::testing::{DESC, USED};
+        let mem = memory();
+        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(DESC + i * 16)).unwrap();
+        };
+        // Two writes of 512 bytes (sectors 0 and 1) around a head past the ring.
+        for (k, sector) in [(0u64, 0u64), (1, 1)] {
+            let hdr = HDR + k * 0x20;
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            mem.write_slice(&[0x40 + k as u8; 512], GuestAddress(BUF + k * 0x200))
+                .unwrap();
+            let d = u16::try_from(k * 3).unwrap();
+            desc(k * 3, hdr, 16, 1, d + 1);
+            desc(k * 3 + 1, BUF + k * 0x200, 512, 1, d + 2);
+            desc(k * 3 + 2, STATUS + k, 1, 2, 0);
+        }
+        for (i, h) in [0u16, QSIZE + 5, 3].iter().enumerate() {
+            mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2))
+                .unwrap();
+        }
+        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+        let disk = RamDisk::new(4096, false);
+        let mut q = queue();
+        let r = process_queue(&mut q, &mem, disk.as_ref(), &[0; ID_BYTES], &mut Vec::new());
+        assert!(matches!(r, Err(QueueError::Ring(_))), "{r:?}");
+        let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1, "the request before the bad head is acknowledged");
+        let id: u32 = mem.read_obj(GuestAddress(USED + 4)).unwrap();
+        assert_eq!(id, 0);
+        let mut got = [0u8; 1024];
+        disk.read_at(&mut got, 0).unwrap();
+        assert!(
+            got[..512].iter().all(|&b| b == 0x40),
+            "the first write landed"
+        );
+        assert!(
+            got[512..].iter().all(|&b| b == 0),
+            "nothing after the bad head ran"
+        );
+    }
+
     #[test]
     fn an_available_index_out_of_range_is_a_broken_ring_not_a_busy_loop() {
         let (tx, rx) = std::sync::mpsc::channel();

@@ -270,7 +270,13 @@ impl std::fmt::Debug for Net {
     }
 }
 
-/// The feature bits the device offers.
+/// Most passes [`Receiver::run`] makes after finding too few receive buffers.
+const MAX_RX_PASSES: u32 = 64;
+
+/// The feature bits the device offers. Not `VIRTIO_RING_F_EVENT_IDX`: with it, the driver's
+/// event index would have to be honoured here (the receive path sets the available event to
+/// where it rewound, behind the driver; and `publish_used` falls back to one index update per
+/// entry, so a driver could see part of a mergeable frame).
 fn offered_features() -> u64 {
     [
         vn::VIRTIO_NET_F_MAC,
@@ -682,6 +688,11 @@ impl Receiver {
         let mut q = lock(queue);
         let tap = lock(tap);
         let size = q.size();
+        // Passes after a wait for buffers found the driver's index moved; bounded, so that a
+        // driver moving its index back and forth cannot keep this thread (and the queue's
+        // lock) here. The frame then waits for the driver's notification, which comes: receive
+        // notifications are never turned off.
+        let mut passes = 0u32;
         let result = 'run: loop {
             // One look at the driver's index per pass. An index more than a ring ahead is an
             // error here (looking again would never find a chain to take).
@@ -746,8 +757,9 @@ impl Receiver {
                     if let Err(e) = q.enable_notification(mem) {
                         break Err(e.into());
                     }
+                    passes += 1;
                     match q.avail_idx(mem, Ordering::Acquire) {
-                        Ok(i) if i.0 != seen => continue 'run,
+                        Ok(i) if i.0 != seen && passes < MAX_RX_PASSES => continue 'run,
                         Ok(_) => break Ok(()),
                         Err(e) => break Err(e.into()),
                     }
