@@ -572,15 +572,18 @@ fn real_linux_upgrade() {
     // frozen layers of the earlier rollbacks; the old VM's fork children and every fd of its
     // own are gone.
     let last = format!("/upgrade3-{attempt}/disk");
+    // The serving VM (the backup, restarted) writes its console to the plan's default file.
+    let console = format!("/upgrade3-{attempt}/backup.console");
     let (added, threads2) = settled_fds(&fds0, |f| {
         f.contains(&last) && f.contains("-merged/")
+            || f.ends_with(&console)
             || (f.contains("/upgrade1/disk")
                 || f.contains("/upgrade2/disk")
                 || f.contains("/upgrade3-"))
                 && f.contains("-active/")
     });
     println!(
-        "{test}: after the upgrade: {} new fds (the merged chains), {threads2} threads",
+        "{test}: after the upgrade: {} new fds (the merged chains, the console), {threads2} threads",
         added.len()
     );
     assert!(threads2 <= threads0, "the old VM left threads");
