@@ -114,7 +114,7 @@ impl Negotiated {
 
 /// Walks a receive chain once: all its buffers must be device-writable and inside guest
 /// memory. On the way it copies the start of `data` into them (each buffer looked up once) and
-/// appends them to `regions`. Returns the chain's capacity, or `None` for a broken chain. (Its
+/// appends them to `regions`, if given. Returns the chain's capacity, or `None` for a broken chain. (Its
 /// buffers may have been written: available buffers belong to the device, and a broken chain
 /// goes back empty. Loops end at the queue size and indirect tables are followed, by the chain
 /// iterator.)
@@ -122,7 +122,7 @@ fn fill_rx(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
     data: &[u8],
-    regions: &mut Vec<(GuestAddress, usize)>,
+    mut regions: Option<&mut Vec<(GuestAddress, usize)>>,
 ) -> Option<usize> {
     let mut cap = 0usize;
     for d in chain {
@@ -147,7 +147,9 @@ fn fill_rx(
             }
         }
         cap = cap.checked_add(len)?;
-        regions.push((d.addr(), len));
+        if let Some(r) = regions.as_deref_mut() {
+            r.push((d.addr(), len));
+        }
     }
     Some(cap)
 }
@@ -178,34 +180,10 @@ fn write_at(
     Ok(())
 }
 
-/// Copies the first `out.len()` bytes of `regions` into `out`.
-pub fn read_regions(
-    mem: &GuestMemory,
-    regions: &[(GuestAddress, usize)],
-    out: &mut [u8],
-) -> Result<(), TxError> {
-    let mut done = 0;
-    for &(addr, len) in regions {
-        if done == out.len() {
-            break;
-        }
-        let n = len.min(out.len() - done);
-        mem.read_slice(&mut out[done..done + n], addr)
-            .map_err(|_| TxError::InvalidChain)?;
-        done += n;
-    }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(TxError::InvalidChain)
-    }
-}
-
 /// Reusable space for the guest buffers of one transmit chain (see [`TxBuffers`]).
 #[derive(Debug, Default)]
 pub struct TxScratch {
     iov: Vec<libc::iovec>,
-    regions: Vec<(GuestAddress, usize)>,
 }
 
 /// The guest buffers of one validated transmit chain, as an I/O vector for the TAP. Every entry
@@ -218,19 +196,12 @@ pub struct TxBuffers<'s, 'm> {
 }
 
 impl<'s, 'm> TxBuffers<'s, 'm> {
-    /// Empty buffers for chains of `mem`, kept in `scratch`.
+    /// Buffers for a chain of `mem`, kept in `scratch` ([`parse_tx_chain`] fills them).
     pub fn new(scratch: &'s mut TxScratch, _mem: &'m GuestMemory) -> Self {
-        scratch.iov.clear();
-        scratch.regions.clear();
         Self {
             scratch,
             _mem: PhantomData,
         }
-    }
-
-    fn clear(&mut self) {
-        self.scratch.iov.clear();
-        self.scratch.regions.clear();
     }
 
     fn push<B: vm_memory::bitmap::BitmapSlice>(&mut self, s: &vm_memory::VolatileSlice<'m, B>) {
@@ -244,11 +215,6 @@ impl<'s, 'm> TxBuffers<'s, 'm> {
     pub fn iov(&self) -> &[libc::iovec] {
         &self.scratch.iov
     }
-
-    /// The guest buffers (address, length), in chain order.
-    pub fn regions(&self) -> &[(GuestAddress, usize)] {
-        &self.scratch.regions
-    }
 }
 
 /// Validates one transmit chain (header and frame, all device-readable, inside guest memory)
@@ -260,7 +226,7 @@ pub fn parse_tx_chain<'m>(
     neg: &Negotiated,
     bufs: &mut TxBuffers<'_, 'm>,
 ) -> Result<usize, TxError> {
-    bufs.clear();
+    bufs.scratch.iov.clear();
     let mut hdr = [0u8; VNET_HDR_LEN];
     let mut have = 0usize;
     let mut len = 0usize;
@@ -271,7 +237,6 @@ pub fn parse_tx_chain<'m>(
         }
         let n = d.len() as usize;
         len = len.checked_add(n).ok_or(TxError::InvalidChain)?;
-        bufs.scratch.regions.push((d.addr(), n));
         if let Ok(s) = mem.get_slice(d.addr(), n) {
             // One region holds almost every buffer.
             have += s.copy_to(&mut hdr[have..]);
@@ -313,10 +278,16 @@ pub fn read_tx_chain(
     buf: &mut Vec<u8>,
 ) -> Result<usize, TxError> {
     let mut scratch = TxScratch::default();
-    let mut bufs = TxBuffers::new(&mut scratch, mem);
-    let len = parse_tx_chain(chain, mem, neg, &mut bufs)?;
+    let len = parse_tx_chain(
+        chain.clone(),
+        mem,
+        neg,
+        &mut TxBuffers::new(&mut scratch, mem),
+    )?;
     buf.resize(len, 0);
-    read_regions(mem, bufs.regions(), &mut buf[..len])?;
+    // Validated: every buffer device-readable and inside guest memory.
+    let mut r = chain.reader(mem).map_err(|_| TxError::InvalidChain)?;
+    std::io::Read::read_exact(&mut r, &mut buf[..len]).map_err(|_| TxError::InvalidChain)?;
     Ok(len)
 }
 
@@ -347,6 +318,7 @@ pub enum RingError {
 /// Reusable space for [`deliver_rx`], so that receiving does not allocate per frame.
 #[derive(Debug, Default)]
 pub struct RxScratch {
+    /// The buffers of the frame's first chain.
     regions: Vec<(GuestAddress, usize)>,
     /// Per chain taken for the frame: head, bytes of the frame placed in it.
     chains: Vec<(u16, usize)>,
@@ -356,11 +328,6 @@ pub struct RxScratch {
 }
 
 impl RxScratch {
-    /// Whether frames placed by [`place_rx`] wait for [`RxScratch::publish`].
-    pub fn has_unpublished(&self) -> bool {
-        !self.used.is_empty()
-    }
-
     /// Publishes the used entries of every frame placed since the last call, with one
     /// used-index update.
     pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<(), RingError> {
@@ -417,7 +384,6 @@ pub fn place_rx(
     // header says so until a second one is needed.
     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
     let mut placed = 0usize;
-    let mut first_end = 0usize;
     let mut popped = 0u16;
     let give_back = |chains: &mut AvailIter<'_, &GuestMemory>, popped: u16| {
         for _ in 0..popped {
@@ -438,16 +404,15 @@ pub fn place_rx(
         popped = popped.saturating_add(1);
         let head = chain.head_index();
         let mark = s.regions.len();
-        match fill_rx(chain, mem, &frame[placed..], &mut s.regions) {
+        // Only the first chain's buffers are kept (for `num_buffers`, below).
+        let regions = s.chains.is_empty().then_some(&mut s.regions);
+        match fill_rx(chain, mem, &frame[placed..], regions) {
             // The first chain must hold at least the header.
             Some(cap) if cap >= VNET_HDR_LEN || (!s.chains.is_empty() && cap > 0) => {
                 if !mergeable && cap < frame.len() {
                     // This chain can never hold it, and it is the only one the frame may use.
                     give_back(chains, popped);
                     return Ok(RxOutcome::Dropped);
-                }
-                if s.chains.is_empty() {
-                    first_end = s.regions.len();
                 }
                 let take = (frame.len() - placed).min(cap);
                 placed += take;
@@ -466,7 +431,7 @@ pub fn place_rx(
     if count != 1 {
         // `num_buffers`, in the first chain (which holds the whole header).
         frame[10..12].copy_from_slice(&count.to_le_bytes());
-        write_at(mem, &s.regions[..first_end], 10, &frame[10..12])?;
+        write_at(mem, &s.regions, 10, &frame[10..12])?;
     }
     for &(head, take) in &s.chains {
         s.used.push((head, u32::try_from(take).unwrap_or(u32::MAX)));
