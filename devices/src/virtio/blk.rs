@@ -1096,16 +1096,8 @@ mod tests {
     /// index more than a queue ahead made `process_queue` spin forever, holding the queue lock.
     #[test]
     fn requests_before_a_bad_head_are_acknowledged_and_none_after_it_runs() {
-        use crate::virtio::testing::{DESC, USED};
+        use crate::virtio::testing::{DESC, USED, publish, write_desc};
         let mem = memory();
-        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&d, GuestAddress(DESC + i * 16)).unwrap();
-        };
         // Two writes of 512 bytes (sectors 0 and 1) around a head past the ring.
         for (k, sector) in [(0u64, 0u64), (1, 1)] {
             let hdr = HDR + k * 0x20;
@@ -1116,15 +1108,11 @@ mod tests {
             mem.write_slice(&[0x40 + k as u8; 512], GuestAddress(BUF + k * 0x200))
                 .unwrap();
             let d = u16::try_from(k * 3).unwrap();
-            desc(k * 3, hdr, 16, 1, d + 1);
-            desc(k * 3 + 1, BUF + k * 0x200, 512, 1, d + 2);
-            desc(k * 3 + 2, STATUS + k, 1, 2, 0);
+            write_desc(&mem, DESC, d, hdr, 16, 1, d + 1);
+            write_desc(&mem, DESC, d + 1, BUF + k * 0x200, 512, 1, d + 2);
+            write_desc(&mem, DESC, d + 2, STATUS + k, 1, 2, 0);
         }
-        for (i, h) in [0u16, QSIZE + 5, 3].iter().enumerate() {
-            mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2))
-                .unwrap();
-        }
-        mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+        publish(&mem, &[0, QSIZE + 5, 3]);
         let disk = RamDisk::new(4096, false);
         let mut q = queue();
         let r = process_queue(&mut q, &mem, disk.as_ref(), &[0; ID_BYTES], &mut Vec::new());
@@ -1302,7 +1290,7 @@ mod fuzz {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::virtio::testing::{AVAIL, DESC, RamDisk, USED, memory, queue};
+    use crate::virtio::testing::{DESC, RamDisk, USED, memory, publish, queue, write_desc};
 
     /// A guest address: mostly inside the test memory, sometimes across its two regions'
     /// boundary, sometimes anywhere.
@@ -1328,17 +1316,9 @@ mod fuzz {
         ) {
             let mem = memory();
             for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
-                let mut d = [0u8; 16];
-                d[0..8].copy_from_slice(&addr.to_le_bytes());
-                d[8..12].copy_from_slice(&len.to_le_bytes());
-                d[12..14].copy_from_slice(&flags.to_le_bytes());
-                d[14..16].copy_from_slice(&next.to_le_bytes());
-                mem.write_slice(&d, GuestAddress(DESC + i as u64 * 16)).unwrap();
+                write_desc(&mem, DESC, i as u16, *addr, *len, *flags, *next);
             }
-            for (i, h) in heads.iter().enumerate() {
-                mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2)).unwrap();
-            }
-            mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
+            publish(&mem, &heads);
             // Put a plausible header wherever the first descriptors point.
             let mut h = header.clone();
             h[0..4].copy_from_slice(&ty.to_le_bytes());
@@ -1383,15 +1363,9 @@ mod fuzz {
                     if i + 1 < n {
                         flags |= 1;
                     }
-                    let mut d = [0u8; 16];
-                    d[0..8].copy_from_slice(&addr.to_le_bytes());
-                    d[8..12].copy_from_slice(&len.to_le_bytes());
-                    d[12..14].copy_from_slice(&flags.to_le_bytes());
-                    d[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
-                    mem.write_slice(&d, GuestAddress(DESC + i as u64 * 16)).unwrap();
+                    write_desc(&mem, DESC, i as u16, *addr, *len, flags, i as u16 + 1);
                 }
-                mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-                mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+                publish(&mem, &[0]);
                 let mut h = [0u8; 16];
                 h[0..4].copy_from_slice(&ty.to_le_bytes());
                 h[8..16].copy_from_slice(&sector.to_le_bytes());

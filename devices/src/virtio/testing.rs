@@ -37,6 +37,36 @@ pub fn memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
+/// Writes descriptor `i` of the table at `base`: `addr`, `len`, `flags`, `next`.
+pub fn write_desc(
+    mem: &GuestMemory,
+    base: u64,
+    i: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&d, GuestAddress(base + u64::from(i) * 16))
+        .expect("descriptor table in guest memory");
+}
+
+/// Makes `heads` the available ring at [`AVAIL`] (from slot 0), and its index their count.
+pub fn publish(mem: &GuestMemory, heads: &[u16]) {
+    for (i, h) in heads.iter().enumerate() {
+        mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2))
+            .expect("available ring in guest memory");
+    }
+    let n = u16::try_from(heads.len()).expect("at most 65535 heads");
+    mem.write_obj(n, GuestAddress(AVAIL + 2))
+        .expect("available ring in guest memory");
+}
+
 /// A ready queue 0 at the driver's ring addresses, for calling a device's queue processing
 /// directly (without a transport or worker thread).
 pub fn queue() -> virtio_queue::Queue {

@@ -13,7 +13,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use super::queue_io::{Negotiated, RxOutcome, RxScratch, TxError, deliver_rx, read_tx_chain};
 use super::*;
 use crate::virtio::testing::{
-    AVAIL, DATA, DESC, Driver, NetNs, PacketSocket, USED, memory, net_or_skip, queue,
+    AVAIL, DATA, DESC, Driver, NetNs, PacketSocket, USED, memory, net_or_skip, publish, queue,
+    write_desc,
 };
 
 /// Ethertype of the test frames (IEEE local experimental), so the tests see only their own.
@@ -37,25 +38,6 @@ fn ours(f: &[u8]) -> bool {
 fn features(bits: &[u32]) -> u64 {
     bits.iter()
         .fold(1u64 << VIRTIO_F_VERSION_1, |f, b| f | (1u64 << b))
-}
-
-fn write_desc(mem: &GuestMemory, base: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    mem.write_slice(&d, GuestAddress(base + u64::from(i) * 16))
-        .unwrap();
-}
-
-fn publish(mem: &GuestMemory, heads: &[u16]) {
-    for (i, h) in heads.iter().enumerate() {
-        mem.write_obj(*h, GuestAddress(AVAIL + 4 + i as u64 * 2))
-            .unwrap();
-    }
-    mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2))
-        .unwrap();
 }
 
 fn used_entries(mem: &GuestMemory) -> Vec<(u32, u32)> {
