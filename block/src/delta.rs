@@ -598,25 +598,29 @@ impl Delta {
         data: &[u8],
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let r = Record::new(kind, seq, offset, len);
-        st.pending.push(r);
+        let r = self.next_record(st, kind, offset, len);
         if kind == RecordKind::Write && st.inline_bytes + len > INLINE_FLUSH_BYTES {
             st.inline = None;
         }
         if let Some(batch) = &mut st.inline {
             if kind == RecordKind::Write {
-                let mut w = r;
-                w.kind = RecordKind::WriteData;
-                w.aux = u64::from(crc32c::crc32c(data));
-                batch.extend_from_slice(&w.encode());
+                batch.extend_from_slice(&write_data_record(r, crc32c::crc32c(data)));
                 batch.extend_from_slice(data);
                 st.inline_bytes += len;
             } else {
                 batch.extend_from_slice(&r.encode());
             }
         }
+        Ok(())
+    }
+
+    /// The next record of the pending batch (its sequence number taken, the extent index
+    /// updated); the caller has reserved the sequence numbers.
+    fn next_record(&self, st: &mut WriteState, kind: RecordKind, offset: u64, len: u64) -> Record {
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let r = Record::new(kind, seq, offset, len);
+        st.pending.push(r);
         let ek = if kind == RecordKind::Write {
             ExtentKind::Data
         } else {
@@ -626,7 +630,7 @@ impl Delta {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(offset, len, ek, seq);
-        Ok(())
+        r
     }
 
     /// Reads `buf.len()` bytes at `offset` (512-byte aligned), falling through to the parent
@@ -742,19 +746,12 @@ impl Delta {
             batch.truncate(at);
             return Err(BlockError::io("write", &self.dir)(e));
         }
-        let seq = st.next_seq;
-        st.next_seq += 1;
-        let r = Record::new(RecordKind::Write, seq, offset, len as u64);
-        st.pending.push(r);
-        let mut w = r;
-        w.kind = RecordKind::WriteData;
-        w.aux = u64::from(crc32c::crc32c(&batch[data_at..]));
-        batch[at..data_at].copy_from_slice(&w.encode());
+        let crc = crc32c::crc32c(&batch[data_at..]);
+        let r = self.next_record(st, RecordKind::Write, offset, len as u64);
+        if let Some(batch) = st.inline.as_mut() {
+            batch[at..data_at].copy_from_slice(&write_data_record(r, crc));
+        }
         st.inline_bytes += len as u64;
-        self.index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(offset, len as u64, ExtentKind::Data, seq);
         Ok(())
     }
 
@@ -1195,4 +1192,13 @@ impl Delta {
     pub(crate) fn data_file(&self) -> &File {
         &self.data
     }
+}
+
+/// The `WRITE_DATA` form of the write record `r`, for a batch that carries its data (whose
+/// CRC32C is `crc`).
+fn write_data_record(r: Record, crc: u32) -> [u8; RECORD_SIZE] {
+    let mut w = r;
+    w.kind = RecordKind::WriteData;
+    w.aux = u64::from(crc);
+    w.encode()
 }
