@@ -136,9 +136,13 @@ pub fn restore(dir: &Path) -> Result<(u32, Duration), CriuError> {
     Ok((pid, took))
 }
 
-/// Starts `criu page-server` writing pages into `dir`, listening on `port`; it exits when the dump ends.
+/// How long a page server may take to listen (a CRIU start in a slow guest takes seconds).
+const PAGE_SERVER_START: Duration = Duration::from_secs(60);
+
+/// Starts `criu page-server` writing pages into `dir`, listening on `port`, and returns once it
+/// listens: a dump started before that would find the port closed. It exits when the dump ends.
 pub fn page_server(dir: &Path, port: u16) -> Result<Child, CriuError> {
-    Command::new("criu")
+    let mut child = Command::new("criu")
         .arg("page-server")
         .arg("-D")
         .arg(dir)
@@ -150,12 +154,72 @@ pub fn page_server(dir: &Path, port: u16) -> Result<Child, CriuError> {
         .map_err(|source| CriuError::Spawn {
             action: "page-server",
             source,
-        })
+        })?;
+    let t0 = Instant::now();
+    loop {
+        if listening(port) {
+            return Ok(child);
+        }
+        let status = match child.try_wait() {
+            Ok(Some(st)) => st.to_string(),
+            _ if t0.elapsed() > PAGE_SERVER_START => {
+                let _ = child.kill();
+                let _ = child.wait();
+                format!(
+                    "not listening on port {port} after {} s",
+                    PAGE_SERVER_START.as_secs()
+                )
+            }
+            _ => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        return Err(CriuError::Failed {
+            action: "page-server",
+            status,
+            log: log_summary(dir, "page-server.log"),
+        });
+    }
+}
+
+/// Whether a TCP socket of this network namespace listens on `port` (any address).
+fn listening(port: u16) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        fs::read_to_string(f)
+            .map(|t| table_listens(&t, port))
+            .unwrap_or(false)
+    })
+}
+
+/// Whether a `/proc/net/tcp{,6}` table has a socket in state LISTEN (0A) on local `port`.
+fn table_listens(table: &str, port: u16) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        let local_port = local
+            .and_then(|l| l.rsplit_once(':'))
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        local_port == Some(port) && state == Some("0A")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_sockets_are_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:6978 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
+   1: 03004D0A:1B58 02004D0A:D3C4 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
+        assert!(table_listens(table, 27000));
+        // Port 7000 only has an established connection, not a listener.
+        assert!(!table_listens(table, 7000));
+        assert!(!table_listens(table, 27001));
+        assert!(!table_listens("garbage\nline without fields\n", 27000));
+    }
 
     #[test]
     fn summary_shows_what_led_to_the_last_error() {

@@ -300,9 +300,12 @@ impl Client {
 }
 
 /// Runs a handoff A->B that must fail with a cause `expected` accepts and roll back to A; waits
-/// until A answers the client again; returns the client-observed gap.
+/// until A answers the client again; returns the client-observed gap. On anything else it fails
+/// with both guests' console tails (the agents log there).
+#[allow(clippy::too_many_arguments)]
 fn fault_case(
     label: &str,
+    guests: [&Guest; 2],
     a: &mut AgentClient,
     b: &mut AgentClient,
     client: &Client,
@@ -310,6 +313,7 @@ fn fault_case(
     expected: impl Fn(&HostError) -> bool,
 ) -> Duration {
     let mark = client.snapshot().len();
+    let t0 = Instant::now();
     match handoff(a, b, opts) {
         Err(HandoffError::RolledBack { pid, cause }) if expected(&cause) => {
             println!(
@@ -317,7 +321,15 @@ fn fault_case(
                 guest_agent::agent::error_chain(&cause)
             );
         }
-        other => panic!("{label}: expected a rollback to A, got {other:?}"),
+        other => panic!(
+            "{label}: expected a rollback to A, got {other:?} after {:.1} s\n\
+             --- {} console ---\n{}\n--- {} console ---\n{}",
+            t0.elapsed().as_secs_f64(),
+            guests[0].name,
+            guests[0].console_tail(),
+            guests[1].name,
+            guests[1].console_tail()
+        ),
     }
     client.wait_replies_from("guest-a", 3);
     max_gap(&client.snapshot(), mark)
@@ -512,6 +524,7 @@ fn run_suite(img: &Images) {
     };
     let gap_f1 = fault_case(
         "fault 1 (restore failure on B)",
+        [&ga, &gb],
         &mut a,
         &mut b,
         &client,
@@ -536,6 +549,7 @@ fn run_suite(img: &Images) {
     let dropped = |e: &HostError| matches!(e, HostError::InjectedDrop(_));
     let gap_f2 = fault_case(
         "fault 2 (target connection dropped mid-stream)",
+        [&ga, &gb],
         &mut a,
         &mut b,
         &client,
@@ -565,7 +579,15 @@ fn run_suite(img: &Images) {
         ..HandoffOpts::default()
     };
     let label = "fault 3 (restore failure on B after a page-server dump; pages fetched back)";
-    let gap_f3 = fault_case(label, &mut a, &mut b, &client, &opts, restore_failed);
+    let gap_f3 = fault_case(
+        label,
+        [&ga, &gb],
+        &mut a,
+        &mut b,
+        &client,
+        &opts,
+        restore_failed,
+    );
 
     // Fault 4: a PID of the tree is taken on B -> typed refusal before CRIU runs, rolled back.
     let squatter = exec(
@@ -578,6 +600,7 @@ fn run_suite(img: &Images) {
     let pid_taken = |e: &HostError| matches!(e, HostError::Agent { kind: ErrorKind::Restore, message } if message.contains("taken"));
     let gap_f4 = fault_case(
         "fault 4 (a PID of the tree is taken on B)",
+        [&ga, &gb],
         &mut a,
         &mut b,
         &client,
