@@ -12,6 +12,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::packet::{
     HOST_CID, Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
@@ -28,6 +29,11 @@ pub const MAX_PENDING_HOST: usize = 64;
 const MAX_LINE: usize = 32;
 /// First port number handed out to host-initiated connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// How long the guest has to answer our SHUTDOWN (sent when the host side closed) with an
+/// RST; after that the connection is reset and its host socket closed (a guest that never
+/// answers must not keep host sockets open).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors of the vsock host side.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,8 @@ struct Conn {
     host_eof: bool,
     /// The guest will send no more.
     guest_send_done: bool,
+    /// When the connection is reset if the guest has not answered our SHUTDOWN by then.
+    close_deadline: Option<Instant>,
 }
 
 impl Conn {
@@ -95,6 +103,7 @@ impl Conn {
             peer_fwd_cnt: 0,
             host_eof: false,
             guest_send_done: false,
+            close_deadline: None,
         }
     }
 
@@ -446,6 +455,7 @@ impl Muxer {
             conn.peer_fwd_cnt = c.peer_fwd_cnt;
             conn.host_eof = c.host_eof;
             conn.guest_send_done = c.guest_send_done;
+            conn.close_deadline = c.host_eof.then(|| Instant::now() + CLOSE_TIMEOUT);
             self.conns.insert((c.host_port, c.guest_port), conn);
         }
         self.control.extend(control);
@@ -618,6 +628,7 @@ impl Muxer {
                 Some(_) => {} // malformed line, EOF or too many connections: drop the socket
             }
         }
+        self.expire(Instant::now());
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for key in keys {
             let Some(c) = self.conns.get_mut(&key) else {
@@ -628,6 +639,19 @@ impl Muxer {
                 continue;
             }
             self.maybe_credit_update(key);
+        }
+    }
+
+    /// Resets the connections whose guest has not answered our SHUTDOWN by `now`.
+    fn expire(&mut self, now: Instant) {
+        let due: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.close_deadline.is_some_and(|d| now >= d))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            self.reset(key);
         }
     }
 
@@ -679,6 +703,7 @@ impl Muxer {
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     c.host_eof = true;
+                    c.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
                     self.cursor = Some(key);
                     let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
                     return Some((h, Vec::new()));
@@ -926,6 +951,18 @@ mod tests {
         panic!("no data for the guest");
     }
 
+    /// The next packet of any kind for the guest (waiting for host events).
+    fn next_packet(m: &mut Muxer) -> Header {
+        for _ in 0..2000 {
+            m.service_host();
+            match m.next_rx(MAX_PAYLOAD) {
+                Some((h, _)) => return h,
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        panic!("no packet for the guest");
+    }
+
     #[test]
     fn only_a_stale_socket_at_the_path_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
@@ -1054,6 +1091,35 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         panic!("no REQUEST for the guest");
+    }
+
+    #[test]
+    fn a_guest_that_never_answers_our_shutdown_is_reset_after_the_close_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let (host, host_port) = host_connect(&mut m, &path, 52);
+        drop(host);
+        // The host side closed: the guest is told SHUTDOWN and has CLOSE_TIMEOUT to answer.
+        let t0 = Instant::now();
+        let h = next_packet(&mut m);
+        assert_eq!((h.op, h.src_port, h.dst_port), (OP_SHUTDOWN, host_port, 52));
+        m.expire(t0);
+        assert_eq!(m.connection_count(), 1, "reset before the timeout");
+        assert!(m.next_rx(MAX_PAYLOAD).is_none());
+        m.expire(Instant::now() + CLOSE_TIMEOUT);
+        assert_eq!(m.connection_count(), 0);
+        let (h, _) = m.next_rx(MAX_PAYLOAD).unwrap();
+        assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, host_port, 52));
+        // A guest that answers in time is not reset twice.
+        let (host, _) = host_connect(&mut m, &path, 53);
+        drop(host);
+        let h = next_packet(&mut m);
+        assert_eq!(h.op, OP_SHUTDOWN);
+        m.handle_guest_packet(&guest_packet(OP_RST, h.src_port, 53, 0, 0), &[]);
+        assert_eq!(m.connection_count(), 0);
+        m.expire(Instant::now() + CLOSE_TIMEOUT);
+        assert!(m.next_rx(MAX_PAYLOAD).is_none());
     }
 
     #[test]
