@@ -257,9 +257,40 @@ fn settled_fds(before: &[String], allowed: impl Fn(&str) -> bool) -> (Vec<String
         if other.is_empty() {
             return (added, threads);
         }
-        assert!(Instant::now() < end, "fds left behind: {other:?}");
+        assert!(
+            Instant::now() < end,
+            "fds left behind: {:?}",
+            other.iter().map(|f| describe_fd(f)).collect::<Vec<_>>()
+        );
         thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `target` (an fd's link), with what the kernel's socket tables say of a socket: its unix
+/// path and state, or its TCP endpoints.
+fn describe_fd(target: &str) -> String {
+    let Some(inode) = target
+        .strip_prefix("socket:[")
+        .and_then(|t| t.strip_suffix(']'))
+    else {
+        return target.to_owned();
+    };
+    // This thread's network namespace and the process's (the test may run in its own).
+    let tables = ["thread-self", "self"].into_iter().flat_map(|who| {
+        ["unix", "tcp", "tcp6", "udp"].map(move |t| format!("/proc/{who}/net/{t}"))
+    });
+    for table in tables {
+        let text = std::fs::read_to_string(&table).unwrap_or_default();
+        // The inode is the 7th field of a unix line and the 10th of a tcp/udp line.
+        let col = if table.ends_with("unix") { 6 } else { 9 };
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.split_whitespace().nth(col) == Some(inode))
+        {
+            return format!("{target} in {table}: {}", line.trim());
+        }
+    }
+    format!("{target} (in no socket table)")
 }
 
 /// The fds in `after` that `before` did not have (as a multiset).

@@ -89,6 +89,9 @@ impl CriuAgent {
 /// Longest wait for the guest's `sync` after a checkpoint.
 const SYNC_LIMIT: Duration = Duration::from_secs(60);
 
+/// Longest wait for the old VM's agent to release the moved workload (after the commit).
+const RELEASE_LIMIT: Duration = Duration::from_secs(60);
+
 /// Longest wait for a CRIU dump or restore.
 const CRIU_LIMIT: Duration = Duration::from_secs(120);
 
@@ -140,7 +143,9 @@ impl GuestAgent for CriuAgent {
             .map(|_| ())
     }
     fn release(&mut self) -> Result<(), AgentError> {
-        self.client.release().map_err(map)
+        // The agent removes the service address and its guard rules (`ip`, `iptables`): seconds
+        // in a slow guest, more than the connection's short default.
+        self.with_timeout(RELEASE_LIMIT, AgentClient::release)
     }
     fn rollback(&mut self) -> Result<(), AgentError> {
         self.with_timeout(CRIU_LIMIT, AgentClient::rollback)

@@ -56,6 +56,16 @@ fn resources() -> Vec<String> {
     v
 }
 
+/// The process's sockets (their inodes), sorted.
+fn sockets() -> Vec<String> {
+    let mut v: Vec<String> = resources()
+        .into_iter()
+        .filter(|r| r.starts_with("socket:"))
+        .collect();
+    v.sort();
+    v
+}
+
 fn listing(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = walk(dir);
     v.sort();
@@ -325,6 +335,7 @@ fn a_work_dir_holding_the_vms_disk_is_refused() {
         "{err:?}"
     );
     assert_eq!(vm.machine.state(), vmm::machine::VmState::Running);
+    let sockets_before = sockets();
     let report = upgrade::run(
         &mut vm.machine,
         &demo::plan(&dir.path().join("again")),
@@ -332,6 +343,13 @@ fn a_work_dir_holding_the_vms_disk_is_refused() {
     )
     .unwrap();
     assert_eq!(report.disks, vec![dir.path().join("again/disk0-merged")]);
+    // The upgraded VM answers on the old VM's listener; the agent connections of both VMs
+    // are closed once their guests have answered the shutdown: no socket is left behind.
+    let t0 = std::time::Instant::now();
+    while sockets() != sockets_before && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(sockets(), sockets_before, "sockets left after the upgrade");
     demo::finish(&mut vm.machine).unwrap();
 }
 
