@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod blk;
 pub mod mmio;
 pub mod net;
+pub mod ring_view;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod vsock;

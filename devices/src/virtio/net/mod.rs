@@ -21,6 +21,7 @@ use self::queue_io::{
     MAX_BUFFER, Negotiated, RingError, RxOutcome, RxScratch, TxBuffers, TxScratch,
 };
 use self::tap::{Tap, VNET_HDR_LEN};
+use super::ring_view::AvailView;
 use super::{
     ActivateError, Activation, DeviceCounters, GuestMemory, INT_CONFIG, INT_VRING, Interrupt,
     SharedQueue, VIRTIO_F_VERSION_1, VirtioDevice, WorkerThread,
@@ -696,14 +697,11 @@ impl Receiver {
         let result = 'run: loop {
             // One look at the driver's index per pass. An index more than a ring ahead is an
             // error here (looking again would never find a chain to take).
-            let seen = match q.avail_idx(mem, Ordering::Acquire) {
-                Ok(i) => i.0,
-                Err(e) => break Err(e.into()),
-            };
-            let mut chains = match q.iter(mem) {
+            let mut chains = match AvailView::new(&q, mem) {
                 Ok(c) => c,
                 Err(e) => break Err(e.into()),
             };
+            let seen = chains.avail_idx();
             let pass = loop {
                 let Some(len) = self.pending else {
                     if budget == 0 {
@@ -744,6 +742,8 @@ impl Receiver {
                     Err(e) => break Err(e),
                 }
             };
+            // The chains taken (and not given back) are the device's now.
+            q.set_next_avail(chains.next_avail());
             match pass {
                 Ok(false) => break Ok(()),
                 Err(e) => break Err(e),

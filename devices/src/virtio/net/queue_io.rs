@@ -5,7 +5,9 @@
 use std::marker::PhantomData;
 
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use crate::virtio::ring_view::{AvailView, Chain};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::tap::VNET_HDR_LEN;
@@ -117,9 +119,9 @@ impl Negotiated {
 /// appends them to `regions`, if given. Returns the chain's capacity, or `None` for a broken chain. (Its
 /// buffers may have been written: available buffers belong to the device, and a broken chain
 /// goes back empty. Loops end at the queue size and indirect tables are followed, by the chain
-/// iterator.)
+/// iterator, [`Chain`].)
 fn fill_rx(
-    chain: DescriptorChain<&GuestMemory>,
+    chain: Chain<'_>,
     mem: &GuestMemory,
     data: &[u8],
     mut regions: Option<&mut Vec<(GuestAddress, usize)>>,
@@ -351,11 +353,9 @@ pub fn deliver_rx(
     mergeable: bool,
     s: &mut RxScratch,
 ) -> Result<RxOutcome, RingError> {
-    let size = queue.size();
-    let out = {
-        let mut chains = queue.iter(mem)?;
-        place_rx(&mut chains, size, mem, frame, mergeable, s)
-    };
+    let mut chains = AvailView::new(queue, mem)?;
+    let out = place_rx(&mut chains, queue.size(), mem, frame, mergeable, s);
+    queue.set_next_avail(chains.next_avail());
     // Whatever was placed before an error is published too: its chains are consumed.
     s.publish(queue, mem)?;
     out
@@ -365,9 +365,9 @@ pub fn deliver_rx(
 /// publication: the frame's used entries (after those of frames placed before it) wait in `s`
 /// for [`RxScratch::publish`], so that a batch of frames moves the used index once. `Delivered`
 /// counts the frame's chains, as `deliver_rx` does; on `NoBuffers` and `Dropped` the chains
-/// taken go back to `chains`.
+/// taken go back to `chains`. The caller stores `chains.next_avail()` back into the queue.
 pub fn place_rx(
-    chains: &mut AvailIter<'_, &GuestMemory>,
+    chains: &mut AvailView<'_>,
     size: u16,
     mem: &GuestMemory,
     frame: &mut [u8],
@@ -385,13 +385,13 @@ pub fn place_rx(
     frame[10..12].copy_from_slice(&1u16.to_le_bytes());
     let mut placed = 0usize;
     let mut popped = 0u16;
-    let give_back = |chains: &mut AvailIter<'_, &GuestMemory>, popped: u16| {
+    let give_back = |chains: &mut AvailView<'_>, popped: u16| {
         for _ in 0..popped {
-            chains.go_to_previous_position();
+            chains.go_back();
         }
     };
     while placed < frame.len() {
-        let Some(chain) = chains.next() else {
+        let Some(chain) = chains.next_chain() else {
             // Everything popped goes back, broken chains too (they are met, and returned, with
             // the next frame that fits). A frame larger than the whole ring never fits.
             give_back(chains, popped);
