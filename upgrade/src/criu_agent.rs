@@ -90,7 +90,7 @@ impl CriuAgent {
 const SYNC_LIMIT: Duration = Duration::from_secs(60);
 
 /// Longest wait for the old VM's agent to release the moved workload (after the commit).
-const RELEASE_LIMIT: Duration = Duration::from_secs(60);
+const RELEASE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Longest wait for a CRIU dump or restore.
 const CRIU_LIMIT: Duration = Duration::from_secs(120);

@@ -1,6 +1,7 @@
 //! Step 6: move the resources the process holds on the VMM side: the service's vsock
 //! connections (their states and host sockets, nothing reset) and the host listener, so a
-//! client's connection continues on the backup and new clients reach it; and the active VM's
+//! client's connection continues on the backup and new clients reach it at the same socket
+//! path; and the active VM's
 //! network: its TAPs (the open fds) and MAC addresses go to the backup's NICs, so the backup
 //! answers on the active VM's links. (Open files and the TCP connections' state travel in the
 //! workload image.)
@@ -11,15 +12,20 @@ use crate::StepError;
 use crate::phase::Phase;
 use crate::session::{Resources, ResourcesAt, Session};
 
-/// Takes the service's connections and the listener off `vm`'s vsock device.
+/// Takes the host listener (with the host connections still sending their `CONNECT` line)
+/// and the service's connections off `vm`'s vsock device.
 pub(crate) fn take(vm: &Machine, ports: &[u32]) -> Result<Resources, StepError> {
     let h = vm
         .vsock()
         .ok_or_else(|| StepError::Resources("the VM has no active vsock device".into()))?;
-    Ok(Resources {
-        conns: h.export_ports(ports),
-        listener: h.take_listener(),
-    })
+    // The listener first: an export closes the host connections not yet past `CONNECT`.
+    let listener = h.take_listener();
+    let conns = if ports.is_empty() {
+        None
+    } else {
+        h.export_ports(ports)
+    };
+    Ok(Resources { conns, listener })
 }
 
 /// Gives resources to `vm`'s vsock device; on failure they stay in `res` (what was given stays
@@ -43,9 +49,12 @@ pub(crate) fn give(vm: &Machine, res: &mut Resources) -> Result<(), StepError> {
     Ok(())
 }
 
-/// At the freeze: the resources leave the active VM.
+/// At the freeze: the resources leave the active VM. The host listener moves even when the
+/// service has no vsock connections: the VM keeps its vsock socket path across the upgrade
+/// (new host connections wait in its backlog until the backup answers them, or the active VM
+/// again after a rollback).
 pub(crate) fn detach(s: &mut Session<'_>, active: &Machine) -> Result<(), StepError> {
-    if s.plan.workload.vsock_ports.is_empty() {
+    if s.plan.workload.vsock_ports.is_empty() && active.vsock().is_none() {
         return Ok(());
     }
     s.resources = take(active, &s.plan.workload.vsock_ports)?;

@@ -55,7 +55,10 @@ pub(crate) fn retire(s: &mut Session<'_>, active: &mut Machine) -> Result<(), St
         .ok_or_else(|| StepError::Internal("no backup VM".into()))?;
     std::mem::swap(active, &mut backup);
     let mut old = backup;
+    // A paused old VM (its NICs went to the backup) cannot answer; it is stopped below, and
+    // its moved workload with it.
     if let Some(mut agent) = s.active_agent.take()
+        && !s.active_paused
         && let Err(e) = agent.release()
     {
         tracing::warn!("the old VM's agent did not release its workload: {e}");
