@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use self::queue_io::{
@@ -584,15 +584,18 @@ impl Transmitter {
             loop {
                 // One look at the driver's index per batch. An index more than a ring ahead
                 // is an error here (looking again would never find a chain to take).
-                let mut chains = q.iter(mem)?;
+                let mut chains = AvailView::new(q, mem)?;
                 let mut took = 0;
                 while took < BATCH {
-                    let Some(chain) = chains.next() else { break };
+                    let Some(chain) = chains.next_chain() else {
+                        break;
+                    };
                     let head = chain.head_index();
                     count(self.send(chain, mem, tap));
                     self.used.push((head, 0));
                     took += 1;
                 }
+                q.set_next_avail(chains.next_avail());
                 if !self.used.is_empty() {
                     queue_io::publish_used(q, mem, &self.used)?;
                     self.used.clear();
@@ -613,7 +616,7 @@ impl Transmitter {
     /// queue full) is lost, as on a wire.
     fn send(
         &mut self,
-        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        chain: super::ring_view::Chain<'_>,
         mem: &GuestMemory,
         tap: Option<&Tap>,
     ) -> Option<usize> {

@@ -5,6 +5,7 @@
 use std::marker::PhantomData;
 
 use virtio_bindings::virtio_net as vn;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::virtio::ring_view::{AvailView, Chain};
@@ -223,7 +224,7 @@ impl<'s, 'm> TxBuffers<'s, 'm> {
 /// against `neg` without copying the frame; `bufs` receives its guest buffers (each looked up
 /// once, the header read from them). Returns its length.
 pub fn parse_tx_chain<'m>(
-    chain: DescriptorChain<&'m GuestMemory>,
+    chain: impl IntoIterator<Item = Descriptor>,
     mem: &'m GuestMemory,
     neg: &Negotiated,
     bufs: &mut TxBuffers<'_, 'm>,
