@@ -6,7 +6,10 @@ use std::sync::Arc;
 use virtio_bindings::{virtio_blk as vb, virtio_ids};
 
 use block::{BlockError, Disk};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use super::ring_view::AvailView;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -314,7 +317,9 @@ pub enum QueueError {
     BrokenRing,
 }
 
-/// Handles one descriptor chain end to end; returns the used length to report.
+/// Handles one descriptor chain end to end, as [`process_queue`] does (the fast path, else the
+/// general one); returns the used length to report.
+#[cfg(test)]
 fn handle_chain(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
@@ -323,7 +328,7 @@ fn handle_chain(
     id: &[u8; ID_BYTES],
     buf: &mut Vec<u8>,
 ) -> u32 {
-    if let Some(used) = fast_read_write(&chain, mem, disk, limits, buf) {
+    if let Some(used) = fast_read_write(chain.clone(), mem, disk, limits, buf) {
         return used;
     }
     handle_chain_general(chain, mem, disk, limits, id, buf)
@@ -336,13 +341,12 @@ fn handle_chain(
 /// or guest memory, and the general path (reader and writer over the chain) handles it, with
 /// the same result this path would have given (`fast_path_agrees_with_the_general_path`).
 fn fast_read_write(
-    chain: &DescriptorChain<&GuestMemory>,
+    mut descs: impl Iterator<Item = Descriptor>,
     mem: &GuestMemory,
     disk: &dyn Disk,
     limits: &DiskLimits,
     buf: &mut Vec<u8>,
 ) -> Option<u32> {
-    let mut descs = chain.clone();
     let (h, d, st) = (descs.next()?, descs.next()?, descs.next()?);
     if descs.next().is_some()
         || h.is_write_only()
@@ -467,25 +471,43 @@ pub fn process_queue(
         queue.disable_notification(mem).map_err(QueueError::Ring)?;
         let mut took = false;
         let mut n = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            if head >= queue.size() {
-                // A broken ring: the requests done before it are acknowledged, nothing after
-                // it runs.
-                super::publish_used(queue, mem, &done[..n]).map_err(QueueError::Ring)?;
-                return Err(QueueError::Ring(
-                    virtio_queue::Error::InvalidDescriptorIndex,
-                ));
+        // One look at the driver's index per pass; an index out of range or a ring that cannot
+        // be read yields nothing (then `BrokenRing` below, if requests were pending).
+        let mut view = AvailView::new(queue, mem).ok();
+        while let Some(chain) = view.as_mut().and_then(AvailView::next_chain) {
+            let mut head = chain.head_index();
+            if head < queue.size() {
+                // Common requests take the fast path on the view's chain; the others go
+                // through virtio-queue's reader and writer, on the same chain taken again.
+                let fast = fast_read_write(chain, mem, disk, &limits, buf);
+                let next = view.as_ref().map_or(0, AvailView::next_avail);
+                queue.set_next_avail(next.wrapping_sub(u16::from(fast.is_none())));
+                let len = match fast {
+                    Some(used) => Some(used),
+                    None => queue.pop_descriptor_chain(mem).and_then(|c| {
+                        head = c.head_index();
+                        (head < queue.size())
+                            .then(|| handle_chain_general(c, mem, disk, &limits, id, buf))
+                    }),
+                };
+                if let Some(len) = len {
+                    done[n] = (head, len);
+                    n += 1;
+                    if n == USED_BATCH {
+                        super::publish_used(queue, mem, &done).map_err(QueueError::Ring)?;
+                        n = 0;
+                    }
+                    used_any = true;
+                    took = true;
+                    continue;
+                }
             }
-            let len = handle_chain(chain, mem, disk, &limits, id, buf);
-            done[n] = (head, len);
-            n += 1;
-            if n == USED_BATCH {
-                super::publish_used(queue, mem, &done).map_err(QueueError::Ring)?;
-                n = 0;
-            }
-            used_any = true;
-            took = true;
+            // A broken ring: the requests done before it are acknowledged, nothing after it
+            // runs.
+            super::publish_used(queue, mem, &done[..n]).map_err(QueueError::Ring)?;
+            return Err(QueueError::Ring(
+                virtio_queue::Error::InvalidDescriptorIndex,
+            ));
         }
         super::publish_used(queue, mem, &done[..n]).map_err(QueueError::Ring)?;
         // A driver's index only grows: pending requests that cannot be taken mean a broken
