@@ -354,6 +354,8 @@ fn a_work_dir_holding_the_vms_disk_is_refused() {
         vm.machine.disks()[0].layer.path(),
         work.join("disk0-active")
     );
+    // The machine's configuration names the layer it serves.
+    assert_eq!(vm.machine.config().disks[0].path, work.join("disk0-active"));
     let opts = UpgradeOptions::new(Arc::new(ServiceConnector));
     let err = upgrade::run(&mut vm.machine, &demo::plan(&work), &opts).unwrap_err();
     let text = err.to_string();
@@ -370,6 +372,10 @@ fn a_work_dir_holding_the_vms_disk_is_refused() {
     )
     .unwrap();
     assert_eq!(report.disks, vec![dir.path().join("again/disk0-merged")]);
+    assert_eq!(
+        vm.machine.config().disks[0].path,
+        dir.path().join("again/disk0-merged")
+    );
     // The upgraded VM answers on the old VM's listener; the agent connections of both VMs
     // are closed once their guests have answered the shutdown: no socket is left behind.
     assert_no_new_sockets(&sockets_before);

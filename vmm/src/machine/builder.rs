@@ -152,6 +152,8 @@ impl Machine {
             let slot = dev.disk_slot();
             machine.add_virtio(Box::new(dev))?;
             machine.devices.disks.push(AttachedDisk { layer, slot });
+            // A clone's disks are its own layers: its configuration says so.
+            machine.sync_disk_config(i);
         }
         for (iface_id, tap, mac) in taps {
             let dev = Net::new(tap, mac)?;

@@ -362,6 +362,9 @@ impl Machine {
         for (d, (mine, _, _)) in self.devices.disks.iter_mut().zip(&forked) {
             d.layer = mine.clone();
         }
+        for i in 0..forked.len() {
+            self.sync_disk_config(i);
+        }
         match captured.and_then(|state| resumed.map(|()| state)) {
             Ok(state) => Ok((state, forked)),
             Err(e) => {

@@ -101,8 +101,17 @@ impl Machine {
             });
         }
         let old = std::mem::replace(&mut self.devices.disks[index].layer, layer);
+        self.sync_disk_config(index);
         tracing::debug!(index, from = %old.path().display(), to = %self.devices.disks[index].layer.path().display(), "disk replaced");
         Ok(old)
+    }
+
+    /// Makes the configuration's disk `index` name the layer the machine now serves (after a
+    /// clone's fork or a replacement), so [`Machine::config`] stays true.
+    pub(crate) fn sync_disk_config(&mut self, index: usize) {
+        if let (Some(c), Some(d)) = (self.cfg.disks.get_mut(index), self.devices.disks.get(index)) {
+            d.layer.path().clone_into(&mut c.path);
+        }
     }
 
     /// Takes over `donor`'s network: each of its NICs' TAP moves to this machine's NIC of the
