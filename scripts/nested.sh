@@ -7,7 +7,8 @@
 # Usage: scripts/nested.sh [options] -- CMD [ARG...]
 #   --timeout S        limit for CMD inside L1 (default 600); L1 is killed S + 120 s after it starts
 #   --mem MiB          L1 RAM (default 3072)
-#   --smp N            L1 vCPUs (default 2, or MICROVMM_NESTED_SMP)
+#   --smp N            L1 vCPUs (default 1, or MICROVMM_NESTED_SMP: with two, QEMU's multi-threaded TCG
+#                      made guest vCPUs triple-fault now and then in its nested SVM)
 #   --file SRC[:DEST]  copy SRC (file or directory) to /nested/DEST in L1 (default DEST: basename of SRC);
 #                      the shared libraries of dynamically linked ELF files come along (host's, via ldd)
 #   --tool NAME        copy the host program NAME (and its libraries) into L1's PATH
@@ -33,7 +34,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 
 timeout_s=600
 mem=3072
-smp=${MICROVMM_NESTED_SMP:-2}
+smp=${MICROVMM_NESTED_SMP:-1}
 disk_free=4096
 images=0
 console=0

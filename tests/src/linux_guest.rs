@@ -232,10 +232,12 @@ pub fn full_guest_vm(dir: &Path, net: Vec<vmm::config::NetConfig>) -> (TestVm, P
     full_guest_vm_with(dir, net, &[])
 }
 
-/// Environment variable that sets the full guest's vCPU count (default 2).
+/// Environment variable that sets the vCPU count of the Linux guests of the hardware-KVM tests
+/// (default 2). The nested tests forward it into level 1; CI sets 1 there (with one level-1
+/// vCPU, a two-vCPU guest once spun forever waiting for its other vCPU: see docs/ARCHITECTURE.md).
 pub const VCPUS_ENV: &str = "MICROVMM_TEST_LINUX_VCPUS";
 
-/// The full guest's vCPUs: [`VCPUS_ENV`] if it holds 1 to 8, else 2.
+/// The Linux test guests' vCPUs: [`VCPUS_ENV`] if it holds 1 to 8, else 2.
 pub fn full_guest_vcpus() -> u8 {
     std::env::var(VCPUS_ENV)
         .ok()

@@ -221,6 +221,13 @@ pub fn run_with(
     for (k, v) in &opts.env {
         c.arg("--env").arg(format!("{k}={v}"));
     }
+    // The Linux test guests' vCPU count, if chosen, applies in level 1 too.
+    let vcpus = crate::linux_guest::VCPUS_ENV;
+    if let Ok(v) = std::env::var(vcpus)
+        && !opts.env.iter().any(|(k, _)| k == vcpus)
+    {
+        c.arg("--env").arg(format!("{vcpus}={v}"));
+    }
     for f in files {
         let mut spec = f.src.clone().into_os_string();
         spec.push(":");

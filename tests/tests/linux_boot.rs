@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use guest_agent::testing::echo_log_argv;
 use microvmm_tests::linux_guest::{
-    MINIMAL_BANNER, agent_stream, connect_service, full_guest_vm, linux_cfg, minimal_linux_image,
+    MINIMAL_BANNER, agent_stream, connect_service, full_guest_vcpus, full_guest_vm, linux_cfg,
+    minimal_linux_image,
 };
 use microvmm_tests::{TestVm, hardware_kvm_or_skip, kvm_or_skip};
 use vmm::StopReason;
@@ -168,7 +169,7 @@ fn linux_boots_to_a_shell_on_hardware_kvm() {
         return;
     }
     let (kernel, initrd) = minimal_linux_image();
-    let cfg = linux_cfg(2, 512, kernel, Some(initrd), None);
+    let cfg = linux_cfg(full_guest_vcpus(), 512, kernel, Some(initrd), None);
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
     let type_line = |s: &str| type_at_shell(&vm, s);
@@ -197,7 +198,7 @@ fn linux_boot_log_is_clean_on_hardware_kvm() {
         return;
     }
     let (kernel, initrd) = minimal_linux_image();
-    let cfg = linux_cfg(2, 512, kernel, Some(initrd), None);
+    let cfg = linux_cfg(full_guest_vcpus(), 512, kernel, Some(initrd), None);
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
     // Userspace output through the interrupt-driven 8250 path.
@@ -309,7 +310,7 @@ fn linux_mounts_virtio_blk_and_binds_vsock_on_hardware_kvm() {
             guest_cid: 3,
             uds_path: dir.path().join("v.sock"),
         }),
-        ..linux_cfg(2, 512, kernel, Some(initrd), None)
+        ..linux_cfg(full_guest_vcpus(), 512, kernel, Some(initrd), None)
     };
     let mut vm = TestVm::boot(cfg).unwrap();
     vm.machine.start().unwrap();
@@ -599,7 +600,13 @@ fn linux_boot_time_vs_qemu_on_hardware_kvm() {
     let mut ours = Vec::new();
     for _ in 0..2 {
         let started = std::time::Instant::now();
-        let cfg = linux_cfg(2, 256, kernel.clone(), Some(initrd.clone()), Some(cmdline));
+        let cfg = linux_cfg(
+            full_guest_vcpus(),
+            256,
+            kernel.clone(),
+            Some(initrd.clone()),
+            Some(cmdline),
+        );
         let mut vm = TestVm::boot(cfg).unwrap();
         let built = started.elapsed();
         let stats = vm.machine.serial().lock().unwrap().stats();

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::{SerialOutput, SharedBuffer};
 use microvmm_tests::linux_guest::{
-    linux_cfg, minimal_linux_image, numbered_lines, text, type_at_shell, type_text, wait_text_from,
+    full_guest_vcpus, linux_cfg, minimal_linux_image, numbered_lines, text, type_at_shell,
+    type_text, wait_text_from,
 };
 use microvmm_tests::{TestVm, hardware_kvm_or_skip};
 use vmm::machine::CloneOptions;
@@ -103,7 +104,11 @@ fn linux_pause_resume_keeps_counting_on_hardware_kvm() {
         return;
     }
     let (kernel, initrd) = minimal_linux_image();
-    let mut vm = counting_guest(linux_cfg(2, 256, kernel, Some(initrd), None), "\n", 5);
+    let mut vm = counting_guest(
+        linux_cfg(full_guest_vcpus(), 256, kernel, Some(initrd), None),
+        "\n",
+        5,
+    );
     let mut last = wait_tick(&vm.serial, 0, 0, "before the pauses");
     let mut paused_total = Duration::ZERO;
     for cycle in 0..5 {
@@ -144,7 +149,7 @@ fn linux_snapshot_restores_in_a_new_process_on_hardware_kvm() {
     }
     let (kernel, initrd) = minimal_linux_image();
     let mut vm = counting_guest(
-        linux_cfg(2, 256, kernel, Some(initrd), None),
+        linux_cfg(full_guest_vcpus(), 256, kernel, Some(initrd), None),
         "echo saved-in-ram > /tmp/mark\n",
         5,
     );
@@ -212,7 +217,7 @@ fn linux_snapshot_child_restores_and_continues() {
     let buf = SharedBuffer::default();
     let t = Instant::now();
     let mut m = Machine::restore_snapshot(
-        linux_cfg(2, 256, kernel, Some(initrd), None),
+        linux_cfg(full_guest_vcpus(), 256, kernel, Some(initrd), None),
         Some(SerialOutput::Buffer(buf.clone())),
         Path::new(&snap),
     )
@@ -262,7 +267,7 @@ fn linux_live_clone_both_keep_running_on_hardware_kvm() {
             path: delta.clone(),
             read_only: false,
         }],
-        ..linux_cfg(2, 256, kernel, Some(initrd), None)
+        ..linux_cfg(full_guest_vcpus(), 256, kernel, Some(initrd), None)
     };
     let mut vm = counting_guest(
         cfg.clone(),

@@ -804,10 +804,6 @@ fn nested_real_linux_upgrade() {
         tools: vec!["mkfs.ext4".into(), "e2fsck".into(), "ip".into()],
         images: true,
         test_name: Some(test.into()),
-        // The guest's vCPU count, if chosen (`MICROVMM_TEST_LINUX_VCPUS`), goes along.
-        env: std::env::var(microvmm_tests::linux_guest::VCPUS_ENV)
-            .map(|v| vec![(microvmm_tests::linux_guest::VCPUS_ENV.to_string(), v)])
-            .unwrap_or_default(),
         ..Default::default()
     };
     let run = match nested::run_tests(
