@@ -216,12 +216,35 @@ if ((console)); then
     tail -n +1 -F "$work/console.log" 2>/dev/null >&2 &
     tailpid=$!
 fi
+# A halted L1 vCPU is not always woken for an interrupt pending in its local APIC (QEMU's TCG): an L1
+# stopped for minutes with its LAPIC timer vector in IRR, IF set, in its idle loop, until a key press
+# (an IOAPIC interrupt) woke it. So once L1 is up, a shift key goes to it every 5 s (no character on
+# any console), through the monitor.
+kick() {
+    python3 -c 'import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(2)
+s.connect(sys.argv[1])
+time.sleep(0.05)
+s.sendall(b"sendkey shift\n")
+time.sleep(0.1)' "$work/monitor.sock" 2>/dev/null
+}
+can_kick=0
+command -v python3 >/dev/null && can_kick=1
+((can_kick)) || say "python3 not found: L1 gets no wake-up key presses"
+kicks=0
+next_kick=$(($(date +%s) + 5))
 timed_out=0
 while kill -0 "$qpid" 2>/dev/null; do
-    if (($(date +%s) - ${start%.*} > limit_l1)); then
+    now=$(date +%s)
+    if ((now - ${start%.*} > limit_l1)); then
         timed_out=1
         kill "$qpid" 2>/dev/null || true
         break
+    fi
+    if ((can_kick && now >= next_kick)) && grep -q '^nested-l1: ready' "$work/console.log" 2>/dev/null; then
+        kick && kicks=$((kicks + 1))
+        next_kick=$((now + 5))
     fi
     sleep 0.2
 done
@@ -256,7 +279,7 @@ fi
 [ -f "$res/stdout" ] && cat "$res/stdout"
 [ -f "$res/stderr" ] && cat "$res/stderr" >&2
 status=$(cat "$res/status" 2>/dev/null || true)
-say "L1 ready after ${ready:-?} s (guest uptime), command ${cmd_s} s, wall ${wall} s"
+say "L1 ready after ${ready:-?} s (guest uptime), command ${cmd_s} s, wall ${wall} s; ${kicks} wake-up key presses"
 if ((timed_out)); then
     say "L1 did not finish within ${limit_l1} s; console tail:"
     tail -n 30 "$res/console.log" >&2
