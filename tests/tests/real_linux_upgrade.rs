@@ -702,6 +702,8 @@ fn real_linux_upgrade() {
         .iter()
         .map(|d| d.path.clone())
         .collect();
+    // The machine holds its layers locked until it is dropped.
+    drop(vm);
     for (i, d) in disks.iter().enumerate() {
         let text = e2fsck_clean(d, &dir.path().join(format!("check{i}.raw")));
         println!(
