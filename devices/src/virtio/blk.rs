@@ -476,7 +476,10 @@ pub fn process_queue(
         let mut view = AvailView::new(queue, mem).ok();
         while let Some(chain) = view.as_mut().and_then(AvailView::next_chain) {
             let mut head = chain.head_index();
-            if head < queue.size() {
+            if head >= queue.size() {
+                // Consumed, as virtio-queue's pop would have.
+                queue.set_next_avail(view.as_ref().map_or(0, AvailView::next_avail));
+            } else {
                 // Common requests take the fast path on the view's chain; the others go
                 // through virtio-queue's reader and writer, on the same chain taken again.
                 let fast = fast_read_write(chain, mem, disk, &limits, buf);

@@ -71,8 +71,12 @@ pub struct AvailView<'m> {
 
 impl<'m> AvailView<'m> {
     /// Reads the driver's available index (acquire) and maps the rings. Like virtio-queue's
-    /// `Queue::iter`, an index more than a ring ahead of the device's is an error.
+    /// `Queue::iter`, a queue not ready (or reset without being set up again) and an index more
+    /// than a ring ahead of the device's are errors.
     pub fn new(q: &Queue, mem: &'m GuestMemory) -> Result<Self, virtio_queue::Error> {
+        if !q.ready() || q.avail_ring() == 0 {
+            return Err(virtio_queue::Error::QueueNotReady);
+        }
         let last = q.avail_idx(mem, Ordering::Acquire)?;
         let next = Wrapping(q.next_avail());
         let size = q.size();
@@ -227,6 +231,19 @@ mod tests {
                 )
             })
             .collect())
+    }
+
+    #[test]
+    fn a_queue_that_is_not_ready_is_refused_as_virtio_queue_does() {
+        let mem = memory();
+        publish(&mem, &[0]);
+        let mut q = queue();
+        q.set_ready(false);
+        assert!(matches!(
+            AvailView::new(&q, &mem),
+            Err(virtio_queue::Error::QueueNotReady)
+        ));
+        assert!(theirs(&mut q, &mem).is_err());
     }
 
     #[test]
