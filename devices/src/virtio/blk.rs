@@ -476,22 +476,22 @@ pub fn process_queue(
         let mut view = AvailView::new(queue, mem).ok();
         while let Some(chain) = view.as_mut().and_then(AvailView::next_chain) {
             let mut head = chain.head_index();
-            if head >= queue.size() {
-                // Consumed, as virtio-queue's pop would have.
-                queue.set_next_avail(view.as_ref().map_or(0, AvailView::next_avail));
-            } else {
+            // Taken (a head past the ring too, as virtio-queue's pop would have).
+            let next = queue.next_avail().wrapping_add(1);
+            queue.set_next_avail(next);
+            if head < queue.size() {
                 // Common requests take the fast path on the view's chain; the others go
                 // through virtio-queue's reader and writer, on the same chain taken again.
-                let fast = fast_read_write(chain, mem, disk, &limits, buf);
-                let next = view.as_ref().map_or(0, AvailView::next_avail);
-                queue.set_next_avail(next.wrapping_sub(u16::from(fast.is_none())));
-                let len = match fast {
+                let len = match fast_read_write(chain, mem, disk, &limits, buf) {
                     Some(used) => Some(used),
-                    None => queue.pop_descriptor_chain(mem).and_then(|c| {
-                        head = c.head_index();
-                        (head < queue.size())
-                            .then(|| handle_chain_general(c, mem, disk, &limits, id, buf))
-                    }),
+                    None => {
+                        queue.set_next_avail(next.wrapping_sub(1));
+                        queue.pop_descriptor_chain(mem).and_then(|c| {
+                            head = c.head_index();
+                            (head < queue.size())
+                                .then(|| handle_chain_general(c, mem, disk, &limits, id, buf))
+                        })
+                    }
                 };
                 if let Some(len) = len {
                     done[n] = (head, len);
