@@ -151,9 +151,9 @@ impl Machine {
             let dev = Block::new(layer.clone(), &format!("microvmm-disk{i}"));
             let slot = dev.disk_slot();
             machine.add_virtio(Box::new(dev))?;
-            machine.devices.disks.push(AttachedDisk { layer, slot });
             // A clone's disks are its own layers: its configuration says so.
-            machine.sync_disk_config(i);
+            machine.sync_disk_config(i, &layer);
+            machine.devices.disks.push(AttachedDisk { layer, slot });
         }
         for (iface_id, tap, mac) in taps {
             let dev = Net::new(tap, mac)?;

@@ -359,11 +359,8 @@ impl Machine {
         let resumed = self.resume();
         tl.pause = p0.elapsed();
         // Whatever was cut is this machine's disk now, even if a later step failed.
-        for (d, (mine, _, _)) in self.devices.disks.iter_mut().zip(&forked) {
-            d.layer = mine.clone();
-        }
-        for i in 0..forked.len() {
-            self.sync_disk_config(i);
+        for (i, (mine, _, _)) in forked.iter().enumerate() {
+            self.set_disk_layer(i, mine.clone());
         }
         match captured.and_then(|state| resumed.map(|()| state)) {
             Ok(state) => Ok((state, forked)),

@@ -100,17 +100,23 @@ impl Machine {
                 path: layer.path().to_owned(),
             });
         }
-        let old = std::mem::replace(&mut self.devices.disks[index].layer, layer);
-        self.sync_disk_config(index);
+        let old = self.set_disk_layer(index, layer);
         tracing::debug!(index, from = %old.path().display(), to = %self.devices.disks[index].layer.path().display(), "disk replaced");
         Ok(old)
     }
 
-    /// Makes the configuration's disk `index` name the layer the machine now serves (after a
-    /// clone's fork or a replacement), so [`Machine::config`] stays true.
-    pub(crate) fn sync_disk_config(&mut self, index: usize) {
-        if let (Some(c), Some(d)) = (self.cfg.disks.get_mut(index), self.devices.disks.get(index)) {
-            d.layer.path().clone_into(&mut c.path);
+    /// Makes `layer` the layer of attached disk `index` (which must exist) and returns the one
+    /// it had; the configuration's disk names it too, so [`Machine::config`] stays true.
+    pub(crate) fn set_disk_layer(&mut self, index: usize, layer: Arc<Layer>) -> Arc<Layer> {
+        self.sync_disk_config(index, &layer);
+        std::mem::replace(&mut self.devices.disks[index].layer, layer)
+    }
+
+    /// Makes the configuration's disk `index` name `layer` (a clone's own layers, a fork's
+    /// child, a replacement).
+    pub(crate) fn sync_disk_config(&mut self, index: usize, layer: &Layer) {
+        if let Some(c) = self.cfg.disks.get_mut(index) {
+            layer.path().clone_into(&mut c.path);
         }
     }
 
