@@ -132,3 +132,20 @@ pub fn log_to_stderr() {
             .try_init();
     });
 }
+
+/// The entries of `after` that `before` did not have, counted as a multiset (an fd list before
+/// and after some work: what it left open).
+pub fn added(before: &[String], after: &[String]) -> Vec<String> {
+    let mut left = before.to_vec();
+    after
+        .iter()
+        .filter(|f| match left.iter().position(|b| b == *f) {
+            Some(i) => {
+                left.swap_remove(i);
+                false
+            }
+            None => true,
+        })
+        .cloned()
+        .collect()
+}

@@ -252,7 +252,7 @@ fn settled_fds(before: &[String], allowed: impl Fn(&str) -> bool) -> (Vec<String
     let end = Instant::now() + Duration::from_secs(15);
     loop {
         let (now, threads) = fds_and_threads();
-        let added = new_fds(before, &now);
+        let added = microvmm_tests::added(before, &now);
         let other: Vec<&String> = added.iter().filter(|f| !allowed(f)).collect();
         if other.is_empty() {
             return (added, threads);
@@ -291,22 +291,6 @@ fn describe_fd(target: &str) -> String {
         }
     }
     format!("{target} (in no socket table)")
-}
-
-/// The fds in `after` that `before` did not have (as a multiset).
-fn new_fds(before: &[String], after: &[String]) -> Vec<String> {
-    let mut left = before.to_vec();
-    after
-        .iter()
-        .filter(|f| match left.iter().position(|b| b == *f) {
-            Some(i) => {
-                left.swap_remove(i);
-                false
-            }
-            None => true,
-        })
-        .cloned()
-        .collect()
 }
 
 /// Copies the disk chain at `path` into a raw image `out`, replays its ext4 journal there and

@@ -59,19 +59,7 @@ fn resources() -> Vec<String> {
 /// Waits (up to 10 s: closing connections wait for their guest's answer) until the process
 /// has no socket that `before` did not have, or fails naming them.
 fn assert_no_new_sockets(before: &[String]) {
-    let new = || {
-        let mut left = before.to_vec();
-        sockets()
-            .into_iter()
-            .filter(|s| match left.iter().position(|b| b == s) {
-                Some(i) => {
-                    left.swap_remove(i);
-                    false
-                }
-                None => true,
-            })
-            .collect::<Vec<_>>()
-    };
+    let new = || microvmm_tests::added(before, &sockets());
     let t0 = std::time::Instant::now();
     while !new().is_empty() && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
