@@ -14,6 +14,7 @@ use crate::journal::{FLUSH_CHECKPOINT, JOURNAL_VERSION, Journal, Record, RecordK
 use crate::journal::{JournalError, MAX_SEQ, RECORD_SIZE};
 use crate::layer::{Chain, Layer};
 use crate::meta::{self, Identity, LayerKind};
+use crate::writeback::{Chunk, Writeback};
 use crate::{BLOCK_SIZE, check_io};
 
 const DELTA_FORMAT: &str = "microvmm-delta";
@@ -95,9 +96,19 @@ struct WriteState {
     /// WRITE_DATA record followed by the bytes written), built as the writes come in; `None`
     /// when that flush cannot carry them (a version 1 journal, or more than
     /// [`INLINE_FLUSH_BYTES`] of data pending): it syncs the data file instead.
-    inline: Option<Vec<u8>>,
+    inline: Option<Vec<Part>>,
     /// Data bytes in `inline`.
     inline_bytes: u64,
+    /// Pending writes whose bytes are only in the overlay (not in the data file), oldest
+    /// first: queued for writeback when their flush carries them, written in place before
+    /// anything else touches the data file.
+    unplaced: Vec<(u64, Chunk)>,
+}
+
+/// One record of a batch that carries its data, and the bytes it carries.
+struct Part {
+    record: [u8; RECORD_SIZE],
+    data: Option<Arc<[u8]>>,
 }
 
 /// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
@@ -117,6 +128,8 @@ pub struct Delta {
     lock: File,
     /// For a child of a cut but uncommitted fork: the commit its first flush must complete.
     commit: Option<Arc<crate::fork::ForkCommit>>,
+    /// Carried writes not yet in the data file, and the thread that puts them there.
+    wb: Arc<Writeback>,
     /// Flushes that wrote journal records (metrics).
     flushes: std::sync::atomic::AtomicU64,
 }
@@ -421,11 +434,13 @@ impl Delta {
                 data_in_journal,
                 inline: (writable && journal_version >= JOURNAL_VERSION).then(Vec::new),
                 inline_bytes: 0,
+                unplaced: Vec::new(),
             }),
             index: RwLock::new(index),
             recovered_discarded: discarded_bytes,
             lock,
             commit: None,
+            wb: Writeback::new(dir),
             flushes: std::sync::atomic::AtomicU64::new(0),
         };
         if writable
@@ -520,6 +535,7 @@ impl Delta {
     fn compact_locked(&self, st: &mut WriteState) -> Result<(), BlockError> {
         if st.data_in_journal {
             // The rewritten journal carries no data: the data file must hold it durably.
+            self.settle(st)?;
             self.data
                 .sync_data()
                 .map_err(BlockError::io("sync", &self.dir))?;
@@ -569,7 +585,26 @@ impl Delta {
                 path: self.dir.clone(),
             });
         }
+        self.wb.check()?;
         Ok(st)
+    }
+
+    /// Puts every write whose bytes are only in the overlay into the data file (the queued
+    /// committed batches, then the pending writes), before anything else writes, punches or
+    /// syncs it. The pending writes stay in the batch their flush carries.
+    fn settle(&self, st: &mut WriteState) -> Result<(), BlockError> {
+        self.wb.place(&self.data, &st.unplaced)?;
+        st.unplaced.clear();
+        Ok(())
+    }
+
+    /// True if a write of `len` bytes is carried by the next flush (its bytes then wait in
+    /// the overlay); stops carrying once more than [`INLINE_FLUSH_BYTES`] would be pending.
+    fn carries(st: &mut WriteState, len: u64) -> bool {
+        if st.inline.is_some() && st.inline_bytes + len > INLINE_FLUSH_BYTES {
+            st.inline = None;
+        }
+        st.inline.is_some()
     }
 
     /// Refuses an operation that needs `n` more sequence numbers than are left below
@@ -587,30 +622,56 @@ impl Delta {
         Ok(())
     }
 
-    /// Records a change (`data`: the blocks a WRITE wrote); fails only when the sequence
-    /// numbers run out (one must stay for the FLUSH that commits it).
+    /// Records a change whose data (for a WRITE) is in the data file already; fails only
+    /// when the sequence numbers run out (one must stay for the FLUSH that commits it).
     fn record(
         &self,
         st: &mut WriteState,
         kind: RecordKind,
         offset: u64,
         len: u64,
-        data: &[u8],
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
         let r = self.next_record(st, kind, offset, len);
-        if kind == RecordKind::Write && st.inline_bytes + len > INLINE_FLUSH_BYTES {
+        if kind == RecordKind::Write {
+            // Its flush cannot carry it (the data file is synced instead).
             st.inline = None;
         }
         if let Some(batch) = &mut st.inline {
-            if kind == RecordKind::Write {
-                batch.extend_from_slice(&write_data_record(r, crc32c::crc32c(data)));
-                batch.extend_from_slice(data);
-                st.inline_bytes += len;
-            } else {
-                batch.extend_from_slice(&r.encode());
-            }
+            batch.push(Part {
+                record: r.encode(),
+                data: None,
+            });
         }
+        Ok(())
+    }
+
+    /// Records a WRITE of the whole blocks `data` at `offset` that the next flush carries
+    /// ([`Delta::carries`] said so): the bytes go to the overlay, not to the data file.
+    fn record_carried(
+        &self,
+        st: &mut WriteState,
+        offset: u64,
+        data: Arc<[u8]>,
+    ) -> Result<(), BlockError> {
+        self.reserve_seqs(st, 2)?;
+        let len = data.len() as u64;
+        let crc = crc32c::crc32c(&data);
+        let chunk = Chunk {
+            offset,
+            data: Arc::clone(&data),
+        };
+        // In the overlay before the index, so that a reader finding the extent finds its bytes.
+        self.wb.insert(st.next_seq, chunk.clone());
+        let r = self.next_record(st, RecordKind::Write, offset, len);
+        st.unplaced.push((r.seq, chunk));
+        if let Some(batch) = st.inline.as_mut() {
+            batch.push(Part {
+                record: write_data_record(r, crc),
+                data: Some(data),
+            });
+        }
+        st.inline_bytes += len;
         Ok(())
     }
 
@@ -659,10 +720,21 @@ impl Delta {
             #[allow(clippy::cast_possible_truncation)] // as above
             let b = &mut buf[(e.offset - offset) as usize..(e.end() - offset) as usize];
             match e.kind {
-                ExtentKind::Data => self
-                    .data
-                    .read_exact_at(b, e.offset)
-                    .map_err(BlockError::io("read", &self.dir))?,
+                ExtentKind::Data => {
+                    // A write's extents lie inside the range it wrote.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let carried = self.wb.get(e.seq).and_then(|c| {
+                        let at = e.offset.checked_sub(c.offset)? as usize;
+                        c.data
+                            .get(at..at + b.len())
+                            .map(|src| b.copy_from_slice(src))
+                    });
+                    if carried.is_none() {
+                        self.data
+                            .read_exact_at(b, e.offset)
+                            .map_err(BlockError::io("read", &self.dir))?;
+                    }
+                }
                 ExtentKind::Zero => b.fill(0),
             }
             pos = e.end();
@@ -679,8 +751,9 @@ impl Delta {
     }
 
     /// Like [`Delta::write_at`] with the bytes at `src` (see [`crate::Disk::write_at_raw`]):
-    /// a block-aligned write whose flush will not carry its data is written to the data file
-    /// straight from `src`; any other is copied into `scratch` first.
+    /// a block-aligned write is copied once, into the overlay when the next flush carries it,
+    /// or straight from `src` into the data file when it does not; any other is copied into
+    /// `scratch` first.
     ///
     /// # Safety
     /// `src` must be valid for reads of `len` bytes until the call returns.
@@ -694,65 +767,22 @@ impl Delta {
         check_io(offset, len as u64, self.meta.size)?;
         let mut st = self.writer()?;
         let aligned = offset.is_multiple_of(BLOCK_SIZE) && (len as u64).is_multiple_of(BLOCK_SIZE);
-        if len > 0
-            && aligned
-            && st.inline.is_some()
-            && st.inline_bytes + len as u64 <= INLINE_FLUSH_BYTES
-        {
+        if len > 0 && aligned {
+            self.reserve_seqs(&st, 2)?;
+            if Self::carries(&mut st, len as u64) {
+                // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+                let data = unsafe { crate::sys::arc_copy_raw(src, len) };
+                return self.record_carried(&mut st, offset, data);
+            }
+            self.settle(&mut st)?;
             // SAFETY: `src` is valid for `len` bytes (the caller's contract).
-            return unsafe { self.write_inline_raw(&mut st, src, len, offset) };
+            unsafe { crate::sys::pwrite_raw(&self.data, src, len, offset) }
+                .map_err(BlockError::io("write", &self.dir))?;
+            return self.record(&mut st, RecordKind::Write, offset, len as u64);
         }
-        if len == 0 || !aligned || st.inline.is_some() {
-            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
-            unsafe { crate::layer::copy_raw(src, len, scratch) };
-            return self.write_locked(&mut st, scratch, offset);
-        }
-        self.reserve_seqs(&st, 2)?;
         // SAFETY: `src` is valid for `len` bytes (the caller's contract).
-        unsafe { crate::sys::pwrite_raw(&self.data, src, len, offset) }
-            .map_err(BlockError::io("write", &self.dir))?;
-        self.record(&mut st, RecordKind::Write, offset, len as u64, &[])
-    }
-
-    /// The common case of [`Delta::write_at_raw`] when the next flush carries its data: the
-    /// bytes at `src` are copied once, into the pending batch after their `WRITE_DATA` record,
-    /// and the data file is written from that copy (so both hold the same bytes, whatever the
-    /// guest does to its buffer meanwhile). The same effects as [`Delta::write_at`].
-    ///
-    /// # Safety
-    /// `src` must be valid for reads of `len` bytes until the call returns.
-    unsafe fn write_inline_raw(
-        &self,
-        st: &mut WriteState,
-        src: *const u8,
-        len: usize,
-        offset: u64,
-    ) -> Result<(), BlockError> {
-        self.reserve_seqs(st, 2)?;
-        let Some(batch) = st.inline.as_mut() else {
-            // Not reached from `write_at_raw`; the general path does the same.
-            let mut copy = Vec::new();
-            // SAFETY: `src` is valid for `len` bytes (the caller's contract).
-            unsafe { crate::layer::copy_raw(src, len, &mut copy) };
-            return self.write_locked(st, &copy, offset);
-        };
-        let at = batch.len();
-        let data_at = at + RECORD_SIZE;
-        batch.resize(data_at + len, 0);
-        // SAFETY: `src` is valid for `len` bytes (the caller's contract); `batch[data_at..]`
-        // holds `len` bytes of our own allocation, so the two do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, batch[data_at..].as_mut_ptr(), len) };
-        if let Err(e) = self.data.write_all_at(&batch[data_at..], offset) {
-            batch.truncate(at);
-            return Err(BlockError::io("write", &self.dir)(e));
-        }
-        let crc = crc32c::crc32c(&batch[data_at..]);
-        let r = self.next_record(st, RecordKind::Write, offset, len as u64);
-        if let Some(batch) = st.inline.as_mut() {
-            batch[at..data_at].copy_from_slice(&write_data_record(r, crc));
-        }
-        st.inline_bytes += len as u64;
-        Ok(())
+        unsafe { crate::layer::copy_raw(src, len, scratch) };
+        self.write_locked(&mut st, scratch, offset)
     }
 
     fn write_locked(&self, st: &mut WriteState, buf: &[u8], offset: u64) -> Result<(), BlockError> {
@@ -782,10 +812,14 @@ impl Delta {
             tmp[at..at + buf.len()].copy_from_slice(buf);
             &tmp
         };
+        if Self::carries(st, end - start) {
+            return self.record_carried(st, start, Arc::from(blocks));
+        }
+        self.settle(st)?;
         self.data
             .write_all_at(blocks, start)
             .map_err(BlockError::io("write", &self.dir))?;
-        self.record(st, RecordKind::Write, start, end - start, blocks)
+        self.record(st, RecordKind::Write, start, end - start)
     }
 
     /// Makes `[offset, offset + len)` read as zeros (partial blocks are written as zero data).
@@ -820,9 +854,11 @@ impl Delta {
             #[allow(clippy::cast_possible_truncation)]
             self.write_locked(&mut st, &vec![0u8; (offset + len - end) as usize], end)?;
         }
+        // No older carried write may land in the range after the punch.
+        self.settle(&mut st)?;
         crate::sys::punch_hole(&self.data, start, end - start)
             .map_err(BlockError::io("punch", &self.dir))?;
-        self.record(&mut st, kind, start, end - start, &[])
+        self.record(&mut st, kind, start, end - start)
     }
 
     /// Makes every earlier write durable: one journal append (the records, the data of at
@@ -883,27 +919,41 @@ impl Delta {
         let seq = st.next_seq;
         let batch_start = st.journal.len();
         let budget = INLINE_JOURNAL_BUDGET.max(8 * RECORD_SIZE as u64 * self.extent_count() as u64);
-        let inline = batch_start + st.inline_bytes < budget && st.inline.is_some();
-        let appended = if let Some(batch) = st.inline.as_mut().filter(|_| inline) {
+        let over_budget = batch_start + st.inline_bytes >= budget;
+        let inline = !over_budget && st.inline.is_some();
+        let appended = if let Some(batch) = st.inline.as_ref().filter(|_| inline) {
             // One append carries the records and the data they wrote; its fdatasync is the
-            // only one. The data file is synced later (checkpoint), or repaired from here.
-            let records_end = batch.len();
-            batch.extend_from_slice(&Self::flush_record(seq, batch_start, false).encode());
-            let appended = st.journal.append_bytes(batch);
-            batch.truncate(records_end); // kept for a retry if the append failed
-            appended.map_err(|source| BlockError::Journal {
-                path: self.dir.clone(),
-                source,
-            })
+            // only one. The data file gets the data from the writeback afterwards (and is
+            // synced at the next checkpoint), or is repaired from here after a crash.
+            let flush = Self::flush_record(seq, batch_start, false).encode();
+            let mut iov = Vec::with_capacity(2 * batch.len() + 1);
+            for p in batch {
+                iov.push(std::io::IoSlice::new(&p.record));
+                if let Some(d) = &p.data {
+                    iov.push(std::io::IoSlice::new(d));
+                }
+            }
+            iov.push(std::io::IoSlice::new(&flush));
+            st.journal
+                .append_vectored(&mut iov)
+                .map_err(|source| BlockError::Journal {
+                    path: self.dir.clone(),
+                    source,
+                })
         } else {
             // The data file first, then the records: two fdatasyncs, the data written once.
             let mut recs = st.pending.clone();
             recs.push(Self::flush_record(seq, batch_start, true));
-            self.sync_data_then_append(&mut st.journal, &recs)
+            self.sync_data_then_append(st, &recs)
         };
         appended?;
         st.pending.clear();
         Self::reset_inline(st);
+        if inline {
+            // Durable in the journal: the data file gets these bytes in the background.
+            let placed = std::mem::take(&mut st.unplaced);
+            self.wb.enqueue(&self.data, placed);
+        }
         st.next_seq += 1;
         st.durable_seq = seq;
         self.flushes
@@ -912,26 +962,33 @@ impl Delta {
             st.data_in_journal = true;
         } else {
             st.data_in_journal = false;
-            if st.journal.version() >= JOURNAL_VERSION && st.journal.len() >= budget {
+            // Compacted whenever the budget stopped a flush from carrying its data (not
+            // only once the journal itself passed it: flushes of records alone would then
+            // keep taking the two-sync path until they filled the gap).
+            if st.journal.version() >= JOURNAL_VERSION && over_budget {
                 self.compact_locked(st)?;
             }
         }
         Ok(seq)
     }
 
-    /// The ordering of a checkpoint: data fdatasync, then `recs` appended (journal fdatasync).
+    /// The ordering of a checkpoint: every write in the data file, data fdatasync, then `recs`
+    /// appended (journal fdatasync).
     fn sync_data_then_append(
         &self,
-        journal: &mut Journal,
+        st: &mut WriteState,
         recs: &[Record],
     ) -> Result<(), BlockError> {
+        self.settle(st)?;
         self.data
             .sync_data()
             .map_err(BlockError::io("sync", &self.dir))?;
-        journal.append(recs).map_err(|source| BlockError::Journal {
-            path: self.dir.clone(),
-            source,
-        })
+        st.journal
+            .append(recs)
+            .map_err(|source| BlockError::Journal {
+                path: self.dir.clone(),
+                source,
+            })
     }
 
     /// An empty pending batch: the next flush can carry its data if the journal's version can.
@@ -958,7 +1015,7 @@ impl Delta {
                 }
             }
         }
-        if let Err(e) = self.sync_data_then_append(&mut st.journal, &recs) {
+        if let Err(e) = self.sync_data_then_append(st, &recs) {
             st.deferred = Some(recs);
             return Err(e);
         }
@@ -1073,6 +1130,7 @@ impl Delta {
         lock: File,
         commit: Arc<crate::fork::ForkCommit>,
     ) -> Self {
+        let wb = Writeback::new(&child.dir);
         Self {
             dir: child.dir,
             meta,
@@ -1090,7 +1148,9 @@ impl Delta {
                 data_in_journal: false,
                 inline: Some(Vec::new()),
                 inline_bytes: 0,
+                unplaced: Vec::new(),
             }),
+            wb,
             index: RwLock::new(ExtentMap::new()),
             recovered_discarded: 0,
             lock,
@@ -1184,13 +1244,35 @@ impl Delta {
         self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Keeps (`true`) or lets (`false`) the background writeback from putting flushed data
+    /// into the data file; anything that needs the data file still writes it first. For tests
+    /// of that ordering.
+    #[doc(hidden)]
+    pub fn hold_writeback(&self, held: bool) {
+        self.wb.hold(held);
+    }
+
     /// Journal length in bytes.
     pub fn journal_len(&self) -> u64 {
         self.state().journal.len()
     }
 
-    pub(crate) fn data_file(&self) -> &File {
-        &self.data
+    /// The data file, holding every write made so far (the overlay's are put in place first).
+    pub(crate) fn data_file(&self) -> Result<&File, BlockError> {
+        self.settle(&mut self.state())?;
+        Ok(&self.data)
+    }
+}
+
+impl Drop for Delta {
+    /// Puts the overlay's writes into the data file (as if they had been written there at
+    /// once; nothing is synced) and stops the writeback thread.
+    fn drop(&mut self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = self.wb.place(&self.data, &st.unplaced);
+        st.unplaced.clear();
+        drop(st);
+        self.wb.shutdown();
     }
 }
 

@@ -585,13 +585,23 @@ impl Journal {
     /// Appends encoded records (with the data of `WRITE_DATA` records after them) with one
     /// write, then fdatasyncs. `buf` must be a whole number of records.
     pub(crate) fn append_bytes(&mut self, buf: &[u8]) -> Result<(), JournalError> {
-        let end = self.len + buf.len() as u64;
+        self.append_vectored(&mut [io::IoSlice::new(buf)])
+    }
+
+    /// Like [`Journal::append_bytes`] with the bytes of `bufs` one after the other (records
+    /// and the data they carry, each where it already is in memory).
+    pub(crate) fn append_vectored(
+        &mut self,
+        bufs: &mut [io::IoSlice<'_>],
+    ) -> Result<(), JournalError> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let end = self.len + total as u64;
         if end > self.allocated {
             // Grow by writing zeros, a chunk at a time, so that most appends overwrite
             // allocated blocks inside the file size and their fdatasync has no metadata to
             // commit.
             let new_alloc = end.div_ceil(PREALLOCATE) * PREALLOCATE;
-            // `len <= allocated`: the growth is at most `buf.len()` plus one PREALLOCATE.
+            // `len <= allocated`: the growth is at most `total` plus one PREALLOCATE.
             #[allow(clippy::cast_possible_truncation)]
             let zeros = vec![0u8; (new_alloc - self.allocated) as usize];
             self.file
@@ -599,11 +609,9 @@ impl Journal {
                 .map_err(Self::io(&self.path))?;
             self.allocated = new_alloc;
         }
-        self.file
-            .write_all_at(buf, self.len)
-            .map_err(Self::io(&self.path))?;
+        crate::sys::pwritev_all(&self.file, bufs, self.len).map_err(Self::io(&self.path))?;
         self.file.sync_data().map_err(Self::io(&self.path))?;
-        self.len += buf.len() as u64;
+        self.len = end;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub mod merge;
 mod meta;
 pub mod nbd;
 mod sys;
+mod writeback;
 
 pub use base::{Base, sidecar_path};
 pub use delta::{

@@ -1014,7 +1014,7 @@ fn apply_window(
                 let mut pos = op.offset;
                 while pos < op.offset + op.len {
                     let n = (op.offset + op.len - pos).min(COPY_PIECE);
-                    pieces.push((src.data_file(), pos, n));
+                    pieces.push((src.data_file()?, pos, n));
                     pos += n;
                 }
             }

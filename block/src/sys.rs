@@ -136,6 +136,61 @@ pub(crate) unsafe fn pwrite_raw(
     Ok(())
 }
 
+/// A new shared slice holding a copy of the `len` bytes at `src` (copied once).
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes until the call returns.
+pub(crate) unsafe fn arc_copy_raw(src: *const u8, len: usize) -> std::sync::Arc<[u8]> {
+    let mut a = std::sync::Arc::<[u8]>::new_uninit_slice(len);
+    if let Some(dst) = std::sync::Arc::get_mut(&mut a) {
+        // SAFETY: `src` is valid for `len` bytes (the caller's contract); `dst` is our new
+        // allocation of `len` bytes, so the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().cast::<u8>(), len) };
+    }
+    // SAFETY: the slice was just allocated, so `get_mut` succeeded and all `len` bytes are
+    // initialized by the copy.
+    unsafe { a.assume_init() }
+}
+
+/// At most this many buffers per `pwritev` (the kernel's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+/// Writes all of `bufs`, one after the other, at `offset` of `file` (`pwritev`, retried on
+/// short writes and interruptions; at most [`IOV_MAX`] buffers per call).
+pub(crate) fn pwritev_all(
+    file: &File,
+    mut bufs: &mut [io::IoSlice<'_>],
+    offset: u64,
+) -> io::Result<()> {
+    let mut at = offset;
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = bufs.len().min(IOV_MAX);
+        let off = to_off(at)?;
+        // `n <= IOV_MAX`, which fits a C int.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+        let count = n as libc::c_int;
+        // SAFETY: `IoSlice` is ABI compatible with `iovec` (documented by std); the first `n`
+        // slices are valid for reads for the duration of the call, and pwritev only reads
+        // them and writes to the fd `file` owns.
+        let rc = unsafe { libc::pwritev(file.as_raw_fd(), bufs.as_ptr().cast(), count, off) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if rc == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        let written = rc.unsigned_abs();
+        at += written as u64;
+        io::IoSlice::advance_slices(&mut bufs, written);
+    }
+    Ok(())
+}
+
 /// Starts writeback of the dirty pages of `[offset, offset + len)` without waiting, so that a
 /// later fdatasync has less left to do.
 pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {

@@ -434,3 +434,157 @@ fn raw_writes_carried_by_the_flush_are_restored_from_the_journal() {
         "the journal's copies did not restore the raw writes"
     );
 }
+
+/// The versions the data file itself holds (no overlay, no replay), one per block; `None`
+/// where it holds something else (a hole, or a torn block).
+fn data_file_versions(dir: &Path) -> Vec<Option<u64>> {
+    let bytes = std::fs::read(data_path(dir)).unwrap();
+    (0..BLOCKS)
+        .map(|b| {
+            let blk = &bytes[(b * BS) as usize..((b + 1) * BS) as usize];
+            let v = u64::from_le_bytes(blk[8..16].try_into().unwrap());
+            (blk == pattern(b, v).as_slice()).then_some(v)
+        })
+        .collect()
+}
+
+/// Writes carried by their flush reach the data file after the flush, in the background:
+/// reads see every write at once (pending, committed and waiting, or written back), and once
+/// the delta is closed the data file holds the latest version of every block in place, even
+/// though each block was overwritten in many batches (the batches land in commit order).
+#[test]
+fn carried_writes_are_read_at_once_and_reach_the_data_file_in_commit_order() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = Delta::create(&dir, base(t.path())).unwrap();
+    let mut rng = Rng(91);
+    let mut model = vec![0u64; BLOCKS as usize];
+    for v in 1..=300u64 {
+        // Overwrites of a few hot blocks, so that queued batches overlap.
+        let block = rng.below(8);
+        let n = 1 + rng.below(4);
+        let buf: Vec<u8> = (block..block + n).flat_map(|b| pattern(b, v)).collect();
+        d.write_at(&buf, block * BS).unwrap();
+        for b in block..block + n {
+            model[b as usize] = v;
+        }
+        // Before its flush: the write is only in the overlay.
+        assert_eq!(versions(&d), model, "before the flush of version {v}");
+        d.flush().unwrap();
+        assert_eq!(versions(&d), model, "after the flush of version {v}");
+    }
+    drop(d);
+    let want: Vec<Option<u64>> = model.iter().map(|&v| (v != 0).then_some(v)).collect();
+    let got: Vec<Option<u64>> = data_file_versions(&dir)
+        .iter()
+        .zip(&model)
+        .map(|(&g, &m)| if m == 0 { None } else { g })
+        .collect();
+    assert_eq!(got, want, "the data file after the writeback");
+    let d = Delta::open(&dir).unwrap();
+    assert_eq!(versions(&d), model, "reopened");
+}
+
+/// A write that the flush cannot carry (more than [`INLINE_FLUSH_BYTES`]) goes to the data
+/// file at once; the carried writes queued before it must land first, so it is never
+/// overwritten by an older one; a discard is never undone by one; and a freeze (whose FORK
+/// record says the data file holds every write) puts them all in place. The writeback is held
+/// so that flushed batches are still queued when each of these comes.
+#[test]
+fn writes_to_the_data_file_wait_for_carried_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let blocks = 2 * (INLINE_FLUSH_BYTES / BS);
+    let d = Delta::create(&dir, base_of(t.path(), blocks)).unwrap();
+    d.hold_writeback(true);
+    let mut model = vec![0u64; BLOCKS as usize];
+    for v in 1..=40u64 {
+        let b = v % 4;
+        // Carried: block b at version v, flushed (queued for the writeback).
+        d.write_at(&pattern(b, v), b * BS).unwrap();
+        d.flush().unwrap();
+        // Not carried: more than INLINE_FLUSH_BYTES in one write, over block b again.
+        let big = INLINE_FLUSH_BYTES / BS + 1;
+        let buf: Vec<u8> = (b..b + big).flat_map(|x| pattern(x, v + 1000)).collect();
+        d.write_at(&buf, b * BS).unwrap();
+        for x in b..(b + big).min(BLOCKS) {
+            model[x as usize] = v + 1000;
+        }
+        d.flush().unwrap();
+        assert_eq!(versions(&d), model, "round {v}");
+    }
+    // A carried write, then a discard of it.
+    d.write_at(&pattern(60, 7), 60 * BS).unwrap();
+    d.flush().unwrap();
+    d.discard(60 * BS, BS).unwrap();
+    d.flush().unwrap();
+    model[60] = 0;
+    // A carried write, then a freeze.
+    d.write_at(&pattern(61, 9), 61 * BS).unwrap();
+    d.flush().unwrap();
+    model[61] = 9;
+    d.freeze().unwrap();
+    let check = |when: &str| {
+        let on_disk = data_file_versions(&dir);
+        for b in 0..BLOCKS {
+            let m = model[b as usize];
+            if m != 0 {
+                assert_eq!(
+                    on_disk[b as usize],
+                    Some(m),
+                    "block {b} in the data file {when}"
+                );
+            }
+        }
+        let bytes = std::fs::read(data_path(&dir)).unwrap();
+        assert!(
+            bytes[(60 * BS) as usize..(61 * BS) as usize]
+                .iter()
+                .all(|&x| x == 0),
+            "the discarded block was written back after its discard ({when})"
+        );
+    };
+    check("after the freeze");
+    drop(d);
+    check("after close");
+}
+
+/// A flush whose data would take the journal past its budget syncs the data file instead,
+/// and the journal is compacted by that same flush, so later flushes carry their data again
+/// (before, only a journal that itself reached the budget was compacted, so flushes of
+/// records alone kept taking the two-sync path until they filled the gap).
+#[test]
+fn a_flush_stopped_by_the_journal_budget_compacts_it() {
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = t.path().join("d");
+    let d = Delta::create(&dir, base_of(t.path(), 256)).unwrap();
+    // 48 KiB per flush: the last flush that fits leaves a gap of at least 48 KiB below the
+    // budget (64 MiB, about 1400 flushes).
+    let write = 48u64 << 10;
+    let buf = vec![0x5au8; write as usize];
+    let mut prev = d.journal_len();
+    let mut compacted = false;
+    for i in 0..2000u64 {
+        d.write_at(&buf, (i % 16) * write).unwrap();
+        d.flush().unwrap();
+        let len = d.journal_len();
+        if len < prev {
+            compacted = true;
+            break;
+        }
+        assert!(
+            len >= prev + write,
+            "flush {i} did not carry its data ({prev} -> {len}) and the journal was not compacted"
+        );
+        prev = len;
+    }
+    assert!(compacted, "the journal was never compacted");
+    // And flushes carry their data again.
+    let before = d.journal_len();
+    d.write_at(&buf, 0).unwrap();
+    d.flush().unwrap();
+    assert!(
+        d.journal_len() >= before + write,
+        "the next flush carried no data"
+    );
+}

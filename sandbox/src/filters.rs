@@ -38,9 +38,10 @@ mod sys {
         SYS_mprotect as mprotect, SYS_mremap as mremap, SYS_munmap as munmap,
         SYS_nanosleep as nanosleep, SYS_newfstatat as newfstatat, SYS_openat as openat,
         SYS_poll as poll, SYS_ppoll as ppoll, SYS_prctl as prctl, SYS_pread64 as pread64,
-        SYS_pwrite64 as pwrite64, SYS_read as read, SYS_readlink as readlink, SYS_readv as readv,
-        SYS_recvfrom as recvfrom, SYS_rename as rename, SYS_restart_syscall as restart_syscall,
-        SYS_rseq as rseq, SYS_rt_sigprocmask as rt_sigprocmask, SYS_rt_sigreturn as rt_sigreturn,
+        SYS_pwrite64 as pwrite64, SYS_pwritev as pwritev, SYS_read as read,
+        SYS_readlink as readlink, SYS_readv as readv, SYS_recvfrom as recvfrom,
+        SYS_rename as rename, SYS_restart_syscall as restart_syscall, SYS_rseq as rseq,
+        SYS_rt_sigprocmask as rt_sigprocmask, SYS_rt_sigreturn as rt_sigreturn,
         SYS_sched_getaffinity as sched_getaffinity, SYS_sched_yield as sched_yield,
         SYS_seccomp as seccomp, SYS_sendmsg as sendmsg, SYS_sendto as sendto,
         SYS_set_robust_list as set_robust_list, SYS_setsockopt as setsockopt,
@@ -80,12 +81,14 @@ const COMMON: List = syscalls![
     exit_group,
 ];
 
-/// I/O on a disk layer: positional reads and writes, flushes, hole punching (discard), and the
-/// journal's compaction (a new file written and renamed over the old one, the directory
-/// synced, a leftover temporary file removed).
+/// I/O on a disk layer: positional reads and writes (a journal append is one `pwritev` of
+/// its records and the data they carry), flushes, hole punching (discard), and the journal's
+/// compaction (a new file written and renamed over the old one, the directory synced, a
+/// leftover temporary file removed).
 const DISK_IO: List = syscalls![
     pread64,
     pwrite64,
+    pwritev,
     lseek,
     fsync,
     fdatasync,
