@@ -136,22 +136,29 @@ fn paired() {
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
             format!(
-                "{:?} ({:?}..{:?}), overhead of the medians {:+.1}% (five slices: {lo:+.1}%..{hi:+.1}%)",
+                "{:?} ({:?}..{:?}), overhead of the medians {:+.1}% (five slices: {lo:+.1}%..{hi:+.1}%), of the means {:+.1}%",
                 pct(d, 50),
                 pct(d, 10),
                 pct(d, 90),
                 overhead(&t[0], d),
+                (mean(d).as_secs_f64() / mean(&t[0]).as_secs_f64() - 1.0) * 100.0,
             )
         };
         println!(
-            "journal_overhead paired, {name} ({rounds} rounds): plain pwrite+fdatasync {:?} ({:?}..{:?})\n  delta write+flush: {}\n  delta with a version 1 journal (two fdatasyncs): {}",
+            "journal_overhead paired, {name} ({rounds} rounds): plain pwrite+fdatasync {:?} ({:?}..{:?}, mean {:?})\n  delta write+flush: {}\n  delta with a version 1 journal (two fdatasyncs): {}",
             pct(&t[0], 50),
             pct(&t[0], 10),
             pct(&t[0], 90),
+            mean(&t[0]),
             line(&t[1]),
             line(&t[2]),
         );
     }
+}
+
+/// The mean of `v`.
+fn mean(v: &[Duration]) -> Duration {
+    v.iter().sum::<Duration>() / u32::try_from(v.len()).unwrap_or(u32::MAX)
 }
 
 /// The `p`th percentile of `v` (unsorted).
