@@ -120,7 +120,7 @@ pub struct Delta {
     dir: PathBuf,
     meta: DeltaMeta,
     parent: Arc<Layer>,
-    data: File,
+    data: Arc<File>,
     writable: bool,
     state: Mutex<WriteState>,
     index: RwLock<ExtentMap>,
@@ -421,7 +421,7 @@ impl Delta {
             dir: dir.to_path_buf(),
             meta,
             parent,
-            data,
+            data: Arc::new(data),
             writable,
             state: Mutex::new(WriteState {
                 journal,
@@ -952,7 +952,7 @@ impl Delta {
         if inline {
             // Durable in the journal: the data file gets these bytes in the background.
             let placed = std::mem::take(&mut st.unplaced);
-            self.wb.enqueue(&self.data, placed);
+            self.wb.enqueue(&self.data, placed, st.journal.space());
         }
         st.next_seq += 1;
         st.durable_seq = seq;
@@ -1021,6 +1021,9 @@ impl Delta {
         }
         st.durable_seq = seq;
         st.data_in_journal = false;
+        // Never written again: no writeback thread, no zeros ahead of the journal.
+        self.wb.shutdown();
+        st.journal.space().close();
         crate::sys::try_lock(&self.lock, false).map_err(BlockError::io("lock", &self.dir))?;
         Ok(seq)
     }
@@ -1135,7 +1138,7 @@ impl Delta {
             dir: child.dir,
             meta,
             parent,
-            data: child.data,
+            data: Arc::new(child.data),
             writable: true,
             state: Mutex::new(WriteState {
                 journal: child.journal,

@@ -10,8 +10,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 /// Size of one record.
 pub const RECORD_SIZE: usize = 64;
@@ -284,8 +285,110 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     len: u64,
-    allocated: u64,
+    space: Arc<Space>,
     version: u64,
+    /// The journal's bytes from the start of the page that holds its end (`None` for a merge
+    /// log): an append rewrites them and pads its own end with zeros, so that it writes whole
+    /// pages and never has the kernel read a page that is not cached.
+    tail: Option<Vec<u8>>,
+}
+
+/// Appends of a delta's journal cover whole pages of this size.
+const PAGE: u64 = 4096;
+
+/// Zeros for padding an append to [`PAGE`].
+static ZERO_PAGE: [u8; 4096] = [0; 4096];
+
+/// Zeros kept ahead of the journal's end by the writeback thread, when it waits anyway, once
+/// the journal holds this much (a journal that small grows in the appends, as before).
+const AHEAD_STEP: u64 = 2 << 20;
+
+/// The journal's preallocated space (written zeros past its length), which an append grows
+/// when it needs more, and which [`Space::zero_ahead`] (on another thread) extends ahead of
+/// the appends with `O_DIRECT` writes, so that a flush seldom writes zeros itself: writing
+/// them through the page cache would make the next fdatasync write them too.
+#[derive(Debug)]
+pub(crate) struct Space {
+    /// The journal opened with `O_DIRECT` when it was opened or created (so that it is this
+    /// journal's inode whatever is renamed later); `None` where the filesystem refuses it,
+    /// after a failed extension, for a read-only journal, or once closed: the appends then
+    /// grow the space themselves.
+    direct: Mutex<Option<File>>,
+    state: Mutex<SpaceState>,
+    done: Condvar,
+}
+
+#[derive(Debug)]
+struct SpaceState {
+    /// Bytes from the start that are allocated and written.
+    zeroed: u64,
+    /// The journal's length.
+    len: u64,
+    /// An extension in progress writes zeros up to here: an append must not write past
+    /// `zeroed` until it is over.
+    extending: Option<u64>,
+}
+
+impl Space {
+    fn new(path: &Path, zeroed: u64, len: u64, writable: bool) -> Arc<Self> {
+        let direct = writable
+            .then(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
+        Arc::new(Self {
+            direct: Mutex::new(direct),
+            state: Mutex::new(SpaceState {
+                zeroed,
+                len,
+                extending: None,
+            }),
+            done: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpaceState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Extends the zeroed space by [`AHEAD_STEP`] when less than half of that is left past the
+    /// end of a journal of at least that length (allocated with `fallocate`, then written with `O_DIRECT` so that nothing
+    /// of it is left in the page cache for the journal's fdatasync). Does nothing where
+    /// `O_DIRECT` is not available; a failure turns it off.
+    pub(crate) fn zero_ahead(&self) {
+        let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(file) = direct.as_ref() else {
+            return;
+        };
+        let (from, to) = {
+            let mut st = self.lock();
+            if st.extending.is_some() || st.len < AHEAD_STEP || st.zeroed >= st.len + AHEAD_STEP / 2
+            {
+                return;
+            }
+            let to = st.zeroed + AHEAD_STEP;
+            st.extending = Some(to);
+            (st.zeroed, to)
+        };
+        let written = crate::sys::allocate(file, from, to - from)
+            .and_then(|()| crate::sys::write_zeros_direct(file, from, to - from));
+        let mut st = self.lock();
+        st.extending = None;
+        match written {
+            Ok(()) => st.zeroed = st.zeroed.max(to),
+            Err(_) => *direct = None,
+        }
+        self.done.notify_all();
+    }
+
+    /// Stops extending the space and closes the `O_DIRECT` file (a frozen delta's journal).
+    pub(crate) fn close(&self) {
+        *self.direct.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 /// True for the records that commit a batch.
@@ -315,12 +418,14 @@ impl Journal {
             .create_new(true)
             .open(path)
             .map_err(Self::io(path))?;
+        let space = Space::new(path, 0, 0, true);
         let mut j = Self {
             path: path.to_path_buf(),
             file,
             len: 0,
-            allocated: 0,
+            space,
             version: header.aux,
+            tail: Some(Vec::new()),
         };
         j.append(std::slice::from_ref(header))?;
         Ok(j)
@@ -510,12 +615,23 @@ impl Journal {
             committed_len,
             discarded_bytes,
         };
+        let tail = if writable {
+            // Below the committed length: bytes the first pass read.
+            #[allow(clippy::cast_possible_truncation)] // under PAGE
+            let mut t = vec![0u8; (committed_len % PAGE) as usize];
+            file.read_exact_at(&mut t, committed_len - committed_len % PAGE)
+                .map_err(Self::io(path))?;
+            Some(t)
+        } else {
+            None
+        };
         let j = Self {
             path: path.to_path_buf(),
             file,
             len: committed_len,
-            allocated: size,
+            space: Space::new(path, size, committed_len, writable),
             version,
+            tail,
         };
         if writable && discarded_bytes > 0 {
             let zeros = vec![0u8; crate::sys::clamp_len(discarded_bytes, READ_CHUNK)];
@@ -596,23 +712,59 @@ impl Journal {
     ) -> Result<(), JournalError> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let end = self.len + total as u64;
-        if end > self.allocated {
+        // What is written: the whole pages from the one holding the journal's end.
+        let (start, write_end) = match &self.tail {
+            Some(t) => (self.len - t.len() as u64, end.div_ceil(PAGE) * PAGE),
+            None => (self.len, end),
+        };
+        let mut st = self.space.lock();
+        while write_end > st.zeroed && st.extending.is_some() {
+            // Zeros are being written there: wait rather than have them land on the append.
+            st = self
+                .space
+                .done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if write_end > st.zeroed {
             // Grow by writing zeros, a chunk at a time, so that most appends overwrite
             // allocated blocks inside the file size and their fdatasync has no metadata to
             // commit.
-            let new_alloc = end.div_ceil(PREALLOCATE) * PREALLOCATE;
-            // `len <= allocated`: the growth is at most `total` plus one PREALLOCATE.
+            let new_alloc = write_end.div_ceil(PREALLOCATE) * PREALLOCATE;
+            // `len <= zeroed`: the growth is at most `total` plus one PREALLOCATE.
             #[allow(clippy::cast_possible_truncation)]
-            let zeros = vec![0u8; (new_alloc - self.allocated) as usize];
+            let zeros = vec![0u8; (new_alloc - st.zeroed) as usize];
             self.file
-                .write_all_at(&zeros, self.allocated)
+                .write_all_at(&zeros, st.zeroed)
                 .map_err(Self::io(&self.path))?;
-            self.allocated = new_alloc;
+            st.zeroed = new_alloc;
         }
-        crate::sys::pwritev_all(&self.file, bufs, self.len).map_err(Self::io(&self.path))?;
+        drop(st);
+        let head = self.tail.as_deref().unwrap_or(&[]);
+        #[allow(clippy::cast_possible_truncation)] // under PAGE
+        let pad = &ZERO_PAGE[..(write_end - end) as usize];
+        let mut iov = Vec::with_capacity(bufs.len() + 2);
+        iov.push(io::IoSlice::new(head));
+        iov.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+        iov.push(io::IoSlice::new(pad));
+        crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
         self.file.sync_data().map_err(Self::io(&self.path))?;
+        if self.tail.is_some() {
+            #[allow(clippy::cast_possible_truncation)] // under PAGE
+            let keep = (end % PAGE) as usize;
+            let pieces: Vec<&[u8]> = std::iter::once(head)
+                .chain(bufs.iter().map(|b| &b[..]))
+                .collect();
+            self.tail = Some(last_bytes(&pieces, keep));
+        }
         self.len = end;
+        self.space.lock().len = end;
         Ok(())
+    }
+
+    /// The journal's space, for [`Space::zero_ahead`] on another thread.
+    pub(crate) fn space(&self) -> Arc<Space> {
+        Arc::clone(&self.space)
     }
 
     /// Reads data carried in the journal (at an offset [`Journal::open`] handed out).
@@ -636,6 +788,21 @@ impl Journal {
     pub fn version(&self) -> u64 {
         self.version
     }
+}
+
+/// The last `n` bytes of `pieces` one after the other (they hold at least `n`).
+fn last_bytes(pieces: &[&[u8]], n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    let mut need = n;
+    for p in pieces.iter().rev() {
+        if need == 0 {
+            break;
+        }
+        let k = need.min(p.len());
+        out.splice(0..0, p[p.len() - k..].iter().copied());
+        need -= k;
+    }
+    out
 }
 
 /// True if `[from, to)` of `file` holds an all-zero [`TORN_SECTOR`]-aligned sector (or runs
@@ -722,8 +889,9 @@ pub(crate) fn open_log(path: &Path, valid_records: usize) -> Result<Journal, Jou
         path: path.to_path_buf(),
         file,
         len,
-        allocated: u64::MAX,
+        space: Space::new(path, u64::MAX, len, false),
         version: JOURNAL_VERSION_1,
+        tail: None,
     })
 }
 

@@ -136,6 +136,42 @@ pub(crate) unsafe fn pwrite_raw(
     Ok(())
 }
 
+/// Allocates `[offset, offset + len)` of `file` (`fallocate`, mode 0: the file grows to cover
+/// it; new blocks read as zeros).
+pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: fallocate only takes an fd owned by `file` (valid for the call) and integers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One page, aligned for `O_DIRECT`.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// Writes zeros over `[offset, offset + len)` of `file`, which is open with `O_DIRECT`
+/// (`offset` and `len` multiples of 4096), 1 MiB at a time from an aligned buffer.
+pub(crate) fn write_zeros_direct(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    const PAGES: usize = 256;
+    let zeros = vec![Page([0; 4096]); PAGES];
+    // SAFETY: `zeros` is `PAGES` contiguous `Page`s (repr(C), no padding: size 4096), i.e.
+    // `PAGES * 4096` initialized bytes, borrowed for as long as `bytes` lives.
+    let bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts(zeros.as_ptr().cast::<u8>(), PAGES * 4096) };
+    let mut at = offset;
+    while at < offset + len {
+        let n = clamp_len(offset + len - at, bytes.len());
+        file.write_all_at(&bytes[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// A new shared slice holding a copy of the `len` bytes at `src` (copied once).
 ///
 /// # Safety

@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::error::BlockError;
+use crate::journal::Space;
 
 /// Committed bytes waiting for the writeback beyond which a flush waits for it first (memory
 /// bound of the overlay's committed part).
@@ -45,6 +46,8 @@ struct Inner {
     failed: Option<(io::ErrorKind, String)>,
     /// The thread leaves the queue alone ([`Writeback::hold`]).
     held: bool,
+    /// The journal's space, which the thread extends when the queue is empty.
+    space: Option<Arc<Space>>,
     stop: bool,
 }
 
@@ -116,23 +119,28 @@ impl Writeback {
     /// Hands a committed batch to the writeback thread (started on first use; `data` is the
     /// delta's data file). Waits for the thread first when much is queued already. If no
     /// thread can start, the batch is written here.
-    pub(crate) fn enqueue(self: &Arc<Self>, data: &File, batch: Vec<(u64, Chunk)>) {
+    pub(crate) fn enqueue(
+        self: &Arc<Self>,
+        data: &Arc<File>,
+        batch: Vec<(u64, Chunk)>,
+        space: Arc<Space>,
+    ) {
         if batch.is_empty() {
             return;
         }
+        self.lock().space = Some(space);
         let mut t = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
-        if t.is_none() {
+        if t.is_none() && !self.lock().stop {
             let me = Arc::clone(self);
             // Through the sandbox's spawner (the caller, a device worker say, may not start
             // threads itself); the thread runs under a device worker's filter (disk I/O).
-            *t = data.try_clone().ok().and_then(|file| {
-                sandbox::spawn(
-                    sandbox::ThreadKind::DeviceWorker,
-                    std::thread::Builder::new().name("delta-writeback".into()),
-                    move || me.run(&file),
-                )
-                .ok()
-            });
+            let file = Arc::clone(data);
+            *t = sandbox::spawn(
+                sandbox::ThreadKind::DeviceWorker,
+                std::thread::Builder::new().name("delta-writeback".into()),
+                move || me.run(&file),
+            )
+            .ok();
         }
         let bytes: u64 = batch.iter().map(|(_, c)| c.data.len() as u64).sum();
         let mut g = self.lock();
@@ -141,7 +149,8 @@ impl Writeback {
             g.queue.push_back(batch);
             g.queued_bytes += bytes;
             drop(g);
-            // No thread: written here (a failure is kept for the next write or flush).
+            // No thread (it could not start, or the delta is frozen): written here (a failure
+            // is kept for the next write or flush).
             let _ = self.drain(data);
             return;
         }
@@ -171,6 +180,15 @@ impl Writeback {
                 return;
             }
             g = self.write_front(g, data);
+            if g.queue.is_empty() && !g.held {
+                // Idle until the next flush: keep zeros ahead of the journal's end.
+                let space = g.space.clone();
+                drop(g);
+                if let Some(space) = space {
+                    space.zero_ahead();
+                }
+                g = self.lock();
+            }
         }
     }
 
@@ -242,7 +260,8 @@ impl Writeback {
         Ok(())
     }
 
-    /// Stops the thread once the queue is written (or has failed).
+    /// Stops the thread (the queue must have been drained: what is left is written by the
+    /// next drain); batches enqueued later are written by the caller.
     pub(crate) fn shutdown(&self) {
         self.lock().stop = true;
         self.work.notify_all();

@@ -588,3 +588,55 @@ fn a_flush_stopped_by_the_journal_budget_compacts_it() {
         "the next flush carried no data"
     );
 }
+
+/// Once a journal holds a few MiB, the writeback thread keeps zeroed space ahead of its end
+/// (so that flushes seldom grow it themselves): the file then reaches past the journal's length,
+/// that space reads as zeros (what recovery takes for never-written space), later appends land
+/// in it, and the delta reopens with every flushed write and nothing discarded.
+#[test]
+fn zeros_kept_ahead_of_the_journal_are_appended_into_and_recovered() {
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    let dir = t.path().join("d");
+    let blocks = 64u64;
+    let d = Delta::create(&dir, base_of(t.path(), blocks)).unwrap();
+    let jp = journal_path(&dir);
+    let mut model = vec![0u64; BLOCKS as usize];
+    let mut version = 0;
+    let mut flushes = |d: &Delta, n: u64, model: &mut [u64]| {
+        for _ in 0..n {
+            version += 1;
+            let b = version % (blocks - 16);
+            let buf: Vec<u8> = (b..b + 16).flat_map(|x| pattern(x, version)).collect();
+            d.write_at(&buf, b * BS).unwrap();
+            for x in b..b + 16 {
+                model[x as usize] = version;
+            }
+            d.flush().unwrap();
+        }
+    };
+    flushes(&d, 48, &mut model);
+    // The thread extends the space when it is idle after a batch.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let ahead = |d: &Delta| {
+        std::fs::metadata(&jp)
+            .unwrap()
+            .len()
+            .saturating_sub(d.journal_len())
+    };
+    while ahead(&d) < (1 << 20) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(ahead(&d) >= 1 << 20, "no zeros ahead: {} bytes", ahead(&d));
+    let bytes = std::fs::read(&jp).unwrap();
+    assert!(
+        bytes[d.journal_len() as usize..].iter().all(|&x| x == 0),
+        "the space ahead of the journal is not zeros"
+    );
+    // Appends into that space, then a reopen.
+    flushes(&d, 64, &mut model);
+    assert_eq!(versions(&d), model);
+    drop(d);
+    let d = Delta::open(&dir).unwrap();
+    assert_eq!(versions(&d), model, "reopened");
+    assert_eq!(d.recovered_discarded_bytes(), 0);
+}
