@@ -291,6 +291,8 @@ pub struct Journal {
     /// log): an append rewrites them and pads its own end with zeros, so that it writes whole
     /// pages and never has the kernel read a page that is not cached.
     tail: Option<Vec<u8>>,
+    /// The pages of the last append written with `O_DIRECT`.
+    pages: crate::sys::AlignedBuf,
 }
 
 /// Appends of a delta's journal cover whole pages of this size.
@@ -313,7 +315,7 @@ pub(crate) struct Space {
     /// journal's inode whatever is renamed later); `None` where the filesystem refuses it,
     /// after a failed extension, for a read-only journal, or once closed: the appends then
     /// grow the space themselves.
-    direct: Mutex<Option<File>>,
+    direct: Mutex<Option<Arc<File>>>,
     state: Mutex<SpaceState>,
     done: Condvar,
 }
@@ -339,7 +341,8 @@ impl Space {
                     .open(path)
                     .ok()
             })
-            .flatten();
+            .flatten()
+            .map(Arc::new);
         Arc::new(Self {
             direct: Mutex::new(direct),
             state: Mutex::new(SpaceState {
@@ -360,8 +363,7 @@ impl Space {
     /// of it is left in the page cache for the journal's fdatasync). Does nothing where
     /// `O_DIRECT` is not available; a failure turns it off.
     pub(crate) fn zero_ahead(&self) {
-        let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(file) = direct.as_ref() else {
+        let Some(file) = self.direct() else {
             return;
         };
         let (from, to) = {
@@ -374,15 +376,25 @@ impl Space {
             st.extending = Some(to);
             (st.zeroed, to)
         };
-        let written = crate::sys::allocate(file, from, to - from)
-            .and_then(|()| crate::sys::write_zeros_direct(file, from, to - from));
+        let written = crate::sys::allocate(&file, from, to - from)
+            .and_then(|()| crate::sys::write_zeros_direct(&file, from, to - from));
+        if written.is_err() {
+            self.close();
+        }
         let mut st = self.lock();
         st.extending = None;
-        match written {
-            Ok(()) => st.zeroed = st.zeroed.max(to),
-            Err(_) => *direct = None,
+        if written.is_ok() {
+            st.zeroed = st.zeroed.max(to);
         }
         self.done.notify_all();
+    }
+
+    /// The journal open with `O_DIRECT`, if it is.
+    fn direct(&self) -> Option<Arc<File>> {
+        self.direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops extending the space and closes the `O_DIRECT` file (a frozen delta's journal).
@@ -426,6 +438,7 @@ impl Journal {
             space,
             version: header.aux,
             tail: Some(Vec::new()),
+            pages: crate::sys::AlignedBuf::default(),
         };
         j.append(std::slice::from_ref(header))?;
         Ok(j)
@@ -632,6 +645,7 @@ impl Journal {
             space: Space::new(path, size, committed_len, writable),
             version,
             tail,
+            pages: crate::sys::AlignedBuf::default(),
         };
         if writable && discarded_bytes > 0 {
             let zeros = vec![0u8; crate::sys::clamp_len(discarded_bytes, READ_CHUNK)];
@@ -743,11 +757,29 @@ impl Journal {
         let head = self.tail.as_deref().unwrap_or(&[]);
         #[allow(clippy::cast_possible_truncation)] // under PAGE
         let pad = &ZERO_PAGE[..(write_end - end) as usize];
-        let mut iov = Vec::with_capacity(bufs.len() + 2);
-        iov.push(io::IoSlice::new(head));
-        iov.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
-        iov.push(io::IoSlice::new(pad));
-        crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
+        let direct = self.space.direct().filter(|_| self.tail.is_some());
+        let mut written = false;
+        if let Some(direct) = direct {
+            // Whole pages, past the page cache: nothing of the append is left for the
+            // fdatasync but the device's cache flush.
+            let mut pieces: Vec<&[u8]> = Vec::with_capacity(bufs.len() + 1);
+            pieces.push(head);
+            pieces.extend(bufs.iter().map(|b| &b[..]));
+            let pages = self.pages.fill(&pieces);
+            if direct.write_all_at(pages, start).is_ok() {
+                written = true;
+            } else {
+                // Not this file system, or an I/O error: the buffered write says which.
+                self.space.close();
+            }
+        }
+        if !written {
+            let mut iov = Vec::with_capacity(bufs.len() + 2);
+            iov.push(io::IoSlice::new(head));
+            iov.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
+            iov.push(io::IoSlice::new(pad));
+            crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
+        }
         self.file.sync_data().map_err(Self::io(&self.path))?;
         if self.tail.is_some() {
             #[allow(clippy::cast_possible_truncation)] // under PAGE
@@ -892,6 +924,7 @@ pub(crate) fn open_log(path: &Path, valid_records: usize) -> Result<Journal, Jou
         space: Space::new(path, u64::MAX, len, false),
         version: JOURNAL_VERSION_1,
         tail: None,
+        pages: crate::sys::AlignedBuf::default(),
     })
 }
 

@@ -154,15 +154,52 @@ pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
 
+/// The bytes of `pages`, one after the other.
+fn page_bytes(pages: &[Page]) -> &[u8] {
+    // SAFETY: `Page` is repr(C) around a `[u8; 4096]` (size 4096, no padding), so `pages` is
+    // `pages.len() * 4096` contiguous initialized bytes, borrowed for as long as the result.
+    unsafe { std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), pages.len() * 4096) }
+}
+
+/// A buffer of whole pages, aligned for `O_DIRECT`, reused from one write to the next.
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
+    pages: Vec<Page>,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} pages)", self.pages.len())
+    }
+}
+
+impl AlignedBuf {
+    /// The bytes of `pieces` one after the other, then zeros up to a whole number of pages.
+    pub(crate) fn fill(&mut self, pieces: &[&[u8]]) -> &[u8] {
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let n = total.div_ceil(4096);
+        self.pages.clear();
+        self.pages.resize(n, Page([0; 4096]));
+        let mut at = 0;
+        for piece in pieces {
+            let mut rest: &[u8] = piece;
+            while !rest.is_empty() {
+                let (page, off) = (at / 4096, at % 4096);
+                let k = rest.len().min(4096 - off);
+                self.pages[page].0[off..off + k].copy_from_slice(&rest[..k]);
+                rest = &rest[k..];
+                at += k;
+            }
+        }
+        page_bytes(&self.pages)
+    }
+}
+
 /// Writes zeros over `[offset, offset + len)` of `file`, which is open with `O_DIRECT`
 /// (`offset` and `len` multiples of 4096), 1 MiB at a time from an aligned buffer.
 pub(crate) fn write_zeros_direct(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    const PAGES: usize = 256;
-    let zeros = vec![Page([0; 4096]); PAGES];
-    // SAFETY: `zeros` is `PAGES` contiguous `Page`s (repr(C), no padding: size 4096), i.e.
-    // `PAGES * 4096` initialized bytes, borrowed for as long as `bytes` lives.
-    let bytes: &[u8] =
-        unsafe { std::slice::from_raw_parts(zeros.as_ptr().cast::<u8>(), PAGES * 4096) };
+    let zeros = vec![Page([0; 4096]); 256];
+    let bytes = page_bytes(&zeros);
     let mut at = offset;
     while at < offset + len {
         let n = clamp_len(offset + len - at, bytes.len());
