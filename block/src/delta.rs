@@ -632,11 +632,9 @@ impl Delta {
         len: u64,
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
+        // A WRITE comes here only once its flush cannot carry it ([`Delta::carries`] said so).
+        debug_assert!(kind != RecordKind::Write || st.inline.is_none());
         let r = self.next_record(st, kind, offset, len);
-        if kind == RecordKind::Write {
-            // Its flush cannot carry it (the data file is synced instead).
-            st.inline = None;
-        }
         if let Some(batch) = &mut st.inline {
             batch.push(Part {
                 record: r.encode(),
@@ -1272,8 +1270,7 @@ impl Drop for Delta {
     /// once; nothing is synced) and stops the writeback thread.
     fn drop(&mut self) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = self.wb.place(&self.data, &st.unplaced);
-        st.unplaced.clear();
+        let _ = self.settle(&mut st);
         drop(st);
         self.wb.shutdown();
     }

@@ -359,9 +359,9 @@ impl Space {
     }
 
     /// Extends the zeroed space by [`AHEAD_STEP`] when less than half of that is left past the
-    /// end of a journal of at least that length (allocated with `fallocate`, then written with `O_DIRECT` so that nothing
-    /// of it is left in the page cache for the journal's fdatasync). Does nothing where
-    /// `O_DIRECT` is not available; a failure turns it off.
+    /// end of a journal of at least that length (allocated with `fallocate`, then written with
+    /// `O_DIRECT` so that nothing of it is left in the page cache for the journal's
+    /// fdatasync). Does nothing where `O_DIRECT` is not available; a failure turns it off.
     pub(crate) fn zero_ahead(&self) {
         let Some(file) = self.direct() else {
             return;
@@ -377,7 +377,7 @@ impl Space {
             (st.zeroed, to)
         };
         let written = crate::sys::allocate(&file, from, to - from)
-            .and_then(|()| crate::sys::write_zeros_direct(&file, from, to - from));
+            .and_then(|()| crate::sys::write_zeros(&file, from, to - from));
         if written.is_err() {
             self.close();
         }
@@ -757,14 +757,14 @@ impl Journal {
         let head = self.tail.as_deref().unwrap_or(&[]);
         #[allow(clippy::cast_possible_truncation)] // under PAGE
         let pad = &ZERO_PAGE[..(write_end - end) as usize];
+        let pieces: Vec<&[u8]> = std::iter::once(head)
+            .chain(bufs.iter().map(|b| &b[..]))
+            .collect();
         let direct = self.space.direct().filter(|_| self.tail.is_some());
         let mut written = false;
         if let Some(direct) = direct {
             // Whole pages, past the page cache: nothing of the append is left for the
             // fdatasync but the device's cache flush.
-            let mut pieces: Vec<&[u8]> = Vec::with_capacity(bufs.len() + 1);
-            pieces.push(head);
-            pieces.extend(bufs.iter().map(|b| &b[..]));
             let pages = self.pages.fill(&pieces);
             if direct.write_all_at(pages, start).is_ok() {
                 written = true;
@@ -774,19 +774,17 @@ impl Journal {
             }
         }
         if !written {
-            let mut iov = Vec::with_capacity(bufs.len() + 2);
-            iov.push(io::IoSlice::new(head));
-            iov.extend(bufs.iter().map(|b| io::IoSlice::new(b)));
-            iov.push(io::IoSlice::new(pad));
+            let mut iov: Vec<io::IoSlice<'_>> = pieces
+                .iter()
+                .chain(std::iter::once(&pad))
+                .map(|p| io::IoSlice::new(p))
+                .collect();
             crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
         }
         self.file.sync_data().map_err(Self::io(&self.path))?;
         if self.tail.is_some() {
             #[allow(clippy::cast_possible_truncation)] // under PAGE
             let keep = (end % PAGE) as usize;
-            let pieces: Vec<&[u8]> = std::iter::once(head)
-                .chain(bufs.iter().map(|b| &b[..]))
-                .collect();
             self.tail = Some(last_bytes(&pieces, keep));
         }
         self.len = end;

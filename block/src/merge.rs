@@ -1002,6 +1002,8 @@ fn apply_window(
     b: &Delta,
     w: &mut Writer<'_>,
 ) -> Result<(), MergeError> {
+    // Each input's data file, holding every write (its overlay put in place once).
+    let (a_data, b_data) = (a.data_file()?, b.data_file()?);
     let mut pieces = Vec::new();
     for op in ops {
         match op.action {
@@ -1010,11 +1012,11 @@ fn apply_window(
                     .map_err(io_err("punch", w.target_path))?;
             }
             Action::Copy(side) => {
-                let src = if side == Side::Active { a } else { b };
+                let src = if side == Side::Active { a_data } else { b_data };
                 let mut pos = op.offset;
                 while pos < op.offset + op.len {
                     let n = (op.offset + op.len - pos).min(COPY_PIECE);
-                    pieces.push((src.data_file()?, pos, n));
+                    pieces.push((src, pos, n));
                     pos += n;
                 }
             }

@@ -16,39 +16,51 @@ fn to_off(v: u64) -> io::Result<libc::off_t> {
     libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// `fallocate(2)` of `[offset, offset + len)` of `file` with `mode`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: fallocate only takes an fd owned by `file` (valid for the call) and integers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Deallocates `[offset, offset + len)` of `file`; reads of the range then return zeros.
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    let (off, len) = (to_off(offset)?, to_off(len)?);
-    // SAFETY: fallocate only takes an fd owned by `file` (valid for the call) and integers.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+    match fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    ) {
         // File system without hole punching: write zeros instead.
-        return write_zeros(file, offset, len.unsigned_abs());
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(file, offset, len),
+        r => r,
     }
-    Err(err)
 }
 
-fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
-    let zeros = vec![0u8; 1 << 20];
-    while len > 0 {
-        let n = clamp_len(len, zeros.len());
-        file.write_all_at(&zeros[..n], offset)?;
-        offset += n as u64;
-        len -= n as u64;
+/// Allocates `[offset, offset + len)` of `file` (`fallocate`, mode 0: the file grows to cover
+/// it; new blocks read as zeros).
+pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fallocate(file, 0, offset, len)
+}
+
+/// Writes zeros over `[offset, offset + len)` of `file`, 1 MiB at a time from a buffer aligned
+/// for `O_DIRECT` (so `file` may be open with it, `offset` and `len` then multiples of 4096).
+pub(crate) fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![Page([0; 4096]); 256];
+    let bytes = page_bytes(&zeros);
+    let mut at = offset;
+    while at < offset + len {
+        let n = clamp_len(offset + len - at, bytes.len());
+        file.write_all_at(&bytes[..n], at)?;
+        at += n as u64;
     }
     Ok(())
 }
@@ -136,19 +148,6 @@ pub(crate) unsafe fn pwrite_raw(
     Ok(())
 }
 
-/// Allocates `[offset, offset + len)` of `file` (`fallocate`, mode 0: the file grows to cover
-/// it; new blocks read as zeros).
-pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (off, len) = (to_off(offset)?, to_off(len)?);
-    // SAFETY: fallocate only takes an fd owned by `file` (valid for the call) and integers.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// One page, aligned for `O_DIRECT`.
 #[derive(Clone, Copy)]
 #[repr(C, align(4096))]
@@ -193,20 +192,6 @@ impl AlignedBuf {
         }
         page_bytes(&self.pages)
     }
-}
-
-/// Writes zeros over `[offset, offset + len)` of `file`, which is open with `O_DIRECT`
-/// (`offset` and `len` multiples of 4096), 1 MiB at a time from an aligned buffer.
-pub(crate) fn write_zeros_direct(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let zeros = vec![Page([0; 4096]); 256];
-    let bytes = page_bytes(&zeros);
-    let mut at = offset;
-    while at < offset + len {
-        let n = clamp_len(offset + len - at, bytes.len());
-        file.write_all_at(&bytes[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
 }
 
 /// A new shared slice holding a copy of the `len` bytes at `src` (copied once).
