@@ -14,6 +14,7 @@ use crate::journal::{FLUSH_CHECKPOINT, JOURNAL_VERSION, Journal, Record, RecordK
 use crate::journal::{JournalError, MAX_SEQ, RECORD_SIZE};
 use crate::layer::{Chain, Layer};
 use crate::meta::{self, Identity, LayerKind};
+use crate::stage::{Slice, Stage};
 use crate::writeback::{Chunk, Writeback};
 use crate::{BLOCK_SIZE, check_io};
 
@@ -92,23 +93,21 @@ struct WriteState {
     /// The journal holds batches with their data after its last checkpoint: the data file
     /// must be synced before that data may be dropped (compaction).
     data_in_journal: bool,
-    /// The pending records encoded for a flush that carries its data (each WRITE as a
-    /// WRITE_DATA record followed by the bytes written), built as the writes come in; `None`
-    /// when that flush cannot carry them (a version 1 journal, or more than
-    /// [`INLINE_FLUSH_BYTES`] of data pending): it syncs the data file instead.
-    inline: Option<Vec<Part>>,
-    /// Data bytes in `inline`.
+    /// The next flush carries the pending writes' data: the pending records are laid out
+    /// in `stage` (each WRITE as a WRITE_DATA record followed by the bytes written) as the
+    /// writes come in. False when that flush cannot carry them (a version 1 journal, more
+    /// than [`INLINE_FLUSH_BYTES`] of data pending, or a full stage): it syncs the data
+    /// file instead.
+    carrying: bool,
+    /// The append of the next flush that carries its data (`None` for a version 1 journal
+    /// or a read-only delta, or if no memory was left for it).
+    stage: Option<Stage>,
+    /// Data bytes in `stage`.
     inline_bytes: u64,
     /// Pending writes whose bytes are only in the overlay (not in the data file), oldest
     /// first: queued for writeback when their flush carries them, written in place before
     /// anything else touches the data file.
     unplaced: Vec<(u64, Chunk)>,
-}
-
-/// One record of a batch that carries its data, and the bytes it carries.
-struct Part {
-    record: [u8; RECORD_SIZE],
-    data: Option<Arc<[u8]>>,
 }
 
 /// A step that must complete before a flush of this delta is acknowledged (e.g. an upgrade's
@@ -416,7 +415,6 @@ impl Delta {
             // A frozen delta is never written again: share it with its children's readers.
             crate::sys::try_lock(&lock, false).map_err(BlockError::io("lock", dir))?;
         }
-        let journal_version = journal.version();
         let delta = Self {
             dir: dir.to_path_buf(),
             meta,
@@ -432,7 +430,8 @@ impl Delta {
                 deferred: None,
                 flush_hook: None,
                 data_in_journal,
-                inline: (writable && journal_version >= JOURNAL_VERSION).then(Vec::new),
+                carrying: false,
+                stage: None,
                 inline_bytes: 0,
                 unplaced: Vec::new(),
             }),
@@ -443,6 +442,9 @@ impl Delta {
             wb: Writeback::new(dir),
             flushes: std::sync::atomic::AtomicU64::new(0),
         };
+        if writable && frozen_seq.is_none() {
+            delta.reset_inline(&mut delta.state());
+        }
         if writable
             && frozen_seq.is_none()
             && records > AUTO_COMPACT_RECORDS
@@ -570,7 +572,7 @@ impl Delta {
             },
         )?;
         st.data_in_journal = false;
-        Self::reset_inline(st);
+        self.reset_inline(st);
         Ok(())
     }
 
@@ -601,10 +603,13 @@ impl Delta {
     /// True if a write of `len` bytes is carried by the next flush (its bytes then wait in
     /// the overlay); stops carrying once more than [`INLINE_FLUSH_BYTES`] would be pending.
     fn carries(st: &mut WriteState, len: u64) -> bool {
-        if st.inline.is_some() && st.inline_bytes + len > INLINE_FLUSH_BYTES {
-            st.inline = None;
+        let fits = st.stage.as_ref().is_some_and(|s| {
+            usize::try_from(len).is_ok_and(|n| s.fits(n.saturating_add(RECORD_SIZE)))
+        });
+        if st.inline_bytes + len > INLINE_FLUSH_BYTES || !fits {
+            st.carrying = false;
         }
-        st.inline.is_some()
+        st.carrying
     }
 
     /// Refuses an operation that needs `n` more sequence numbers than are left below
@@ -633,42 +638,47 @@ impl Delta {
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
         // A WRITE comes here only once its flush cannot carry it ([`Delta::carries`] said so).
-        debug_assert!(kind != RecordKind::Write || st.inline.is_none());
+        debug_assert!(kind != RecordKind::Write || !st.carrying);
         let r = self.next_record(st, kind, offset, len);
-        if let Some(batch) = &mut st.inline {
-            batch.push(Part {
-                record: r.encode(),
-                data: None,
-            });
+        match st.stage.as_mut().filter(|s| s.fits(RECORD_SIZE)) {
+            Some(stage) if st.carrying => stage.push_record(&r.encode()),
+            _ => st.carrying = false,
         }
         Ok(())
     }
 
-    /// Records a WRITE of the whole blocks `data` at `offset` that the next flush carries
-    /// ([`Delta::carries`] said so): the bytes go to the overlay, not to the data file.
+    /// Records a WRITE of `len` bytes of whole blocks at `offset` that the next flush carries
+    /// ([`Delta::carries`] said so): `copy` puts the bytes into the stage (through
+    /// [`Stage::push_data`] with the record maker it is given), which is where they wait in
+    /// the overlay; the data file is not written.
     fn record_carried(
         &self,
         st: &mut WriteState,
         offset: u64,
-        data: Arc<[u8]>,
+        len: u64,
+        copy: impl FnOnce(&mut Stage, &dyn Fn(&[u8]) -> [u8; RECORD_SIZE]) -> Slice,
     ) -> Result<(), BlockError> {
         self.reserve_seqs(st, 2)?;
-        let len = data.len() as u64;
-        let crc = crc32c::crc32c(&data);
+        let seq = st.next_seq;
+        let make = |d: &[u8]| {
+            let r = Record::new(RecordKind::Write, seq, offset, len);
+            write_data_record(r, crc32c::crc32c(d))
+        };
+        let Some(stage) = st.stage.as_mut() else {
+            // Not carrying without a stage ([`Delta::carries`]).
+            return Err(BlockError::io("write", &self.dir)(std::io::Error::other(
+                "no stage for a carried write",
+            )));
+        };
         let chunk = Chunk {
             offset,
-            data: Arc::clone(&data),
+            data: copy(stage, &make),
         };
         // In the overlay before the index, so that a reader finding the extent finds its bytes.
-        self.wb.insert(st.next_seq, chunk.clone());
+        self.wb.insert(seq, chunk.clone());
         let r = self.next_record(st, RecordKind::Write, offset, len);
-        st.unplaced.push((r.seq, chunk));
-        if let Some(batch) = st.inline.as_mut() {
-            batch.push(Part {
-                record: write_data_record(r, crc),
-                data: Some(data),
-            });
-        }
+        debug_assert_eq!(r.seq, seq);
+        st.unplaced.push((seq, chunk));
         st.inline_bytes += len;
         Ok(())
     }
@@ -768,9 +778,10 @@ impl Delta {
         if len > 0 && aligned {
             self.reserve_seqs(&st, 2)?;
             if Self::carries(&mut st, len as u64) {
-                // SAFETY: `src` is valid for `len` bytes (the caller's contract).
-                let data = unsafe { crate::sys::arc_copy_raw(src, len) };
-                return self.record_carried(&mut st, offset, data);
+                return self.record_carried(&mut st, offset, len as u64, |stage, make| {
+                    // SAFETY: `src` is valid for `len` bytes (the caller's contract).
+                    unsafe { stage.push_data(src, len, make) }
+                });
             }
             self.settle(&mut st)?;
             // SAFETY: `src` is valid for `len` bytes (the caller's contract).
@@ -811,7 +822,10 @@ impl Delta {
             &tmp
         };
         if Self::carries(st, end - start) {
-            return self.record_carried(st, start, Arc::from(blocks));
+            return self.record_carried(st, start, end - start, |stage, make| {
+                // SAFETY: `blocks` is a live slice of `blocks.len()` bytes.
+                unsafe { stage.push_data(blocks.as_ptr(), blocks.len(), make) }
+            });
         }
         self.settle(st)?;
         self.data
@@ -918,35 +932,44 @@ impl Delta {
         let batch_start = st.journal.len();
         let budget = INLINE_JOURNAL_BUDGET.max(8 * RECORD_SIZE as u64 * self.extent_count() as u64);
         let over_budget = batch_start + st.inline_bytes >= budget;
-        let inline = !over_budget && st.inline.is_some();
-        let appended = if let Some(batch) = st.inline.as_ref().filter(|_| inline) {
+        let inline = !over_budget && st.carrying;
+        let appended = match st.stage.as_mut().filter(|_| inline) {
             // One append carries the records and the data they wrote; its fdatasync is the
             // only one. The data file gets the data from the writeback afterwards (and is
             // synced at the next checkpoint), or is repaired from here after a crash.
-            let flush = Self::flush_record(seq, batch_start, false).encode();
-            let mut iov = Vec::with_capacity(2 * batch.len() + 1);
-            for p in batch {
-                iov.push(std::io::IoSlice::new(&p.record));
-                if let Some(d) = &p.data {
-                    iov.push(std::io::IoSlice::new(d));
+            Some(stage) => {
+                let flush = Self::flush_record(seq, batch_start, false).encode();
+                let end = batch_start + (stage.body().len() + RECORD_SIZE) as u64;
+                let laid_out = st
+                    .journal
+                    .append_start()
+                    .is_some_and(|(base, head)| stage.starts(base, head));
+                if laid_out {
+                    // The stage's pages are the append as it is.
+                    st.journal.append_pages(stage.pages(&flush), end)
+                } else {
+                    // The journal changed since the stage began (a checkpoint, say).
+                    let mut iov = [
+                        std::io::IoSlice::new(stage.body()),
+                        std::io::IoSlice::new(&flush),
+                    ];
+                    st.journal.append_vectored(&mut iov)
                 }
-            }
-            iov.push(std::io::IoSlice::new(&flush));
-            st.journal
-                .append_vectored(&mut iov)
                 .map_err(|source| BlockError::Journal {
                     path: self.dir.clone(),
                     source,
                 })
-        } else {
-            // The data file first, then the records: two fdatasyncs, the data written once.
-            let mut recs = st.pending.clone();
-            recs.push(Self::flush_record(seq, batch_start, true));
-            self.sync_data_then_append(st, &recs)
+            }
+            None => {
+                // The data file first, then the records: two fdatasyncs, the data written once.
+                let mut recs = st.pending.clone();
+                recs.push(Self::flush_record(seq, batch_start, true));
+                self.sync_data_then_append(st, &recs)
+            }
         };
         appended?;
         st.pending.clear();
-        Self::reset_inline(st);
+        self.reset_inline(st);
         if inline {
             // Durable in the journal: the data file gets these bytes in the background.
             let placed = std::mem::take(&mut st.unplaced);
@@ -990,9 +1013,25 @@ impl Delta {
     }
 
     /// An empty pending batch: the next flush can carry its data if the journal's version can.
-    fn reset_inline(st: &mut WriteState) {
-        st.inline = (st.journal.version() >= JOURNAL_VERSION).then(Vec::new);
+    fn reset_inline(&self, st: &mut WriteState) {
         st.inline_bytes = 0;
+        st.carrying = false;
+        if st.journal.version() < JOURNAL_VERSION {
+            return;
+        }
+        let (base, head) = st.journal.append_start().unwrap_or((st.journal.len(), &[]));
+        st.carrying = match &mut st.stage {
+            // Every buffer held by queued batches: write them, which frees their buffers (a
+            // failure is kept for the next write or flush, which it fails).
+            Some(stage) => {
+                stage.reset(base, head)
+                    || (self.wb.drain(&self.data).is_ok() && stage.reset(base, head))
+            }
+            None => {
+                st.stage = Stage::new(base, head);
+                st.stage.is_some()
+            }
+        };
     }
 
     /// Writes a deferred freeze: data fdatasync, then the pending records, FLUSH and FORK in
@@ -1051,7 +1090,7 @@ impl Delta {
         // Room for the FLUSH of pending records and the FORK.
         self.reserve_seqs(&st, 2)?;
         let mut recs = std::mem::take(&mut st.pending);
-        st.inline = None;
+        st.carrying = false;
         if !recs.is_empty() {
             recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
             st.next_seq += 1;
@@ -1132,7 +1171,7 @@ impl Delta {
         commit: Arc<crate::fork::ForkCommit>,
     ) -> Self {
         let wb = Writeback::new(&child.dir);
-        Self {
+        let delta = Self {
             dir: child.dir,
             meta,
             parent,
@@ -1147,7 +1186,8 @@ impl Delta {
                 deferred: None,
                 flush_hook: None,
                 data_in_journal: false,
-                inline: Some(Vec::new()),
+                carrying: false,
+                stage: None,
                 inline_bytes: 0,
                 unplaced: Vec::new(),
             }),
@@ -1157,7 +1197,9 @@ impl Delta {
             lock,
             commit: Some(commit),
             flushes: std::sync::atomic::AtomicU64::new(0),
-        }
+        };
+        delta.reset_inline(&mut delta.state());
+        delta
     }
 
     /// The identity children record (only a frozen delta has one).

@@ -725,10 +725,49 @@ impl Journal {
         bufs: &mut [io::IoSlice<'_>],
     ) -> Result<(), JournalError> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
+        // Taken out while the append reads it (put back if the append fails).
+        let kept = self.tail.take();
+        let pieces: Vec<&[u8]> = std::iter::once(kept.as_deref().unwrap_or(&[]))
+            .chain(bufs.iter().map(|b| &b[..]))
+            .collect();
         let end = self.len + total as u64;
+        let tail_len = kept.as_ref().map(Vec::len);
+        let written = self.write_append(end, tail_len, Append::Pieces(&pieces));
+        drop(pieces);
+        self.tail = kept;
+        self.finish_append(end, written?);
+        Ok(())
+    }
+
+    /// Where the next append's pages start, and the bytes the journal already has there (its
+    /// partial last page); `None` if appends do not write whole pages.
+    pub(crate) fn append_start(&self) -> Option<(u64, &[u8])> {
+        let t = self.tail.as_deref()?;
+        Some((self.len - t.len() as u64, t))
+    }
+
+    /// Appends the bytes of `pages` past the journal's end, then fdatasyncs: `pages` starts
+    /// with what [`Journal::append_start`] returned, is a whole number of pages (aligned for
+    /// `O_DIRECT`), and holds the appended bytes up to journal offset `end`, zeros after.
+    pub(crate) fn append_pages(&mut self, pages: &[u8], end: u64) -> Result<(), JournalError> {
+        let tail_len = self.tail.as_ref().map(Vec::len);
+        let tail = self.write_append(end, tail_len, Append::Pages(pages))?;
+        self.finish_append(end, tail);
+        Ok(())
+    }
+
+    /// Writes an append that ends the journal at `end` (whole pages from the journal's last
+    /// partial page, of `tail_len` bytes, when it keeps one), then fdatasyncs; returns the new
+    /// partial last page to keep.
+    fn write_append(
+        &mut self,
+        end: u64,
+        tail_len: Option<usize>,
+        src: Append<'_>,
+    ) -> Result<Option<Vec<u8>>, JournalError> {
         // What is written: the whole pages from the one holding the journal's end.
-        let (start, write_end) = match &self.tail {
-            Some(t) => (self.len - t.len() as u64, end.div_ceil(PAGE) * PAGE),
+        let (start, write_end) = match tail_len {
+            Some(t) => (self.len - t as u64, end.div_ceil(PAGE) * PAGE),
             None => (self.len, end),
         };
         let mut st = self.space.lock();
@@ -754,18 +793,18 @@ impl Journal {
             st.zeroed = new_alloc;
         }
         drop(st);
-        let head = self.tail.as_deref().unwrap_or(&[]);
         #[allow(clippy::cast_possible_truncation)] // under PAGE
         let pad = &ZERO_PAGE[..(write_end - end) as usize];
-        let pieces: Vec<&[u8]> = std::iter::once(head)
-            .chain(bufs.iter().map(|b| &b[..]))
-            .collect();
-        let direct = self.space.direct().filter(|_| self.tail.is_some());
+        let direct = self.space.direct().filter(|_| tail_len.is_some());
         let mut written = false;
         if let Some(direct) = direct {
             // Whole pages, past the page cache: nothing of the append is left for the
             // fdatasync but the device's cache flush.
-            let pages = self.pages.fill(&pieces);
+            #[allow(clippy::cast_possible_truncation)] // one append, in memory
+            let pages = match src {
+                Append::Pieces(pieces) => self.pages.fill(pieces),
+                Append::Pages(pages) => &pages[..(write_end - start) as usize],
+            };
             if direct.write_all_at(pages, start).is_ok() {
                 written = true;
             } else {
@@ -774,22 +813,41 @@ impl Journal {
             }
         }
         if !written {
-            let mut iov: Vec<io::IoSlice<'_>> = pieces
-                .iter()
-                .chain(std::iter::once(&pad))
-                .map(|p| io::IoSlice::new(p))
-                .collect();
+            let mut iov: Vec<io::IoSlice<'_>> = match src {
+                Append::Pieces(pieces) => pieces
+                    .iter()
+                    .chain(std::iter::once(&pad))
+                    .map(|p| io::IoSlice::new(p))
+                    .collect(),
+                #[allow(clippy::cast_possible_truncation)] // one append, in memory
+                Append::Pages(pages) => {
+                    vec![io::IoSlice::new(&pages[..(write_end - start) as usize])]
+                }
+            };
             crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
         }
         self.file.sync_data().map_err(Self::io(&self.path))?;
-        if self.tail.is_some() {
-            #[allow(clippy::cast_possible_truncation)] // under PAGE
-            let keep = (end % PAGE) as usize;
-            self.tail = Some(last_bytes(&pieces, keep));
+        if tail_len.is_none() {
+            return Ok(None);
+        }
+        #[allow(clippy::cast_possible_truncation)] // under PAGE
+        let keep = (end % PAGE) as usize;
+        Ok(Some(match src {
+            Append::Pieces(pieces) => last_bytes(pieces, keep),
+            #[allow(clippy::cast_possible_truncation)] // one append, in memory
+            Append::Pages(pages) => {
+                let e = (end - start) as usize;
+                pages[e - keep..e].to_vec()
+            }
+        }))
+    }
+
+    fn finish_append(&mut self, end: u64, tail: Option<Vec<u8>>) {
+        if tail.is_some() {
+            self.tail = tail;
         }
         self.len = end;
         self.space.lock().len = end;
-        Ok(())
     }
 
     /// The journal's space, for [`Space::zero_ahead`] on another thread.
@@ -820,17 +878,28 @@ impl Journal {
     }
 }
 
+/// The bytes of an append.
+#[derive(Clone, Copy)]
+enum Append<'a> {
+    /// Pieces one after the other, from the journal's partial last page on.
+    Pieces(&'a [&'a [u8]]),
+    /// Whole pages laid out already ([`Journal::append_pages`]).
+    Pages(&'a [u8]),
+}
+
 /// The last `n` bytes of `pieces` one after the other (they hold at least `n`).
 fn last_bytes(pieces: &[&[u8]], n: usize) -> Vec<u8> {
+    // Skip whole pieces, then part of one, up to the first byte kept.
+    let mut skip = pieces
+        .iter()
+        .map(|p| p.len())
+        .sum::<usize>()
+        .saturating_sub(n);
     let mut out = Vec::with_capacity(n);
-    let mut need = n;
-    for p in pieces.iter().rev() {
-        if need == 0 {
-            break;
-        }
-        let k = need.min(p.len());
-        out.splice(0..0, p[p.len() - k..].iter().copied());
-        need -= k;
+    for p in pieces {
+        let k = skip.min(p.len());
+        skip -= k;
+        out.extend_from_slice(&p[k..]);
     }
     out
 }

@@ -16,6 +16,7 @@ mod layer;
 pub mod merge;
 mod meta;
 pub mod nbd;
+mod stage;
 mod sys;
 mod writeback;
 

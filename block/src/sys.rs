@@ -51,11 +51,14 @@ pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     fallocate(file, 0, offset, len)
 }
 
+/// A megabyte of zeros, aligned for `O_DIRECT` (in the zero-initialized data: never copied
+/// or cleared at run time).
+static ZERO_PAGES: [Page; 256] = [Page([0; 4096]); 256];
+
 /// Writes zeros over `[offset, offset + len)` of `file`, 1 MiB at a time from a buffer aligned
 /// for `O_DIRECT` (so `file` may be open with it, `offset` and `len` then multiples of 4096).
 pub(crate) fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let zeros = vec![Page([0; 4096]); 256];
-    let bytes = page_bytes(&zeros);
+    let bytes = page_bytes(&ZERO_PAGES);
     let mut at = offset;
     while at < offset + len {
         let n = clamp_len(offset + len - at, bytes.len());
@@ -177,37 +180,28 @@ impl AlignedBuf {
     pub(crate) fn fill(&mut self, pieces: &[&[u8]]) -> &[u8] {
         let total: usize = pieces.iter().map(|p| p.len()).sum();
         let n = total.div_ceil(4096);
-        self.pages.clear();
-        self.pages.resize(n, Page([0; 4096]));
+        // Grown (zeroed) only when a larger write comes; every byte handed out below is
+        // written first: the pieces, then zeros to the end of the last page.
+        if self.pages.len() < n {
+            self.pages.resize(n, Page([0; 4096]));
+        }
+        let pages = &mut self.pages[..n];
         let mut at = 0;
         for piece in pieces {
             let mut rest: &[u8] = piece;
             while !rest.is_empty() {
                 let (page, off) = (at / 4096, at % 4096);
                 let k = rest.len().min(4096 - off);
-                self.pages[page].0[off..off + k].copy_from_slice(&rest[..k]);
+                pages[page].0[off..off + k].copy_from_slice(&rest[..k]);
                 rest = &rest[k..];
                 at += k;
             }
         }
-        page_bytes(&self.pages)
+        if at % 4096 != 0 {
+            pages[at / 4096].0[at % 4096..].fill(0);
+        }
+        page_bytes(pages)
     }
-}
-
-/// A new shared slice holding a copy of the `len` bytes at `src` (copied once).
-///
-/// # Safety
-/// `src` must be valid for reads of `len` bytes until the call returns.
-pub(crate) unsafe fn arc_copy_raw(src: *const u8, len: usize) -> std::sync::Arc<[u8]> {
-    let mut a = std::sync::Arc::<[u8]>::new_uninit_slice(len);
-    if let Some(dst) = std::sync::Arc::get_mut(&mut a) {
-        // SAFETY: `src` is valid for `len` bytes (the caller's contract); `dst` is our new
-        // allocation of `len` bytes, so the two do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().cast::<u8>(), len) };
-    }
-    // SAFETY: the slice was just allocated, so `get_mut` succeeded and all `len` bytes are
-    // initialized by the copy.
-    unsafe { a.assume_init() }
 }
 
 /// At most this many buffers per `pwritev` (the kernel's `IOV_MAX`).

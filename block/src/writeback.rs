@@ -30,7 +30,7 @@ const QUEUE_LIMIT: u64 = 32 << 20;
 #[derive(Clone, Debug)]
 pub(crate) struct Chunk {
     pub(crate) offset: u64,
-    pub(crate) data: Arc<[u8]>,
+    pub(crate) data: crate::stage::Slice,
 }
 
 #[derive(Default)]

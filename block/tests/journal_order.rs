@@ -485,6 +485,48 @@ fn carried_writes_are_read_at_once_and_reach_the_data_file_in_commit_order() {
     assert_eq!(versions(&d), model, "reopened");
 }
 
+/// A carried write's bytes wait in the buffer its flush's append was laid out in; while its
+/// batch is queued for the writeback (held here), later batches must be laid out elsewhere,
+/// not over it: every queued version stays readable, and reaches the data file once released.
+/// Forty batches: more than a delta has stage buffers for, so that a flush also finds them
+/// all held and writes the queued batches to free them.
+#[test]
+fn queued_batches_keep_their_bytes_while_later_ones_are_laid_out() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = Delta::create(&dir, base(t.path())).unwrap();
+    d.hold_writeback(true);
+    let mut model = vec![0u64; BLOCKS as usize];
+    for v in 1..=40u64 {
+        // Different blocks each time, 1 to 3 of them, so that a batch laid out over a queued
+        // one shows at once.
+        let block = (5 * v) % (BLOCKS - 3);
+        let n = 1 + v % 3;
+        let buf: Vec<u8> = (block..block + n).flat_map(|b| pattern(b, v)).collect();
+        d.write_at(&buf, block * BS).unwrap();
+        for b in block..block + n {
+            model[b as usize] = v;
+        }
+        d.flush().unwrap();
+        assert_eq!(
+            versions(&d),
+            model,
+            "after the flush of version {v}, writeback held"
+        );
+    }
+    d.hold_writeback(false);
+    drop(d);
+    let got: Vec<Option<u64>> = data_file_versions(&dir)
+        .iter()
+        .zip(&model)
+        .map(|(&g, &m)| if m == 0 { None } else { g })
+        .collect();
+    let want: Vec<Option<u64>> = model.iter().map(|&v| (v != 0).then_some(v)).collect();
+    assert_eq!(got, want, "the data file after the writeback");
+    let d = Delta::open(&dir).unwrap();
+    assert_eq!(versions(&d), model, "reopened");
+}
+
 /// A write that the flush cannot carry (more than [`INLINE_FLUSH_BYTES`]) goes to the data
 /// file at once; the carried writes queued before it must land first, so it is never
 /// overwritten by an older one; a discard is never undone by one; and a freeze (whose FORK
