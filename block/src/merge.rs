@@ -32,7 +32,10 @@ const _: () =
     assert!(BLOCK_BYTES as u64 == BLOCK_SIZE && COMPARE_CHUNK_BYTES as u64 == COMPARE_CHUNK);
 const COPY_PIECE: u64 = 8 << 20;
 /// Output bytes after which their writeback is started (overlapping copying and disk writes).
-const KICK_BYTES: u64 = 8 << 20;
+/// Small, so that the device's queue is fed evenly rather than in bursts that stall the
+/// copiers: on 2026-11-30, random 64 KiB extents merged at medians of 889..962 MB/s with 1 MiB
+/// against 770..814 MB/s with 8 MiB (interleaved runs; sequential unchanged).
+const KICK_BYTES: u64 = 1 << 20;
 /// Copies a merge keeps in flight between two checkpoints: threads, each copying one piece
 /// (an extent, at most `COPY_PIECE`) at a time, so that reads and writes of scattered extents
 /// overlap instead of waiting for each other one at a time.
