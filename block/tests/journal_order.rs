@@ -527,6 +527,66 @@ fn queued_batches_keep_their_bytes_while_later_ones_are_laid_out() {
     assert_eq!(versions(&d), model, "reopened");
 }
 
+/// A batch with more records than a stage has room for (thousands of discards between carried
+/// writes) stops carrying its data mid-batch and takes the two-sync path: the writes carried
+/// before that point are put in place first, and every change is there, flushed and reopened.
+#[test]
+fn a_batch_of_many_records_stops_carrying_and_keeps_every_change() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = Delta::create(&dir, base(t.path())).unwrap();
+    // Every block a version of its own, flushed.
+    for b in 0..BLOCKS {
+        d.write_at(&pattern(b, 1), b * BS).unwrap();
+    }
+    d.flush().unwrap();
+    // One batch: carried writes (even blocks get version 2 or 3), then 9600 discards (of the
+    // odd blocks, over and over: more records than the stage has room for).
+    let mut want: Vec<Option<u64>> = (0..BLOCKS).map(|_| Some(1)).collect();
+    for b in (0..BLOCKS).step_by(2) {
+        d.write_at(&pattern(b, 2), b * BS).unwrap();
+        want[b as usize] = Some(2);
+    }
+    for b in (0..BLOCKS).step_by(4) {
+        d.write_at(&pattern(b, 3), b * BS).unwrap();
+        want[b as usize] = Some(3);
+    }
+    // The batch ends with discards, thousands of them: the stage fills up among them, with
+    // no write after.
+    for _ in 0..300 {
+        for b in (1..BLOCKS).step_by(2) {
+            d.discard(b * BS, BS).unwrap();
+            want[b as usize] = None;
+        }
+    }
+    // The last records discard blocks this batch wrote: they must reach the journal too.
+    d.discard(0, 8 * BS).unwrap();
+    for w in &mut want[..8] {
+        *w = None;
+    }
+    let check = |d: &Delta, when: &str| {
+        let mut buf = vec![0u8; BS as usize];
+        for b in 0..BLOCKS {
+            d.read_at(&mut buf, b * BS).unwrap();
+            let expect = match want[b as usize] {
+                Some(v) => pattern(b, v),
+                None => vec![0; BS as usize],
+            };
+            assert!(
+                buf == expect,
+                "block {b} {when}: want {:?}",
+                want[b as usize]
+            );
+        }
+    };
+    check(&d, "before the flush");
+    d.flush().unwrap();
+    check(&d, "after the flush");
+    drop(d);
+    let d = Delta::open(&dir).unwrap();
+    check(&d, "reopened");
+}
+
 /// A write that the flush cannot carry (more than [`INLINE_FLUSH_BYTES`]) goes to the data
 /// file at once; the carried writes queued before it must land first, so it is never
 /// overwritten by an older one; a discard is never undone by one; and a freeze (whose FORK
