@@ -948,7 +948,8 @@ impl Delta {
                     // The stage's pages are the append as it is.
                     st.journal.append_pages(stage.pages(&flush), end)
                 } else {
-                    // The journal changed since the stage began (a checkpoint, say).
+                    // The journal changed since the stage began. Every append resets the
+                    // stage, so this does not happen; if it did, the copy is still right.
                     let mut iov = [
                         std::io::IoSlice::new(stage.body()),
                         std::io::IoSlice::new(&flush),
