@@ -1092,6 +1092,8 @@ impl Delta {
         self.reserve_seqs(&st, 2)?;
         let mut recs = std::mem::take(&mut st.pending);
         st.carrying = false;
+        // Never written again: its stage buffers go (slices still queued keep theirs).
+        st.stage = None;
         if !recs.is_empty() {
             recs.push(Record::new(RecordKind::Flush, st.next_seq, 0, 0));
             st.next_seq += 1;

@@ -750,6 +750,10 @@ impl Journal {
     /// with what [`Journal::append_start`] returned, is a whole number of pages (aligned for
     /// `O_DIRECT`), and holds the appended bytes up to journal offset `end`, zeros after.
     pub(crate) fn append_pages(&mut self, pages: &[u8], end: u64) -> Result<(), JournalError> {
+        debug_assert!(
+            self.tail.is_some(),
+            "append_pages on a journal without whole pages"
+        );
         let tail_len = self.tail.as_ref().map(Vec::len);
         let tail = self.write_append(end, tail_len, Append::Pages(pages))?;
         self.finish_append(end, tail);

@@ -133,8 +133,13 @@ impl Stage {
     /// slice refers to: this one, a spare one, or a new one. `false` (and the stage has no
     /// room) if [`STAGE_BUFFERS`] are all held by queued batches, or memory runs out.
     pub(crate) fn reset(&mut self, base: u64, head: &[u8]) -> bool {
-        if Arc::strong_count(&self.buf) > 1 {
-            let free = self.spare.iter().position(|b| Arc::strong_count(b) == 1);
+        // `Arc::get_mut` (not a count): it orders the other holders' last reads before our
+        // writes into the buffer.
+        if Arc::get_mut(&mut self.buf).is_none() {
+            let free = self
+                .spare
+                .iter_mut()
+                .position(|b| Arc::get_mut(b).is_some());
             let next = match free {
                 Some(i) => Some(self.spare.swap_remove(i)),
                 None if self.spare.len() + 1 < STAGE_BUFFERS => StageBuf::new(),
@@ -153,7 +158,7 @@ impl Stage {
     }
 
     fn start(&mut self, base: u64, head: &[u8]) {
-        debug_assert!(head.len() < PAGE && Arc::strong_count(&self.buf) == 1);
+        debug_assert!(head.len() < PAGE && Arc::get_mut(&mut self.buf).is_some());
         // SAFETY: the buffer is ours alone (no slice of it is left), `head` is another
         // allocation, and it is shorter than a page.
         unsafe { self.buf.write(0, head.as_ptr(), head.len()) };

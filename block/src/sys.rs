@@ -1,6 +1,7 @@
 //! Thin wrappers over the Linux file syscalls that `std` does not expose.
 //!
-//! All `unsafe` of the crate lives here, one small function per syscall.
+//! Most `unsafe` of the crate lives here, one small function per syscall; the rest is the
+//! stage buffer (`stage.rs`) and writes from raw guest memory (`layer.rs`, `delta.rs`).
 
 use std::fs::File;
 use std::io;
