@@ -448,6 +448,18 @@ fn data_file_versions(dir: &Path) -> Vec<Option<u64>> {
         .collect()
 }
 
+/// Asserts that the data file holds, in place, the version `model` gives every block a
+/// delta wrote (blocks it never wrote, version 0, are not looked at).
+fn assert_data_file_holds(dir: &Path, model: &[u64]) {
+    let got: Vec<Option<u64>> = data_file_versions(dir)
+        .iter()
+        .zip(model)
+        .map(|(&g, &m)| if m == 0 { None } else { g })
+        .collect();
+    let want: Vec<Option<u64>> = model.iter().map(|&v| (v != 0).then_some(v)).collect();
+    assert_eq!(got, want, "the data file after the writeback");
+}
+
 /// Writes carried by their flush reach the data file after the flush, in the background:
 /// reads see every write at once (pending, committed and waiting, or written back), and once
 /// the delta is closed the data file holds the latest version of every block in place, even
@@ -474,13 +486,7 @@ fn carried_writes_are_read_at_once_and_reach_the_data_file_in_commit_order() {
         assert_eq!(versions(&d), model, "after the flush of version {v}");
     }
     drop(d);
-    let want: Vec<Option<u64>> = model.iter().map(|&v| (v != 0).then_some(v)).collect();
-    let got: Vec<Option<u64>> = data_file_versions(&dir)
-        .iter()
-        .zip(&model)
-        .map(|(&g, &m)| if m == 0 { None } else { g })
-        .collect();
-    assert_eq!(got, want, "the data file after the writeback");
+    assert_data_file_holds(&dir, &model);
     let d = Delta::open(&dir).unwrap();
     assert_eq!(versions(&d), model, "reopened");
 }
@@ -516,13 +522,7 @@ fn queued_batches_keep_their_bytes_while_later_ones_are_laid_out() {
     }
     d.hold_writeback(false);
     drop(d);
-    let got: Vec<Option<u64>> = data_file_versions(&dir)
-        .iter()
-        .zip(&model)
-        .map(|(&g, &m)| if m == 0 { None } else { g })
-        .collect();
-    let want: Vec<Option<u64>> = model.iter().map(|&v| (v != 0).then_some(v)).collect();
-    assert_eq!(got, want, "the data file after the writeback");
+    assert_data_file_holds(&dir, &model);
     let d = Delta::open(&dir).unwrap();
     assert_eq!(versions(&d), model, "reopened");
 }
