@@ -799,15 +799,19 @@ impl Journal {
         drop(st);
         #[allow(clippy::cast_possible_truncation)] // under PAGE
         let pad = &ZERO_PAGE[..(write_end - end) as usize];
+        #[allow(clippy::cast_possible_truncation)] // one append, in memory
+        let src = match src {
+            Append::Pages(pages) => Append::Pages(&pages[..(write_end - start) as usize]),
+            pieces => pieces,
+        };
         let direct = self.space.direct().filter(|_| tail_len.is_some());
         let mut written = false;
         if let Some(direct) = direct {
             // Whole pages, past the page cache: nothing of the append is left for the
             // fdatasync but the device's cache flush.
-            #[allow(clippy::cast_possible_truncation)] // one append, in memory
             let pages = match src {
                 Append::Pieces(pieces) => self.pages.fill(pieces),
-                Append::Pages(pages) => &pages[..(write_end - start) as usize],
+                Append::Pages(pages) => pages,
             };
             if direct.write_all_at(pages, start).is_ok() {
                 written = true;
@@ -823,10 +827,7 @@ impl Journal {
                     .chain(std::iter::once(&pad))
                     .map(|p| io::IoSlice::new(p))
                     .collect(),
-                #[allow(clippy::cast_possible_truncation)] // one append, in memory
-                Append::Pages(pages) => {
-                    vec![io::IoSlice::new(&pages[..(write_end - start) as usize])]
-                }
+                Append::Pages(pages) => vec![io::IoSlice::new(pages)],
             };
             crate::sys::pwritev_all(&self.file, &mut iov, start).map_err(Self::io(&self.path))?;
         }

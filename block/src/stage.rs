@@ -17,7 +17,7 @@ const PAGE: usize = 4096;
 /// Bytes of one stage buffer: the journal's partial last page, the most data a small flush
 /// carries, room for 256 records besides it, and the page the FLUSH record and padding end in.
 #[allow(clippy::cast_possible_truncation)] // 512 KiB
-pub(crate) const STAGE_BYTES: usize =
+const STAGE_BYTES: usize =
     PAGE + crate::delta::INLINE_FLUSH_BYTES as usize + 256 * crate::journal::RECORD_SIZE + PAGE;
 
 /// Room kept at the end of a stage for the FLUSH record.
@@ -112,7 +112,7 @@ pub(crate) struct Stage {
 
 /// Buffers one stage uses at most (its own and those whose batches wait for the writeback):
 /// a bound on the memory queued batches hold, 8.5 MiB.
-pub(crate) const STAGE_BUFFERS: usize = 16;
+const STAGE_BUFFERS: usize = 16;
 
 impl Stage {
     /// A stage for an append at journal offset `base` whose page starts with `head`; `None`
