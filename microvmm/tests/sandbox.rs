@@ -244,11 +244,21 @@ fn http(api: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The `Uid:`/`Gid:`/`Groups:` lines of every thread of `pid`.
+/// The `Uid:`/`Gid:`/`Groups:` lines of every thread of `pid`; a thread that ends while
+/// the list is read (an NBD connection's thread after its client left) is left out.
 fn ids_of_every_thread(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let status = match t.and_then(|t| std::fs::read_to_string(t.path().join("status"))) {
+            Ok(s) => s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                continue;
+            }
+            Err(e) => panic!("reading a thread of {pid}: {e}"),
+        };
         let name = status.lines().next().unwrap_or("").to_string();
         for l in status.lines() {
             if l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:") {
