@@ -258,8 +258,9 @@ fn writer_kills(kills: u64, seed0: u64) {
     drop(Delta::create(&top, base).unwrap());
     // What each block shows now (all base content).
     let mut state: Vec<Seen> = (0..BLOCKS).map(|_| Seen::Version(0)).collect();
-    // Calibrate: one full uninterrupted run.
-    let (out, exited, full) = kill_after(
+    // Calibrate: one full uninterrupted run; a child that finishes first sets a shorter one (a
+    // calibration slowed by the tests beside it would let most children finish).
+    let (out, exited, mut full) = kill_after(
         "writer",
         spawn("writer", &top, 0, seed0),
         Duration::from_secs(120),
@@ -274,8 +275,11 @@ fn writer_kills(kills: u64, seed0: u64) {
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             | 1;
         let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 11 / 10 + 1));
-        let (out, exited, _) = kill_after("writer", spawn("writer", &top, round, seed), delay);
+        let (out, exited, ran) = kill_after("writer", spawn("writer", &top, round, seed), delay);
         completed += u64::from(exited);
+        if exited {
+            full = full.min(ran);
+        }
         verify_writer(&top, round, seed, last_ack(&out), &mut state);
         if round % 25 == 0 {
             // Freeze the delta and go on in a child of it: the chain grows, journals stay short.
@@ -467,7 +471,7 @@ fn forker_kills(kills: u64, seed: u64) {
         decode(b, &buf).unwrap_or_else(|| panic!("block {b} is torn or garbage"))
     };
     setup(t.path());
-    let (out, exited, full) = kill_after(
+    let (out, exited, mut full) = kill_after(
         "forker",
         spawn("forker", t.path(), 0, 0),
         Duration::from_secs(60),
@@ -478,7 +482,11 @@ fn forker_kills(kills: u64, seed: u64) {
     for round in 0..kills {
         setup(t.path());
         let delay = Duration::from_micros(r.below(full.as_micros() as u64 * 11 / 10 + 1));
-        let (out, _, _) = kill_after("forker", spawn("forker", t.path(), 0, 0), delay);
+        let (out, exited, ran) = kill_after("forker", spawn("forker", t.path(), 0, 0), delay);
+        if exited {
+            // As in `writer_kills`: the shortest finished run bounds the next delays.
+            full = full.min(ran);
+        }
         let p = Delta::open(&t.path().join("p")).expect("the parent always reopens");
         let frozen = p.frozen_seq().is_some();
         if out.contains("COMMITTED") {
