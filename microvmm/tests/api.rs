@@ -206,7 +206,9 @@ fn api_pause_resume_snapshot_status_and_bad_requests() {
     stalled.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
     let t = Instant::now();
     assert_eq!(curl(&vm.api, "GET", "/", None).0, 200);
-    assert!(t.elapsed() < Duration::from_secs(2));
+    // Held up, it would wait for the stalled client, which stays until the test ends; the
+    // bound only leaves room for a slow curl start on a busy machine.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     // 100 concurrent clients.
     let threads: Vec<_> = (0..100)
         .map(|_| {

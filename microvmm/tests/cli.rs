@@ -225,7 +225,7 @@ fn vsock_connection_goes_on_across_a_snapshot_handover_between_two_processes() {
     let first = spawn(
         &[
             &VSOCK_GUEST[..],
-            &["--vsock-uds", &uds1, "--snapshot-after", "5000"],
+            &["--vsock-uds", &uds1, "--snapshot-after", "10000"],
             &["--snapshot-to", &snap, "--handover", &ho],
         ]
         .concat(),

@@ -347,11 +347,22 @@ fn run_as_another_user_keeps_the_vm_running_under_the_filters() {
         let mem = std::fs::read(to.join("memory")).unwrap();
         u64::from_le_bytes(mem[at..at + 8].try_into().unwrap())
     };
-    std::thread::sleep(Duration::from_millis(300));
-    let first = snapshot("s1");
+    // Snapshots every 300 ms until the counter is above `above` (for up to 30 s: the guest may
+    // still be starting on a busy machine).
+    let counter_above = |name: &str, above: u64| {
+        let end = Instant::now() + Duration::from_secs(30);
+        for i in 0.. {
+            std::thread::sleep(Duration::from_millis(300));
+            let v = snapshot(&format!("{name}-{i}"));
+            if v > above || Instant::now() > end {
+                return v;
+            }
+        }
+        unreachable!()
+    };
+    let first = counter_above("s1", 0);
     assert_runs_as_user(pid);
-    std::thread::sleep(Duration::from_millis(300));
-    let second = snapshot("s2");
+    let second = counter_above("s2", first);
     assert!(first > 0 && second > first, "counter {first} then {second}");
     let (code, state) = http(&api, "GET", "/", "");
     assert!(

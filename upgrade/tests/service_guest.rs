@@ -265,21 +265,23 @@ fn exec_upgrades_the_os_stamp_and_reports_exit_codes() {
         slept >= Duration::from_millis(200) && slept < Duration::from_secs(3),
         "{slept:?}"
     );
-    // The service goes on while a command runs.
+    // The service goes on while a command runs (6 s: ten logged requests fit in it however
+    // busy the machine is).
     let mut client = vm.client();
     let mut acked = Vec::new();
     let t = Instant::now();
-    let err = agent.exec(&argv("sleep 1500"), Duration::from_millis(200));
+    let err = agent.exec(&argv("sleep 6000"), Duration::from_millis(200));
     assert!(matches!(err, Err(ServiceGuestError::Timeout(_))), "{err:?}");
     serve_n(&mut client, 10, 5, &mut acked);
     assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "served meanwhile"
+        t.elapsed() < Duration::from_millis(5500),
+        "served meanwhile: {:?}",
+        t.elapsed()
     );
     // The late answer is skipped; the next command gets its own.
     let st = status_of(&mut agent);
     assert!(
-        t.elapsed() >= Duration::from_millis(1000),
+        t.elapsed() >= Duration::from_millis(5000),
         "{:?}",
         t.elapsed()
     );

@@ -446,10 +446,11 @@ fn a_failing_cutover_command_rolls_back_after_the_disk_swap() {
 fn a_backup_that_stops_during_the_upgrade_rolls_back() {
     rolls_back("backup_stops", Phase::Merge, |_, p, o| {
         p.commands[0].argv = vec!["poweroff".into()];
-        // Time for the guest's power-off to land before the merge phase looks.
+        // Time for the guest's power-off (200 ms after its answer) to land before the merge
+        // phase looks, with room for a busy machine.
         o.on_event = Some(Arc::new(|e: &upgrade::Event| {
             if matches!(e, upgrade::Event::Phase(Phase::Merge)) {
-                std::thread::sleep(Duration::from_millis(1000));
+                std::thread::sleep(Duration::from_millis(5000));
             }
         }));
     });
