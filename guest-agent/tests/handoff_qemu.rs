@@ -471,12 +471,14 @@ fn run_suite(img: &Images) {
 
     // FIFREEZE/FITHAW on B's root file system: a write blocks until the thaw.
     b.freeze("/").expect("freeze /");
-    let writer = thread::spawn(|| {
+    let (connected_tx, connected) = std::sync::mpsc::channel();
+    let writer = thread::spawn(move || {
         let mut c = AgentClient::connect(
             &"tcp:10.77.0.3:7000".parse().unwrap(),
             Duration::from_secs(5),
         )
         .unwrap();
+        connected_tx.send(()).unwrap();
         let t = Instant::now();
         let out = c
             .exec(
@@ -486,6 +488,10 @@ fn run_suite(img: &Images) {
             .unwrap();
         (t.elapsed(), out.code)
     });
+    // The 2 s count from the writer's connection, as its time does.
+    connected
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the writer connects");
     thread::sleep(Duration::from_secs(2));
     b.thaw("/").expect("thaw /");
     let (blocked, code) = writer.join().unwrap();
@@ -501,10 +507,13 @@ fn run_suite(img: &Images) {
 
     // The AF_VSOCK transport inside a real guest kernel (vsock_loopback, CID 1): a second agent on
     // vsock port 1025 in B, driven by the agent binary's client over vsock.
+    // The client tries for up to 10 s while the server starts.
     let out = exec(
         &mut b,
-        "/run/guest-agent serve --listen vsock:1025 >/dev/null 2>&1 & p=$!; sleep 1; \
-         /run/guest-agent exec --connect vsock:1:1025 -- sh -c 'echo vsock-ok; hostname'; r=$?; kill $p; exit $r",
+        "/run/guest-agent serve --listen vsock:1025 >/dev/null 2>&1 & p=$!; r=1; \
+         for i in $(seq 50); do sleep 0.2; \
+         /run/guest-agent exec --connect vsock:1:1025 -- sh -c 'echo vsock-ok; hostname' \
+         && { r=0; break; }; done; kill $p; exit $r",
     );
     assert_eq!(out, "vsock-ok\nguest-b\n", "exec over AF_VSOCK");
     println!("AF_VSOCK transport: exec over vsock loopback in guest B ok");
@@ -621,13 +630,28 @@ fn run_suite(img: &Images) {
     );
 
     // Fault 4: a PID of the tree is taken on B -> typed refusal before CRIU runs, rolled back.
-    let squatter = exec(
-        &mut b,
-        "echo 19999 > /proc/sys/kernel/ns_last_pid; sleep 600 >/dev/null 2>&1 & echo $!",
+    // The root PID is always part of the tree (thread IDs come and go with the JVM). A thread
+    // the agent starts for the command can take it first: then the squatter is killed and
+    // tried again.
+    let mut squatter = 0;
+    for _ in 0..5 {
+        let out = exec(
+            &mut b,
+            &format!(
+                "echo {} > /proc/sys/kernel/ns_last_pid; sleep 600 >/dev/null 2>&1 & echo $!",
+                pid - 1
+            ),
+        );
+        squatter = out.trim().parse().unwrap();
+        if squatter == pid {
+            break;
+        }
+        exec(&mut b, &format!("kill {squatter}"));
+    }
+    assert_eq!(
+        squatter, pid,
+        "squatter did not get the root PID in 5 tries"
     );
-    let squatter: u32 = squatter.trim().parse().unwrap();
-    // The root PID is always part of the tree (thread IDs come and go with the JVM).
-    assert_eq!(squatter, pid, "squatter did not get the root PID");
     let pid_taken = |e: &HostError| matches!(e, HostError::Agent { kind: ErrorKind::Restore, message } if message.contains("taken"));
     let gap_f4 = fault_case(
         "fault 4 (a PID of the tree is taken on B)",
