@@ -312,7 +312,8 @@ pub fn connect_service(addr: &str) -> std::net::TcpStream {
 }
 
 /// Connects to the guest agent on vsock port 1024 through the device's Unix socket `uds`,
-/// retrying (up to 180 s) until it listens; panics if it never does.
+/// retrying (up to 180 s) until it listens; panics if it never does. Reads on the stream time
+/// out after 300 s.
 pub fn agent_stream(vm: &TestVm, uds: &Path) -> std::os::unix::net::UnixStream {
     try_agent_stream(vm, uds).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -347,6 +348,9 @@ pub fn try_agent_stream(vm: &TestVm, uds: &Path) -> Result<std::os::unix::net::U
         let mut line = String::new();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+            // 10 s was for the handshake; an agent answer (a CRIU dump in level 1 of the
+            // nested harness, say) may take much longer. Callers may set their own.
+            s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
             return Ok(s);
         }
     }
