@@ -88,11 +88,20 @@ command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || skip "mkfs.e
 work=$(mktemp -d "${TMPDIR:-/tmp}/nested.XXXXXX")
 qpid=""
 tailpid=""
+# Ends QEMU: SIGTERM, then SIGKILL if it is still there 10 s later.
+stop_qemu() {
+    kill "$qpid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$qpid" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    kill -9 "$qpid" 2>/dev/null || true
+}
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP
     if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then
-        kill "$qpid" 2>/dev/null || true
+        stop_qemu
         wait "$qpid" 2>/dev/null || true
     fi
     if [ -n "$tailpid" ]; then
@@ -239,7 +248,7 @@ while kill -0 "$qpid" 2>/dev/null; do
     now=$(date +%s)
     if ((now - ${start%.*} > limit_l1)); then
         timed_out=1
-        kill "$qpid" 2>/dev/null || true
+        stop_qemu
         break
     fi
     if ((can_kick && now >= next_kick)); then
