@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use devices::virtio::testing::{NetNs, net_or_skip};
+use devices::virtio::testing::{NetNs, net_or_skip, ping_replies};
 use vmm_test_guests::kvm_or_skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_microvmm");
@@ -17,14 +17,6 @@ fn text(b: &[u8]) -> String {
 
 fn skip(test: &str) -> bool {
     !(kvm_or_skip(test) && net_or_skip(test))
-}
-
-/// icmp_seq numbers of the echo replies in ping's output.
-fn answered(out: &str) -> Vec<u32> {
-    out.lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
-        .collect()
 }
 
 #[test]
@@ -73,7 +65,7 @@ fn a_snapshot_restored_in_a_new_process_answers_on_the_same_tap() {
         .unwrap();
     let restored_at = t0.elapsed();
     let out = pinger.wait_with_output().unwrap();
-    let seqs = answered(&text(&out.stdout));
+    let seqs = ping_replies(&text(&out.stdout));
     // Replies before the snapshot, and after the restore, to the same ping stream.
     let before = u32::try_from(saved_at.as_millis() / 20).unwrap();
     let after = u32::try_from(restored_at.as_millis() / 20).unwrap();
@@ -90,18 +82,11 @@ fn a_snapshot_restored_in_a_new_process_answers_on_the_same_tap() {
 
     // And it answers ARP with the saved address.
     ns.ip(&["neigh", "flush", "dev", "tap0"]).unwrap();
-    let out = ns
-        .command("ping")
-        .args(["-n", "-c", "20", "-i", "0.01", "-w", "30", "10.0.0.2"])
-        .output()
-        .unwrap();
-    // With a deadline ping waits for a late reply instead of counting it lost; a dropped
-    // request leaves its number out.
-    let mut seqs = answered(&text(&out.stdout));
-    seqs.retain(|s| (1..=20).contains(s));
-    seqs.sort_unstable();
-    seqs.dedup();
-    assert!(seqs.len() == 20, "{}", text(&out.stdout));
+    assert_eq!(
+        ns.ping("10.0.0.2", 20, "0.01"),
+        20,
+        "echo requests answered after an ARP"
+    );
     let neigh = Command::new("ip")
         .args(["-n", &ns.name, "neigh", "show", "10.0.0.2"])
         .output()

@@ -56,35 +56,6 @@ fn net_vm(nics: Vec<NetConfig>) -> TestVm {
     vm
 }
 
-/// `ping -c count -i interval` from the namespace: how many of the first `count` echo requests
-/// were answered. A deadline makes ping wait for late replies (up to 30 s) instead of counting
-/// one lost when it comes after twice the slowest round trip; a request the guest really
-/// dropped leaves its sequence number out.
-fn ping(ns: &NetNs, ip: &str, count: u32, interval: &str) -> u32 {
-    let out = ns
-        .command("ping")
-        .args([
-            "-n",
-            "-c",
-            &count.to_string(),
-            "-i",
-            interval,
-            "-w",
-            "30",
-            ip,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let seqs: std::collections::BTreeSet<u32> = text
-        .lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
-        .filter(|s| (1..=count).contains(s))
-        .collect();
-    seqs.len() as u32
-}
-
 fn parse_ping(text: &str) -> (u32, u32) {
     let line = text
         .lines()
@@ -131,7 +102,7 @@ fn the_host_pings_the_guest_and_gets_1_mib_of_udp_echoed() {
     ns.wait_up("tap0").unwrap();
 
     assert_eq!(
-        ping(&ns, "10.0.0.2", 100, "0.01"),
+        ns.ping("10.0.0.2", 100, "0.01"),
         100,
         "every echo request answered"
     );
@@ -192,8 +163,8 @@ fn two_nics_answer_each_on_their_own_tap() {
     vm.machine.start().unwrap();
     ns.wait_up("tap0").unwrap();
     ns.wait_up("tap1").unwrap();
-    assert_eq!(ping(&ns, "10.0.0.2", 20, "0.01"), 20);
-    assert_eq!(ping(&ns, "10.0.1.2", 20, "0.01"), 20);
+    assert_eq!(ns.ping("10.0.0.2", 20, "0.01"), 20);
+    assert_eq!(ns.ping("10.0.1.2", 20, "0.01"), 20);
     assert_eq!(neigh_mac(&ns, "10.0.0.2"), Some(MAC0.parse().unwrap()));
     assert_eq!(neigh_mac(&ns, "10.0.1.2"), Some(MAC1.parse().unwrap()));
     // Each NIC saw its own traffic.
@@ -243,7 +214,7 @@ fn a_clone_answers_on_its_own_tap_with_its_own_mac() {
     let mut vm = net_vm(vec![nic("eth0", "tap0", MAC0)]);
     vm.machine.start().unwrap();
     a.wait_up("tap0").unwrap();
-    assert_eq!(ping(&a, "10.0.0.2", 10, "0.01"), 10);
+    assert_eq!(a.ping("10.0.0.2", 10, "0.01"), 10);
     drop(in_a);
 
     // The clone's TAP is namespace B's tap0: open it from there.
@@ -257,8 +228,8 @@ fn a_clone_answers_on_its_own_tap_with_its_own_mac() {
     b.wait_up("tap0").unwrap();
     assert_eq!(clone.nets()[0].handle.mac(), MAC1.parse().unwrap());
 
-    assert_eq!(ping(&b, "10.0.0.2", 20, "0.01"), 20);
-    assert_eq!(ping(&a, "10.0.0.2", 20, "0.01"), 20);
+    assert_eq!(b.ping("10.0.0.2", 20, "0.01"), 20);
+    assert_eq!(a.ping("10.0.0.2", 20, "0.01"), 20);
     assert_eq!(neigh_mac(&b, "10.0.0.2"), Some(MAC1.parse().unwrap()));
     assert_eq!(neigh_mac(&a, "10.0.0.2"), Some(MAC0.parse().unwrap()));
     poke(&clone, "shared_stop", 1);
@@ -280,7 +251,7 @@ fn a_vm_takes_over_anothers_tap_and_the_pings_go_on() {
     let mut active = net_vm(vec![nic("eth0", "tap0", MAC0)]);
     active.machine.start().unwrap();
     ns.wait_up("tap0").unwrap();
-    assert_eq!(ping(&ns, "10.0.0.2", 10, "0.01"), 10);
+    assert_eq!(ns.ping("10.0.0.2", 10, "0.01"), 10);
     let mut cfg = MachineConfig::test_guest("virtio_net");
     cfg.net = vec![nic("eth0", "tap1", MAC1)];
     cfg.console = ConsoleTarget::Null;
@@ -327,7 +298,7 @@ fn a_vm_takes_over_anothers_tap_and_the_pings_go_on() {
     );
     // The backup answers ARP with the address it took over (re-read on the config interrupt).
     ns.ip(&["neigh", "flush", "dev", "tap0"]).unwrap();
-    assert_eq!(ping(&ns, "10.0.0.2", 5, "0.01"), 5);
+    assert_eq!(ns.ping("10.0.0.2", 5, "0.01"), 5);
     assert_eq!(neigh_mac(&ns, "10.0.0.2"), Some(MAC0.parse().unwrap()));
 
     poke(&backup, "shared_stop", 1);

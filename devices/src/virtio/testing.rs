@@ -381,6 +381,15 @@ pub fn net_or_skip(test: &str) -> bool {
     }
 }
 
+/// The `icmp_seq` numbers of the echo replies in ping's output (not quiet), in order.
+pub fn ping_replies(output: &str) -> Vec<u32> {
+    output
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = std::process::Command::new("ip")
         .args(args)
@@ -458,6 +467,24 @@ impl NetNs {
         let mut c = std::process::Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
         c
+    }
+
+    /// `ping -c count -i interval ip` from the namespace: how many of the first `count` echo
+    /// requests were answered. A 30 s deadline makes ping wait for late replies instead of
+    /// counting one lost when it comes after twice the slowest round trip; a request really
+    /// dropped leaves its sequence number out.
+    pub fn ping(&self, ip: &str, count: u32, interval: &str) -> u32 {
+        let n = count.to_string();
+        let out = self
+            .command("ping")
+            .args(["-n", "-c", &n, "-i", interval, "-w", "30", ip])
+            .output()
+            .expect("run ping");
+        let mut seqs = ping_replies(&String::from_utf8_lossy(&out.stdout));
+        seqs.retain(|s| (1..=count).contains(s));
+        seqs.sort_unstable();
+        seqs.dedup();
+        u32::try_from(seqs.len()).unwrap_or(u32::MAX)
     }
 
     /// Moves the calling thread into the namespace until the guard drops (sockets and TAPs
